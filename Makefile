@@ -1,0 +1,47 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export OPENBLAS_NUM_THREADS ?= 1
+
+.PHONY: demo test venv venv-dev mosquitto lint artifacts bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Device + simulation install (no TensorFlow).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[sim]'
+	touch $@
+
+# Everything, including the build extra (TensorFlow) and test tools.
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+venv: $(VENV)/.installed
+venv-dev: $(VENV)/.installed-dev
+
+demo: venv
+	$(BIN)/fedge sim --devices 10 --rounds 20 --partition iid --seed 0 --out runs/demo
+
+mosquitto:
+	@sh deploy/ensure-mosquitto.sh
+
+test: venv-dev mosquitto
+	$(BIN)/python -m pytest
+
+lint: venv-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy protocol models agent aggregator firmware_bridge fleet fedge
+
+artifacts: venv-dev
+	$(BIN)/fedge models build models/specs/digits_mlp.json -o models/artifacts/digits_mlp.tflite
+
+bench: venv-dev
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,159 @@
+"""The ``fedge`` command. Subcommands import their room lazily, so ``fedge agent``
+never loads TensorFlow, scikit-learn, matplotlib or anything in ``fleet``.
+
+Every expected failure (bad config, missing model, bad data) ends as one line on
+stderr and exit status 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class UserError(Exception):
+    """An error whose message is all the user needs (exit status 2)."""
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from fedge.configfile import ConfigError
+    from fedge.models.runtime import RuntimeError_
+    from fedge.models.spec import SpecError
+
+    errors: list[type[BaseException]] = [UserError, ConfigError, RuntimeError_, SpecError]
+    try:
+        from fedge.agent.dataset import DatasetError
+
+        errors.append(DatasetError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from fedge.agent.config import AgentConfig
+    from fedge.agent.service import serve
+    from fedge.configfile import load_config
+
+    return serve(load_config(args.config, AgentConfig))
+
+
+def _cmd_aggregator(args: argparse.Namespace) -> int:
+    from fedge.aggregator.config import AggregatorConfig
+    from fedge.aggregator.service import serve
+    from fedge.configfile import load_config
+
+    return serve(load_config(args.config, AggregatorConfig))
+
+
+def _cmd_models_build(args: argparse.Namespace) -> int:
+    from fedge.models.builder import BuildError, build_file
+    from fedge.models.spec import load_spec
+
+    spec = load_spec(args.spec)
+    try:
+        out = build_file(spec, args.output)
+    except BuildError as exc:
+        raise UserError(str(exc)) from exc
+    print(f"wrote {out} ({out.stat().st_size} bytes, {spec.parameter_count()} parameters)")
+    return 0
+
+
+def _cmd_models_inspect(args: argparse.Namespace) -> int:
+    from fedge.models.metadata import op_codes
+    from fedge.models.runtime import load_runtime, read_model
+
+    data = read_model(args.model)
+    rt = load_runtime(data)
+    weights = rt.get_weights()
+    print(f"{args.model}: {len(data)} bytes, runtime {rt.describe()}")
+    for name, w in weights.items():
+        print(f"  {name:24s} {tuple(w.shape)}")
+    print("  ops: " + ", ".join(sorted({o.custom_code or o.builtin for o in op_codes(data)})))
+    return 0
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from fedge.fleet.sim import SimOptions, run_sim
+
+    opts = SimOptions(
+        devices=args.devices,
+        rounds=args.rounds,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        partition=args.partition,
+        seed=args.seed,
+        out=Path(args.out),
+        broker=args.broker,
+        model=Path(args.model) if args.model else None,
+        runtime=args.runtime,
+        round_timeout=args.round_timeout,
+    )
+    summary = run_sim(opts)
+    return 0 if summary["rounds_completed"] == args.rounds else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedge", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("agent", help="run the device daemon")
+    a.add_argument("--config", required=True, help="agent config (TOML)")
+    a.set_defaults(func=_cmd_agent, log_level=logging.INFO)
+
+    g = sub.add_parser("aggregator", help="run the round coordinator")
+    g.add_argument("--config", required=True, help="aggregator config (TOML)")
+    g.set_defaults(func=_cmd_aggregator, log_level=logging.INFO)
+
+    m = sub.add_parser("models", help="build and inspect models").add_subparsers(
+        dest="models_command", required=True
+    )
+    b = m.add_parser("build", help="build a .tflite from a spec (needs fedge[build])")
+    b.add_argument("spec")
+    b.add_argument("-o", "--output", required=True)
+    b.set_defaults(func=_cmd_models_build, log_level=logging.WARNING)
+    i = m.add_parser("inspect", help="show a model's weights, ops and runtime")
+    i.add_argument("model")
+    i.set_defaults(func=_cmd_models_inspect, log_level=logging.WARNING)
+
+    s = sub.add_parser("sim", help="run a simulated fleet on this machine (needs fedge[sim])")
+    s.add_argument("--devices", type=int, default=10)
+    s.add_argument("--rounds", type=int, default=20)
+    s.add_argument("--epochs", type=int, default=5, help="local epochs per round")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--lr", type=float, default=0.05)
+    s.add_argument("--partition", default="iid", choices=["iid"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="runs/sim", help="output folder")
+    s.add_argument("--broker", default=None, help="mqtt://host:port (default: embedded broker)")
+    s.add_argument("--model", default=None, help=".tflite (default: the bundled digits model)")
+    s.add_argument("--runtime", default="litert", choices=["litert", "tflite_runtime", "numpy"])
+    s.add_argument("--round-timeout", type=float, default=60.0, help="seconds")
+    s.set_defaults(func=_cmd_sim, log_level=logging.WARNING)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    level = args.log_level - 10 * args.verbose
+    logging.basicConfig(
+        level=max(level, logging.DEBUG),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except _expected_errors() as exc:
+        print(f"fedge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

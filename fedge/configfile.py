@@ -1,0 +1,53 @@
+"""Read a TOML config into a pydantic model, turning every failure into one line.
+
+A headless device must say exactly which field is wrong; a traceback helps no one.
+Shared by ``fedge agent`` and ``fedge aggregator``; it knows neither.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file is missing, malformed, or fails validation. ``str()`` is one line."""
+
+
+def describe(exc: ValidationError) -> str:
+    """The first validation error as ``field.path: problem``."""
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    more = len(exc.errors()) - 1
+    return f"{where}: {msg}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def load_config(path: str | Path, model: type[M]) -> M:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    try:
+        return model.model_validate(raw, context={"base_dir": path.parent})
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {describe(exc)}") from exc

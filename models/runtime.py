@@ -1,0 +1,302 @@
+"""Run a fedge model: LiteRT first, tflite-runtime as fallback, numpy as the reference.
+
+All three expose the same small surface (:class:`Runtime`), so the trainer never
+knows which one it drives::
+
+    rt = load_runtime("models/artifacts/digits_mlp.tflite")
+    rt.set_weights(global_weights)
+    loss = rt.train_step(x, y, lr=0.05)
+
+Training always runs on the CPU (XNNPACK): accelerator delegates do not execute
+the resource-variable ops of the ``train`` signature. External delegate libraries
+named in the config are used for inference only; one that cannot be loaded costs
+one warning and inference stays on the CPU. :attr:`Runtime.delegate` says which is
+active.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from . import maths
+from .builder import SPEC_METADATA_KEY
+from .metadata import ModelFileError, read_metadata
+from .spec import ModelSpec
+
+log = logging.getLogger("fedge.models")
+
+BACKENDS = ("litert", "tflite_runtime", "numpy")
+CONTRACT = ("train", "infer", "evaluate", "get_weights", "set_weights")
+
+
+class RuntimeError_(Exception):
+    """Base of the runtime errors (the trailing underscore keeps the builtin visible)."""
+
+
+class ModelLoadError(RuntimeError_):
+    """The model file is missing, unreadable, or does not honour the signature contract."""
+
+
+class BackendUnavailable(RuntimeError_):
+    """None of the requested backends is installed."""
+
+
+class Runtime(ABC):
+    """One model instance: weights live inside it; methods take and return numpy arrays."""
+
+    backend: str
+    delegate: str = "cpu"
+    weight_names: list[str]
+
+    @abstractmethod
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
+        """One SGD step on the batch; returns the batch loss before the step."""
+
+    @abstractmethod
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """Logits for a batch."""
+
+    @abstractmethod
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """(mean loss, metric) on a batch; the metric is accuracy for classifiers."""
+
+    @abstractmethod
+    def get_weights(self) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None: ...
+
+    def describe(self) -> str:
+        return f"{self.backend} (training on cpu, inference on {self.delegate})"
+
+
+def _spec_from_model(data: bytes) -> ModelSpec | None:
+    raw = read_metadata(data, SPEC_METADATA_KEY)
+    return None if raw is None else ModelSpec.model_validate(json.loads(raw))
+
+
+class NumpyRuntime(Runtime):
+    """The reference: the same maths as the ``.tflite`` in float32 numpy."""
+
+    backend = "numpy"
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray] | None = None) -> None:
+        self.spec = spec
+        self.weight_names = spec.weight_names()
+        self._w = {k: np.array(v, dtype=np.float32) for k, v in (weights or spec.initial_weights()).items()}
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
+        return maths.sgd_step(self.spec, self._w, x, y, lr)
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        return maths.forward(self.spec, self._w, x)[-1]
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        return maths.evaluate(self.spec, self._w, x, y)
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self._w.items()}
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        _check_weights(self.weight_names, {k: v.shape for k, v in self._w.items()}, weights)
+        self._w = {k: np.array(weights[k], dtype=np.float32) for k in self.weight_names}
+
+
+def _check_weights(
+    names: Sequence[str], shapes: Mapping[str, tuple[int, ...]], weights: Mapping[str, np.ndarray]
+) -> None:
+    missing = set(names) - set(weights)
+    extra = set(weights) - set(names)
+    if missing or extra:
+        raise ValueError(f"weights do not match the model: missing {sorted(missing)}, extra {sorted(extra)}")
+    for name in names:
+        if tuple(np.shape(weights[name])) != tuple(shapes[name]):
+            raise ValueError(f"weight {name}: shape {np.shape(weights[name])} != model's {shapes[name]}")
+
+
+def _import_backend(backend: str) -> ModuleType:
+    if backend == "litert":
+        from ai_edge_litert import interpreter as mod
+    elif backend == "tflite_runtime":
+        from tflite_runtime import interpreter as mod  # type: ignore[import-not-found,no-redef]
+    else:  # pragma: no cover - guarded by load_runtime
+        raise ValueError(backend)
+    return mod
+
+
+class InterpreterRuntime(Runtime):
+    """A ``.tflite`` driven through its signatures by LiteRT or tflite-runtime."""
+
+    def __init__(
+        self,
+        data: bytes,
+        backend: str,
+        *,
+        delegates: Sequence[str] = (),
+        num_threads: int = 1,
+    ) -> None:
+        self.backend = backend
+        self._mod = _import_backend(backend)
+        self._data = data
+        self._num_threads = num_threads
+        try:
+            self._interp = self._mod.Interpreter(model_content=data, num_threads=num_threads)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"{backend} cannot load the model: {exc}") from exc
+        signatures = self._interp.get_signature_list()
+        missing = [s for s in CONTRACT if s not in signatures]
+        if missing:
+            raise ModelLoadError(
+                f"model lacks signature(s) {', '.join(missing)} (has {', '.join(sorted(signatures))})"
+            )
+        self._run = {name: self._interp.get_signature_runner(name) for name in CONTRACT}
+        self.weight_names = sorted(signatures["set_weights"]["inputs"])
+        self._shapes = {k: v.shape for k, v in self.get_weights().items()}
+        self._infer_interp = self._load_delegated(delegates)
+        self._infer_stale = True
+
+    def _load_delegated(self, libraries: Sequence[str]):  # type: ignore[no-untyped-def]
+        """An inference-only interpreter on the first external delegate that loads."""
+        for lib in libraries:
+            problem = _preflight_delegate(lib)
+            if problem is not None:
+                log.warning("delegate %s could not be loaded (%s); inference runs on the CPU", lib, problem)
+                continue
+            try:
+                delegate = self._mod.load_delegate(lib)
+                interp = self._mod.Interpreter(
+                    model_content=self._data,
+                    experimental_delegates=[delegate],
+                    num_threads=self._num_threads,
+                )
+            except (ValueError, OSError, RuntimeError) as exc:
+                log.warning(
+                    "delegate %s could not be loaded (%s); inference runs on the CPU", lib, exc
+                )
+                continue
+            self.delegate = lib
+            log.info("inference delegate %s active", lib)
+            return interp
+        return None
+
+    def _call(self, name: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: np.array(v) for k, v in self._run[name](**inputs).items()}
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
+        self._infer_stale = True
+        out = self._call(
+            "train",
+            x=np.ascontiguousarray(x, dtype=np.float32),
+            y=np.ascontiguousarray(y, dtype=np.int32),
+            lr=np.float32(lr),
+        )
+        return float(out["loss"])
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self._infer_interp is None:
+            return self._call("infer", x=x)["logits"]
+        if self._infer_stale:
+            self._infer_interp.get_signature_runner("set_weights")(**self.get_weights())
+            self._infer_stale = False
+        return np.array(self._infer_interp.get_signature_runner("infer")(x=x)["logits"])
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        out = self._call(
+            "evaluate",
+            x=np.ascontiguousarray(x, dtype=np.float32),
+            y=np.ascontiguousarray(y, dtype=np.int32),
+        )
+        return float(out["loss"]), float(out["metric"])
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return self._call("get_weights")
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        _check_weights(self.weight_names, self._shapes, weights)
+        self._infer_stale = True
+        self._run["set_weights"](
+            **{k: np.ascontiguousarray(weights[k], dtype=np.float32) for k in self.weight_names}
+        )
+
+
+def _preflight_delegate(library: str) -> str | None:
+    """Why ``library`` cannot be an external delegate, or None if it may be one.
+
+    Checked with ctypes before LiteRT sees it: LiteRT's ``Delegate.__del__`` raises on
+    an object whose library failed to load, which would surface as a stray error.
+    """
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(library)
+    except OSError as exc:
+        return str(exc)
+    if not hasattr(lib, "tflite_plugin_create_delegate"):
+        return "not a TFLite external delegate (no tflite_plugin_create_delegate)"
+    return None
+
+
+def read_model(path: str | Path) -> bytes:
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"{path}: no such model file") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read model file ({exc.strerror})") from exc
+
+
+def available_backends() -> list[str]:
+    found = []
+    for backend in BACKENDS[:-1]:
+        try:
+            _import_backend(backend)
+        except ImportError:
+            continue
+        found.append(backend)
+    return [*found, "numpy"]
+
+
+def load_runtime(
+    model: str | Path | bytes,
+    *,
+    prefer: Sequence[str] = BACKENDS,
+    delegates: Sequence[str] = (),
+    num_threads: int = 1,
+) -> Runtime:
+    """Load ``model`` on the first backend of ``prefer`` that is installed.
+
+    The numpy backend rebuilds the model from the spec embedded in the file; it is
+    chosen only when asked for or when neither interpreter is installed.
+    """
+    data = model if isinstance(model, bytes) else read_model(model)
+    if data[4:8] != b"TFL3":
+        raise ModelLoadError("not a TFLite model (missing TFL3 identifier)")
+    unknown = [b for b in prefer if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown runtime backend(s) {unknown}; choose from {list(BACKENDS)}")
+    tried = []
+    for backend in prefer:
+        if backend == "numpy":
+            try:
+                spec = _spec_from_model(data)
+            except (ModelFileError, ValueError) as exc:
+                raise ModelLoadError(f"embedded spec unreadable: {exc}") from exc
+            if spec is None:
+                raise ModelLoadError("the numpy runtime needs a model built by fedge (no embedded spec)")
+            # The builder bakes spec.initial_weights() into the file, so both start equal.
+            return NumpyRuntime(spec)
+        try:
+            return InterpreterRuntime(data, backend, delegates=delegates, num_threads=num_threads)
+        except ImportError as exc:
+            tried.append(f"{backend} ({exc})")
+            log.debug("runtime backend %s unavailable: %s", backend, exc)
+    raise BackendUnavailable("no runtime backend available: " + "; ".join(tried))

@@ -1,0 +1,28 @@
+"""Shared fixtures. Tests that need a broker start their own Mosquitto on a free port."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def digits_model() -> Path:
+    return REPO / "models" / "artifacts" / "digits_mlp.tflite"
+
+
+@pytest.fixture(scope="session")
+def digits_spec_path() -> Path:
+    return REPO / "models" / "specs" / "digits_mlp.json"
