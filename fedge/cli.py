@@ -126,7 +126,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rounds", type=int, default=20)
     s.add_argument("--epochs", type=int, default=5, help="local epochs per round")
     s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--lr", type=float, default=0.05)
+    s.add_argument("--lr", type=float, default=0.1, help="local learning rate")
     s.add_argument("--partition", default="iid", choices=["iid"])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="runs/sim", help="output folder")

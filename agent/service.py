@@ -1,0 +1,68 @@
+"""Glue from a config file to a running agent: runtime, data, link, state, systemd."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from fedge.models.runtime import load_runtime
+from fedge.protocol import Link, make_link
+from fedge.systemd import notify, watchdog_interval
+
+from .config import AgentConfig
+from .daemon import Agent
+from .dataset import DatasetError, load_npz
+from .state import load_state, save_state
+
+log = logging.getLogger("fedge.agent")
+
+
+def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
+    import numpy as np
+
+    runtime = load_runtime(
+        cfg.model, prefer=cfg.runtime, delegates=cfg.delegates, num_threads=cfg.num_threads
+    )
+    data = load_npz(cfg.data)
+    first = runtime.get_weights().get("dense0_kernel")  # fedge-built models; others unchecked
+    if first is not None and first.shape[0] != data.x.shape[1]:
+        raise DatasetError(
+            f"{cfg.data}: {data.x.shape[1]} features per sample, the model takes {first.shape[0]}"
+        )
+    state_file = cfg.state_dir / f"agent-{cfg.device_id}.json"
+    if link is None:
+        link = make_link(cfg.broker, cfg.device_id, will=Agent.will(cfg.device_id, cfg.fleet))
+    return Agent(
+        device_id=cfg.device_id,
+        fleet=cfg.fleet,
+        link=link,
+        runtime=runtime,
+        data=data,
+        state=load_state(state_file),
+        save_state=lambda s: save_state(state_file, s),
+        rng=np.random.default_rng(cfg.seed),
+    )
+
+
+def serve(cfg: AgentConfig) -> int:
+    """Run until SIGTERM/SIGINT. Tells systemd when ready and pets its watchdog."""
+    agent = build_agent(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    agent.start()
+    notify("READY=1")
+    pet = watchdog_interval()
+    last_pet = time.monotonic()
+    try:
+        while not stop.is_set():
+            agent.step(0.5)
+            if pet is not None and time.monotonic() - last_pet >= pet:
+                notify("WATCHDOG=1")
+                last_pet = time.monotonic()
+    finally:
+        notify("STOPPING=1")
+        agent.stop()
+    return 0

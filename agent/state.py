@@ -1,0 +1,42 @@
+"""What the agent remembers across restarts, kept as one small JSON file.
+
+Replaced atomically (write, fsync, rename) so a power cut leaves the old or the new
+file, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger("fedge.agent")
+
+
+@dataclass
+class AgentState:
+    last_round: int = 0  # the last round this device answered (update or skip)
+    model_version: int = -1  # the last global model applied
+
+
+def load_state(path: Path) -> AgentState:
+    try:
+        raw = json.loads(path.read_text())
+        return AgentState(int(raw["last_round"]), int(raw["model_version"]))
+    except FileNotFoundError:
+        return AgentState()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("state file %s unreadable (%s); starting fresh", path, exc)
+        return AgentState()
+
+
+def save_state(path: Path, state: AgentState) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(asdict(state), fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,60 @@
+"""The aggregator's config file (TOML). Relative paths resolve against its folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    return value if value.is_absolute() or base is None else Path(base) / value
+
+
+class Training(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(default=1, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1, le=65536)
+    lr: float = Field(default=0.05, gt=0, le=10)
+
+
+class AggregatorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fleet: str = Field(default="default", pattern=ID_PATTERN)
+    broker: str = Field(default="mqtt://127.0.0.1:1883", pattern=r"^mqtts?://[^/:]+(:\d+)?/?$")
+    client_id: str = Field(default="fedge-aggregator", pattern=ID_PATTERN)
+    model: Path  # the initial global model (.tflite)
+    state_dir: Path = Path("/var/lib/fedge-aggregator")
+    rounds: int = Field(default=0, ge=0)  # 0: run until stopped
+    min_devices: int = Field(default=1, ge=1)  # online devices needed before round 1
+    devices_per_round: int = Field(default=0, ge=0)  # 0: every online device
+    quorum: float = Field(default=0.5, gt=0, le=1)  # share of selected updates after deadline
+    round_timeout: float = Field(default=120.0, gt=0)  # seconds
+    training: Training = Training()
+    eval_data: Path | None = None  # .npz (x, y) held out for accuracy and loss per round
+    log: Path | None = None  # rounds.jsonl; default: state_dir/rounds.jsonl
+    seed: int = 0
+
+    @field_validator("model", "eval_data", mode="after")
+    @classmethod
+    def _must_exist(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        path = _resolve(value, info)
+        if not path.is_file():
+            raise ValueError(f"file does not exist: {path}")
+        return path
+
+    @field_validator("state_dir", "log", mode="after")
+    @classmethod
+    def _paths(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
+
+    @property
+    def log_path(self) -> Path:
+        return self.log or self.state_dir / "rounds.jsonl"
