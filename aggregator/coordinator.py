@@ -222,18 +222,17 @@ class Aggregator:
             return
         now = self.clock()
         rnd = self.current
-        if rnd is None:
-            if len(self.online) >= self.cfg.min_devices:
-                self._announce(now)
-            return
-        if rnd.answered >= set(rnd.selected):
-            self._finish(now)
-        elif now >= rnd.deadline:
-            needed = max(1, math.ceil(self.cfg.quorum * len(rnd.selected)))
-            if len(rnd.deltas) >= needed:
+        if rnd is not None:
+            if rnd.answered >= set(rnd.selected):
                 self._finish(now)
-            else:
-                self._fail(now, needed)
+            elif now >= rnd.deadline:
+                needed = max(1, math.ceil(self.cfg.quorum * len(rnd.selected)))
+                if len(rnd.deltas) >= needed:
+                    self._finish(now)
+                else:
+                    self._fail(now, needed)
+        if self.current is None and not self.done and len(self.online) >= self.cfg.min_devices:
+            self._announce(now)
 
     def _select(self) -> list[str]:
         online = sorted(self.online)

@@ -26,3 +26,22 @@ def digits_model() -> Path:
 @pytest.fixture(scope="session")
 def digits_spec_path() -> Path:
     return REPO / "models" / "specs" / "digits_mlp.json"
+
+
+@pytest.fixture(scope="session")
+def mosquitto():  # type: ignore[no-untyped-def]
+    """One real Mosquitto for the session, from broker_config/dev.conf on a free port."""
+    from mosquitto import MosquittoServer
+
+    with MosquittoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fleet_id(request: pytest.FixtureRequest) -> str:
+    """A fleet id (and so a topic prefix) of the test's own."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:40]
+    return f"{name}-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,208 @@
+"""The round coordinator over the in-memory link, with a clock the test drives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedge.aggregator.config import AggregatorConfig, Training
+from fedge.aggregator.coordinator import Aggregator
+from fedge.aggregator.store import Store
+from fedge.protocol import (
+    GlobalModelHeader,
+    MemoryBroker,
+    MemoryLink,
+    RoundAnnouncement,
+    SkipNotice,
+    Status,
+    Topics,
+    UpdateHeader,
+    decode,
+    encode,
+)
+from helpers import DIGITS_MODEL
+
+pytestmark = pytest.mark.link
+
+FLEET = "unit"
+T = Topics(FLEET)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def weights() -> dict[str, np.ndarray]:
+    return {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+
+
+def make(tmp_path: Path, broker: MemoryBroker, clock: Clock, **cfg: object) -> Aggregator:
+    config = AggregatorConfig(
+        fleet=FLEET,
+        model=DIGITS_MODEL,
+        state_dir=tmp_path,
+        round_timeout=10.0,
+        training=Training(epochs=1, batch_size=4, lr=0.1),
+        **cfg,  # type: ignore[arg-type]
+    )
+    agg = Aggregator(
+        config,
+        link=MemoryLink(broker, "aggregator"),
+        store=Store(tmp_path / "agg.sqlite"),
+        initial_weights=weights(),
+        clock=clock,
+    )
+    agg.start()
+    return agg
+
+
+class Device:
+    def __init__(self, broker: MemoryBroker, device_id: str) -> None:
+        self.id = device_id
+        self.link = MemoryLink(broker, device_id)
+        self.link.connect()
+        self.link.subscribe(T.round)
+        self.link.subscribe(T.global_model)
+        self.link.publish(T.status(device_id), encode(Status(device_id=device_id, state="online", timestamp=0.0)), retain=True)
+
+    def last(self, kind: type) -> object:
+        found = None
+        while (msg := self.link.get(0)) is not None:
+            d = decode(msg.payload)
+            if isinstance(d.msg, kind):
+                found = d
+        return found
+
+    def send(self, round_id: int, delta: dict[str, np.ndarray], n: int, *, base: int = 0, update_id: str | None = None) -> str:
+        uid = update_id or f"{self.id}-{round_id}"
+        header = UpdateHeader(device_id=self.id, round_id=round_id, update_id=uid, base_version=base, num_samples=n)
+        self.link.publish(T.update(self.id), encode(header, delta))
+        return uid
+
+
+def pump(agg: Aggregator) -> None:
+    while (msg := agg.link.get(0)) is not None:
+        agg.handle(msg)
+    agg.tick()
+
+
+def delta(value: float) -> dict[str, np.ndarray]:
+    return {"w": np.full((2, 3), value, np.float32), "b": np.full(3, value, np.float32)}
+
+
+def test_round_completes_with_weighted_average(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=2, rounds=1)
+    a, b = Device(broker, "a"), Device(broker, "b")
+    pump(agg)
+    ann = a.last(RoundAnnouncement).msg  # type: ignore[union-attr]
+    assert ann.round_id == 1 and ann.selected == ("a", "b") and ann.model_version == 0
+    a.send(1, delta(1.0), 30)
+    pump(agg)
+    assert agg.current is not None  # still waiting for b
+    b.send(1, delta(-1.0), 10)
+    pump(agg)
+    assert agg.done and agg.version == 1
+    np.testing.assert_allclose(agg.weights["w"], 0.5)  # (30*1 - 10*1) / 40
+    g = a.last(GlobalModelHeader)
+    assert g.msg.model_version == 1  # type: ignore[union-attr]
+    np.testing.assert_allclose(g.tensors["b"], 0.5)  # type: ignore[union-attr]
+    line = (tmp_path / "rounds.jsonl").read_text().splitlines()
+    assert len(line) == 1 and '"participants": ["a", "b"]' in line[0]
+
+
+def test_deadline_with_quorum_averages_what_arrived(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=3, quorum=0.5)
+    devs = [Device(broker, d) for d in "abc"]
+    pump(agg)
+    devs[0].send(1, delta(2.0), 5)
+    devs[1].send(1, delta(4.0), 15)
+    pump(agg)
+    assert agg.version == 0
+    clock.now += 11
+    pump(agg)
+    assert agg.version == 1
+    np.testing.assert_allclose(agg.weights["w"], 3.5)
+    assert agg.current is not None and agg.current.round_id == 2  # next round announced
+
+
+def test_deadline_without_quorum_fails_the_round(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=3, quorum=0.9)
+    devs = [Device(broker, d) for d in "abc"]
+    pump(agg)
+    devs[0].send(1, delta(1.0), 5)
+    clock.now += 11
+    pump(agg)
+    assert agg.version == 0
+    lines = (tmp_path / "rounds.jsonl").read_text()
+    assert '"status": "failed"' in lines and '"missing": ["b", "c"]' in lines
+
+
+def test_rejects_are_counted_with_reasons(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=2)
+    a, b = Device(broker, "a"), Device(broker, "b")
+    pump(agg)
+    outsider = Device(broker, "late")  # came online after the selection
+    outsider.send(1, delta(1.0), 5)
+    a.send(2, delta(1.0), 5)  # wrong round
+    a.send(1, delta(1.0), 5, base=7)  # stale base model
+    a.send(1, {"w": np.zeros((3, 3), np.float32), "b": np.zeros(3, np.float32)}, 5, update_id="shape")
+    nan = delta(1.0)
+    nan["w"][0, 0] = np.nan
+    a.send(1, nan, 5, update_id="nan")
+    uid = b.send(1, delta(1.0), 5)
+    b.send(1, delta(9.0), 5, update_id=uid)  # a duplicate id
+    b.link.publish(T.update("a"), encode(UpdateHeader(device_id="b", round_id=1, update_id="x", base_version=0, num_samples=1), delta(0.0)))
+    b.link.publish(T.update("b"), b"garbage, not an envelope")
+    pump(agg)
+    assert dict(agg.rejected) == {
+        "not_selected": 1,
+        "wrong_round": 1,
+        "stale_base": 1,
+        "shape_mismatch": 1,
+        "not_finite": 1,
+        "duplicate": 1,
+        "topic_mismatch": 1,
+        "bad_magic": 1,
+    }
+    assert set(agg.current.deltas) == {"b"}  # type: ignore[union-attr]
+
+
+def test_skip_notice_counts_as_an_answer_not_a_dropout(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=2, rounds=1)
+    a, b = Device(broker, "a"), Device(broker, "b")
+    pump(agg)
+    a.send(1, delta(1.0), 5)
+    b.link.publish(T.update("b"), encode(SkipNotice(device_id="b", round_id=1, update_id="s", reason="tiny")))
+    pump(agg)  # both answered: no need to wait for the deadline
+    assert agg.done and agg.version == 1
+    np.testing.assert_allclose(agg.weights["w"], 1.0)
+    assert '"skipped": ["b"]' in (tmp_path / "rounds.jsonl").read_text()
+
+
+def test_restart_resumes_from_the_stored_model(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1)
+    a = Device(broker, "a")
+    pump(agg)
+    a.send(1, delta(1.0), 5)
+    pump(agg)  # round 1 done, round 2 open
+    assert agg.version == 1 and agg.current is not None
+    agg.store.close()
+    agg.link.close()
+    again = make(tmp_path, broker, clock, min_devices=1)
+    assert again.version == 1
+    np.testing.assert_allclose(again.weights["w"], 1.0)
+    assert again.next_round_id == 3  # round 2 was abandoned, not reused
+    g = Device(broker, "b").last(GlobalModelHeader)
+    assert g.msg.model_version == 1  # type: ignore[union-attr]

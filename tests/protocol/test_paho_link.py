@@ -1,0 +1,189 @@
+"""PahoLink against a real Mosquitto started by the test session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from fedge.protocol import LinkError, Message, make_link
+from fedge.protocol.paho_link import PahoLink
+from mosquitto import MosquittoServer, free_port
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+def links() -> Iterator[list[PahoLink]]:
+    """Links made by a test; closed at teardown."""
+    made: list[PahoLink] = []
+    yield made
+    for link in made:
+        link.close()
+
+
+def receive(link: PahoLink, count: int, timeout: float = 5.0) -> list[Message]:
+    deadline = time.monotonic() + timeout
+    out: list[Message] = []
+    while len(out) < count and (message := link.get(deadline - time.monotonic())) is not None:
+        out.append(message)
+    return out
+
+
+def test_publish_and_receive_qos1(
+    mosquitto: MosquittoServer, links: list[PahoLink], prefix: str, client_id: str
+) -> None:
+    sub = PahoLink(mosquitto.host, mosquitto.port, f"{client_id}-sub", clean_session=True)
+    pub = make_link(mosquitto.url, f"{client_id}-pub")
+    assert isinstance(pub, PahoLink)
+    links += [sub, pub]
+    sub.connect()
+    pub.connect()
+    assert sub.connected and pub.connected
+    sub.subscribe(f"{prefix}/f/update/+")  # returns once the broker has acked
+    payloads = [bytes([i]) * (i * 1000) for i in range(5)] + [b"x" * 2_000_000]
+    for i, payload in enumerate(payloads):
+        pub.publish(f"{prefix}/f/update/d{i}", payload)
+    pub.publish(f"{prefix}/f/status/d1", b"not for sub")
+    got = receive(sub, len(payloads))
+    assert [m.payload for m in got] == payloads
+    assert [m.topic for m in got] == [f"{prefix}/f/update/d{i}" for i in range(len(payloads))]
+    assert not any(m.retain for m in got)
+    assert sub.get(timeout=0.2) is None
+    assert sub.bytes_down == sum(len(m.topic) + len(m.payload) for m in got)
+    assert pub.bytes_up == sub.bytes_down + len(f"{prefix}/f/status/d1") + len(b"not for sub")
+
+
+def test_retained_and_cleared(
+    mosquitto: MosquittoServer, links: list[PahoLink], prefix: str, client_id: str
+) -> None:
+    topic = f"{prefix}/f/round"
+    pub = PahoLink(mosquitto.host, mosquitto.port, f"{client_id}-pub")
+    pub.connect()
+    pub.publish(topic, b"round 1", retain=True)
+    pub.close()  # waits for the broker's ack
+    late = PahoLink(mosquitto.host, mosquitto.port, f"{client_id}-late", clean_session=True)
+    links.append(late)
+    late.connect()
+    late.subscribe(topic)
+    assert receive(late, 1) == [Message(topic, b"round 1", retain=True)]
+    late.publish(topic, b"", retain=True)  # clear it
+    assert receive(late, 1) == [Message(topic, b"", retain=False)]
+    later = PahoLink(mosquitto.host, mosquitto.port, f"{client_id}-later", clean_session=True)
+    links.append(later)
+    later.connect()
+    later.subscribe(topic)
+    assert later.get(timeout=0.3) is None
+
+
+CHILD = """
+import sys
+from fedge.protocol import Message
+from fedge.protocol.paho_link import PahoLink
+
+port, client_id, topic = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+link = PahoLink("127.0.0.1", port, client_id, will=Message(topic, b"offline"), keepalive=5)
+link.connect()
+print("connected", flush=True)
+if sys.stdin.readline().strip() == "close":
+    link.close()
+    print("closed", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("ending", ["kill", "close"])
+def test_will_when_killed_not_when_closed(
+    mosquitto: MosquittoServer, links: list[PahoLink], prefix: str, client_id: str, ending: str
+) -> None:
+    topic = f"{prefix}/f/status/d1"
+    watcher = PahoLink(mosquitto.host, mosquitto.port, f"{client_id}-w", clean_session=True)
+    links.append(watcher)
+    watcher.connect()
+    watcher.subscribe(topic)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(mosquitto.port), f"{client_id}-d1", topic],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "connected"
+        if ending == "kill":
+            child.kill()  # SIGKILL: the socket closes without DISCONNECT
+            assert receive(watcher, 1) == [Message(topic, b"offline")]
+        else:
+            child.stdin.write("close\n")
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "closed"
+            assert watcher.get(timeout=0.5) is None
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        for stream in (child.stdin, child.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def test_persistent_session_gets_what_it_missed(
+    mosquitto: MosquittoServer, links: list[PahoLink], prefix: str, client_id: str
+) -> None:
+    topic = f"{prefix}/f/round"
+    device = PahoLink(mosquitto.host, mosquitto.port, f"{client_id}-dev")  # clean_session=False
+    device.connect()
+    device.subscribe(topic, qos=1)
+    device.close()
+    pub = PahoLink(mosquitto.host, mosquitto.port, f"{client_id}-pub")
+    pub.connect()
+    for i in range(3):
+        pub.publish(topic, f"missed {i}".encode())
+    pub.close()  # all three acked by the broker, which queues them for the device
+    back = PahoLink(mosquitto.host, mosquitto.port, f"{client_id}-dev")
+    links.append(back)
+    back.connect()  # no subscribe: the session remembers it
+    assert [m.payload for m in receive(back, 3)] == [b"missed 0", b"missed 1", b"missed 2"]
+
+
+def test_reconnects_and_resubscribes_after_broker_restart(
+    own_mosquitto: MosquittoServer, links: list[PahoLink], prefix: str, client_id: str
+) -> None:
+    topic = f"{prefix}/f/global"
+    # A clean session forgets its subscriptions, so only on_connect can bring them back.
+    sub = PahoLink(own_mosquitto.host, own_mosquitto.port, f"{client_id}-sub", clean_session=True)
+    links.append(sub)
+    sub.connect()
+    sub.subscribe(topic)
+    own_mosquitto.restart()
+    deadline = time.monotonic() + 15
+    pub = PahoLink(own_mosquitto.host, own_mosquitto.port, f"{client_id}-pub")
+    links.append(pub)
+    pub.connect()
+    while time.monotonic() < deadline:
+        pub.publish(topic, b"after restart")
+        if (message := sub.get(timeout=0.5)) is not None:
+            assert message.payload == b"after restart"
+            break
+    else:
+        pytest.fail("subscriber did not get messages after the broker restarted")
+    assert sub.connected
+
+
+def test_connect_failure_is_a_link_error(client_id: str) -> None:
+    port = free_port()
+    link = PahoLink("127.0.0.1", port, client_id)
+    started = time.monotonic()
+    with pytest.raises(LinkError, match=rf"127\.0\.0\.1:{port}, client {client_id}"):
+        link.connect(timeout=1.0)
+    assert time.monotonic() - started < 5
+    assert not link.connected
+    with pytest.raises(LinkError):
+        link.publish("t", b"x")
+
+
+@pytest.mark.parametrize("url", ["http://h:1", "mqtt://", "mqtt://h:notaport", "mqtt://h/x"])
+def test_make_link_rejects_bad_urls(url: str) -> None:
+    with pytest.raises(LinkError):
+        make_link(url, "c")
