@@ -1,0 +1,119 @@
+"""An in-memory broker and link: the twin of PahoLink for tests and single-process runs.
+
+The broker routes by MQTT filter (``+``, ``#``), keeps retained messages (an empty retained
+publish clears one) and sends them on subscribe with ``retain=True``, and publishes a link's
+Will when the link is killed, not when it is closed. Sessions are not persistent: a link
+receives what is published while it is connected. QoS is accepted and ignored (delivery is
+exact). Thread-safe.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+from .errors import LinkError
+from .link import Message, next_message
+from .topics import topic_matches, validate_filter
+
+
+class MemoryBroker:
+    """Routes messages between MemoryLinks of one process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._links: dict[str, MemoryLink] = {}
+        self._filters: dict[str, set[str]] = {}  # client id -> subscribed filters
+        self._retained: dict[str, Message] = {}
+
+    def attach(self, link: MemoryLink) -> None:
+        with self._lock:
+            old = self._links.get(link.client_id)
+            if old is not None and old is not link:
+                old.connected = False  # as in MQTT, a second connect with one id takes over
+            self._links[link.client_id] = link
+            self._filters[link.client_id] = set()
+
+    def detach(self, link: MemoryLink, *, send_will: bool) -> None:
+        with self._lock:
+            if self._links.get(link.client_id) is link:
+                del self._links[link.client_id]
+                del self._filters[link.client_id]
+        if send_will and link.will is not None:
+            self.publish(link.will)
+
+    def subscribe(self, link: MemoryLink, topic_filter: str) -> None:
+        with self._lock:
+            if self._links.get(link.client_id) is not link:
+                raise LinkError(f"client {link.client_id} is not connected")
+            self._filters[link.client_id].add(topic_filter)
+            retained = [m for t, m in self._retained.items() if topic_matches(topic_filter, t)]
+            for message in retained:
+                link.deliver(message)
+
+    def publish(self, message: Message) -> None:
+        with self._lock:
+            if message.retain and message.payload:
+                self._retained[message.topic] = message
+            elif message.retain:
+                self._retained.pop(message.topic, None)
+            live = Message(message.topic, message.payload, retain=False)
+            for client_id, filters in self._filters.items():
+                if any(topic_matches(f, message.topic) for f in filters):
+                    self._links[client_id].deliver(live)
+
+
+class MemoryLink:
+    """A Link to a MemoryBroker. ``kill()`` drops it abruptly, so the broker sends its Will."""
+
+    def __init__(self, broker: MemoryBroker, client_id: str, will: Message | None = None) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self.will = will
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.connected = False
+        self._inbox: queue.Queue[Message] = queue.Queue()
+
+    def connect(self, timeout: float = 10.0) -> None:
+        self.broker.attach(self)
+        self.connected = True
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        validate_filter(topic_filter)
+        self._check(qos)
+        self.broker.subscribe(self, topic_filter)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self._check(qos)
+        if not topic or "+" in topic or "#" in topic:
+            raise LinkError(f"invalid topic {topic!r} (client {self.client_id})")
+        self.bytes_up += len(topic.encode("utf-8")) + len(payload)
+        self.broker.publish(Message(topic, bytes(payload), retain))
+
+    def get(self, timeout: float | None) -> Message | None:
+        return next_message(self._inbox, timeout)
+
+    def close(self) -> None:
+        """Clean disconnect: no Will."""
+        self._drop(send_will=False)
+
+    def kill(self) -> None:
+        """Abrupt disconnect, as if the device lost power: the broker sends the Will."""
+        self._drop(send_will=True)
+
+    def deliver(self, message: Message) -> None:
+        """Called by the broker (under its lock): never blocks."""
+        self.bytes_down += len(message.topic.encode("utf-8")) + len(message.payload)
+        self._inbox.put_nowait(message)
+
+    def _drop(self, *, send_will: bool) -> None:
+        if self.connected:
+            self.connected = False
+            self.broker.detach(self, send_will=send_will)
+
+    def _check(self, qos: int) -> None:
+        if qos not in (0, 1, 2):
+            raise LinkError(f"invalid QoS {qos} (client {self.client_id})")
+        if not self.connected:
+            raise LinkError(f"client {self.client_id} is not connected")

@@ -1,0 +1,87 @@
+"""The message schemas of wire version 1 (pydantic v2, frozen, no extra fields).
+
+``Header`` is the tagged union over every message kind; ``kind`` is the tag. Ids follow the
+rule of ``topics.validate_id``. Floats must be finite: JSON has no NaN or Infinity.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from .topics import ID_PATTERN
+
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class TrainingConfig(_Message):
+    """How devices train in a round."""
+
+    epochs: int = Field(ge=1, le=1000)
+    batch_size: int = Field(ge=1, le=65536)
+    lr: float = Field(gt=0, le=10)
+
+
+class RoundAnnouncement(_Message):
+    """Retained on ``round``: who trains, on which model version, until when."""
+
+    kind: Literal["round"] = "round"
+    fleet: Id
+    round_id: int = Field(ge=1)
+    model_version: int = Field(ge=0)
+    deadline: float  # unix seconds
+    selected: tuple[Id, ...]
+    config: TrainingConfig
+
+
+class GlobalModelHeader(_Message):
+    """Retained on ``global``, followed by the model's tensors."""
+
+    kind: Literal["global"] = "global"
+    fleet: Id
+    model_version: int = Field(ge=0)
+    round_id: int = Field(ge=0)  # the round that produced it; 0 = initial model
+
+
+class UpdateHeader(_Message):
+    """A device's update on ``update/{device}``, followed by the encoded delta tensors."""
+
+    kind: Literal["update"] = "update"
+    device_id: Id
+    round_id: int = Field(ge=1)
+    update_id: Id  # unique per update; the aggregator ignores duplicates
+    base_version: int = Field(ge=0)  # global model version the delta is relative to
+    num_samples: int = Field(ge=1)
+    codec: Literal["float32"] = "float32"
+    train_loss: float | None = None
+
+
+class SkipNotice(_Message):
+    """A selected device decided not to upload (so a skip is not mistaken for a dropout)."""
+
+    kind: Literal["skip"] = "skip"
+    device_id: Id
+    round_id: int = Field(ge=1)
+    update_id: Id
+    reason: str = Field(max_length=64)
+
+
+class Status(_Message):
+    """Heartbeat on ``status/{device}``; the Last Will carries ``state="offline"``."""
+
+    kind: Literal["status"] = "status"
+    device_id: Id
+    state: Literal["online", "offline", "training", "idle"]
+    timestamp: float  # unix seconds
+
+
+Header = Annotated[
+    RoundAnnouncement | GlobalModelHeader | UpdateHeader | SkipNotice | Status,
+    Field(discriminator="kind"),
+]
+MESSAGE_TYPES = (RoundAnnouncement, GlobalModelHeader, UpdateHeader, SkipNotice, Status)

@@ -1,0 +1,263 @@
+"""PahoLink: the Link over a real MQTT broker. The only module that imports paho.
+
+MQTT 3.1.1 (amqtt speaks nothing newer), a persistent session by default, QoS 1, an optional
+Last Will. paho's network thread (``loop_start``) only puts received messages into a
+``queue.Queue`` and records acks: it never blocks, so keepalives keep flowing. paho
+reconnects by itself; every reconnect re-subscribes all filters.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from .errors import LinkError
+from .link import Message, next_message
+from .topics import validate_filter
+
+log = logging.getLogger("fedge.protocol")
+
+SUBACK_TIMEOUT = 10.0  # seconds subscribe() waits for the broker's ack
+
+
+class PahoLink:
+    """A Link to an MQTT broker through paho-mqtt 2.x.
+
+    ``subscribe`` waits for the broker's ack when connected. ``close`` first waits up to
+    ``close_timeout`` seconds for outstanding publishes to be acknowledged.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        *,
+        will: Message | None = None,
+        keepalive: int = 30,
+        clean_session: bool = False,
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca: str | None = None,
+        max_inflight: int = 20,
+        close_timeout: float = 5.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.client_id = client_id
+        self.keepalive = keepalive
+        self.close_timeout = close_timeout
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self._inbox: queue.Queue[Message] = queue.Queue()
+        self._cond = threading.Condition()  # guards everything below
+        self._filters: dict[str, int] = {}
+        self._subacks: dict[int, list[Any]] = {}  # mid -> reason codes, for subscribe()
+        self._resubscribe_mids: set[int] = set()
+        self._unacked: set[int] = set()  # publishes not yet sent (QoS 0) or acked (QoS 1, 2)
+        self._early_acks: set[int] = set()  # acks that came before publish() saw the mid
+        self._connack: str | None = None  # "ok" or the broker's refusal, per connect()
+        self._started = False
+        self._closing = False
+        try:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                clean_session=clean_session,
+                protocol=mqtt.MQTTv311,
+            )
+            client.max_inflight_messages_set(max_inflight)
+            client.reconnect_delay_set(min_delay=1, max_delay=30)
+            if will is not None:
+                client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
+            if username is not None:
+                client.username_pw_set(username, password)
+            if tls_ca is not None:
+                client.tls_set(ca_certs=tls_ca)
+        except (ValueError, OSError) as exc:  # ssl.SSLError is an OSError
+            raise self._error(f"cannot configure the MQTT client: {exc}") from exc
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        self._client = client
+
+    @property
+    def connected(self) -> bool:
+        return self._client.is_connected()
+
+    def connect(self, timeout: float = 10.0) -> None:
+        if self._started:
+            raise self._error("connect() called twice")
+        with self._cond:
+            self._connack = None
+            self._closing = False
+        try:
+            self._client.connect_async(self.host, self.port, self.keepalive)
+        except (ValueError, OSError) as exc:
+            raise self._error(f"cannot connect: {exc}") from exc
+        self._client.loop_start()
+        self._started = True
+        with self._cond:
+            self._cond.wait_for(lambda: self._connack is not None, timeout)
+            outcome = self._connack
+        if outcome != "ok":
+            self._stop()
+            why = f"refused: {outcome}" if outcome else f"no connection after {timeout:g} s"
+            raise self._error(f"cannot connect, {why}")
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        validate_filter(topic_filter)
+        if qos not in (0, 1, 2):
+            raise self._error(f"invalid QoS {qos}")
+        with self._cond:
+            self._filters[topic_filter] = qos
+        if not self.connected:
+            return  # _on_connect subscribes
+        rc, mid = self._client.subscribe(topic_filter, qos)
+        if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            return
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise self._error(f"cannot subscribe to {topic_filter}: {mqtt.error_string(rc)}")
+        with self._cond:
+            self._cond.wait_for(lambda: mid in self._subacks or not self.connected, SUBACK_TIMEOUT)
+            codes = self._subacks.pop(mid, None)
+        if codes is None:
+            log.warning("no ack for subscription %s yet; it is renewed on reconnect", topic_filter)
+        elif any(code.is_failure for code in codes):
+            raise self._error(f"broker refused subscription to {topic_filter}")
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        if not self._started:
+            raise self._error(f"not connected, cannot publish to {topic}")
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as exc:  # bad topic, QoS or size
+            raise self._error(f"cannot publish to {topic}: {exc}") from exc
+        queued = info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0  # sent on reconnect
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not queued:
+            raise self._error(f"cannot publish to {topic}: {mqtt.error_string(info.rc)}")
+        self.bytes_up += len(topic.encode("utf-8")) + len(payload)
+        with self._cond:  # on_publish fires when QoS 0 is sent, QoS 1 acked, QoS 2 completed
+            if info.mid in self._early_acks:
+                self._early_acks.discard(info.mid)
+            else:
+                self._unacked.add(info.mid)
+
+    def get(self, timeout: float | None) -> Message | None:
+        return next_message(self._inbox, timeout)
+
+    def close(self) -> None:
+        if not self._started:
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: not self._unacked or not self.connected, self.close_timeout)
+            if self._unacked:
+                log.warning(
+                    "closing %s with %d unacknowledged publishes",
+                    self.client_id,
+                    len(self._unacked),
+                )
+        self._stop()
+
+    def _stop(self) -> None:
+        with self._cond:
+            self._closing = True
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._started = False
+
+    def _error(self, what: str) -> LinkError:
+        return LinkError(f"{what} (broker {self.host}:{self.port}, client {self.client_id})")
+
+    # paho callbacks: they run on paho's network thread and must never block.
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if reason.is_failure:
+            log.warning("broker %s:%s refused %s: %s", self.host, self.port, self.client_id, reason)
+            with self._cond:
+                self._connack = str(reason)
+                self._cond.notify_all()
+            return
+        with self._cond:
+            filters = list(self._filters.items())
+        mids = set()
+        if filters:
+            rc, mid = client.subscribe(filters)
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                mids.add(mid)
+        with self._cond:
+            self._resubscribe_mids |= mids
+            self._connack = "ok"
+            self._cond.notify_all()
+        log.info(
+            "connected to %s:%s as %s (session present: %s, %d filters)",
+            self.host,
+            self.port,
+            self.client_id,
+            flags.session_present,
+            len(filters),
+        )
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        log.debug("cannot reach %s:%s as %s, retrying", self.host, self.port, self.client_id)
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        with self._cond:
+            closing = self._closing
+            self._cond.notify_all()  # wake waiters that give up when disconnected
+        if closing:
+            log.info("disconnected %s from %s:%s", self.client_id, self.host, self.port)
+        else:
+            log.warning(
+                "lost connection of %s to %s:%s (%s), reconnecting",
+                self.client_id,
+                self.host,
+                self.port,
+                reason,
+            )
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            log.warning("dropped a message with a topic that is not UTF-8 (%s)", self.client_id)
+            return
+        payload = bytes(message.payload)
+        self.bytes_down += len(topic.encode("utf-8")) + len(payload)
+        self._inbox.put_nowait(Message(topic, payload, bool(message.retain)))
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any], props: Any
+    ) -> None:
+        with self._cond:
+            if mid in self._resubscribe_mids:
+                self._resubscribe_mids.discard(mid)
+                background = True
+            else:
+                self._subacks[mid] = codes
+                background = False
+            self._cond.notify_all()
+        if background and any(code.is_failure for code in codes):
+            log.error("broker refused a renewed subscription of %s: %s", self.client_id, codes)
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any
+    ) -> None:
+        with self._cond:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+            else:
+                self._early_acks.add(mid)
+            self._cond.notify_all()
