@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from fedge.models.runtime import Runtime
 from fedge.protocol import (
     DecodeError,
@@ -149,7 +148,9 @@ class Agent:
             self.runtime.set_weights(tensors)
         except ValueError as exc:
             self.stats.rejected["model_mismatch"] += 1
-            log.error("global model v%d does not fit the local model: %s", header.model_version, exc)
+            log.error(
+                "global model v%d does not fit the local model: %s", header.model_version, exc
+            )
             return
         self.global_weights = {k: np.array(v, dtype=np.float32) for k, v in tensors.items()}
         self.global_version = header.model_version
@@ -171,8 +172,12 @@ class Agent:
             self.pending = ann  # the global model it names has not arrived yet
             return
         if self.global_version > ann.model_version or self.global_weights is None:
-            log.info("round %d: wants model v%d, have v%d; ignored", ann.round_id,
-                     ann.model_version, self.global_version)
+            log.info(
+                "round %d: wants model v%d, have v%d; ignored",
+                ann.round_id,
+                ann.model_version,
+                self.global_version,
+            )
             return
         self._train_and_upload(ann)
 
@@ -183,7 +188,11 @@ class Agent:
         self.runtime.set_weights(self.global_weights)
         cfg = ann.config
         result = train_local(
-            self.runtime, self.data, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+            self.runtime,
+            self.data,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
             rng=self.rng,
         )
         local = self.runtime.get_weights()
@@ -203,5 +212,9 @@ class Agent:
         self._status("idle")
         log.info(
             "round %d: trained %d steps on %d samples in %.2fs, loss %.4f; delta sent",
-            ann.round_id, result.steps, result.samples, time.perf_counter() - started, result.loss,
+            ann.round_id,
+            result.steps,
+            result.samples,
+            time.perf_counter() - started,
+            result.loss,
         )

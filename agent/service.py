@@ -9,6 +9,7 @@ import time
 
 from fedge.models.runtime import load_runtime
 from fedge.protocol import Link, make_link
+
 from fedge.systemd import notify, watchdog_interval
 
 from .config import AgentConfig

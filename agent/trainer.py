@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 from fedge.models.runtime import Runtime
 
 from .dataset import Dataset

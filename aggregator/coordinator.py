@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from fedge.protocol import (
     DecodeError,
     GlobalModelHeader,
@@ -96,7 +95,10 @@ class Aggregator:
         self.done = False
         resumed = store.latest_model()
         if resumed is None:
-            self.version, self.weights = 0, {k: np.asarray(v, np.float32) for k, v in initial_weights.items()}
+            self.version, self.weights = (
+                0,
+                {k: np.asarray(v, np.float32) for k, v in initial_weights.items()},
+            )
             store.save_model(0, 0, self.weights)
         else:
             self.version, _, self.weights = resumed
@@ -178,7 +180,11 @@ class Aggregator:
             received=self.clock(),
         )
         if reason is not None:
-            self._reject(reason, msg.topic, f"{header.kind} from {header.device_id} for round {header.round_id}")
+            self._reject(
+                reason,
+                msg.topic,
+                f"{header.kind} from {header.device_id} for round {header.round_id}",
+            )
             return
         assert rnd is not None
         rnd.bytes_received += nbytes
@@ -257,11 +263,20 @@ class Aggregator:
             config=TrainingConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr),
         )
         self.link.publish(self.topics.round, encode(ann), qos=1, retain=True)
-        log.info("round %d announced to %d device(s) on model v%d", rnd.round_id, len(selected), self.version)
+        log.info(
+            "round %d announced to %d device(s) on model v%d",
+            rnd.round_id,
+            len(selected),
+            self.version,
+        )
 
     def _publish_global(self, round_id: int) -> None:
-        header = GlobalModelHeader(fleet=self.cfg.fleet, model_version=self.version, round_id=round_id)
-        self.link.publish(self.topics.global_model, encode(header, self.weights), qos=1, retain=True)
+        header = GlobalModelHeader(
+            fleet=self.cfg.fleet, model_version=self.version, round_id=round_id
+        )
+        self.link.publish(
+            self.topics.global_model, encode(header, self.weights), qos=1, retain=True
+        )
 
     def _finish(self, now: float) -> None:
         rnd = self.current
@@ -283,9 +298,14 @@ class Aggregator:
             "missing": sorted(set(rnd.selected) - rnd.answered),
             "num_samples": int(sum(counts)),
             "train_loss": (
-                float(np.average([rnd.losses[d] for d in participants if d in rnd.losses],
-                                 weights=[rnd.counts[d] for d in participants if d in rnd.losses]))
-                if any(d in rnd.losses for d in participants) else None
+                float(
+                    np.average(
+                        [rnd.losses[d] for d in participants if d in rnd.losses],
+                        weights=[rnd.counts[d] for d in participants if d in rnd.losses],
+                    )
+                )
+                if any(d in rnd.losses for d in participants)
+                else None
             ),
             "bytes_received": rnd.bytes_received,
             "duration_s": round(now - rnd.started, 3),
@@ -300,8 +320,13 @@ class Aggregator:
     def _fail(self, now: float, needed: int) -> None:
         rnd = self.current
         assert rnd is not None
-        log.warning("round %d failed: %d of %d update(s) by the deadline, quorum %d",
-                    rnd.round_id, len(rnd.deltas), len(rnd.selected), needed)
+        log.warning(
+            "round %d failed: %d of %d update(s) by the deadline, quorum %d",
+            rnd.round_id,
+            len(rnd.deltas),
+            len(rnd.selected),
+            needed,
+        )
         summary = {
             "round": rnd.round_id,
             "status": "failed",

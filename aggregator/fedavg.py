@@ -23,13 +23,15 @@ def weighted_mean(deltas: Sequence[Weights], counts: Sequence[int]) -> dict[str,
     out: dict[str, np.ndarray] = {}
     for name in deltas[0]:
         acc = np.zeros(np.shape(deltas[0][name]), dtype=np.float64)
-        for delta, n in zip(deltas, counts):
+        for delta, n in zip(deltas, counts, strict=True):
             acc += np.asarray(delta[name], dtype=np.float64) * (n / total)
         out[name] = acc
     return out
 
 
-def fedavg(global_weights: Weights, deltas: Sequence[Weights], counts: Sequence[int]) -> dict[str, np.ndarray]:
+def fedavg(
+    global_weights: Weights, deltas: Sequence[Weights], counts: Sequence[int]
+) -> dict[str, np.ndarray]:
     mean = weighted_mean(deltas, counts)
     return {
         name: (np.asarray(w, dtype=np.float64) + mean[name]).astype(np.float32)

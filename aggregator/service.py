@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from fedge.models.runtime import load_runtime
 from fedge.protocol import Link, make_link
+
 from fedge.systemd import notify, watchdog_interval
 
 from .config import AggregatorConfig

@@ -52,7 +52,7 @@ def _pack(weights: dict[str, np.ndarray]) -> bytes:
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, **weights)
+    np.savez(buf, **weights)  # type: ignore[arg-type]  # numpy stubs mistype **kwds
     return buf.getvalue()
 
 
@@ -106,7 +106,12 @@ class Store:
         return cur.rowcount
 
     def open_round(
-        self, round_id: int, model_version: int, started: float, deadline: float, selected: list[str]
+        self,
+        round_id: int,
+        model_version: int,
+        started: float,
+        deadline: float,
+        selected: list[str],
     ) -> None:
         self.db.execute(
             "INSERT INTO rounds(round_id, model_version, status, started, deadline, selected)"
@@ -139,5 +144,15 @@ class Store:
     ) -> None:
         self.db.execute(
             "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (update_id, round_id, device_id, kind, num_samples, int(accepted), reason, nbytes, received),
+            (
+                update_id,
+                round_id,
+                device_id,
+                kind,
+                num_samples,
+                int(accepted),
+                reason,
+                nbytes,
+                received,
+            ),
         )

@@ -39,7 +39,9 @@ class EmbeddedBroker:
     def _config(self) -> dict[str, Any]:
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
         }
 
     def _main(self) -> None:
@@ -69,7 +71,9 @@ class EmbeddedBroker:
         if not self._ready.wait(timeout):
             raise RuntimeError(f"embedded broker did not start on {self.url} within {timeout}s")
         if self._error is not None:
-            raise RuntimeError(f"embedded broker failed on {self.url}: {self._error}") from self._error
+            raise RuntimeError(
+                f"embedded broker failed on {self.url}: {self._error}"
+            ) from self._error
         log.info("embedded MQTT broker on %s", self.url)
         return self
 

@@ -16,7 +16,9 @@ def iid(y: np.ndarray, devices: int, rng: np.random.Generator) -> list[np.ndarra
     return [np.sort(part) for part in np.array_split(rng.permutation(len(y)), devices)]
 
 
-def partition(scheme: str, y: np.ndarray, devices: int, rng: np.random.Generator) -> list[np.ndarray]:
+def partition(
+    scheme: str, y: np.ndarray, devices: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     if scheme == "iid":
         return iid(y, devices, rng)
     raise ValueError(f"unknown partition scheme {scheme!r} (known: iid)")

@@ -9,7 +9,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class RoundDisplay:
-    def __init__(self, rounds: int, *, enabled: bool = True, console: Console | None = None) -> None:
+    def __init__(
+        self, rounds: int, *, enabled: bool = True, console: Console | None = None
+    ) -> None:
         self.enabled = enabled
         self.console = console or Console(stderr=False)
         self.progress = Progress(
@@ -47,7 +49,8 @@ class RoundDisplay:
         self.progress.console.print(
             f"{summary['round']:>5} {summary['status']:>7} "
             f"{len(summary['participants']):>3}/{summary['selected']:<3} "
-            f"{'' if acc is None else f'{acc:8.2%}':>8} {'' if loss is None else f'{loss:7.4f}':>7} "
+            f"{'' if acc is None else f'{acc:8.2%}':>8} "
+            f"{'' if loss is None else f'{loss:7.4f}':>7} "
             f"{summary['bytes_received'] / 1024:8.1f} {summary['duration_s']:7.2f}"
         )
         if summary["status"] == "done":

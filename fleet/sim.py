@@ -21,7 +21,6 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-
 from fedge.agent.config import AgentConfig
 from fedge.agent.service import build_agent
 from fedge.aggregator.config import AggregatorConfig, Training
@@ -159,8 +158,14 @@ def _run(opts: SimOptions) -> dict:
     return _summarise(opts, agg_cfg.log_path, agents, aggregator, time.perf_counter() - started)
 
 
-def _summarise(opts: SimOptions, log_path: Path, agents: list, aggregator: object, elapsed: float) -> dict:
-    rounds = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+def _summarise(
+    opts: SimOptions, log_path: Path, agents: list, aggregator: object, elapsed: float
+) -> dict:
+    rounds = (
+        [json.loads(line) for line in log_path.read_text().splitlines()]
+        if log_path.exists()
+        else []
+    )
     done = [r for r in rounds if r["status"] == "done"]
     summary = {
         "devices": opts.devices,

@@ -28,9 +28,7 @@ def _import_tf():  # type: ignore[no-untyped-def]
     try:
         import tensorflow as tf
     except ImportError as exc:
-        raise BuildError(
-            "building models needs TensorFlow: pip install 'fedge[build]'"
-        ) from exc
+        raise BuildError("building models needs TensorFlow: pip install 'fedge[build]'") from exc
     return tf
 
 
@@ -114,7 +112,7 @@ def _module(spec: ModelSpec, tf):  # type: ignore[no-untyped-def]
 
         @tf.function(input_signature=w_sigs)
         def set_weights(self, *tensors):  # type: ignore[no-untyped-def]
-            for name, value in zip(names, tensors):
+            for name, value in zip(names, tensors, strict=True):
                 self.vars[name].assign(value)
             return {"count": tf.constant(len(names), tf.int32)}
 

@@ -90,7 +90,9 @@ class NumpyRuntime(Runtime):
     def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray] | None = None) -> None:
         self.spec = spec
         self.weight_names = spec.weight_names()
-        self._w = {k: np.array(v, dtype=np.float32) for k, v in (weights or spec.initial_weights()).items()}
+        self._w = {
+            k: np.array(v, dtype=np.float32) for k, v in (weights or spec.initial_weights()).items()
+        }
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
         return maths.sgd_step(self.spec, self._w, x, y, lr)
@@ -115,10 +117,14 @@ def _check_weights(
     missing = set(names) - set(weights)
     extra = set(weights) - set(names)
     if missing or extra:
-        raise ValueError(f"weights do not match the model: missing {sorted(missing)}, extra {sorted(extra)}")
+        raise ValueError(
+            f"weights do not match the model: missing {sorted(missing)}, extra {sorted(extra)}"
+        )
     for name in names:
         if tuple(np.shape(weights[name])) != tuple(shapes[name]):
-            raise ValueError(f"weight {name}: shape {np.shape(weights[name])} != model's {shapes[name]}")
+            raise ValueError(
+                f"weight {name}: shape {np.shape(weights[name])} != model's {shapes[name]}"
+            )
 
 
 def _import_backend(backend: str) -> ModuleType:
@@ -154,7 +160,8 @@ class InterpreterRuntime(Runtime):
         missing = [s for s in CONTRACT if s not in signatures]
         if missing:
             raise ModelLoadError(
-                f"model lacks signature(s) {', '.join(missing)} (has {', '.join(sorted(signatures))})"
+                f"model lacks signature(s) {', '.join(missing)}"
+                f" (has {', '.join(sorted(signatures))})"
             )
         self._run = {name: self._interp.get_signature_runner(name) for name in CONTRACT}
         self.weight_names = sorted(signatures["set_weights"]["inputs"])
@@ -167,7 +174,9 @@ class InterpreterRuntime(Runtime):
         for lib in libraries:
             problem = _preflight_delegate(lib)
             if problem is not None:
-                log.warning("delegate %s could not be loaded (%s); inference runs on the CPU", lib, problem)
+                log.warning(
+                    "delegate %s could not be loaded (%s); inference runs on the CPU", lib, problem
+                )
                 continue
             try:
                 delegate = self._mod.load_delegate(lib)
@@ -291,7 +300,9 @@ def load_runtime(
             except (ModelFileError, ValueError) as exc:
                 raise ModelLoadError(f"embedded spec unreadable: {exc}") from exc
             if spec is None:
-                raise ModelLoadError("the numpy runtime needs a model built by fedge (no embedded spec)")
+                raise ModelLoadError(
+                    "the numpy runtime needs a model built by fedge (no embedded spec)"
+                )
             # The builder bakes spec.initial_weights() into the file, so both start equal.
             return NumpyRuntime(spec)
         try:

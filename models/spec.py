@@ -8,6 +8,7 @@ the two always agree on shapes, activations, the loss and the initial weights.
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
@@ -45,12 +46,12 @@ class ModelSpec(BaseModel):
     def layer_sizes(self) -> list[tuple[int, int]]:
         """(fan_in, fan_out) of every weight matrix, input to output."""
         sizes = [self.input_size, *(layer.units for layer in self.layers), self.outputs]
-        return list(zip(sizes[:-1], sizes[1:]))
+        return list(pairwise(sizes))
 
     @property
-    def activations(self) -> list[str]:
+    def activations(self) -> list[Activation]:
         """The activation after every weight matrix; the output layer is linear (logits)."""
-        return [layer.activation for layer in self.layers] + ["linear"]
+        return [*(layer.activation for layer in self.layers), "linear"]
 
     def weight_names(self) -> list[str]:
         names = []

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import DIGITS_MODEL
 
 pytestmark = pytest.mark.unit
@@ -18,7 +17,9 @@ def run_agent(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
     cfg.write_text(body)
     return subprocess.run(
         [sys.executable, "-m", "fedge.cli", "agent", "--config", str(cfg)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -32,19 +33,24 @@ def data_file(tmp_path: Path) -> Path:
 
 
 def good(data_file: Path) -> str:
-    return f'device_id = "pi-1"\nmodel = "{DIGITS_MODEL}"\ndata = "{data_file}"\nstate_dir = "{data_file.parent}"\n'
+    return (
+        f'device_id = "pi-1"\nmodel = "{DIGITS_MODEL}"\ndata = "{data_file}"\n'
+        f'state_dir = "{data_file.parent}"\n'
+    )
 
 
 @pytest.mark.parametrize(
     ("extra", "field", "problem"),
     [
         ('colour = "blue"\n', "colour", "unknown key"),
-        ("keepalive = \"often\"\n", "keepalive", "valid integer"),
+        ('keepalive = "often"\n', "keepalive", "valid integer"),
         ('model = "/nonexistent/model.tflite"\n', "model", "file does not exist"),
     ],
     ids=["unknown-key", "wrong-type", "missing-model"],
 )
-def test_bad_config_is_one_line(tmp_path: Path, data_file: Path, extra: str, field: str, problem: str) -> None:
+def test_bad_config_is_one_line(
+    tmp_path: Path, data_file: Path, extra: str, field: str, problem: str
+) -> None:
     body = good(data_file)
     if extra.startswith("model"):
         body = "\n".join(line for line in body.splitlines() if not line.startswith("model")) + "\n"
@@ -61,9 +67,15 @@ def test_missing_required_key_and_missing_file(tmp_path: Path, data_file: Path) 
     assert proc.returncode == 2 and "device_id: required key is missing" in proc.stderr
     proc = subprocess.run(
         [sys.executable, "-m", "fedge.cli", "agent", "--config", str(tmp_path / "nope.toml")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no such config file" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and proc.stderr.count("\n") == 1
+        and "no such config file" in proc.stderr
+    )
 
 
 def test_data_that_does_not_fit_the_model(tmp_path: Path) -> None:
@@ -71,7 +83,10 @@ def test_data_that_does_not_fit_the_model(tmp_path: Path) -> None:
 
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=np.zeros((4, 5), np.float32), y=np.zeros(4, np.int32))
-    proc = run_agent(tmp_path, f'device_id = "pi-1"\nmodel = "{DIGITS_MODEL}"\ndata = "{bad}"\nstate_dir = "{tmp_path}"\n')
+    proc = run_agent(
+        tmp_path,
+        f'device_id = "pi-1"\nmodel = "{DIGITS_MODEL}"\ndata = "{bad}"\nstate_dir = "{tmp_path}"\n',
+    )
     # LiteRT itself may print an INFO line when it loads the model; ours is exactly one line.
     ours = [line for line in proc.stderr.splitlines() if not line.startswith("INFO: ")]
     assert proc.returncode == 2 and len(ours) == 1
@@ -81,7 +96,8 @@ def test_data_that_does_not_fit_the_model(tmp_path: Path) -> None:
 def test_agent_path_imports_no_heavy_or_fleet_modules() -> None:
     code = (
         "import sys, fedge.cli, fedge.agent.service, fedge.agent.config, fedge.models.runtime;"
-        "bad=[m for m in sys.modules if m.split('.')[0] in ('tensorflow','sklearn','matplotlib','amqtt','rich')"
+        "heavy=('tensorflow','sklearn','matplotlib','amqtt','rich');"
+        "bad=[m for m in sys.modules if m.split('.')[0] in heavy"
         " or m.startswith('fedge.fleet') or m.startswith('fedge.aggregator')];"
         "print(','.join(bad))"
     )

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fedge.agent.daemon import Agent
 from fedge.agent.dataset import Dataset
 from fedge.agent.state import AgentState, load_state, save_state
@@ -44,12 +43,22 @@ def server(broker: MemoryBroker) -> MemoryLink:
 
 
 def publish_global(link: MemoryLink, version: int, weights: dict[str, np.ndarray]) -> None:
-    link.publish(T.global_model, encode(GlobalModelHeader(fleet=FLEET, model_version=version, round_id=version), weights), retain=True)
+    link.publish(
+        T.global_model,
+        encode(GlobalModelHeader(fleet=FLEET, model_version=version, round_id=version), weights),
+        retain=True,
+    )
 
 
-def announce(link: MemoryLink, round_id: int, version: int, selected: tuple[str, ...], deadline: float = 2e9) -> None:
+def announce(
+    link: MemoryLink, round_id: int, version: int, selected: tuple[str, ...], deadline: float = 2e9
+) -> None:
     ann = RoundAnnouncement(
-        fleet=FLEET, round_id=round_id, model_version=version, deadline=deadline, selected=selected,
+        fleet=FLEET,
+        round_id=round_id,
+        model_version=version,
+        deadline=deadline,
+        selected=selected,
         config=TrainingConfig(epochs=2, batch_size=8, lr=0.1),
     )
     link.publish(T.round, encode(ann), retain=True)
@@ -58,8 +67,12 @@ def announce(link: MemoryLink, round_id: int, version: int, selected: tuple[str,
 def make_agent(broker: MemoryBroker, device: str = "d1", state_file: Path | None = None) -> Agent:
     state = load_state(state_file) if state_file else None
     agent = Agent(
-        device_id=device, fleet=FLEET, link=MemoryLink(broker, device, will=Agent.will(device, FLEET)),
-        runtime=load_runtime(DIGITS_MODEL), data=data(), state=state,
+        device_id=device,
+        fleet=FLEET,
+        link=MemoryLink(broker, device, will=Agent.will(device, FLEET)),
+        runtime=load_runtime(DIGITS_MODEL),
+        data=data(),
+        state=state,
         save_state=(lambda s: save_state(state_file, s)) if state_file else None,
         rng=np.random.default_rng(0),
     )

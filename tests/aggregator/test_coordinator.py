@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fedge.aggregator.config import AggregatorConfig, Training
 from fedge.aggregator.coordinator import Aggregator
 from fedge.aggregator.store import Store
@@ -69,7 +68,11 @@ class Device:
         self.link.connect()
         self.link.subscribe(T.round)
         self.link.subscribe(T.global_model)
-        self.link.publish(T.status(device_id), encode(Status(device_id=device_id, state="online", timestamp=0.0)), retain=True)
+        self.link.publish(
+            T.status(device_id),
+            encode(Status(device_id=device_id, state="online", timestamp=0.0)),
+            retain=True,
+        )
 
     def last(self, kind: type) -> object:
         found = None
@@ -79,9 +82,19 @@ class Device:
                 found = d
         return found
 
-    def send(self, round_id: int, delta: dict[str, np.ndarray], n: int, *, base: int = 0, update_id: str | None = None) -> str:
+    def send(
+        self,
+        round_id: int,
+        delta: dict[str, np.ndarray],
+        n: int,
+        *,
+        base: int = 0,
+        update_id: str | None = None,
+    ) -> str:
         uid = update_id or f"{self.id}-{round_id}"
-        header = UpdateHeader(device_id=self.id, round_id=round_id, update_id=uid, base_version=base, num_samples=n)
+        header = UpdateHeader(
+            device_id=self.id, round_id=round_id, update_id=uid, base_version=base, num_samples=n
+        )
         self.link.publish(T.update(self.id), encode(header, delta))
         return uid
 
@@ -155,13 +168,21 @@ def test_rejects_are_counted_with_reasons(tmp_path: Path) -> None:
     outsider.send(1, delta(1.0), 5)
     a.send(2, delta(1.0), 5)  # wrong round
     a.send(1, delta(1.0), 5, base=7)  # stale base model
-    a.send(1, {"w": np.zeros((3, 3), np.float32), "b": np.zeros(3, np.float32)}, 5, update_id="shape")
+    a.send(
+        1, {"w": np.zeros((3, 3), np.float32), "b": np.zeros(3, np.float32)}, 5, update_id="shape"
+    )
     nan = delta(1.0)
     nan["w"][0, 0] = np.nan
     a.send(1, nan, 5, update_id="nan")
     uid = b.send(1, delta(1.0), 5)
     b.send(1, delta(9.0), 5, update_id=uid)  # a duplicate id
-    b.link.publish(T.update("a"), encode(UpdateHeader(device_id="b", round_id=1, update_id="x", base_version=0, num_samples=1), delta(0.0)))
+    b.link.publish(
+        T.update("a"),
+        encode(
+            UpdateHeader(device_id="b", round_id=1, update_id="x", base_version=0, num_samples=1),
+            delta(0.0),
+        ),
+    )
     b.link.publish(T.update("b"), b"garbage, not an envelope")
     pump(agg)
     assert dict(agg.rejected) == {
@@ -183,7 +204,9 @@ def test_skip_notice_counts_as_an_answer_not_a_dropout(tmp_path: Path) -> None:
     a, b = Device(broker, "a"), Device(broker, "b")
     pump(agg)
     a.send(1, delta(1.0), 5)
-    b.link.publish(T.update("b"), encode(SkipNotice(device_id="b", round_id=1, update_id="s", reason="tiny")))
+    b.link.publish(
+        T.update("b"), encode(SkipNotice(device_id="b", round_id=1, update_id="s", reason="tiny"))
+    )
     pump(agg)  # both answered: no need to wait for the deadline
     assert agg.done and agg.version == 1
     np.testing.assert_allclose(agg.weights["w"], 1.0)

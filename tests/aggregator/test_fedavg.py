@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fedge.aggregator.fedavg import fedavg, weighted_mean
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from fedge.aggregator.fedavg import fedavg, weighted_mean
 
 pytestmark = pytest.mark.unit
 
 
 def _tensors(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {"k": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+    return {
+        "k": rng.normal(size=(3, 4)).astype(np.float32),
+        "b": rng.normal(size=4).astype(np.float32),
+    }
 
 
 @settings(max_examples=50, deadline=None)
@@ -30,7 +32,9 @@ def test_order_does_not_matter(seed: int, n: int, data: st.DataObject) -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), counts=st.lists(st.integers(1, 10_000), min_size=1, max_size=8))
+@given(
+    seed=st.integers(0, 2**32 - 1), counts=st.lists(st.integers(1, 10_000), min_size=1, max_size=8)
+)
 def test_identical_updates_average_to_themselves(seed: int, counts: list[int]) -> None:
     delta = _tensors(np.random.default_rng(seed))
     mean = weighted_mean([delta] * len(counts), counts)
@@ -40,7 +44,11 @@ def test_identical_updates_average_to_themselves(seed: int, counts: list[int]) -
 
 def test_weights_by_sample_count() -> None:
     g = {"w": np.zeros(2, np.float32)}
-    out = fedavg(g, [{"w": np.array([1.0, 0.0], np.float32)}, {"w": np.array([0.0, 1.0], np.float32)}], [3, 1])
+    out = fedavg(
+        g,
+        [{"w": np.array([1.0, 0.0], np.float32)}, {"w": np.array([0.0, 1.0], np.float32)}],
+        [3, 1],
+    )
     np.testing.assert_allclose(out["w"], [0.75, 0.25])
     assert out["w"].dtype == np.float32
 

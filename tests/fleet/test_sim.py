@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fedge.fleet.partition import iid, partition
 
 
@@ -37,9 +36,25 @@ def test_unknown_scheme_and_too_many_devices() -> None:
 def test_sim_cli_on_embedded_broker(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "fedge.cli", "sim", "--devices", "4", "--rounds", "3", "--epochs", "1",
-         "--seed", "3", "--out", str(out)],
-        capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "fedge.cli",
+            "sim",
+            "--devices",
+            "4",
+            "--rounds",
+            "3",
+            "--epochs",
+            "1",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fedge.agent.config import AgentConfig
 from fedge.agent.service import build_agent
 from fedge.aggregator.config import AggregatorConfig, Training
@@ -39,16 +38,31 @@ def test_three_agents_three_rounds_exact_fedavg(tmp_path: Path, mosquitto, fleet
     observer.subscribe(topics.global_model)
 
     agg_cfg = AggregatorConfig(
-        fleet=fleet_id, broker=mosquitto.url, client_id="agg-" + fleet_id[-8:], model=DIGITS_MODEL,
-        state_dir=tmp_path / "agg", rounds=ROUNDS, min_devices=3, quorum=1.0, round_timeout=60,
-        training=Training(epochs=2, batch_size=16, lr=0.1), eval_data=test,
+        fleet=fleet_id,
+        broker=mosquitto.url,
+        client_id="agg-" + fleet_id[-8:],
+        model=DIGITS_MODEL,
+        state_dir=tmp_path / "agg",
+        rounds=ROUNDS,
+        min_devices=3,
+        quorum=1.0,
+        round_timeout=60,
+        training=Training(epochs=2, batch_size=16, lr=0.1),
+        eval_data=test,
     )
     agg = build_aggregator(agg_cfg)
     agents = [
-        build_agent(AgentConfig(
-            device_id=f"d{i}-{fleet_id[-8:]}", fleet=fleet_id, broker=mosquitto.url, model=DIGITS_MODEL,
-            data=p, state_dir=tmp_path / "agents", seed=i,
-        ))
+        build_agent(
+            AgentConfig(
+                device_id=f"d{i}-{fleet_id[-8:]}",
+                fleet=fleet_id,
+                broker=mosquitto.url,
+                model=DIGITS_MODEL,
+                data=p,
+                state_dir=tmp_path / "agents",
+                seed=i,
+            )
+        )
         for i, p in enumerate(parts)
     ]
     stop = threading.Event()
@@ -91,7 +105,9 @@ def test_three_agents_three_rounds_exact_fedavg(tmp_path: Path, mosquitto, fleet
         total = sum(updates[r["round"]][d][0] for d in accepted)
         for name in prev:
             expected = prev[name].astype(np.float64) + sum(
-                updates[r["round"]][d][1][name].astype(np.float64) * updates[r["round"]][d][0] / total
+                updates[r["round"]][d][1][name].astype(np.float64)
+                * updates[r["round"]][d][0]
+                / total
                 for d in accepted
             )
             np.testing.assert_allclose(new[name], expected.astype(np.float32), rtol=0, atol=1e-6)

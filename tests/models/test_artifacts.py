@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from fedge.models.metadata import op_codes
 from fedge.models.runtime import CONTRACT, load_runtime
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fedge.models.runtime import (
     InterpreterRuntime,
     ModelLoadError,
@@ -40,7 +39,11 @@ def test_litert_and_numpy_train_steps_agree(digits_model: Path) -> None:
         float(np.abs(lite.get_weights()[k] - v).max()) for k, v in ref.get_weights().items()
     )
     assert worst < 1e-5
-    moved = float(np.abs(ref.get_weights()["dense0_kernel"] - ref.spec.initial_weights()["dense0_kernel"]).max())
+    moved = float(
+        np.abs(
+            ref.get_weights()["dense0_kernel"] - ref.spec.initial_weights()["dense0_kernel"]
+        ).max()
+    )
     assert moved > 1e-3  # the steps really trained
     x, y = batches(1, seed=9, size=50)[0]
     loss_l, acc_l = lite.evaluate(x, y)
@@ -54,7 +57,10 @@ def test_same_batch_and_weights_give_same_step_from_any_start(digits_model: Path
     lite = load_runtime(digits_model, prefer=("litert",))
     ref = load_runtime(digits_model, prefer=("numpy",))
     rng = np.random.default_rng(4)
-    start = {k: rng.normal(scale=0.3, size=v.shape).astype(np.float32) for k, v in ref.get_weights().items()}
+    start = {
+        k: rng.normal(scale=0.3, size=v.shape).astype(np.float32)
+        for k, v in ref.get_weights().items()
+    }
     lite.set_weights(start)
     ref.set_weights(start)
     x, y = batches(1, seed=5, size=7)[0]  # an odd batch size: shapes are dynamic
@@ -92,7 +98,9 @@ def test_missing_delegate_falls_back_to_cpu_with_one_line(
     bogus = tmp_path / "libnot_a_delegate.so"
     bogus.write_bytes(b"not an ELF file")
     with caplog.at_level(logging.WARNING, logger="fedge.models"):
-        rt = load_runtime(digits_model, prefer=("litert",), delegates=[str(tmp_path / "missing.so"), str(bogus)])
+        rt = load_runtime(
+            digits_model, prefer=("litert",), delegates=[str(tmp_path / "missing.so"), str(bogus)]
+        )
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 2  # one clear line per delegate that failed
     assert all("inference runs on the CPU" in r.getMessage() for r in warnings)
