@@ -45,7 +45,11 @@ class ModelLoadError(RuntimeError_):
 
 
 class BackendUnavailable(RuntimeError_):
-    """None of the requested backends is installed."""
+    """None of the requested backends is installed and working."""
+
+
+class BackendBroken(RuntimeError_):
+    """A backend imports but cannot run here (e.g. tflite-runtime 2.14 beside numpy 2)."""
 
 
 class Runtime(ABC):
@@ -156,6 +160,8 @@ class InterpreterRuntime(Runtime):
             self._interp = self._mod.Interpreter(model_content=data, num_threads=num_threads)
         except (ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"{backend} cannot load the model: {exc}") from exc
+        except (SystemError, ImportError) as exc:  # a native module built for another numpy
+            raise BackendBroken(f"{backend} is installed but unusable: {exc}") from exc
         signatures = self._interp.get_signature_list()
         missing = [s for s in CONTRACT if s not in signatures]
         if missing:
@@ -310,4 +316,7 @@ def load_runtime(
         except ImportError as exc:
             tried.append(f"{backend} ({exc})")
             log.debug("runtime backend %s unavailable: %s", backend, exc)
+        except BackendBroken as exc:
+            tried.append(str(exc))
+            log.warning("%s; trying the next runtime", exc)
     raise BackendUnavailable("no runtime backend available: " + "; ".join(tried))

@@ -127,3 +127,52 @@ def test_missing_or_bad_model_file(tmp_path: Path) -> None:
 def test_litert_is_first_choice() -> None:
     assert available_backends()[0] == "litert"
     assert available_backends()[-1] == "numpy"
+
+
+def test_falls_back_to_tflite_runtime_then_numpy(
+    digits_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without LiteRT the next backend loads; a backend that imports but cannot run is skipped."""
+    from types import SimpleNamespace
+
+    from fedge.models import runtime as rtmod
+
+    real = rtmod._import_backend
+
+    class BrokenInterpreter:
+        def __init__(self, **_: object) -> None:
+            raise SystemError("numpy.core.multiarray failed to import")
+
+    def fake(backend: str):  # type: ignore[no-untyped-def]
+        if backend == "litert":
+            raise ImportError("No module named 'ai_edge_litert'")
+        if backend == "tflite_runtime":
+            return SimpleNamespace(Interpreter=BrokenInterpreter)
+        return real(backend)
+
+    monkeypatch.setattr(rtmod, "_import_backend", fake)
+    with caplog.at_level(logging.WARNING, logger="fedge.models"):
+        rt = load_runtime(digits_model)
+    assert rt.backend == "numpy"
+    assert "tflite_runtime is installed but unusable" in caplog.text
+
+    # tflite-runtime's module has the same interface as LiteRT's: stand LiteRT in for it.
+    monkeypatch.setattr(
+        rtmod, "_import_backend", lambda b: real("litert") if b == "tflite_runtime" else fake(b)
+    )
+    rt = load_runtime(digits_model)
+    assert rt.backend == "tflite_runtime"
+    assert rt.train_step(*batches(1)[0], 0.1) > 0
+
+
+def test_no_backend_at_all_is_a_clear_error(
+    digits_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedge.models import runtime as rtmod
+
+    def missing(backend: str):  # type: ignore[no-untyped-def]
+        raise ImportError(f"no {backend}")
+
+    monkeypatch.setattr(rtmod, "_import_backend", missing)
+    with pytest.raises(rtmod.BackendUnavailable, match="no litert"):
+        load_runtime(digits_model, prefer=("litert", "tflite_runtime"))
