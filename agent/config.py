@@ -19,7 +19,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN
+
 Backend = Literal["litert", "tflite_runtime", "numpy"]
 
 
@@ -33,7 +34,7 @@ class AgentConfig(BaseModel):
 
     device_id: str = Field(pattern=ID_PATTERN)
     fleet: str = Field(default="default", pattern=ID_PATTERN)
-    broker: str = Field(default="mqtt://127.0.0.1:1883", pattern=r"^mqtts?://[^/:]+(:\d+)?/?$")
+    broker: str = Field(default="mqtt://127.0.0.1:1883", pattern=BROKER_URL_PATTERN)
     model: Path
     data: Path
     state_dir: Path = Path("/var/lib/fedge")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN
 
 
 def _resolve(value: Path, info: ValidationInfo) -> Path:
@@ -26,7 +26,7 @@ class AggregatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     fleet: str = Field(default="default", pattern=ID_PATTERN)
-    broker: str = Field(default="mqtt://127.0.0.1:1883", pattern=r"^mqtts?://[^/:]+(:\d+)?/?$")
+    broker: str = Field(default="mqtt://127.0.0.1:1883", pattern=BROKER_URL_PATTERN)
     client_id: str = Field(default="fedge-aggregator", pattern=ID_PATTERN)
     model: Path  # the initial global model (.tflite)
     state_dir: Path = Path("/var/lib/fedge-aggregator")

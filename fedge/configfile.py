@@ -19,6 +19,11 @@ else:  # pragma: no cover - Python 3.10
 
 M = TypeVar("M", bound=BaseModel)
 
+# Fleet, device and client ids: one MQTT topic level, the same rule as the wire's.
+ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+# What protocol.make_link accepts: plain MQTT, an optional user[:password]@, a port.
+BROKER_URL_PATTERN = r"^mqtt://([^/@\s]+@)?[^/:@\s]+(:\d+)?/?$"
+
 
 class ConfigError(ValueError):
     """A config file is missing, malformed, or fails validation. ``str()`` is one line."""

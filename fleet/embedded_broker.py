@@ -36,11 +36,17 @@ class EmbeddedBroker:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
+    def url_for(self, client_id: str) -> str:
+        """The URL a client should use: with a username, which this broker requires."""
+        return f"mqtt://{client_id}@{self.host}:{self.port}"
+
     def _config(self) -> dict[str, Any]:
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            # amqtt keeps no offline queue for anonymous sessions, so clients must send a
+            # username (any); fedge sim uses each client id. Persistent sessions then work.
             "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": False}
             },
         }
 

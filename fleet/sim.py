@@ -67,8 +67,16 @@ def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
     return path
 
 
-def prepare(opts: SimOptions) -> tuple[list[AgentConfig], AggregatorConfig]:
+def prepare(
+    opts: SimOptions, embedded: EmbeddedBroker | None = None
+) -> tuple[list[AgentConfig], AggregatorConfig]:
     """Data, partitions and configs under ``opts.out``: everything a run needs but a broker."""
+
+    def broker_for(client_id: str) -> str:
+        if embedded is not None:
+            return embedded.url_for(client_id)
+        return opts.broker or "mqtt://127.0.0.1:1883"
+
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
     data_dir = _fresh_dir(out / "data")
@@ -87,7 +95,7 @@ def prepare(opts: SimOptions) -> tuple[list[AgentConfig], AggregatorConfig]:
             AgentConfig(
                 device_id=device,
                 fleet=opts.fleet,
-                broker=opts.broker or "mqtt://127.0.0.1:1883",
+                broker=broker_for(device),
                 model=model,
                 data=path,
                 state_dir=state_dir,
@@ -97,7 +105,7 @@ def prepare(opts: SimOptions) -> tuple[list[AgentConfig], AggregatorConfig]:
         )
     agg = AggregatorConfig(
         fleet=opts.fleet,
-        broker=opts.broker or "mqtt://127.0.0.1:1883",
+        broker=broker_for(f"{opts.fleet}-aggregator"),
         client_id=f"{opts.fleet}-aggregator",
         model=model,
         state_dir=state_dir,
@@ -118,18 +126,17 @@ def run_sim(opts: SimOptions) -> dict:
     broker = None
     if opts.broker is None:
         broker = EmbeddedBroker().start()
-        opts = SimOptions(**{**opts.__dict__, "broker": broker.url})
     try:
-        return _run(opts)
+        return _run(opts, broker)
     finally:
         if broker is not None:
             broker.stop()
 
 
-def _run(opts: SimOptions) -> dict:
+def _run(opts: SimOptions, embedded: EmbeddedBroker | None) -> dict:
     from .progress import RoundDisplay
 
-    agent_cfgs, agg_cfg = prepare(opts)
+    agent_cfgs, agg_cfg = prepare(opts, embedded)
     display = RoundDisplay(opts.rounds, enabled=opts.show_progress)
     aggregator = build_aggregator(agg_cfg, on_round=display.round_done)
     agents = [build_agent(cfg) for cfg in agent_cfgs]
