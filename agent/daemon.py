@@ -194,6 +194,7 @@ class Agent:
             batch_size=cfg.batch_size,
             lr=cfg.lr,
             rng=self.rng,
+            mu=cfg.mu,
         )
         local = self.runtime.get_weights()
         delta = {k: (local[k] - self.global_weights[k]).astype(np.float32) for k in local}

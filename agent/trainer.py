@@ -28,7 +28,9 @@ def train_local(
     batch_size: int,
     lr: float,
     rng: np.random.Generator,
+    mu: float = 0.0,
 ) -> TrainResult:
+    """``mu > 0``: FedProx, pulled towards the weights the runtime was last set to."""
     n = len(data)
     steps = 0
     losses: list[float] = []
@@ -37,6 +39,6 @@ def train_local(
         losses = []
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            losses.append(runtime.train_step(data.x[idx], data.y[idx], lr))
+            losses.append(runtime.train_step(data.x[idx], data.y[idx], lr, mu))
             steps += 1
     return TrainResult(float(np.mean(losses)) if losses else float("nan"), steps, n)

@@ -20,6 +20,7 @@ class Training(BaseModel):
     epochs: int = Field(default=1, ge=1, le=1000)
     batch_size: int = Field(default=32, ge=1, le=65536)
     lr: float = Field(default=0.05, gt=0, le=10)
+    mu: float = Field(default=0.0, ge=0, le=100)  # FedProx proximal weight; 0: plain local SGD
 
 
 class AggregatorConfig(BaseModel):

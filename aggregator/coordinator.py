@@ -260,7 +260,7 @@ class Aggregator:
             model_version=self.version,
             deadline=rnd.deadline,
             selected=tuple(selected),
-            config=TrainingConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr),
+            config=TrainingConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, mu=t.mu),
         )
         self.link.publish(self.topics.round, encode(ann), qos=1, retain=True)
         log.info(

@@ -2,7 +2,9 @@
 
 The model honours the contract in DESIGN.md: signatures ``train``, ``infer``,
 ``evaluate``, ``get_weights`` and ``set_weights`` over resource variables, from
-builtin ops only. Gradients are written out by hand, mirroring
+builtin ops only. ``train(x, y, lr, mu)`` takes one SGD step; ``mu > 0`` adds the
+FedProx proximal term ``mu/2 * ||w - anchor||^2``, where the anchor is whatever
+``set_weights`` last set (the global model a round starts from). Gradients are written out by hand, mirroring
 :mod:`fedge.models.maths` op for op, because TensorFlow's autodiff emits ops such as
 ReluGrad that exist only in the Flex delegate, which device runtimes do not have.
 The spec is embedded in the file's metadata (``fedge_spec``) so the numpy reference
@@ -59,12 +61,15 @@ def _module(spec: ModelSpec, tf):  # type: ignore[no-untyped-def]
     x_sig = tf.TensorSpec([None, spec.input_size], tf.float32, name="x")
     y_sig = tf.TensorSpec([None], tf.int32, name="y")
     lr_sig = tf.TensorSpec([], tf.float32, name="lr")
+    mu_sig = tf.TensorSpec([], tf.float32, name="mu")
     w_sigs = [tf.TensorSpec(init[n].shape, tf.float32, name=n) for n in names]
 
     class Model(tf.Module):
         def __init__(self) -> None:
             super().__init__(name=spec.name)
             self.vars = {n: tf.Variable(init[n], name=n) for n in names}
+            # The FedProx anchor: the weights last given to set_weights (the global model).
+            self.anchor = {n: tf.Variable(init[n], name=f"anchor_{n}") for n in names}
 
         def _forward(self, x):  # type: ignore[no-untyped-def]
             out = [x]
@@ -73,8 +78,8 @@ def _module(spec: ModelSpec, tf):  # type: ignore[no-untyped-def]
                 out.append(activate(kind, z))
             return out
 
-        @tf.function(input_signature=[x_sig, y_sig, lr_sig])
-        def train(self, x, y, lr):  # type: ignore[no-untyped-def]
+        @tf.function(input_signature=[x_sig, y_sig, lr_sig, mu_sig])
+        def train(self, x, y, lr, mu):  # type: ignore[no-untyped-def]
             out = self._forward(x)
             logp = tf.nn.log_softmax(out[-1])
             onehot = tf.one_hot(y, n_out, dtype=tf.float32)
@@ -89,7 +94,8 @@ def _module(spec: ModelSpec, tf):  # type: ignore[no-untyped-def]
                     back = tf.matmul(dz, self.vars[f"dense{i}_kernel"], transpose_b=True)
                     dz = back * activation_grad(acts[i - 1], out[i])
             for name in names:
-                self.vars[name].assign_sub(lr * grads[name])
+                prox = mu * (self.vars[name] - self.anchor[name])
+                self.vars[name].assign_sub(lr * (grads[name] + prox))
             return {"loss": loss}
 
         @tf.function(input_signature=[x_sig])
@@ -114,6 +120,7 @@ def _module(spec: ModelSpec, tf):  # type: ignore[no-untyped-def]
         def set_weights(self, *tensors):  # type: ignore[no-untyped-def]
             for name, value in zip(names, tensors, strict=True):
                 self.vars[name].assign(value)
+                self.anchor[name].assign(value)
             return {"count": tf.constant(len(names), tf.int32)}
 
     return Model()

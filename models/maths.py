@@ -66,10 +66,25 @@ def loss_and_grads(
     return float(loss), grads
 
 
-def sgd_step(spec: ModelSpec, w: Weights, x: np.ndarray, y: np.ndarray, lr: float) -> float:
-    """One plain SGD step in place; returns the loss before the step."""
+def sgd_step(
+    spec: ModelSpec,
+    w: Weights,
+    x: np.ndarray,
+    y: np.ndarray,
+    lr: float,
+    mu: float = 0.0,
+    anchor: Weights | None = None,
+) -> float:
+    """One SGD step in place; returns the data loss before the step.
+
+    With ``mu > 0`` the step also descends the FedProx proximal term
+    ``mu/2 * ||w - anchor||^2`` (Li et al. 2020), whose gradient is ``mu * (w - anchor)``;
+    ``anchor`` is the global model the round started from.
+    """
     loss, grads = loss_and_grads(spec, w, x, y)
     for name, g in grads.items():
+        if anchor is not None:
+            g = g + np.float32(mu) * (w[name] - anchor[name])
         w[name] = (w[name] - np.float32(lr) * g).astype(np.float32)
     return loss
 

@@ -58,10 +58,15 @@ class Runtime(ABC):
     backend: str
     delegate: str = "cpu"
     weight_names: list[str]
+    supports_prox: bool = True  # the train step takes FedProx's mu
 
     @abstractmethod
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
-        """One SGD step on the batch; returns the batch loss before the step."""
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float = 0.0) -> float:
+        """One SGD step on the batch; returns the batch loss before the step.
+
+        ``mu > 0`` adds FedProx's proximal pull towards the weights last set with
+        :meth:`set_weights`.
+        """
 
     @abstractmethod
     def infer(self, x: np.ndarray) -> np.ndarray:
@@ -94,12 +99,13 @@ class NumpyRuntime(Runtime):
     def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray] | None = None) -> None:
         self.spec = spec
         self.weight_names = spec.weight_names()
-        self._w = {
-            k: np.array(v, dtype=np.float32) for k, v in (weights or spec.initial_weights()).items()
-        }
+        start = weights or spec.initial_weights()
+        self._w = {k: np.array(v, dtype=np.float32) for k, v in start.items()}
+        self._anchor = {k: v.copy() for k, v in self._w.items()}
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
-        return maths.sgd_step(self.spec, self._w, x, y, lr)
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float = 0.0) -> float:
+        anchor = self._anchor if mu else None
+        return maths.sgd_step(self.spec, self._w, x, y, lr, mu, anchor)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         return maths.forward(self.spec, self._w, x)[-1]
@@ -113,6 +119,7 @@ class NumpyRuntime(Runtime):
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         _check_weights(self.weight_names, {k: v.shape for k, v in self._w.items()}, weights)
         self._w = {k: np.array(weights[k], dtype=np.float32) for k in self.weight_names}
+        self._anchor = {k: v.copy() for k, v in self._w.items()}
 
 
 def _check_weights(
@@ -171,6 +178,7 @@ class InterpreterRuntime(Runtime):
             )
         self._run = {name: self._interp.get_signature_runner(name) for name in CONTRACT}
         self.weight_names = sorted(signatures["set_weights"]["inputs"])
+        self.supports_prox = "mu" in signatures["train"]["inputs"]
         self._shapes = {k: v.shape for k, v in self.get_weights().items()}
         self._infer_interp = self._load_delegated(delegates)
         self._infer_stale = True
@@ -204,15 +212,18 @@ class InterpreterRuntime(Runtime):
     def _call(self, name: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         return {k: np.array(v) for k, v in self._run[name](**inputs).items()}
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float = 0.0) -> float:
+        inputs = {
+            "x": np.ascontiguousarray(x, dtype=np.float32),
+            "y": np.ascontiguousarray(y, dtype=np.int32),
+            "lr": np.float32(lr),
+        }
+        if self.supports_prox:
+            inputs["mu"] = np.float32(mu)
+        elif mu:
+            raise ValueError("this model's train signature has no mu input: FedProx needs one")
         self._infer_stale = True
-        out = self._call(
-            "train",
-            x=np.ascontiguousarray(x, dtype=np.float32),
-            y=np.ascontiguousarray(y, dtype=np.int32),
-            lr=np.float32(lr),
-        )
-        return float(out["loss"])
+        return float(self._call("train", **inputs)["loss"])
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)

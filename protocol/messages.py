@@ -25,6 +25,7 @@ class TrainingConfig(_Message):
     epochs: int = Field(ge=1, le=1000)
     batch_size: int = Field(ge=1, le=65536)
     lr: float = Field(gt=0, le=10)
+    mu: float = Field(default=0.0, ge=0, le=100)  # FedProx proximal weight; 0 is plain SGD
 
 
 class RoundAnnouncement(_Message):
