@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from fedge.fleet.embedded_broker import EmbeddedBroker
 from fedge.protocol import make_link
 
