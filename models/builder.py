@@ -6,8 +6,9 @@ builtin ops only. ``train(x, y, lr, mu)`` takes one SGD step; ``mu > 0`` adds th
 FedProx proximal term ``mu/2 * ||w - anchor||^2``, where the anchor is whatever
 ``set_weights`` last set (the global model a round starts from).
 
-Gradients are written out by hand, mirroring :mod:`fedge.models.maths` op for op, because TensorFlow's autodiff emits ops such as
-ReluGrad that exist only in the Flex delegate, which device runtimes do not have.
+Gradients are written out by hand, mirroring :mod:`fedge.models.maths` op for op,
+because TensorFlow's autodiff emits ops such as ReluGrad that exist only in the Flex
+delegate, which device runtimes do not have.
 The spec is embedded in the file's metadata (``fedge_spec``) so the numpy reference
 runtime can rebuild the same model from the file alone.
 """
