@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fedge.protocol import Status, Topics, decode, make_link
 from helpers import DIGITS_MODEL, digits_partitions
 
