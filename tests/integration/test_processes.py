@@ -53,7 +53,8 @@ def test_services_run_rounds_and_stop_cleanly(tmp_path: Path, mosquitto, fleet_i
     agg_cfg.write_text(
         f'fleet = "{fleet_id}"\nbroker = "{mosquitto.url}"\nclient_id = "a-{fleet_id[-8:]}"\n'
         f'model = "{DIGITS_MODEL}"\nstate_dir = "{tmp_path / "agg"}"\nrounds = 2\nmin_devices = 2\n'
-        f'round_timeout = 60\neval_data = "{test}"\n[training]\nepochs = 1\nbatch_size = 32\nlr = 0.1\n'
+        f'round_timeout = 60\neval_data = "{test}"\n'
+        "[training]\nepochs = 1\nbatch_size = 32\nlr = 0.1\n"
     )
     agg = spawn(["aggregator", "--config", str(agg_cfg)], env, tmp_path / "agg.log")
 
