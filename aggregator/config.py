@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN
 
+from .strategy import StrategyConfig
+
 
 def _resolve(value: Path, info: ValidationInfo) -> Path:
     base = (info.context or {}).get("base_dir")
@@ -37,6 +39,7 @@ class AggregatorConfig(BaseModel):
     quorum: float = Field(default=0.5, gt=0, le=1)  # share of selected updates after deadline
     round_timeout: float = Field(default=120.0, gt=0)  # seconds
     training: Training = Training()
+    strategy: StrategyConfig = StrategyConfig()
     eval_data: Path | None = None  # .npz (x, y) held out for accuracy and loss per round
     log: Path | None = None  # rounds.jsonl; default: state_dir/rounds.jsonl
     seed: int = 0

@@ -42,8 +42,8 @@ from fedge.protocol import (
 )
 
 from .config import AggregatorConfig
-from .fedavg import fedavg
 from .store import Store
+from .strategy import make_strategy
 
 log = logging.getLogger("fedge.aggregator")
 
@@ -93,6 +93,7 @@ class Aggregator:
         self.rejected: Counter[str] = Counter()
         self.current: OpenRound | None = None
         self.done = False
+        self.strategy = make_strategy(config.strategy)
         resumed = store.latest_model()
         if resumed is None:
             self.version, self.weights = (
@@ -102,6 +103,7 @@ class Aggregator:
             store.save_model(0, 0, self.weights)
         else:
             self.version, _, self.weights = resumed
+            self.strategy.load_state(store.strategy_state(self.version))
             abandoned = store.abandon_open_rounds()
             log.info("resumed at model v%d (%d open round(s) abandoned)", self.version, abandoned)
         self.completed = store.completed_rounds()
@@ -114,7 +116,12 @@ class Aggregator:
         self.link.subscribe(self.topics.updates, qos=1)
         self.link.subscribe(self.topics.statuses, qos=1)
         self._publish_global(round_id=0)
-        log.info("aggregator for fleet %s online at model v%d", self.cfg.fleet, self.version)
+        log.info(
+            "aggregator for fleet %s online at model v%d, strategy %s",
+            self.cfg.fleet,
+            self.version,
+            self.strategy.describe(),
+        )
 
     def run(self, stop: threading.Event, poll: float = 0.2) -> None:
         while not stop.is_set() and not self.done:
@@ -284,9 +291,12 @@ class Aggregator:
         participants = sorted(rnd.deltas)
         counts = [rnd.counts[d] for d in participants]
         if participants:
-            self.weights = fedavg(self.weights, [rnd.deltas[d] for d in participants], counts)
+            self.weights = self.strategy.step(
+                self.weights, [rnd.deltas[d] for d in participants], counts
+            )
             self.version += 1
             self.store.save_model(self.version, rnd.round_id, self.weights)
+            self.store.save_strategy_state(self.version, self.strategy.state())
             self._publish_global(rnd.round_id)
         summary: dict = {
             "round": rnd.round_id,

@@ -7,11 +7,11 @@ beyond float64 rounding.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-Weights = Mapping[str, np.ndarray]
+from .strategy import Strategy, Weights
 
 
 def weighted_mean(deltas: Sequence[Weights], counts: Sequence[int]) -> dict[str, np.ndarray]:
@@ -37,3 +37,26 @@ def fedavg(
         name: (np.asarray(w, dtype=np.float64) + mean[name]).astype(np.float32)
         for name, w in global_weights.items()
     }
+
+
+class FedAvg(Strategy):
+    """Plain federated averaging; a ``server_lr`` other than 1 scales the mean delta."""
+
+    name = "fedavg"
+
+    def __init__(self, server_lr: float = 1.0) -> None:
+        self.server_lr = server_lr
+
+    def step(
+        self, weights: Weights, deltas: Sequence[Weights], counts: Sequence[int]
+    ) -> dict[str, np.ndarray]:
+        if self.server_lr == 1.0:
+            return fedavg(weights, deltas, counts)
+        mean = weighted_mean(deltas, counts)
+        return {
+            k: (np.asarray(w, np.float64) + self.server_lr * mean[k]).astype(np.float32)
+            for k, w in weights.items()
+        }
+
+    def describe(self) -> str:
+        return "fedavg" if self.server_lr == 1.0 else f"fedavg(server_lr={self.server_lr:g})"

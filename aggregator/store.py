@@ -20,6 +20,10 @@ CREATE TABLE IF NOT EXISTS models (
     created   REAL NOT NULL,
     weights   BLOB NOT NULL          -- np.savez of the float32 tensors
 );
+CREATE TABLE IF NOT EXISTS strategy_state (
+    version   INTEGER PRIMARY KEY,   -- the model version this state produced
+    state     BLOB NOT NULL          -- np.savez of the strategy's arrays (momentum, moments)
+);
 CREATE TABLE IF NOT EXISTS rounds (
     round_id      INTEGER PRIMARY KEY,
     model_version INTEGER NOT NULL,
@@ -91,6 +95,18 @@ class Store:
             "INSERT INTO models(version, round_id, created, weights) VALUES (?, ?, ?, ?)",
             (version, round_id, time.time(), _pack(weights)),
         )
+
+    def save_strategy_state(self, version: int, state: dict[str, np.ndarray]) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO strategy_state(version, state) VALUES (?, ?)",
+            (version, _pack(state)),
+        )
+
+    def strategy_state(self, version: int) -> dict[str, np.ndarray]:
+        row = self.db.execute(
+            "SELECT state FROM strategy_state WHERE version=?", (version,)
+        ).fetchone()
+        return {} if row is None else _unpack(row[0])
 
     def last_round_id(self) -> int:
         row = self.db.execute("SELECT MAX(round_id) FROM rounds").fetchone()

@@ -1,0 +1,89 @@
+"""FedAdam: Adam on the server with the mean delta as pseudo-gradient (Reddi et al. 2021).
+
+Algorithm 2 of "Adaptive Federated Optimization", with ``Delta_t`` the sample-weighted
+mean of the devices' deltas::
+
+    m <- beta1 * m + (1 - beta1) * Delta
+    v <- beta2 * v + (1 - beta2) * Delta^2
+    w <- w + server_lr * m / (sqrt(v) + tau)
+
+As in the paper there is no bias correction; ``tau`` sets how adaptive the step is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .fedavg import weighted_mean
+from .strategy import Strategy, Weights
+
+
+def fedadam_step(
+    weights: Weights,
+    mean_delta: Mapping[str, np.ndarray],
+    m: Mapping[str, np.ndarray] | None,
+    v: Mapping[str, np.ndarray] | None,
+    *,
+    server_lr: float,
+    beta1: float,
+    beta2: float,
+    tau: float,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(next weights as float32, next first moment, next second moment)."""
+    new_m: dict[str, np.ndarray] = {}
+    new_v: dict[str, np.ndarray] = {}
+    new_w: dict[str, np.ndarray] = {}
+    for k, w in weights.items():
+        d = np.asarray(mean_delta[k], np.float64)
+        new_m[k] = beta1 * (m[k] if m is not None else 0.0) + (1 - beta1) * d
+        new_v[k] = beta2 * (v[k] if v is not None else 0.0) + (1 - beta2) * d * d
+        step = server_lr * new_m[k] / (np.sqrt(new_v[k]) + tau)
+        new_w[k] = (np.asarray(w, np.float64) + step).astype(np.float32)
+    return new_w, new_m, new_v
+
+
+class FedAdam(Strategy):
+    name = "fedadam"
+
+    def __init__(
+        self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
+    ) -> None:
+        self.server_lr = server_lr
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.tau = tau
+        self.m: dict[str, np.ndarray] | None = None
+        self.v: dict[str, np.ndarray] | None = None
+
+    def step(
+        self, weights: Weights, deltas: Sequence[Weights], counts: Sequence[int]
+    ) -> dict[str, np.ndarray]:
+        new_w, self.m, self.v = fedadam_step(
+            weights,
+            weighted_mean(deltas, counts),
+            self.m,
+            self.v,
+            server_lr=self.server_lr,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            tau=self.tau,
+        )
+        return new_w
+
+    def state(self) -> dict[str, np.ndarray]:
+        out = {f"m/{k}": a for k, a in (self.m or {}).items()}
+        out.update({f"v/{k}": a for k, a in (self.v or {}).items()})
+        return out
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        m = {k[2:]: np.asarray(a, np.float64) for k, a in state.items() if k.startswith("m/")}
+        v = {k[2:]: np.asarray(a, np.float64) for k, a in state.items() if k.startswith("v/")}
+        self.m, self.v = (m, v) if m and v else (None, None)
+
+    def describe(self) -> str:
+        return (
+            f"fedadam(server_lr={self.server_lr:g}, beta1={self.beta1:g}, "
+            f"beta2={self.beta2:g}, tau={self.tau:g})"
+        )
