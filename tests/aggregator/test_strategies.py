@@ -6,13 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from fedge.aggregator.fedadam import FedAdam, fedadam_step
 from fedge.aggregator.fedavg import FedAvg
 from fedge.aggregator.fedavgm import FedAvgM
 from fedge.aggregator.strategy import StrategyConfig, make_strategy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytestmark = pytest.mark.unit
 
