@@ -56,7 +56,7 @@ def test_fedadam_first_step_by_hand() -> None:
 def test_fedadam_step_size_is_bounded_by_server_lr_over_sqrt_one_minus_beta2(
     scale: float, sign: float
 ) -> None:
-    """Adam's normalisation: |step| <= lr * (1-b1)/sqrt(1-b2) on the first step, whatever the delta's size."""
+    """First step: |step| <= lr * (1-b1)/sqrt(1-b2), whatever the size of the delta."""
     s = FedAdam(server_lr=0.01, beta1=0.9, beta2=0.99, tau=1e-12)
     out = s.step(w(0.0), [w(sign * scale)], [3])
     bound = 0.01 * 0.1 / np.sqrt(0.01)
