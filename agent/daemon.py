@@ -62,6 +62,7 @@ class Agent:
         save_state: Callable[[AgentState], None] | None = None,
         rng: np.random.Generator | None = None,
         clock: Callable[[], float] = time.time,
+        on_trained: Callable[[int, dict[str, np.ndarray]], None] | None = None,
     ) -> None:
         self.device_id = device_id
         self.topics = Topics(fleet)
@@ -72,6 +73,9 @@ class Agent:
         self._save = save_state or (lambda s: None)
         self.rng = rng or np.random.default_rng()
         self.clock = clock
+        # Called with (round id, local weights) after local training, before the upload:
+        # field tests use it to score each device's own model; a device needs nothing here.
+        self.on_trained = on_trained
         self.stats = AgentStats()
         self.global_weights: dict[str, np.ndarray] | None = None
         self.global_version = -1
@@ -197,6 +201,8 @@ class Agent:
             mu=cfg.mu,
         )
         local = self.runtime.get_weights()
+        if self.on_trained is not None:
+            self.on_trained(ann.round_id, local)
         delta = {k: (local[k] - self.global_weights[k]).astype(np.float32) for k in local}
         header = UpdateHeader(
             device_id=self.device_id,

@@ -77,7 +77,8 @@ def _cmd_models_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
-    from fedge.fleet.sim import SimOptions, run_sim
+    from fedge.fleet.datasets import DatasetError
+    from fedge.fleet.sim import SimError, SimOptions, run_sim
 
     opts = SimOptions(
         devices=args.devices,
@@ -90,11 +91,39 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         out=Path(args.out),
         broker=args.broker,
         model=Path(args.model) if args.model else None,
+        dataset=Path(args.dataset) if args.dataset else None,
+        label_column=args.label_column,
         runtime=args.runtime,
         round_timeout=args.round_timeout,
+        strategy=args.strategy,
+        server_lr=args.server_lr,
+        momentum=args.momentum,
+        mu=args.mu,
+        baselines=not args.no_baselines,
     )
-    summary = run_sim(opts)
-    return 0 if summary["rounds_completed"] == args.rounds else 1
+    try:
+        summary = run_sim(opts)
+    except (SimError, DatasetError) as exc:
+        raise UserError(str(exc)) from exc
+    runs = summary["schemes"].values() if "schemes" in summary else [summary]
+    complete = all(run["rounds_completed"] == args.rounds for run in runs)
+    print(f"results in {opts.out}/ (render them with: fedge report {opts.out})")
+    return 0 if complete else 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fedge.fleet.report import ReportError, render_report
+
+    try:
+        png, html = render_report(
+            Path(args.run_dir),
+            png=Path(args.png) if args.png else None,
+            html=Path(args.html) if args.html else None,
+        )
+    except ReportError as exc:
+        raise UserError(str(exc)) from exc
+    print(f"wrote {png} and {html}")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -127,14 +156,35 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=5, help="local epochs per round")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--lr", type=float, default=0.1, help="local learning rate")
-    s.add_argument("--partition", default="iid", choices=["iid"])
+    s.add_argument(
+        "--partition",
+        default="iid",
+        help="iid, dominant:P, single, dirichlet:ALPHA; several separated by commas",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="runs/sim", help="output folder")
     s.add_argument("--broker", default=None, help="mqtt://host:port (default: embedded broker)")
-    s.add_argument("--model", default=None, help=".tflite (default: the bundled digits model)")
+    s.add_argument(
+        "--model", default=None, help="FILE.tflite or a spec .json (default: the digits model)"
+    )
+    s.add_argument("--dataset", default=None, help="your data: .npz (x, y) or .csv")
+    s.add_argument("--label-column", default=None, help="label column of a CSV data set")
+    s.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedavgm", "fedadam"])
+    s.add_argument("--server-lr", type=float, default=None, help="server step (strategy default)")
+    s.add_argument("--momentum", type=float, default=0.9, help="FedAvgM server momentum")
+    s.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight (0: off)")
+    s.add_argument(
+        "--no-baselines", action="store_true", help="skip centralised/non-participant/local scores"
+    )
     s.add_argument("--runtime", default="litert", choices=["litert", "tflite_runtime", "numpy"])
     s.add_argument("--round-timeout", type=float, default=60.0, help="seconds")
     s.set_defaults(func=_cmd_sim, log_level=logging.WARNING)
+
+    r = sub.add_parser("report", help="render a sim run as a PNG and an HTML page")
+    r.add_argument("run_dir", help="the --out folder of fedge sim")
+    r.add_argument("--png", default=None, help="default: RUN_DIR/report.png")
+    r.add_argument("--html", default=None, help="default: RUN_DIR/report.html")
+    r.set_defaults(func=_cmd_report, log_level=logging.WARNING)
     return p
 
 

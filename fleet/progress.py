@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+import statistics
 from types import TracebackType
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
+def _pct(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}%}"
+
+
 class RoundDisplay:
+    COLUMNS = (  # fits an 80-column terminal
+        ("round", 5),
+        ("status", 6),
+        ("devices", 7),
+        ("accuracy", 8),
+        ("loss", 6),
+        ("central", 7),
+        ("alone", 7),
+        ("local", 7),  # median over the device-local models
+        ("KB up", 7),
+        ("s", 5),
+    )
+
     def __init__(
         self, rounds: int, *, enabled: bool = True, console: Console | None = None
     ) -> None:
         self.enabled = enabled
-        self.console = console or Console(stderr=False)
+        self.console = console or Console()
         self.progress = Progress(
             TextColumn("[bold]rounds"),
             BarColumn(),
@@ -35,23 +54,37 @@ class RoundDisplay:
     ) -> None:
         self.progress.stop()
 
-    def round_done(self, summary: dict) -> None:
+    def round_done(self, summary: dict[str, Any], baselines: dict[str, Any] | None = None) -> None:
         if not self.enabled:
             return
         if not self._header_done:
             self.progress.console.print(
-                f"{'round':>5} {'status':>7} {'devices':>7} {'accuracy':>8} {'loss':>7} "
-                f"{'KB up':>8} {'seconds':>7}"
+                " ".join(f"{name:>{width}}" for name, width in self.COLUMNS)
             )
             self._header_done = True
-        acc = summary.get("accuracy")
-        loss = summary.get("loss")
+        acc, loss = summary.get("accuracy"), summary.get("loss")
+        central = alone = local = None
+        if baselines:
+            central = baselines["centralised"]["accuracy"]
+            alone = baselines["non_participant"]["accuracy"]
+            locals_ = [s["accuracy"] for s in baselines["local"].values()]
+            local = statistics.median(locals_) if locals_ else None
+        cells = [
+            str(summary["round"]),
+            summary["status"],
+            f"{len(summary['participants'])}/{summary['selected']}",
+            _pct(acc),
+            "" if loss is None else f"{loss:.3f}",
+            _pct(central, 1),
+            _pct(alone, 1),
+            _pct(local, 1),
+            f"{summary['bytes_received'] / 1024:.1f}",
+            f"{summary['duration_s']:.2f}",
+        ]
         self.progress.console.print(
-            f"{summary['round']:>5} {summary['status']:>7} "
-            f"{len(summary['participants']):>3}/{summary['selected']:<3} "
-            f"{'' if acc is None else f'{acc:8.2%}':>8} "
-            f"{'' if loss is None else f'{loss:7.4f}':>7} "
-            f"{summary['bytes_received'] / 1024:8.1f} {summary['duration_s']:7.2f}"
+            " ".join(
+                f"{cell:>{width}}" for cell, (_, width) in zip(cells, self.COLUMNS, strict=True)
+            )
         )
         if summary["status"] == "done":
             self.progress.update(
