@@ -48,7 +48,7 @@ class FedAdam(Strategy):
     name = "fedadam"
 
     def __init__(
-        self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
+        self, server_lr: float = 0.05, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
     ) -> None:
         self.server_lr = server_lr
         self.beta1 = beta1

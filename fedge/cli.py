@@ -169,7 +169,7 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--dataset", default=None, help="your data: .npz (x, y) or .csv")
     s.add_argument("--label-column", default=None, help="label column of a CSV data set")
-    s.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedavgm", "fedadam"])
+    s.add_argument("--strategy", default="fedadam", choices=["fedavg", "fedavgm", "fedadam"])
     s.add_argument("--server-lr", type=float, default=None, help="server step (strategy default)")
     s.add_argument("--momentum", type=float, default=0.9, help="FedAvgM server momentum")
     s.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight (0: off)")

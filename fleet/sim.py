@@ -62,7 +62,7 @@ class SimOptions:
     runtime: str = "litert"
     round_timeout: float = 60.0
     fleet: str = "sim"
-    strategy: str = "fedavg"
+    strategy: str = "fedadam"
     server_lr: float | None = None
     momentum: float = 0.9
     mu: float = 0.0  # FedProx

@@ -9,6 +9,7 @@ import pytest
 from fedge.aggregator.config import AggregatorConfig, Training
 from fedge.aggregator.coordinator import Aggregator
 from fedge.aggregator.store import Store
+from fedge.aggregator.strategy import StrategyConfig
 from fedge.protocol import (
     GlobalModelHeader,
     MemoryBroker,
@@ -48,6 +49,7 @@ def make(tmp_path: Path, broker: MemoryBroker, clock: Clock, **cfg: object) -> A
         state_dir=tmp_path,
         round_timeout=10.0,
         training=Training(epochs=1, batch_size=4, lr=0.1),
+        strategy=StrategyConfig(name="fedavg"),
         **cfg,  # type: ignore[arg-type]
     )
     agg = Aggregator(

@@ -83,7 +83,9 @@ def test_state_round_trips_through_the_store(tmp_path: Path, name: str) -> None:
 
 
 def test_config_picks_strategy_and_defaults() -> None:
-    assert make_strategy(StrategyConfig()).describe() == "fedavg"
+    assert make_strategy(StrategyConfig(name="fedavg")).describe() == "fedavg"
+    default = make_strategy(StrategyConfig())
+    assert isinstance(default, FedAdam) and default.server_lr == 0.05
     m = make_strategy(StrategyConfig(name="fedavgm", momentum=0.7))
     assert isinstance(m, FedAvgM) and m.momentum == 0.7 and m.server_lr == 1.0
     a = make_strategy(StrategyConfig(name="fedadam", server_lr=0.03))

@@ -17,6 +17,7 @@ from fedge.agent.config import AgentConfig
 from fedge.agent.service import build_agent
 from fedge.aggregator.config import AggregatorConfig, Training
 from fedge.aggregator.service import build_aggregator
+from fedge.aggregator.strategy import StrategyConfig
 from fedge.protocol import GlobalModelHeader, Topics, UpdateHeader, decode, make_link
 from helpers import DIGITS_MODEL, digits_partitions
 
@@ -48,6 +49,7 @@ def test_three_agents_three_rounds_exact_fedavg(tmp_path: Path, mosquitto, fleet
         quorum=1.0,
         round_timeout=60,
         training=Training(epochs=2, batch_size=16, lr=0.1),
+        strategy=StrategyConfig(name="fedavg"),
         eval_data=test,
     )
     agg = build_aggregator(agg_cfg)
