@@ -140,6 +140,11 @@ class Aggregator:
     def handle(self, msg: Message) -> None:
         if not msg.payload:
             return
+        if not msg.topic.startswith((f"{self.topics.base}/update/", f"{self.topics.base}/status/")):
+            # Some brokers (amqtt) hand a new subscription retained messages of other topics.
+            self.rejected["unexpected_topic"] += 1
+            log.debug("ignored message on %s", msg.topic)
+            return
         try:
             decoded = decode(msg.payload)
         except DecodeError as exc:

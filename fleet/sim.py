@@ -156,28 +156,27 @@ def run_sim(opts: SimOptions) -> dict[str, Any]:
         raise SimError(f"--partition names a scheme twice: {opts.partition}")
     split = load_data(opts)
     model = resolve_model(opts, split)
-    broker = None
-    if opts.broker is None:
-        broker = EmbeddedBroker().start()
+    if len(parsed) == 1:
+        return _run_with_broker(opts, schemes[0], split, model, opts.out, opts.fleet)
+    summaries = {}
+    for text, scheme in zip(schemes, parsed, strict=True):
+        if opts.show_progress:
+            print(f"\n== partition {text} ==")
+        summaries[scheme.slug] = _run_with_broker(
+            opts, text, split, model, opts.out / scheme.slug, f"{opts.fleet}-{scheme.slug}"
+        )
+    combined = {"runs": list(summaries), "schemes": summaries}
+    (opts.out / "summary.json").write_text(json.dumps(combined, indent=2) + "\n")
+    return combined
+
+
+def _run_with_broker(
+    opts: SimOptions, scheme: str, split: Split, model: Path, out: Path, fleet: str
+) -> dict[str, Any]:
+    """One scheme, on an embedded broker of its own unless ``--broker`` names one."""
+    broker = None if opts.broker is not None else EmbeddedBroker().start()
     try:
-        if len(parsed) == 1:
-            return _run_one(opts, schemes[0], split, model, opts.out, opts.fleet, broker)
-        summaries = {}
-        for text, scheme in zip(schemes, parsed, strict=True):
-            if opts.show_progress:
-                print(f"\n== partition {text} ==")
-            summaries[scheme.slug] = _run_one(
-                opts,
-                text,
-                split,
-                model,
-                opts.out / scheme.slug,
-                f"{opts.fleet}-{scheme.slug}",
-                broker,
-            )
-        combined = {"runs": list(summaries), "schemes": summaries}
-        (opts.out / "summary.json").write_text(json.dumps(combined, indent=2) + "\n")
-        return combined
+        return _run_one(opts, scheme, split, model, out, fleet, broker)
     finally:
         if broker is not None:
             broker.stop()

@@ -231,3 +231,17 @@ def test_restart_resumes_from_the_stored_model(tmp_path: Path) -> None:
     assert again.next_round_id == 3  # round 2 was abandoned, not reused
     g = Device(broker, "b").last(GlobalModelHeader)
     assert g.msg.model_version == 1  # type: ignore[union-attr]
+
+
+def test_messages_of_other_fleets_are_ignored_quietly(tmp_path: Path) -> None:
+    """A broker that hands out retained messages of other topics must not disturb a round."""
+    from fedge.protocol import Message
+
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1)
+    other = Topics("other-fleet")
+    status = Status(device_id="x", state="online", timestamp=0.0)
+    agg.handle(Message(other.status("x"), encode(status), retain=True))
+    agg.handle(Message(T.round, b"our own retained announcement", retain=True))
+    assert agg.rejected == {"unexpected_topic": 2}
+    assert agg.online == set()
