@@ -172,6 +172,10 @@ class PahoLink:
             self._closing = True
         self._client.disconnect()
         self._client.loop_stop()
+        # paho closes the socket pair that loop_start() made only in Client.__del__, and the
+        # client and this link form a cycle: close it now, not in the GC (ResourceWarning).
+        # A private method (paho 2.0-2.2); eclipse-paho/paho.mqtt.python#627.
+        self._client._reset_sockets(sockpair_only=True)
         self._started = False
 
     def _error(self, what: str) -> LinkError:

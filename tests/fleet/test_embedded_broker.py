@@ -35,4 +35,3 @@ def test_clients_without_a_username_are_refused() -> None:
         anonymous = make_link(broker.url, "anon")
         with pytest.raises(LinkError):
             anonymous.connect(timeout=3.0)
-

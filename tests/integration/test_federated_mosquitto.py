@@ -83,6 +83,7 @@ def test_three_agents_three_rounds_exact_fedavg(tmp_path: Path, mosquitto, fleet
     for a in agents:
         a.stop()
     agg.link.close()
+    agg.store.close()
     assert agg.done, "aggregator did not finish its rounds"
 
     globals_: dict[int, dict[str, np.ndarray]] = {}
