@@ -38,7 +38,9 @@ lint: venv-dev
 	$(BIN)/mypy protocol models agent aggregator firmware_bridge fleet fedge
 
 artifacts: venv-dev
-	$(BIN)/fedge models build models/specs/digits_mlp.json -o models/artifacts/digits_mlp.tflite
+	for spec in models/specs/*.json; do \
+		$(BIN)/fedge models build $$spec -o models/artifacts/$$(basename $$spec .json).tflite; \
+	done
 
 bench: venv-dev
 	$(BIN)/python bench/train_throughput.py

@@ -10,6 +10,18 @@ import pytest
 pytestmark = [pytest.mark.build, pytest.mark.slow]
 
 
+REPO = Path(__file__).resolve().parents[2]
+PAIRS = [
+    (spec, REPO / "models" / "artifacts" / f"{spec.stem}.tflite")
+    for spec in sorted((REPO / "models" / "specs").glob("*.json"))
+]
+
+
+def test_every_spec_has_its_committed_artifact() -> None:
+    missing = [str(a.name) for _, a in PAIRS if not a.exists()]
+    assert PAIRS and not missing, f"run `make artifacts`: missing {missing}"
+
+
 @pytest.fixture(scope="module")
 def rebuilt(digits_spec_path: Path) -> bytes:
     from fedge.models.builder import build_tflite
@@ -18,11 +30,14 @@ def rebuilt(digits_spec_path: Path) -> bytes:
     return build_tflite(load_spec(digits_spec_path))
 
 
-def test_rebuild_matches_committed_artifact(rebuilt: bytes, digits_model: Path) -> None:
+@pytest.mark.parametrize(("spec_path", "artifact"), PAIRS, ids=[s.stem for s, _ in PAIRS])
+def test_rebuild_matches_committed_artifact(spec_path: Path, artifact: Path) -> None:
+    from fedge.models.builder import build_tflite
     from fedge.models.runtime import load_runtime
+    from fedge.models.spec import load_spec
 
-    fresh = load_runtime(rebuilt, prefer=("litert",))
-    committed = load_runtime(digits_model, prefer=("litert",))
+    fresh = load_runtime(build_tflite(load_spec(spec_path)), prefer=("litert",))
+    committed = load_runtime(artifact, prefer=("litert",))
     assert fresh._interp.get_signature_list() == committed._interp.get_signature_list()  # type: ignore[attr-defined]
     a, b = fresh.get_weights(), committed.get_weights()
     assert a.keys() == b.keys()
