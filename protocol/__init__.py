@@ -3,6 +3,17 @@ the link to the broker (paho, or an in-memory twin for tests). Imports nothing e
 only ``paho_link`` imports paho, and only when a PahoLink is made.
 """
 
+from .chunking import CHUNK_REASONS, ChunkError, Expired, Reassembler, is_chunk, split
+from .codecs import (
+    CODEC_REASONS,
+    CodecError,
+    CodecSpec,
+    Encoded,
+    decode_delta,
+    encode_delta,
+    encoded_nbytes,
+    parse_codec,
+)
 from .envelope import DEFAULT_LIMITS, Decoded, Limits, RejectCounter, decode, encode
 from .errors import DecodeError, EncodeError, InvalidId, LinkError, ProtocolError
 from .link import Link, Message, make_link
@@ -16,13 +27,21 @@ from .messages import (
     TrainingConfig,
     UpdateHeader,
 )
+from .skip import decode_skip, encode_skip, is_skip
 from .topics import Topics, topic_matches, validate_id
 
 __all__ = [
+    "CHUNK_REASONS",
+    "CODEC_REASONS",
     "DEFAULT_LIMITS",
+    "ChunkError",
+    "CodecError",
+    "CodecSpec",
     "DecodeError",
     "Decoded",
     "EncodeError",
+    "Encoded",
+    "Expired",
     "GlobalModelHeader",
     "Header",
     "InvalidId",
@@ -33,6 +52,7 @@ __all__ = [
     "MemoryLink",
     "Message",
     "ProtocolError",
+    "Reassembler",
     "RejectCounter",
     "RoundAnnouncement",
     "SkipNotice",
@@ -41,8 +61,17 @@ __all__ = [
     "TrainingConfig",
     "UpdateHeader",
     "decode",
+    "decode_delta",
+    "decode_skip",
     "encode",
+    "encode_delta",
+    "encode_skip",
+    "encoded_nbytes",
+    "is_chunk",
+    "is_skip",
     "make_link",
+    "parse_codec",
+    "split",
     "topic_matches",
     "validate_id",
 ]

@@ -48,7 +48,7 @@ class Limits:
 
     max_payload: int = 16 * 1024 * 1024
     max_header: int = 64 * 1024
-    max_tensors: int = 256
+    max_tensors: int = 1024  # top-k + int8 sends 3 tensors per weight
     max_elements: int = 16_000_000
 
 

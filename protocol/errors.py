@@ -6,6 +6,8 @@
     ├── EncodeError (ValueError)  a message or tensor that cannot be put on the wire
     ├── DecodeError               bytes from the wire that cannot be trusted; ``reason`` is a
     │                             short stable code from ``DECODE_REASONS`` for metrics
+    ├── CodecError (codecs.py)    delta tensors/meta that cannot be trusted (CODEC_REASONS)
+    ├── ChunkError (chunking.py)  a chunk that is corrupt, inconsistent, duplicate or late
     └── LinkError                 the transport failed (connect, subscribe, publish); paho's
                                   own errors are converted at the boundary (``from exc``)
 

@@ -8,11 +8,21 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from .codecs import MAX_CODEC_TEXT, parse_codec
 from .topics import ID_PATTERN
 
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+
+
+def _canonical_codec(text: str) -> str:
+    return str(parse_codec(text))  # ValueError -> ValidationError -> DecodeError("schema")
+
+
+Codec = Annotated[
+    str, StringConstraints(max_length=MAX_CODEC_TEXT), AfterValidator(_canonical_codec)
+]
 
 
 class _Message(BaseModel):
@@ -58,7 +68,7 @@ class UpdateHeader(_Message):
     update_id: Id  # unique per update; the aggregator ignores duplicates
     base_version: int = Field(ge=0)  # global model version the delta is relative to
     num_samples: int = Field(ge=1)
-    codec: Literal["float32"] = "float32"
+    codec: Codec = "float32"  # a fedge.protocol.codecs spec, e.g. "topk:0.02+int8"
     train_loss: float | None = None
 
 
@@ -70,6 +80,10 @@ class SkipNotice(_Message):
     round_id: int = Field(ge=1)
     update_id: Id
     reason: str = Field(max_length=64)
+    # A device that trained but found its update too small to send counts in the average
+    # as a zero delta with its sample count; one that sat out (battery, heat) does not.
+    trained: bool = False
+    num_samples: int = Field(default=0, ge=0)
 
 
 class Status(_Message):

@@ -47,7 +47,7 @@ def test_defaults_and_kinds() -> None:
         {"round_id": 0},
         {"base_version": -1},
         {"num_samples": 0},
-        {"codec": "int8"},
+        {"codec": "int9"},
         {"train_loss": math.nan},
         {"train_loss": math.inf},
         {"kind": "skip"},

@@ -1,0 +1,82 @@
+"""The skip notice on the wire: 22 bytes, so that not sending an update costs almost nothing.
+
+A selected device that does not upload still answers, so the aggregator can tell a skip
+from a dropout. The device id is the topic's last level (``update/{device}``), so the
+payload carries only::
+
+    b"FDS" 0x01 | round_id u32 | num_samples u32 | update_id 8 bytes | flags u8 | reason u8
+
+big-endian. ``flags`` bit 0: the device trained (its update was too small to be worth
+sending and stays in its residual). ``reason`` indexes :data:`REASONS`; unknown codes
+decode as ``"other"``.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .errors import DecodeError
+from .messages import SkipNotice
+
+MAGIC = b"FDS\x01"
+_LAYOUT = struct.Struct(">4sII8sBB")
+SIZE = _LAYOUT.size  # 22 bytes of payload
+
+# Append only: the index is the wire code.
+REASONS = (
+    "other",
+    "small_update",  # the gate: ||update|| / ||w_global|| below the threshold
+    "irrelevant",  # the gate: signs disagree with the last global update (CMFL)
+    "battery_low",
+    "battery_unknown",
+    "power_unknown",
+    "too_hot",
+    "busy",
+    "budget_exhausted",
+    "not_ready",
+)
+_CODES = {reason: code for code, reason in enumerate(REASONS)}
+
+
+def is_skip(payload: bytes) -> bool:
+    return payload[:4] == MAGIC
+
+
+def encode_skip(notice: SkipNotice) -> bytes:
+    """Pack a skip notice; its ``update_id`` must be 16 hex digits (8 bytes)."""
+    try:
+        uid = bytes.fromhex(notice.update_id)
+    except ValueError as exc:
+        raise ValueError(f"skip update_id must be 16 hex digits, got {notice.update_id!r}") from exc
+    if len(uid) != 8:
+        raise ValueError(f"skip update_id must be 16 hex digits, got {notice.update_id!r}")
+    return _LAYOUT.pack(
+        MAGIC,
+        notice.round_id,
+        notice.num_samples,
+        uid,
+        1 if notice.trained else 0,
+        _CODES.get(notice.reason, 0),
+    )
+
+
+def decode_skip(payload: bytes, device_id: str) -> SkipNotice:
+    """Unpack a skip notice from ``device_id`` (taken from the topic)."""
+    if len(payload) != SIZE:
+        raise DecodeError(
+            "too_short" if len(payload) < SIZE else "trailing_bytes",
+            f"skip notice of {len(payload)} bytes, want {SIZE}",
+        )
+    magic, round_id, num_samples, uid, flags, code = _LAYOUT.unpack(payload)
+    if magic != MAGIC:
+        raise DecodeError("bad_magic", "not a skip notice")
+    if round_id < 1:
+        raise DecodeError("schema", "skip notice for round 0")
+    return SkipNotice(
+        device_id=device_id,
+        round_id=round_id,
+        update_id=uid.hex(),
+        reason=REASONS[code] if code < len(REASONS) else "other",
+        trained=bool(flags & 1),
+        num_samples=num_samples,
+    )
