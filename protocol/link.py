@@ -27,8 +27,10 @@ class Message:
 class Link(Protocol):
     """What the agent and the aggregator need from MQTT.
 
-    ``bytes_up`` / ``bytes_down`` count topic + payload bytes of application messages sent and
-    received: an approximation of traffic that leaves out MQTT framing, acks and pings.
+    ``bytes_up`` / ``bytes_down`` count MQTT bytes of application messages sent and received:
+    whole PUBLISH packets (fixed header, topic, packet id, payload) and their PUBACKs, as
+    :func:`fedge.protocol.wire.publish_size` computes them; CONNECT, SUBSCRIBE and keepalive
+    pings are left out, and so are TCP/IP and TLS.
     """
 
     client_id: str

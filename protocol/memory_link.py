@@ -15,6 +15,7 @@ import threading
 from .errors import LinkError
 from .link import Message, next_message
 from .topics import topic_matches, validate_filter
+from .wire import PUBACK_SIZE, publish_size
 
 
 class MemoryBroker:
@@ -88,7 +89,8 @@ class MemoryLink:
         self._check(qos)
         if not topic or "+" in topic or "#" in topic:
             raise LinkError(f"invalid topic {topic!r} (client {self.client_id})")
-        self.bytes_up += len(topic.encode("utf-8")) + len(payload)
+        self.bytes_up += publish_size(topic, len(payload), qos)
+        self.bytes_down += PUBACK_SIZE if qos == 1 else 0
         self.broker.publish(Message(topic, bytes(payload), retain))
 
     def get(self, timeout: float | None) -> Message | None:
@@ -104,7 +106,9 @@ class MemoryLink:
 
     def deliver(self, message: Message) -> None:
         """Called by the broker (under its lock): never blocks."""
-        self.bytes_down += len(message.topic.encode("utf-8")) + len(message.payload)
+        # Counted as a QoS 1 delivery with its PUBACK, as the paho link would see it.
+        self.bytes_down += publish_size(message.topic, len(message.payload), 1)
+        self.bytes_up += PUBACK_SIZE
         self._inbox.put_nowait(message)
 
     def _drop(self, *, send_will: bool) -> None:

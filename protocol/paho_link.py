@@ -19,6 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from .errors import LinkError
 from .link import Message, next_message
 from .topics import validate_filter
+from .wire import PUBACK_SIZE, publish_size
 
 log = logging.getLogger("fedge.protocol")
 
@@ -144,7 +145,8 @@ class PahoLink:
         queued = info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0  # sent on reconnect
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not queued:
             raise self._error(f"cannot publish to {topic}: {mqtt.error_string(info.rc)}")
-        self.bytes_up += len(topic.encode("utf-8")) + len(payload)
+        self.bytes_up += publish_size(topic, len(payload), qos)
+        self.bytes_down += PUBACK_SIZE if qos == 1 else 0
         with self._cond:  # on_publish fires when QoS 0 is sent, QoS 1 acked, QoS 2 completed
             if info.mid in self._early_acks:
                 self._early_acks.discard(info.mid)
@@ -239,7 +241,8 @@ class PahoLink:
             log.warning("dropped a message with a topic that is not UTF-8 (%s)", self.client_id)
             return
         payload = bytes(message.payload)
-        self.bytes_down += len(topic.encode("utf-8")) + len(payload)
+        self.bytes_down += publish_size(topic, len(payload), message.qos)
+        self.bytes_up += PUBACK_SIZE if message.qos == 1 else 0
         self._inbox.put_nowait(Message(topic, payload, bool(message.retain)))
 
     def _on_subscribe(

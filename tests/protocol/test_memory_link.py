@@ -90,7 +90,9 @@ def test_byte_counters_and_get_timeout() -> None:
     a, b = connected(broker, "a"), connected(broker, "b")
     b.subscribe("t/+")
     a.publish("t/1", b"12345")
-    assert a.bytes_up == 3 + 5 and b.bytes_down == 3 + 5
+    packet = 1 + 1 + 2 + 3 + 2 + 5  # fixed header, remaining length, topic, packet id, payload
+    assert a.bytes_up == packet and b.bytes_down == packet
+    assert a.bytes_down == 4 and b.bytes_up == 4  # the PUBACKs
     assert b.get(timeout=1.0) == Message("t/1", b"12345")
     assert b.get(timeout=0.01) is None
 

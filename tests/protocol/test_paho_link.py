@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 from fedge.protocol import LinkError, Message, make_link
 from fedge.protocol.paho_link import PahoLink
+from fedge.protocol.wire import publish_size
 from mosquitto import MosquittoServer, free_port
 
 pytestmark = pytest.mark.broker
@@ -52,8 +53,14 @@ def test_publish_and_receive_qos1(
     assert [m.topic for m in got] == [f"{prefix}/f/update/d{i}" for i in range(len(payloads))]
     assert not any(m.retain for m in got)
     assert sub.get(timeout=0.2) is None
-    assert sub.bytes_down == sum(len(m.topic) + len(m.payload) for m in got)
-    assert pub.bytes_up == sub.bytes_down + len(f"{prefix}/f/status/d1") + len(b"not for sub")
+    # Whole PUBLISH packets at QoS 1, and a 4-byte PUBACK the other way for each.
+    packets = sum(publish_size(m.topic, len(m.payload), 1) for m in got)
+    assert sub.bytes_down == packets and sub.bytes_up == 4 * len(got)
+    status = publish_size(f"{prefix}/f/status/d1", len(b"not for sub"), 1)
+    assert pub.bytes_up == packets + status and pub.bytes_down == 4 * (len(got) + 1)
+    # The 2 MB payload needs a 3-byte remaining length: 1 + 3 + 2 + topic + 2 + payload.
+    big = f"{prefix}/f/update/d5"
+    assert publish_size(big, 2_000_000, 1) == 1 + 3 + 2 + len(big) + 2 + 2_000_000
 
 
 def test_retained_and_cleared(
@@ -80,7 +87,9 @@ def test_retained_and_cleared(
 
 CHILD = """
 import sys
+from fedge.protocol.wire import publish_size
 from fedge.protocol import Message
+from fedge.protocol.wire import publish_size
 from fedge.protocol.paho_link import PahoLink
 
 port, client_id, topic = int(sys.argv[1]), sys.argv[2], sys.argv[3]
