@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN
 
+from .eligibility import EligibilityConfig
+
 Backend = Literal["litert", "tflite_runtime", "numpy"]
 
 
@@ -42,6 +44,10 @@ class AgentConfig(BaseModel):
     delegates: tuple[str, ...] = ()
     num_threads: int = Field(default=1, ge=1, le=64)
     keepalive: int = Field(default=30, ge=5, le=3600)
+    # Largest MQTT payload the broker takes (AWS IoT: 131072); bigger updates go in chunks.
+    max_payload: int = Field(default=0, ge=0)  # 0: no limit
+    # When to sit out: power, temperature, load, daily upload bytes. None: always take part.
+    eligibility: EligibilityConfig | None = None
     seed: int = 0
 
     @field_validator("model", "data", mode="after")

@@ -11,12 +11,13 @@ global model named by the announcement and publishes the weight delta::
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 from fedge.models.runtime import Runtime
@@ -26,14 +27,24 @@ from fedge.protocol import (
     Link,
     Message,
     RoundAnnouncement,
+    SkipNotice,
     Status,
     Topics,
     UpdateHeader,
     decode,
     encode,
+    encode_delta,
+    encode_skip,
+    parse_codec,
+    split,
 )
+from fedge.protocol.wire import publish_size
 
+from . import residual
 from .dataset import Dataset
+from .eligibility import ByteBudget, Decision
+from .gate import GateConfig, GateDecision
+from .gate import decide as decide_gate
 from .state import AgentState
 from .trainer import train_local
 
@@ -44,7 +55,22 @@ log = logging.getLogger("fedge.agent")
 class AgentStats:
     rounds_trained: int = 0
     models_applied: int = 0
+    bytes_sent: int = 0  # MQTT bytes of updates and skip notices
     rejected: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)  # rounds sat out, by reason
+
+
+class ResidualStore:
+    """Where the error-feedback residual lives between rounds and across restarts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self, like: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        return residual.load(self.path, {k: v.shape for k, v in like.items()})
+
+    def save(self, kept: dict[str, np.ndarray] | None) -> None:
+        residual.save(self.path, kept)
 
 
 class Agent:
@@ -63,6 +89,10 @@ class Agent:
         rng: np.random.Generator | None = None,
         clock: Callable[[], float] = time.time,
         on_trained: Callable[[int, dict[str, np.ndarray]], None] | None = None,
+        residual_store: ResidualStore | None = None,
+        eligibility: Callable[[int], Decision] | None = None,
+        budget: ByteBudget | None = None,
+        max_payload: int = 0,
     ) -> None:
         self.device_id = device_id
         self.topics = Topics(fleet)
@@ -76,6 +106,16 @@ class Agent:
         # Called with (round id, local weights) after local training, before the upload:
         # field tests use it to score each device's own model; a device needs nothing here.
         self.on_trained = on_trained
+        # What the codec or the gate held back, sent with a later update (error feedback).
+        self._residual_store = residual_store
+        self.residual = residual_store.load(runtime.get_weights()) if residual_store else None
+        # Asked before training and before uploading, with the expected upload size.
+        self.eligibility = eligibility
+        self.budget = budget
+        self.max_payload = max_payload  # 0: never chunk
+        self.last_update_bytes = 0
+        self.last_gate: GateDecision | None = None
+        self.last_global_update: dict[str, np.ndarray] | None = None
         self.stats = AgentStats()
         self.global_weights: dict[str, np.ndarray] | None = None
         self.global_version = -1
@@ -156,7 +196,10 @@ class Agent:
                 "global model v%d does not fit the local model: %s", header.model_version, exc
             )
             return
-        self.global_weights = {k: np.array(v, dtype=np.float32) for k, v in tensors.items()}
+        new = {k: np.array(v, dtype=np.float32) for k, v in tensors.items()}
+        if self.global_weights is not None and header.model_version == self.global_version + 1:
+            self.last_global_update = {k: new[k] - self.global_weights[k] for k in new}
+        self.global_weights = new
         self.global_version = header.model_version
         self.stats.models_applied += 1
         self.state.model_version = header.model_version
@@ -185,12 +228,50 @@ class Agent:
             return
         self._train_and_upload(ann)
 
+    def _publish_update(self, payload: bytes, update_id: str) -> int:
+        """Publish an update, in chunks when it exceeds ``max_payload``; returns bytes sent."""
+        topic = self.topics.update(self.device_id)
+        parts = [payload]
+        if self.max_payload and len(payload) > self.max_payload:
+            parts = split(payload, self.max_payload, bytes.fromhex(update_id))
+        for part in parts:
+            self.link.publish(topic, part, qos=1)
+        return sum(publish_size(topic, len(part), 1) for part in parts)
+
+    def _skip(self, ann: RoundAnnouncement, reason: str, *, trained: bool) -> None:
+        notice = SkipNotice(
+            device_id=self.device_id,
+            round_id=ann.round_id,
+            update_id=secrets.token_hex(8),
+            reason=reason,
+            trained=trained,
+            num_samples=len(self.data) if trained else 0,
+        )
+        payload = encode_skip(notice)
+        self.link.publish(self.topics.update(self.device_id), payload, qos=1)
+        self._sent(publish_size(self.topics.update(self.device_id), len(payload), 1))
+        self.stats.skipped[reason] += 1
+        self.state.last_round = ann.round_id
+        self._save(self.state)
+        log.info("round %d: sat out (%s); skip notice sent", ann.round_id, reason)
+
+    def _sent(self, nbytes: int) -> None:
+        self.stats.bytes_sent += nbytes
+        if self.budget is not None:
+            self.budget.record(nbytes)
+            self.state.upload_budget = self.budget.to_dict()
+
     def _train_and_upload(self, ann: RoundAnnouncement) -> None:
         assert self.global_weights is not None
+        cfg = ann.config
+        if self.eligibility is not None:
+            decision = self.eligibility(self._upload_estimate())
+            if not decision.train:
+                self._skip(ann, decision.reason, trained=False)
+                return
         self._status("training")
         started = time.perf_counter()
         self.runtime.set_weights(self.global_weights)
-        cfg = ann.config
         result = train_local(
             self.runtime,
             self.data,
@@ -204,24 +285,69 @@ class Agent:
         if self.on_trained is not None:
             self.on_trained(ann.round_id, local)
         delta = {k: (local[k] - self.global_weights[k]).astype(np.float32) for k in local}
+        update = residual.add(delta, self.residual)  # error feedback: what was held back
+        gate = decide_gate(
+            GateConfig(
+                threshold=cfg.gate_threshold,
+                min_agreement=cfg.gate_min_agreement,
+                max_skips=cfg.gate_max_skips,
+            ),
+            update,
+            self.global_weights,
+            consecutive_skips=self.state.consecutive_skips,
+            last_global_update=self.last_global_update,
+        )
+        self.last_gate = gate
+        if gate.upload and self.eligibility is not None:
+            decision = self.eligibility(self._upload_estimate())
+            if not decision.upload:  # e.g. the daily budget is spent: keep it all for later
+                gate = replace(gate, upload=False, reason=decision.reason)
+        if not gate.upload:
+            self._hold(update)
+            self.state.consecutive_skips += 1
+            self._status("idle")
+            self._skip(ann, gate.reason, trained=True)
+            return
+        spec = parse_codec(cfg.codec)
+        encoded = encode_delta(update, spec, self.rng)
+        lossless = str(spec) == "float32"
+        self._hold(None if lossless else residual.subtract(update, encoded.decoded))
+        update_id = secrets.token_hex(8)
         header = UpdateHeader(
             device_id=self.device_id,
             round_id=ann.round_id,
-            update_id=uuid.uuid4().hex,
+            update_id=update_id,
             base_version=ann.model_version,
             num_samples=result.samples,
+            codec=str(spec),
             train_loss=result.loss,
         )
-        self.link.publish(self.topics.update(self.device_id), encode(header, delta), qos=1)
+        payload = encode(header, encoded.tensors)
+        self.last_update_bytes = len(payload)
+        self._sent(self._publish_update(payload, update_id))
         self.state.last_round = ann.round_id
+        self.state.consecutive_skips = 0
         self._save(self.state)
         self.stats.rounds_trained += 1
         self._status("idle")
         log.info(
-            "round %d: trained %d steps on %d samples in %.2fs, loss %.4f; delta sent",
+            "round %d: trained %d steps on %d samples in %.2fs, loss %.4f; sent %d bytes (%s, %s)",
             ann.round_id,
             result.steps,
             result.samples,
             time.perf_counter() - started,
             result.loss,
+            len(payload),
+            spec,
+            gate.reason,
         )
+
+    def _hold(self, kept: dict[str, np.ndarray] | None) -> None:
+        self.residual = kept
+        if self._residual_store is not None:
+            self._residual_store.save(kept)
+
+    def _upload_estimate(self) -> int:
+        if self.last_update_bytes:
+            return self.last_update_bytes
+        return sum(int(w.nbytes) for w in (self.global_weights or {}).values())

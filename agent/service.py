@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 from fedge.models.runtime import load_runtime
 from fedge.protocol import Link, make_link
@@ -13,8 +14,9 @@ from fedge.protocol import Link, make_link
 from fedge.systemd import notify, watchdog_interval
 
 from .config import AgentConfig
-from .daemon import Agent
+from .daemon import Agent, ResidualStore
 from .dataset import DatasetError, load_npz
+from .eligibility import ByteBudget, Decision, EligibilityConfig, ReadingLog, decide, read_readings
 from .state import load_state, save_state
 
 log = logging.getLogger("fedge.agent")
@@ -33,18 +35,43 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
             f"{cfg.data}: {data.x.shape[1]} features per sample, the model takes {first.shape[0]}"
         )
     state_file = cfg.state_dir / f"agent-{cfg.device_id}.json"
+    state = load_state(state_file)
     if link is None:
         link = make_link(cfg.broker, cfg.device_id, will=Agent.will(cfg.device_id, cfg.fleet))
+    budget = eligibility = None
+    if cfg.eligibility is not None:
+        budget, eligibility = _eligibility(cfg.eligibility, state.upload_budget)
     return Agent(
         device_id=cfg.device_id,
         fleet=cfg.fleet,
         link=link,
         runtime=runtime,
         data=data,
-        state=load_state(state_file),
+        state=state,
         save_state=lambda s: save_state(state_file, s),
         rng=np.random.default_rng(cfg.seed),
+        residual_store=ResidualStore(cfg.state_dir / f"agent-{cfg.device_id}.residual.npz"),
+        eligibility=eligibility,
+        budget=budget,
+        max_payload=cfg.max_payload,
     )
+
+
+def _eligibility(
+    cfg: EligibilityConfig, saved: dict | None
+) -> tuple[ByteBudget, Callable[[int], Decision]]:
+    budget = ByteBudget()
+    if saved:
+        try:
+            budget = ByteBudget.from_dict(saved)
+        except ValueError as exc:
+            log.warning("upload budget in the state file unreadable (%s); starting afresh", exc)
+    problems = ReadingLog()
+
+    def check(upload_bytes: int) -> Decision:
+        return decide(cfg, read_readings(problems=problems), budget, upload_bytes)
+
+    return budget, check
 
 
 def serve(cfg: AgentConfig) -> int:

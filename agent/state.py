@@ -19,12 +19,19 @@ log = logging.getLogger("fedge.agent")
 class AgentState:
     last_round: int = 0  # the last round this device answered (update or skip)
     model_version: int = -1  # the last global model applied
+    consecutive_skips: int = 0  # rounds in a row the gate held the update back
+    upload_budget: dict | None = None  # ByteBudget.to_dict() when a daily budget is set
 
 
 def load_state(path: Path) -> AgentState:
     try:
         raw = json.loads(path.read_text())
-        return AgentState(int(raw["last_round"]), int(raw["model_version"]))
+        return AgentState(
+            int(raw["last_round"]),
+            int(raw["model_version"]),
+            int(raw.get("consecutive_skips", 0)),
+            raw.get("upload_budget"),
+        )
     except FileNotFoundError:
         return AgentState()
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedge.protocol.codecs import parse_codec
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN
@@ -16,6 +17,16 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
     return value if value.is_absolute() or base is None else Path(base) / value
 
 
+class GateSettings(BaseModel):
+    """The devices' upload gate (fedge.agent.gate), announced with every round."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threshold: float = Field(default=0.0, ge=0, le=10)  # ||update|| / ||w_global||; 0: off
+    min_agreement: float | None = Field(default=None, ge=0, le=1)  # CMFL relevance; None: off
+    max_skips: int = Field(default=2, ge=0, le=1000)  # upload at least every max_skips+1 rounds
+
+
 class Training(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -23,6 +34,13 @@ class Training(BaseModel):
     batch_size: int = Field(default=32, ge=1, le=65536)
     lr: float = Field(default=0.05, gt=0, le=10)
     mu: float = Field(default=0.0, ge=0, le=100)  # FedProx proximal weight; 0: plain local SGD
+    codec: str = "float32"  # how devices encode deltas, e.g. "topk:0.02+int8" (protocol.codecs)
+    gate: GateSettings = GateSettings()
+
+    @field_validator("codec")
+    @classmethod
+    def _codec(cls, value: str) -> str:
+        return str(parse_codec(value))
 
 
 class AggregatorConfig(BaseModel):
@@ -43,6 +61,7 @@ class AggregatorConfig(BaseModel):
     eval_data: Path | None = None  # .npz (x, y) held out for accuracy and loss per round
     log: Path | None = None  # rounds.jsonl; default: state_dir/rounds.jsonl
     seed: int = 0
+    chunk_timeout: float = Field(default=60.0, gt=0)  # seconds to wait for a missing chunk
 
     @field_validator("model", "eval_data", mode="after")
     @classmethod

@@ -27,10 +27,14 @@ from pathlib import Path
 
 import numpy as np
 from fedge.protocol import (
+    ChunkError,
+    CodecError,
     DecodeError,
     GlobalModelHeader,
+    InvalidId,
     Link,
     Message,
+    Reassembler,
     RoundAnnouncement,
     SkipNotice,
     Status,
@@ -38,8 +42,13 @@ from fedge.protocol import (
     TrainingConfig,
     UpdateHeader,
     decode,
+    decode_delta,
+    decode_skip,
     encode,
+    is_chunk,
+    is_skip,
 )
+from fedge.protocol.wire import PUBACK_SIZE, publish_size
 
 from .config import AggregatorConfig
 from .store import Store
@@ -60,12 +69,17 @@ class OpenRound:
     deltas: dict[str, Weights] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     losses: dict[str, float] = field(default_factory=dict)
-    skipped: set[str] = field(default_factory=set)
-    bytes_received: int = 0
+    skipped: dict[str, SkipNotice] = field(default_factory=dict)
+    wire_up: Counter[str] = field(default_factory=Counter)  # MQTT bytes per device
+    wire_down: int = 0  # MQTT bytes each selected device had to receive for this round
 
     @property
     def answered(self) -> set[str]:
-        return set(self.deltas) | self.skipped
+        return set(self.deltas) | set(self.skipped)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(self.wire_up.values())
 
 
 class Aggregator:
@@ -94,6 +108,8 @@ class Aggregator:
         self.current: OpenRound | None = None
         self.done = False
         self.strategy = make_strategy(config.strategy)
+        self.reassembler = Reassembler(timeout=config.chunk_timeout, clock=clock)
+        self._global_wire_size = 0
         resumed = store.latest_model()
         if resumed is None:
             self.version, self.weights = (
@@ -145,18 +161,53 @@ class Aggregator:
             self.rejected["unexpected_topic"] += 1
             log.debug("ignored message on %s", msg.topic)
             return
+        if msg.topic.startswith(f"{self.topics.base}/update/"):
+            self._on_update_payload(msg)
+            return
         try:
             decoded = decode(msg.payload)
         except DecodeError as exc:
             self._reject(exc.reason, msg.topic, str(exc))
             return
-        header = decoded.msg
-        if isinstance(header, Status):
-            self._on_status(msg.topic, header)
-        elif isinstance(header, UpdateHeader | SkipNotice):
-            self._on_update(msg, header, decoded.tensors)
+        if isinstance(decoded.msg, Status):
+            self._on_status(msg.topic, decoded.msg)
         else:
-            self._reject("unexpected", msg.topic, f"{header.kind} message")
+            self._reject("unexpected", msg.topic, f"{decoded.msg.kind} message")
+
+    def _on_update_payload(self, msg: Message) -> None:
+        """An update, a chunk of one, or a skip notice, on ``update/{device}``."""
+        try:
+            device = self.topics.device_of(msg.topic)
+        except InvalidId:
+            self._reject("topic_mismatch", msg.topic, "not an update topic")
+            return
+        if self.current is not None:  # wire bytes of this round, valid or not
+            self.current.wire_up[device] += publish_size(msg.topic, len(msg.payload), 1)
+        payload = msg.payload
+        if is_chunk(payload):
+            try:
+                full = self.reassembler.add(payload)
+            except ChunkError as exc:
+                self._reject(f"chunk_{exc.reason}", msg.topic, str(exc))
+                return
+            if full is None:
+                return
+            payload = full
+        tensors: dict[str, np.ndarray] = {}
+        header: UpdateHeader | SkipNotice
+        try:
+            if is_skip(payload):
+                header = decode_skip(payload, device)
+            else:
+                decoded = decode(payload)
+                if not isinstance(decoded.msg, UpdateHeader):
+                    self._reject("unexpected", msg.topic, f"{decoded.msg.kind} message")
+                    return
+                header, tensors = decoded.msg, decoded.tensors
+        except DecodeError as exc:
+            self._reject(exc.reason, msg.topic, str(exc))
+            return
+        self._on_update(msg.topic, len(payload), header, tensors)
 
     def _reject(self, reason: str, topic: str, detail: str) -> None:
         self.rejected[reason] += 1
@@ -172,13 +223,23 @@ class Aggregator:
             self.online.add(status.device_id)
 
     def _on_update(
-        self, msg: Message, header: UpdateHeader | SkipNotice, tensors: dict[str, np.ndarray]
+        self,
+        topic: str,
+        nbytes: int,
+        header: UpdateHeader | SkipNotice,
+        tensors: dict[str, np.ndarray],
     ) -> None:
         rnd = self.current
-        nbytes = len(msg.payload) + len(msg.topic)
-        reason = self._validate(msg.topic, header, tensors)
+        reason = self._validate(topic, header)
+        delta: dict[str, np.ndarray] = {}
+        if reason is None and isinstance(header, UpdateHeader):
+            shapes = {k: list(w.shape) for k, w in self.weights.items()}
+            try:
+                delta = decode_delta(tensors, {"codec": header.codec, "shapes": shapes})
+            except CodecError as exc:
+                reason = exc.reason
         if reason == "duplicate":
-            self._reject(reason, msg.topic, f"update {header.update_id} seen before")
+            self._reject(reason, topic, f"update {header.update_id} seen before")
             return
         self.store.record_update(
             update_id=header.update_id,
@@ -194,23 +255,20 @@ class Aggregator:
         if reason is not None:
             self._reject(
                 reason,
-                msg.topic,
+                topic,
                 f"{header.kind} from {header.device_id} for round {header.round_id}",
             )
             return
         assert rnd is not None
-        rnd.bytes_received += nbytes
         if isinstance(header, SkipNotice):
-            rnd.skipped.add(header.device_id)
+            rnd.skipped[header.device_id] = header
             return
-        rnd.deltas[header.device_id] = tensors
+        rnd.deltas[header.device_id] = delta
         rnd.counts[header.device_id] = header.num_samples
         if header.train_loss is not None:
             rnd.losses[header.device_id] = header.train_loss
 
-    def _validate(
-        self, topic: str, header: UpdateHeader | SkipNotice, tensors: dict[str, np.ndarray]
-    ) -> str | None:
+    def _validate(self, topic: str, header: UpdateHeader | SkipNotice) -> str | None:
         rnd = self.current
         if topic != self.topics.update(header.device_id):
             return "topic_mismatch"
@@ -226,12 +284,6 @@ class Aggregator:
             return None
         if header.base_version != self.version:
             return "stale_base"
-        if set(tensors) != set(self.weights) or any(
-            tensors[k].shape != self.weights[k].shape for k in self.weights
-        ):
-            return "shape_mismatch"
-        if not all(np.isfinite(t).all() for t in tensors.values()):
-            return "not_finite"
         return None
 
     # -- rounds --------------------------------------------------------------------
@@ -239,6 +291,13 @@ class Aggregator:
         if self.done:
             return
         now = self.clock()
+        for gone in self.reassembler.expire():
+            self._reject(
+                f"chunk_{gone.cause}",
+                self.topics.updates,
+                f"update {gone.message_id.hex()}: "
+                f"{gone.missing} of {gone.chunk_count} chunks missing",
+            )
         rnd = self.current
         if rnd is not None:
             if rnd.answered >= set(rnd.selected):
@@ -272,9 +331,26 @@ class Aggregator:
             model_version=self.version,
             deadline=rnd.deadline,
             selected=tuple(selected),
-            config=TrainingConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, mu=t.mu),
+            config=TrainingConfig(
+                epochs=t.epochs,
+                batch_size=t.batch_size,
+                lr=t.lr,
+                mu=t.mu,
+                codec=t.codec,
+                gate_threshold=t.gate.threshold,
+                gate_min_agreement=t.gate.min_agreement,
+                gate_max_skips=t.gate.max_skips,
+            ),
         )
-        self.link.publish(self.topics.round, encode(ann), qos=1, retain=True)
+        payload = encode(ann)
+        self.link.publish(self.topics.round, payload, qos=1, retain=True)
+        # What each selected device receives for this round: the announcement and the
+        # global model it trains on (each a QoS 1 PUBLISH, acknowledged by a PUBACK).
+        rnd.wire_down = (
+            publish_size(self.topics.round, len(payload), 1)
+            + self._global_wire_size
+            + 2 * PUBACK_SIZE
+        )
         log.info(
             "round %d announced to %d device(s) on model v%d",
             rnd.round_id,
@@ -286,18 +362,24 @@ class Aggregator:
         header = GlobalModelHeader(
             fleet=self.cfg.fleet, model_version=self.version, round_id=round_id
         )
-        self.link.publish(
-            self.topics.global_model, encode(header, self.weights), qos=1, retain=True
-        )
+        payload = encode(header, self.weights)
+        self.link.publish(self.topics.global_model, payload, qos=1, retain=True)
+        self._global_wire_size = publish_size(self.topics.global_model, len(payload), 1)
 
     def _finish(self, now: float) -> None:
         rnd = self.current
         assert rnd is not None
         participants = sorted(rnd.deltas)
         counts = [rnd.counts[d] for d in participants]
+        # A device whose update was too small to send counts as a zero delta with its
+        # samples (it is in its residual); averaging over the uploaders alone is unstable.
+        held = sorted(d for d, s in rnd.skipped.items() if s.trained and s.num_samples > 0)
         if participants:
+            zeros = {k: np.zeros_like(w) for k, w in self.weights.items()}
             self.weights = self.strategy.step(
-                self.weights, [rnd.deltas[d] for d in participants], counts
+                self.weights,
+                [rnd.deltas[d] for d in participants] + [zeros] * len(held),
+                counts + [rnd.skipped[d].num_samples for d in held],
             )
             self.version += 1
             self.store.save_model(self.version, rnd.round_id, self.weights)
@@ -310,6 +392,9 @@ class Aggregator:
             "selected": len(rnd.selected),
             "participants": participants,
             "skipped": sorted(rnd.skipped),
+            "skip_reasons": dict(Counter(s.reason for s in rnd.skipped.values())),
+            "bytes_up_by_device": dict(sorted(rnd.wire_up.items())),
+            "bytes_down_per_device": rnd.wire_down,
             "missing": sorted(set(rnd.selected) - rnd.answered),
             "num_samples": int(sum(counts)),
             "train_loss": (

@@ -36,6 +36,13 @@ class TrainingConfig(_Message):
     batch_size: int = Field(ge=1, le=65536)
     lr: float = Field(gt=0, le=10)
     mu: float = Field(default=0.0, ge=0, le=100)  # FedProx proximal weight; 0 is plain SGD
+    codec: Codec = "float32"  # how devices encode their deltas (fedge.protocol.codecs)
+    # The upload gate (fedge.agent.gate): skip when ||update|| / ||w_global|| is below the
+    # threshold (0: never), or when fewer than min_agreement of the signs agree with the
+    # last global update (None: no relevance test); upload after max_skips skips regardless.
+    gate_threshold: float = Field(default=0.0, ge=0, le=10)
+    gate_min_agreement: float | None = Field(default=None, ge=0, le=1)
+    gate_max_skips: int = Field(default=2, ge=0, le=1000)
 
 
 class RoundAnnouncement(_Message):

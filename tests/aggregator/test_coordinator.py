@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from fedge.protocol import (
     UpdateHeader,
     decode,
     encode,
+    encode_skip,
 )
+from fedge.protocol.wire import publish_size
 from helpers import DIGITS_MODEL
 
 pytestmark = pytest.mark.link
@@ -203,7 +206,7 @@ def test_rejects_are_counted_with_reasons(tmp_path: Path) -> None:
         "not_selected": 1,
         "wrong_round": 1,
         "stale_base": 1,
-        "shape_mismatch": 1,
+        "bad_shape": 1,
         "not_finite": 1,
         "duplicate": 1,
         "topic_mismatch": 1,
@@ -214,17 +217,30 @@ def test_rejects_are_counted_with_reasons(tmp_path: Path) -> None:
 
 def test_skip_notice_counts_as_an_answer_not_a_dropout(tmp_path: Path) -> None:
     broker, clock = MemoryBroker(), Clock()
-    agg = make(tmp_path, broker, clock, min_devices=2, rounds=1)
-    a, b = Device(broker, "a"), Device(broker, "b")
+    agg = make(tmp_path, broker, clock, min_devices=3, rounds=1)
+    a, b, c = Device(broker, "a"), Device(broker, "b"), Device(broker, "c")
     pump(agg)
     a.send(1, delta(1.0), 5)
-    b.link.publish(
-        T.update("b"), encode(SkipNotice(device_id="b", round_id=1, update_id="s", reason="tiny"))
+    # b trained but held its small update back: a zero delta with its 15 samples;
+    # c sat out (battery): it answered, but does not count in the average.
+    held = SkipNotice(
+        device_id="b",
+        round_id=1,
+        update_id="0b" * 8,
+        reason="small_update",
+        trained=True,
+        num_samples=15,
     )
-    pump(agg)  # both answered: no need to wait for the deadline
+    sat = SkipNotice(device_id="c", round_id=1, update_id="0c" * 8, reason="battery_low")
+    b.link.publish(T.update("b"), encode_skip(held))
+    c.link.publish(T.update("c"), encode_skip(sat))
+    pump(agg)  # all answered: no need to wait for the deadline
     assert agg.done and agg.version == 1
-    np.testing.assert_allclose(agg.weights["w"], 1.0)
-    assert '"skipped": ["b"]' in (tmp_path / "rounds.jsonl").read_text()
+    np.testing.assert_allclose(agg.weights["w"], 0.25)  # (5 * 1 + 15 * 0) / 20
+    line = json.loads((tmp_path / "rounds.jsonl").read_text())
+    assert line["skipped"] == ["b", "c"] and line["participants"] == ["a"]
+    assert line["skip_reasons"] == {"small_update": 1, "battery_low": 1}
+    assert line["bytes_up_by_device"]["b"] == publish_size(T.update("b"), 22, 1)
 
 
 def test_restart_resumes_from_the_stored_model(tmp_path: Path) -> None:

@@ -1,0 +1,102 @@
+"""Whether an update is worth its bytes: the upload gate (pure functions).
+
+After local training the device compares what it would send (its delta plus the
+residual of earlier rounds, see :mod:`fedge.agent.residual`) with the model it received:
+
+- **relative size**: ``||update|| / ||w_global||`` below ``threshold`` means the update
+  would barely move the model. Relative to the model, so one threshold serves models
+  of any scale.
+- **relevance** (optional, CMFL, Wang et al., ICDCS 2019): the share of coordinates whose
+  sign agrees with the last global update; below ``min_agreement`` the update pulls
+  against where the federation is going.
+- **staleness bound**: after ``max_skips`` skipped rounds in a row the device uploads
+  whatever it has, so no device falls silent for long (a gate with no bound cost 2-3
+  points of accuracy in simulation).
+
+A skipped update is not lost: it stays in the residual and is sent with a later one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+Weights = Mapping[str, np.ndarray]
+
+
+class GateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    threshold: float = Field(default=0.0, ge=0, le=10)  # on ||update|| / ||w_global||
+    min_agreement: float | None = Field(default=None, ge=0, le=1)  # CMFL relevance; None: off
+    max_skips: int = Field(default=2, ge=0, le=1000)  # upload at least every max_skips+1 rounds
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    upload: bool
+    reason: str  # "ok", "stale" (forced by the bound), "small_update", "irrelevant"
+    relative_norm: float
+    agreement: float | None
+
+
+def _norm(weights: Weights) -> float:
+    return float(
+        np.sqrt(sum(float(np.sum(np.square(w, dtype=np.float64))) for w in weights.values()))
+    )
+
+
+def relative_norm(update: Weights, global_weights: Weights) -> float:
+    """``||update|| / ||w_global||`` over all tensors; infinite when the model is all zeros."""
+    base = _norm(global_weights)
+    size = _norm(update)
+    if base == 0.0:
+        return float("inf") if size > 0 else 0.0
+    return size / base
+
+
+def sign_agreement(update: Weights, last_global_update: Weights) -> float:
+    """Share of coordinates where the update and the last global update have the same sign.
+
+    Coordinates where either is exactly zero are left out; 1.0 when none remain.
+    """
+    same = total = 0
+    for name, u in update.items():
+        g = last_global_update.get(name)
+        if g is None:
+            continue
+        su, sg = np.sign(u), np.sign(g)
+        mask = (su != 0) & (sg != 0)
+        total += int(mask.sum())
+        same += int((su[mask] == sg[mask]).sum())
+    return 1.0 if total == 0 else same / total
+
+
+def decide(
+    cfg: GateConfig,
+    update: Weights,
+    global_weights: Weights,
+    *,
+    consecutive_skips: int,
+    last_global_update: Weights | None = None,
+) -> GateDecision:
+    rel = relative_norm(update, global_weights)
+    agreement = None
+    if cfg.min_agreement is not None and last_global_update is not None:
+        agreement = sign_agreement(update, last_global_update)
+    if not cfg.enabled:
+        return GateDecision(True, "ok", rel, agreement)
+    if consecutive_skips >= cfg.max_skips:
+        small = rel < cfg.threshold or (
+            agreement is not None and agreement < (cfg.min_agreement or 0)
+        )
+        return GateDecision(True, "stale" if small else "ok", rel, agreement)
+    if rel < cfg.threshold:
+        return GateDecision(False, "small_update", rel, agreement)
+    if agreement is not None and cfg.min_agreement is not None and agreement < cfg.min_agreement:
+        return GateDecision(False, "irrelevant", rel, agreement)
+    return GateDecision(True, "ok", rel, agreement)

@@ -1,0 +1,38 @@
+"""The upload gate's pure parts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fedge.agent.gate import GateConfig, decide, relative_norm, sign_agreement
+
+pytestmark = pytest.mark.unit
+
+
+def w(*values: float) -> dict[str, np.ndarray]:
+    return {"a": np.array(values, np.float32)}
+
+
+def test_relative_norm_is_scale_free() -> None:
+    g = w(3.0, 4.0)  # ||g|| = 5
+    assert relative_norm(w(0.3, 0.4), g) == pytest.approx(0.1)
+    assert relative_norm(w(30.0, 40.0), {"a": g["a"] * 100}) == pytest.approx(0.1)
+    assert relative_norm(w(0.0, 0.0), w(0.0, 0.0)) == 0.0
+    assert relative_norm(w(1.0, 0.0), w(0.0, 0.0)) == float("inf")
+
+
+def test_sign_agreement_ignores_zeros() -> None:
+    assert sign_agreement(w(1, -1, 1, 0), w(1, 1, 1, 5)) == pytest.approx(2 / 3)
+    assert sign_agreement(w(0, 0), w(1, 1)) == 1.0
+
+
+def test_decisions() -> None:
+    g = w(3.0, 4.0)
+    cfg = GateConfig(threshold=0.05, min_agreement=0.6, max_skips=2)
+    assert decide(cfg, w(0.1, 0.1), g, consecutive_skips=0).reason == "small_update"
+    assert decide(cfg, w(1.0, 1.0), g, consecutive_skips=0).upload
+    irrelevant = decide(cfg, w(1.0, -1.0), g, consecutive_skips=0, last_global_update=w(-1, 1))
+    assert not irrelevant.upload and irrelevant.reason == "irrelevant"
+    forced = decide(cfg, w(0.1, 0.1), g, consecutive_skips=2)
+    assert forced.upload and forced.reason == "stale"
+    assert decide(GateConfig(enabled=False, threshold=9), w(0, 0), g, consecutive_skips=0).upload

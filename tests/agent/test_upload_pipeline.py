@@ -1,0 +1,171 @@
+"""The agent's upload pipeline: codec, error feedback, gate, skip notice, chunks, eligibility."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedge.agent.daemon import Agent, ResidualStore
+from fedge.agent.dataset import Dataset
+from fedge.agent.eligibility import Decision
+from fedge.agent.state import load_state, save_state
+from fedge.models.runtime import load_runtime
+from fedge.protocol import (
+    GlobalModelHeader,
+    MemoryBroker,
+    MemoryLink,
+    Message,
+    Reassembler,
+    RoundAnnouncement,
+    Topics,
+    TrainingConfig,
+    UpdateHeader,
+    decode,
+    decode_delta,
+    decode_skip,
+    encode,
+    is_chunk,
+    is_skip,
+)
+from helpers import DIGITS_MODEL
+
+pytestmark = pytest.mark.link
+FLEET = "pipe"
+T = Topics(FLEET)
+
+
+def data() -> Dataset:
+    rng = np.random.default_rng(0)
+    return Dataset(rng.random((48, 64), dtype=np.float32), rng.integers(0, 10, 48).astype(np.int32))
+
+
+class Fleet:
+    def __init__(self, tmp_path: Path, **agent_kw: object) -> None:
+        self.tmp = tmp_path
+        self.broker = MemoryBroker()
+        self.server = MemoryLink(self.broker, "server")
+        self.server.connect()
+        self.server.subscribe(T.updates)
+        self.g = load_runtime(DIGITS_MODEL).get_weights()
+        self.agent_kw = agent_kw
+        self.agent = self.make_agent()
+
+    def make_agent(self) -> Agent:
+        state_file = self.tmp / "state.json"
+        agent = Agent(
+            device_id="d1",
+            fleet=FLEET,
+            link=MemoryLink(self.broker, "d1"),
+            runtime=load_runtime(DIGITS_MODEL),
+            data=data(),
+            state=load_state(state_file),
+            save_state=lambda s: save_state(state_file, s),
+            rng=np.random.default_rng(0),
+            residual_store=ResidualStore(self.tmp / "residual.npz"),
+            **self.agent_kw,  # type: ignore[arg-type]
+        )
+        agent.start()
+        return agent
+
+    def round(self, round_id: int, **cfg: object) -> list[Message]:
+        header = GlobalModelHeader(fleet=FLEET, model_version=round_id - 1, round_id=round_id - 1)
+        self.server.publish(T.global_model, encode(header, self.g), retain=True)
+        config = TrainingConfig(epochs=1, batch_size=8, lr=0.1, **cfg)  # type: ignore[arg-type]
+        ann = RoundAnnouncement(
+            fleet=FLEET,
+            round_id=round_id,
+            model_version=round_id - 1,
+            deadline=2e9,
+            selected=("d1",),
+            config=config,
+        )
+        self.server.publish(T.round, encode(ann), retain=True)
+        while self.agent.step(0):
+            pass
+        out = []
+        while (m := self.server.get(0)) is not None:
+            if m.topic == T.update("d1"):
+                out.append(m)
+        return out
+
+
+def test_lossy_codec_keeps_what_it_did_not_send(tmp_path: Path) -> None:
+    f = Fleet(tmp_path)
+    [msg] = f.round(1, codec="topk:0.05+int8")
+    d = decode(msg.payload)
+    assert isinstance(d.msg, UpdateHeader) and d.msg.codec == "topk:0.05+int8"
+    shapes = {k: list(v.shape) for k, v in f.g.items()}
+    sent = decode_delta(d.tensors, {"codec": d.msg.codec, "shapes": shapes})
+    # sent + residual == the full delta the device trained (error feedback loses nothing)
+    full = {k: f.agent.runtime.get_weights()[k] - f.g[k] for k in f.g}
+    for k in f.g:
+        np.testing.assert_allclose(sent[k] + f.agent.residual[k], full[k], atol=1e-6)  # type: ignore[index]
+    kept = sum(int(np.count_nonzero(v)) for v in sent.values())
+    assert kept == int(np.ceil(0.05 * sum(v.size for v in f.g.values())))
+    assert len(msg.payload) < 0.2 * sum(v.nbytes for v in f.g.values())
+
+
+def test_residual_survives_a_restart(tmp_path: Path) -> None:
+    f = Fleet(tmp_path)
+    f.round(1, codec="topk:0.02")
+    before = f.agent.residual
+    assert before is not None and (tmp_path / "residual.npz").exists()
+    f.agent.link.close()
+    f.agent = f.make_agent()  # a new process: state and residual come from disk
+    assert f.agent.residual is not None
+    for k, v in before.items():
+        np.testing.assert_array_equal(f.agent.residual[k], v)
+    [msg] = f.round(2, codec="float32")  # a lossless round sends the residual too
+    d = decode(msg.payload)
+    assert f.agent.residual is None and not (tmp_path / "residual.npz").exists()
+    local = f.agent.runtime.get_weights()
+    for k in f.g:  # what was sent = this round's delta + the residual carried over
+        np.testing.assert_allclose(d.tensors[k], local[k] - f.g[k] + before[k], atol=1e-6)
+
+
+def test_gate_sends_a_skip_notice_of_at_most_64_bytes(tmp_path: Path) -> None:
+    f = Fleet(tmp_path)
+    [msg] = f.round(1, gate_threshold=5.0, gate_max_skips=3)  # any update is "small"
+    assert is_skip(msg.payload) and len(msg.payload) <= 64
+    notice = decode_skip(msg.payload, "d1")
+    assert notice.reason == "small_update" and notice.trained and notice.num_samples == 48
+    assert f.agent.residual is not None  # the whole update is held for later
+    assert f.agent.state.consecutive_skips == 1 and f.agent.stats.skipped["small_update"] == 1
+
+
+def test_staleness_bound_forces_an_upload_with_everything_held(tmp_path: Path) -> None:
+    f = Fleet(tmp_path)
+    kinds, reasons = [], []
+    for r in range(1, 5):
+        [msg] = f.round(r, gate_threshold=5.0, gate_max_skips=2)
+        kinds.append("skip" if is_skip(msg.payload) else "update")
+        reasons.append(f.agent.last_gate.reason)  # type: ignore[union-attr]
+    assert kinds == ["skip", "skip", "update", "skip"]
+    assert reasons == ["small_update", "small_update", "stale", "small_update"]
+
+
+def test_large_update_goes_in_chunks_and_reassembles(tmp_path: Path) -> None:
+    f = Fleet(tmp_path, max_payload=4096)
+    msgs = f.round(1)
+    assert len(msgs) > 4 and all(is_chunk(m.payload) and len(m.payload) <= 4096 for m in msgs)
+    r = Reassembler(clock=lambda: 0.0)
+    whole = [r.add(m.payload) for m in msgs[::-1]]  # any order
+    payload = next(p for p in whole if p is not None)
+    assert isinstance(decode(payload).msg, UpdateHeader)
+
+
+def test_ineligible_device_says_why_it_sat_out(tmp_path: Path) -> None:
+    f = Fleet(tmp_path, eligibility=lambda nbytes: Decision(False, False, "too_hot"))
+    [msg] = f.round(1)
+    notice = decode_skip(msg.payload, "d1")
+    assert notice.reason == "too_hot" and not notice.trained and notice.num_samples == 0
+    assert f.agent.stats.rounds_trained == 0
+
+
+def test_budget_exhausted_trains_but_holds_the_update(tmp_path: Path) -> None:
+    f = Fleet(tmp_path, eligibility=lambda nbytes: Decision(True, False, "budget_exhausted"))
+    [msg] = f.round(1)
+    notice = decode_skip(msg.payload, "d1")
+    assert notice.reason == "budget_exhausted" and notice.trained
+    assert f.agent.residual is not None
