@@ -292,7 +292,7 @@ class Agent:
                 min_agreement=cfg.gate_min_agreement,
                 max_skips=cfg.gate_max_skips,
             ),
-            update,
+            delta,  # this round's own change: the residual is large by design under top-k
             self.global_weights,
             consecutive_skips=self.state.consecutive_skips,
             last_global_update=self.last_global_update,

@@ -1,7 +1,7 @@
 """Whether an update is worth its bytes: the upload gate (pure functions).
 
-After local training the device compares what it would send (its delta plus the
-residual of earlier rounds, see :mod:`fedge.agent.residual`) with the model it received:
+After local training the device compares this round's delta with the model it received
+(not the residual it carries: under top-k that holds most of the model's change by design):
 
 - **relative size**: ``||update|| / ||w_global||`` below ``threshold`` means the update
   would barely move the model. Relative to the model, so one threshold serves models
@@ -31,7 +31,7 @@ class GateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
-    threshold: float = Field(default=0.0, ge=0, le=10)  # on ||update|| / ||w_global||
+    threshold: float = Field(default=0.0, ge=0, le=10)  # on ||delta|| / ||w_global||
     min_agreement: float | None = Field(default=None, ge=0, le=1)  # CMFL relevance; None: off
     max_skips: int = Field(default=2, ge=0, le=1000)  # upload at least every max_skips+1 rounds
 

@@ -99,6 +99,11 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         server_lr=args.server_lr,
         momentum=args.momentum,
         mu=args.mu,
+        codec=args.codec,
+        gate_threshold=args.gate_threshold,
+        gate_max_skips=args.gate_max_skips,
+        gate_min_agreement=args.gate_min_agreement,
+        max_payload=args.max_payload,
         baselines=not args.no_baselines,
     )
     try:
@@ -173,6 +178,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--server-lr", type=float, default=None, help="server step (strategy default)")
     s.add_argument("--momentum", type=float, default=0.9, help="FedAvgM server momentum")
     s.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight (0: off)")
+    s.add_argument("--codec", default="topk:0.02+int8", help="float32, float16, int8, topk:F+int8")
+    s.add_argument(
+        "--gate-threshold", type=float, default=0.01, help="skip below ||delta||/||w|| (0: off)"
+    )
+    s.add_argument("--gate-max-skips", type=int, default=2, help="upload at least every N+1")
+    s.add_argument("--gate-min-agreement", type=float, default=None, help="CMFL relevance")
+    s.add_argument("--max-payload", type=int, default=0, help="chunk updates above N bytes")
     s.add_argument(
         "--no-baselines", action="store_true", help="skip centralised/non-participant/local scores"
     )
