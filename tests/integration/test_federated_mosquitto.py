@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from fedge.agent.config import AgentConfig
 from fedge.agent.service import build_agent
-from fedge.aggregator.config import AggregatorConfig, Training
+from fedge.aggregator.config import AggregatorConfig, GateSettings, Training
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategy import StrategyConfig
 from fedge.protocol import GlobalModelHeader, Topics, UpdateHeader, decode, make_link
@@ -48,7 +48,10 @@ def test_three_agents_three_rounds_exact_fedavg(tmp_path: Path, mosquitto, fleet
         min_devices=3,
         quorum=1.0,
         round_timeout=60,
-        training=Training(epochs=2, batch_size=16, lr=0.1),
+        # float32 and no gate: this test checks the averaging arithmetic on exact deltas.
+        training=Training(
+            epochs=2, batch_size=16, lr=0.1, codec="float32", gate=GateSettings(threshold=0)
+        ),
         strategy=StrategyConfig(name="fedavg"),
         eval_data=test,
     )
