@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import statistics
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -448,7 +449,7 @@ _ROWS: tuple[_Row, ...] = (
         finish=_finish_loss,
     ),
     _Row(
-        ylabel="received by\naggregator (kB)",
+        ylabel="uploaded, MQTT\n(kB, all devices)",
         height=1.5,
         has_data=lambda run: any(r.bytes_received for r in run.rounds),
         draw=_draw_bytes,
@@ -474,6 +475,11 @@ def figure_title(runs: Sequence[Run]) -> str:
         parts.append(f"{rounds} rounds")
     if strategy := values("strategy"):
         parts.append(f"strategy {strategy}")
+    if codec := values("codec"):
+        gate = values("gate_threshold")
+        parts.append(
+            f"codec {codec}" + (f", gate {gate}" if gate and float(gate.split("/")[0]) else "")
+        )
     return "fedge sim: " + ", ".join(parts) if parts else "fedge sim"
 
 
@@ -539,7 +545,9 @@ def draw_figure(runs: Sequence[Run]) -> Figure:
     )
     for line in legend.get_lines():  # the grey device lines are faint; make the key readable
         line.set_alpha(1.0)
-    fig.suptitle(figure_title(runs), fontsize=13, fontweight="bold")
+    # About 9 bold characters per inch at 13 pt: wrap a long title instead of clipping it.
+    width_chars = max(40, int(fig.get_figwidth() * 9))
+    fig.suptitle(textwrap.fill(figure_title(runs), width_chars), fontsize=13, fontweight="bold")
     return fig
 
 
