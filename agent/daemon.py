@@ -11,6 +11,7 @@ global model named by the announcement and publishes the weight delta::
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from fedge.models.runtime import Runtime
 from fedge.protocol import (
+    CodecSpec,
     DecodeError,
     GlobalModelHeader,
     Link,
@@ -308,7 +310,7 @@ class Agent:
             self._status("idle")
             self._skip(ann, gate.reason, trained=True)
             return
-        spec = parse_codec(cfg.codec)
+        spec = _with_min_entries(parse_codec(cfg.codec), update, cfg.topk_min_entries)
         encoded = encode_delta(update, spec, self.rng)
         lossless = str(spec) == "float32"
         self._hold(None if lossless else residual.subtract(update, encoded.decoded))
@@ -351,3 +353,15 @@ class Agent:
         if self.last_update_bytes:
             return self.last_update_bytes
         return sum(int(w.nbytes) for w in (self.global_weights or {}).values())
+
+
+def _with_min_entries(spec: CodecSpec, update: dict[str, np.ndarray], minimum: int) -> CodecSpec:
+    """Raise a top-k fraction so that at least ``minimum`` entries are kept.
+
+    The fraction is rounded up at four decimals; the codec string in the update header
+    says what was used, so the aggregator decodes it as sent.
+    """
+    size = sum(int(v.size) for v in update.values())
+    if spec.fraction is None or not minimum or not size or spec.topk_count(size) >= minimum:
+        return spec
+    return replace(spec, fraction=min(1.0, math.ceil(minimum / size * 10_000) / 10_000))

@@ -38,6 +38,9 @@ class Training(BaseModel):
     # entries as int8, with error feedback; with the gate it cut bytes to target about 70x
     # (bench/README.md). "float32" sends everything exactly.
     codec: str = "topk:0.02+int8"
+    # ...but never fewer than this many entries: 2% of a 4,810-weight model is 97, too few
+    # to learn from in 20 rounds; 512 keeps the 50k model at 2% (bench/README.md).
+    topk_min_entries: int = Field(default=512, ge=0)
     gate: GateSettings = GateSettings()
 
     @field_validator("codec")

@@ -337,6 +337,7 @@ class Aggregator:
                 lr=t.lr,
                 mu=t.mu,
                 codec=t.codec,
+                topk_min_entries=t.topk_min_entries,
                 gate_threshold=t.gate.threshold,
                 gate_min_agreement=t.gate.min_agreement,
                 gate_max_skips=t.gate.max_skips,

@@ -169,3 +169,13 @@ def test_budget_exhausted_trains_but_holds_the_update(tmp_path: Path) -> None:
     notice = decode_skip(msg.payload, "d1")
     assert notice.reason == "budget_exhausted" and notice.trained
     assert f.agent.residual is not None
+
+
+def test_small_model_keeps_at_least_the_minimum_entries(tmp_path: Path) -> None:
+    f = Fleet(tmp_path)
+    [msg] = f.round(1, codec="topk:0.02+int8", topk_min_entries=512)
+    d = decode(msg.payload)
+    assert d.msg.codec == "topk:0.1065+int8"  # type: ignore[union-attr]  # 512 / 4,810, rounded up
+    shapes = {k: list(v.shape) for k, v in f.g.items()}
+    sent = decode_delta(d.tensors, {"codec": d.msg.codec, "shapes": shapes})  # type: ignore[union-attr]
+    assert sum(int(np.count_nonzero(v)) for v in sent.values()) >= 512
