@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from fedge.protocol import (
+    DEFAULT_LIMITS,
     ChunkError,
     CodecError,
     DecodeError,
@@ -108,7 +110,13 @@ class Aggregator:
         self.current: OpenRound | None = None
         self.done = False
         self.strategy = make_strategy(config.strategy)
-        self.reassembler = Reassembler(timeout=config.chunk_timeout, clock=clock)
+        # Room for every device of a round to be mid-upload at once (default 16 is too few).
+        self.reassembler = Reassembler(
+            max_messages=max(64, 2 * config.min_devices, 2 * config.devices_per_round),
+            max_bytes=DEFAULT_LIMITS.max_payload * 4,
+            timeout=config.chunk_timeout,
+            clock=clock,
+        )
         self._global_wire_size = 0
         resumed = store.latest_model()
         if resumed is None:
@@ -162,7 +170,11 @@ class Aggregator:
             log.debug("ignored message on %s", msg.topic)
             return
         if msg.topic.startswith(f"{self.topics.base}/update/"):
-            self._on_update_payload(msg)
+            try:
+                self._on_update_payload(msg)
+            except (ValueError, OverflowError, sqlite3.Error) as exc:
+                # One device's message must never stop the loop that serves the fleet.
+                self._reject("internal", msg.topic, f"{type(exc).__name__}: {exc}")
             return
         try:
             decoded = decode(msg.payload)
@@ -304,7 +316,8 @@ class Aggregator:
                 self._finish(now)
             elif now >= rnd.deadline:
                 needed = max(1, math.ceil(self.cfg.quorum * len(rnd.selected)))
-                if len(rnd.deltas) >= needed:
+                held = sum(1 for s in rnd.skipped.values() if s.trained)
+                if rnd.deltas and len(rnd.deltas) + held >= needed:
                     self._finish(now)
                 else:
                     self._fail(now, needed)
@@ -434,8 +447,11 @@ class Aggregator:
             "model_version": self.version,
             "selected": len(rnd.selected),
             "participants": sorted(rnd.deltas),
+            "skipped": sorted(rnd.skipped),
             "missing": sorted(set(rnd.selected) - rnd.answered),
             "bytes_received": rnd.bytes_received,
+            "bytes_up_by_device": dict(sorted(rnd.wire_up.items())),
+            "bytes_down_per_device": rnd.wire_down,
             "duration_s": round(now - rnd.started, 3),
         }
         self._close(rnd, "failed", now, summary)

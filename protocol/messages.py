@@ -14,6 +14,9 @@ from .codecs import MAX_CODEC_TEXT, parse_codec
 from .topics import ID_PATTERN
 
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+# Counters on the wire fit an unsigned 32-bit field (the skip notice packs them so) and
+# SQLite's INTEGER: an unbounded int from a device must not reach the aggregator's store.
+U32 = 2**32 - 1
 
 
 def _canonical_codec(text: str) -> str:
@@ -52,8 +55,8 @@ class RoundAnnouncement(_Message):
 
     kind: Literal["round"] = "round"
     fleet: Id
-    round_id: int = Field(ge=1)
-    model_version: int = Field(ge=0)
+    round_id: int = Field(ge=1, le=U32)
+    model_version: int = Field(ge=0, le=U32)
     deadline: float  # unix seconds
     selected: tuple[Id, ...]
     config: TrainingConfig
@@ -64,8 +67,8 @@ class GlobalModelHeader(_Message):
 
     kind: Literal["global"] = "global"
     fleet: Id
-    model_version: int = Field(ge=0)
-    round_id: int = Field(ge=0)  # the round that produced it; 0 = initial model
+    model_version: int = Field(ge=0, le=U32)
+    round_id: int = Field(ge=0, le=U32)  # the round that produced it; 0 = initial model
 
 
 class UpdateHeader(_Message):
@@ -73,10 +76,10 @@ class UpdateHeader(_Message):
 
     kind: Literal["update"] = "update"
     device_id: Id
-    round_id: int = Field(ge=1)
+    round_id: int = Field(ge=1, le=U32)
     update_id: Id  # unique per update; the aggregator ignores duplicates
-    base_version: int = Field(ge=0)  # global model version the delta is relative to
-    num_samples: int = Field(ge=1)
+    base_version: int = Field(ge=0, le=U32)  # global model version the delta is relative to
+    num_samples: int = Field(ge=1, le=U32)
     codec: Codec = "float32"  # a fedge.protocol.codecs spec, e.g. "topk:0.02+int8"
     train_loss: float | None = None
 
@@ -86,13 +89,13 @@ class SkipNotice(_Message):
 
     kind: Literal["skip"] = "skip"
     device_id: Id
-    round_id: int = Field(ge=1)
+    round_id: int = Field(ge=1, le=U32)
     update_id: Id
     reason: str = Field(max_length=64)
     # A device that trained but found its update too small to send counts in the average
     # as a zero delta with its sample count; one that sat out (battery, heat) does not.
     trained: bool = False
-    num_samples: int = Field(default=0, ge=0)
+    num_samples: int = Field(default=0, ge=0, le=U32)
 
 
 class Status(_Message):

@@ -273,3 +273,50 @@ def test_messages_of_other_fleets_are_ignored_quietly(tmp_path: Path) -> None:
     agg.handle(Message(T.round, b"our own retained announcement", retain=True))
     assert agg.rejected == {"unexpected_topic": 2}
     assert agg.online == set()
+
+
+def test_held_back_updates_count_towards_the_quorum(tmp_path: Path) -> None:
+    """One upload, two devices that trained but held back, one silent: the round goes on."""
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=4, quorum=0.75)
+    devs = [Device(broker, d) for d in "abcd"]
+    pump(agg)
+    devs[0].send(1, delta(4.0), 10)
+    for dev in devs[1:3]:
+        held = SkipNotice(
+            device_id=dev.id,
+            round_id=1,
+            update_id=dev.id * 16,
+            reason="small_update",
+            trained=True,
+            num_samples=10,
+        )
+        dev.link.publish(T.update(dev.id), encode_skip(held))
+    pump(agg)
+    clock.now += 11
+    pump(agg)
+    assert agg.version == 1
+    np.testing.assert_allclose(agg.weights["w"], 4.0 / 3)  # 10 * 4 / (10 + 10 + 10)
+
+
+def test_absurd_numbers_from_a_device_are_rejected_not_fatal(tmp_path: Path) -> None:
+    """Ints beyond 32 bits would overflow SQLite; the schema refuses them at the door."""
+    from fedge.protocol import Message
+
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1)
+    Device(broker, "a")
+    pump(agg)
+    forged = UpdateHeader.model_construct(  # what a rogue device could put on the wire
+        kind="update",
+        device_id="a",
+        round_id=2**63,
+        update_id="x1",
+        base_version=0,
+        num_samples=2**70,
+        codec="float32",
+        train_loss=None,
+    )
+    bad = encode(forged, delta(1.0))
+    agg.handle(Message(T.update("a"), bad))
+    assert agg.rejected["schema"] == 1 and agg.current is not None

@@ -38,7 +38,7 @@ DTYPE_NAMES = ["float32", "float16", "int8", "uint8", "int32"]
 
 ids = st.from_regex(r"[A-Za-z0-9_.-]{1,64}", fullmatch=True)
 finite = st.floats(allow_nan=False, allow_infinity=False)
-counts = st.integers(min_value=0, max_value=2**53)
+counts = st.integers(min_value=0, max_value=2**32 - 1)
 configs = st.builds(
     TrainingConfig,
     epochs=st.integers(1, 1000),
@@ -49,7 +49,7 @@ messages = st.one_of(
     st.builds(
         RoundAnnouncement,
         fleet=ids,
-        round_id=st.integers(1, 2**40),
+        round_id=st.integers(1, 2**32 - 1),
         model_version=counts,
         deadline=finite,
         selected=st.lists(ids, max_size=5).map(tuple),
@@ -59,16 +59,16 @@ messages = st.one_of(
     st.builds(
         UpdateHeader,
         device_id=ids,
-        round_id=st.integers(1, 2**40),
+        round_id=st.integers(1, 2**32 - 1),
         update_id=ids,
         base_version=counts,
-        num_samples=st.integers(1, 2**40),
+        num_samples=st.integers(1, 2**32 - 1),
         train_loss=st.none() | finite,
     ),
     st.builds(
         SkipNotice,
         device_id=ids,
-        round_id=st.integers(1, 2**40),
+        round_id=st.integers(1, 2**32 - 1),
         update_id=ids,
         reason=st.text(max_size=64),
     ),
