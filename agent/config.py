@@ -45,7 +45,15 @@ class AgentConfig(BaseModel):
     num_threads: int = Field(default=1, ge=1, le=64)
     keepalive: int = Field(default=30, ge=5, le=3600)
     # Largest MQTT payload the broker takes (AWS IoT: 131072); bigger updates go in chunks.
-    max_payload: int = Field(default=0, ge=0)  # 0: no limit
+    max_payload: int = Field(default=0, ge=0)  # 0: no limit; else at least 256
+
+    @field_validator("max_payload")
+    @classmethod
+    def _payload(cls, value: int) -> int:
+        if 0 < value < 256:
+            raise ValueError("must be 0 (no limit) or at least 256 bytes")
+        return value
+
     # When to sit out: power, temperature, load, daily upload bytes. None: always take part.
     eligibility: EligibilityConfig | None = None
     seed: int = 0

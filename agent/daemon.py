@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import struct
 import threading
 import time
 from collections import Counter
@@ -25,13 +26,16 @@ from fedge.models.runtime import Runtime
 from fedge.protocol import (
     CodecSpec,
     DecodeError,
+    EncodeError,
     GlobalModelHeader,
     Link,
+    LinkError,
     Message,
     RoundAnnouncement,
     SkipNotice,
     Status,
     Topics,
+    TrainingConfig,
     UpdateHeader,
     decode,
     encode,
@@ -41,6 +45,7 @@ from fedge.protocol import (
     split,
 )
 from fedge.protocol.wire import publish_size
+from pydantic import ValidationError
 
 from . import residual
 from .dataset import Dataset
@@ -57,6 +62,7 @@ log = logging.getLogger("fedge.agent")
 class AgentStats:
     rounds_trained: int = 0
     models_applied: int = 0
+    failed: int = 0  # rounds that could not be answered (diverged, encode errors)
     bytes_sent: int = 0  # MQTT bytes of updates and skip notices
     rejected: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)  # rounds sat out, by reason
@@ -264,10 +270,21 @@ class Agent:
             self.state.upload_budget = self.budget.to_dict()
 
     def _train_and_upload(self, ann: RoundAnnouncement) -> None:
+        try:
+            self._round(ann)
+        except (EncodeError, ValidationError, ValueError, struct.error, LinkError) as exc:
+            # A round that cannot be answered properly is sat out, never a crash loop: the
+            # retained announcement would bring the same failure back after a restart.
+            log.error("round %d: %s: %s; sitting it out", ann.round_id, type(exc).__name__, exc)
+            self.stats.failed += 1
+            self._status("idle")
+            self._skip(ann, "other", trained=False)
+
+    def _round(self, ann: RoundAnnouncement) -> None:
         assert self.global_weights is not None
         cfg = ann.config
         if self.eligibility is not None:
-            decision = self.eligibility(self._upload_estimate())
+            decision = self.eligibility(self._upload_estimate(cfg))
             if not decision.train:
                 self._skip(ann, decision.reason, trained=False)
                 return
@@ -284,9 +301,11 @@ class Agent:
             mu=cfg.mu,
         )
         local = self.runtime.get_weights()
+        delta = {k: (local[k] - self.global_weights[k]).astype(np.float32) for k in local}
+        if not np.isfinite(result.loss) or not all(np.isfinite(d).all() for d in delta.values()):
+            raise ValueError(f"training diverged (loss {result.loss}); the update is dropped")
         if self.on_trained is not None:
             self.on_trained(ann.round_id, local)
-        delta = {k: (local[k] - self.global_weights[k]).astype(np.float32) for k in local}
         update = residual.add(delta, self.residual)  # error feedback: what was held back
         gate = decide_gate(
             GateConfig(
@@ -300,33 +319,42 @@ class Agent:
             last_global_update=self.last_global_update,
         )
         self.last_gate = gate
-        if gate.upload and self.eligibility is not None:
-            decision = self.eligibility(self._upload_estimate())
-            if not decision.upload:  # e.g. the daily budget is spent: keep it all for later
-                gate = replace(gate, upload=False, reason=decision.reason)
+        if gate.upload and self.clock() > ann.deadline:
+            gate = replace(gate, upload=False, reason="other")  # too late to count: keep it
+        payload = b""
+        spec = None
+        encoded = None
+        update_id = secrets.token_hex(8)
+        if gate.upload:
+            spec = _with_min_entries(parse_codec(cfg.codec), update, cfg.topk_min_entries)
+            encoded = encode_delta(update, spec, self.rng)
+            header = UpdateHeader(
+                device_id=self.device_id,
+                round_id=ann.round_id,
+                update_id=update_id,
+                base_version=ann.model_version,
+                num_samples=result.samples,
+                codec=str(spec),
+                train_loss=result.loss,
+            )
+            payload = encode(header, encoded.tensors)
+            if self.eligibility is not None:
+                decision = self.eligibility(self._wire_size(payload))
+                if not decision.upload:  # e.g. the daily budget is spent: keep it all for later
+                    gate = replace(gate, upload=False, reason=decision.reason)
         if not gate.upload:
             self._hold(update)
             self.state.consecutive_skips += 1
             self._status("idle")
             self._skip(ann, gate.reason, trained=True)
             return
-        spec = _with_min_entries(parse_codec(cfg.codec), update, cfg.topk_min_entries)
-        encoded = encode_delta(update, spec, self.rng)
+        assert spec is not None and encoded is not None
+        self.last_update_bytes = self._wire_size(payload)
+        self._sent(self._publish_update(payload, update_id))
+        # After the publish (queued at QoS 1): a crash before this line resends the round
+        # from the old residual; one after it cannot send the same update twice.
         lossless = str(spec) == "float32"
         self._hold(None if lossless else residual.subtract(update, encoded.decoded))
-        update_id = secrets.token_hex(8)
-        header = UpdateHeader(
-            device_id=self.device_id,
-            round_id=ann.round_id,
-            update_id=update_id,
-            base_version=ann.model_version,
-            num_samples=result.samples,
-            codec=str(spec),
-            train_loss=result.loss,
-        )
-        payload = encode(header, encoded.tensors)
-        self.last_update_bytes = len(payload)
-        self._sent(self._publish_update(payload, update_id))
         self.state.last_round = ann.round_id
         self.state.consecutive_skips = 0
         self._save(self.state)
@@ -344,15 +372,31 @@ class Agent:
             gate.reason,
         )
 
+    def _wire_size(self, payload: bytes) -> int:
+        """MQTT bytes of publishing ``payload``, in chunks if it must be."""
+        topic = self.topics.update(self.device_id)
+        parts = [payload]
+        if self.max_payload and len(payload) > self.max_payload:
+            parts = split(payload, self.max_payload, bytes(8))
+        return sum(publish_size(topic, len(part), 1) for part in parts)
+
     def _hold(self, kept: dict[str, np.ndarray] | None) -> None:
         self.residual = kept
         if self._residual_store is not None:
             self._residual_store.save(kept)
 
-    def _upload_estimate(self) -> int:
+    def _upload_estimate(self, cfg: TrainingConfig) -> int:
+        """Bytes the next update will likely cost, before training."""
         if self.last_update_bytes:
             return self.last_update_bytes
-        return sum(int(w.nbytes) for w in (self.global_weights or {}).values())
+        weights = self.global_weights or {}
+        size = sum(int(w.size) for w in weights.values())
+        spec = parse_codec(cfg.codec)
+        if spec.fraction is None:
+            return sum(int(w.nbytes) for w in weights.values())
+        # top-k: a value and about one index byte per kept entry, plus the header
+        kept = max(spec.topk_count(size), min(cfg.topk_min_entries, size))
+        return kept * (2 if spec.quantizer == "int8" else 5) + 1024
 
 
 def _with_min_entries(spec: CodecSpec, update: dict[str, np.ndarray], minimum: int) -> CodecSpec:

@@ -46,6 +46,9 @@ def load(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndar
     if set(stored) != set(shapes) or any(stored[k].shape != tuple(shapes[k]) for k in shapes):
         log.warning("residual %s does not fit the model; starting without one", path)
         return None
+    if not all(np.isfinite(v).all() for v in stored.values()):
+        log.warning("residual %s holds NaN or infinity; starting without one", path)
+        return None
     return stored
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from fedge.agent.config import AgentConfig
+from fedge.agent.daemon import Agent
 from fedge.agent.dataset import Dataset
 from fedge.agent.service import build_agent
 from fedge.aggregator.config import AggregatorConfig, GateSettings, Training
@@ -149,7 +150,7 @@ def resolve_model(opts: SimOptions, split: Split) -> Path:
 
 def run_sim(opts: SimOptions) -> dict[str, Any]:
     """Run every partition scheme of ``opts``; returns the (combined) summary."""
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # too late if numpy is loaded: see cli
     schemes = [s.strip() for s in opts.partition.split(",") if s.strip()]
     try:
         parsed = [parse_scheme(s) for s in schemes]
@@ -281,9 +282,11 @@ def _run_one(
     )
 
     def on_round(summary: dict[str, Any]) -> None:
-        extra = (
-            tracker.round(summary) if tracker is not None and summary["status"] == "done" else None
-        )
+        extra = None
+        if tracker is not None and summary["status"] == "done":
+            extra = tracker.round(summary)
+        elif tracker is not None:
+            tracker.locals.pop(summary["round"])  # a failed round's local models go unscored
         display.round_done(summary, extra)
 
     aggregator = build_aggregator(agg_cfg, on_round=on_round)
@@ -292,27 +295,42 @@ def _run_one(
         for agent in agents:
             agent.on_trained = tracker.locals.hook(agent.device_id)
     stop = threading.Event()
-    threads = []
+    threads: list[threading.Thread] = []
+    crashed: list[str] = []
+
+    def serve(agent: Agent) -> None:
+        try:
+            agent.run(stop)
+        except Exception:  # reported once and ends the run: a dead device thread would
+            log.exception("agent %s stopped", agent.device_id)  # otherwise stall every round
+            crashed.append(agent.device_id)
+            stop.set()
+
     started = time.perf_counter()
-    aggregator.start()
-    for agent in agents:
-        agent.start()
-        t = threading.Thread(target=agent.run, args=(stop,), name=agent.device_id, daemon=True)
-        t.start()
-        threads.append(t)
     try:
+        aggregator.start()
+        for agent in agents:
+            agent.start()
+            t = threading.Thread(target=serve, args=(agent,), name=agent.device_id, daemon=True)
+            t.start()
+            threads.append(t)
         with display:
             deadline = time.monotonic() + opts.round_timeout * (opts.rounds + 2)
-            while not aggregator.done and time.monotonic() < deadline:
+            while not aggregator.done and not stop.is_set() and time.monotonic() < deadline:
                 aggregator.step(0.1)
     finally:
         stop.set()
         for t in threads:
-            t.join(10)
+            t.join(30)
         for agent in agents:
-            agent.stop()
+            try:
+                agent.stop()
+            except Exception as exc:  # one device failing to say goodbye must not skip the rest
+                log.warning("agent %s did not stop cleanly: %s", agent.device_id, exc)
         aggregator.link.close()
         aggregator.store.close()
+    if crashed:
+        raise SimError(f"agent(s) {', '.join(crashed)} crashed; see the log above")
     elapsed = time.perf_counter() - started
     return _summarise(opts, scheme, out, agents, aggregator.strategy.describe(), elapsed)
 

@@ -71,7 +71,7 @@ class Fleet:
     def round(self, round_id: int, **cfg: object) -> list[Message]:
         header = GlobalModelHeader(fleet=FLEET, model_version=round_id - 1, round_id=round_id - 1)
         self.server.publish(T.global_model, encode(header, self.g), retain=True)
-        config = TrainingConfig(epochs=1, batch_size=8, lr=0.1, **cfg)  # type: ignore[arg-type]
+        config = TrainingConfig(**({"epochs": 1, "batch_size": 8, "lr": 0.1} | cfg))  # type: ignore[arg-type]
         ann = RoundAnnouncement(
             fleet=FLEET,
             round_id=round_id,
@@ -179,3 +179,29 @@ def test_small_model_keeps_at_least_the_minimum_entries(tmp_path: Path) -> None:
     shapes = {k: list(v.shape) for k, v in f.g.items()}
     sent = decode_delta(d.tensors, {"codec": d.msg.codec, "shapes": shapes})  # type: ignore[union-attr]
     assert sum(int(np.count_nonzero(v)) for v in sent.values()) >= 512
+
+
+def test_diverged_training_is_sat_out_not_a_crash(tmp_path: Path) -> None:
+    f = Fleet(tmp_path)
+    f.agent.data = Dataset(np.full((8, 64), np.nan, np.float32), np.zeros(8, np.int32))
+    [msg] = f.round(1)
+    notice = decode_skip(msg.payload, "d1")
+    assert notice.reason == "other" and not notice.trained
+    assert f.agent.stats.failed == 1 and f.agent.residual is None
+    assert f.agent.state.last_round == 1  # the retained round does not bring it back
+
+
+def test_budget_check_uses_the_real_upload_size(tmp_path: Path) -> None:
+    """A budget below the dense model but above a top-k update still lets updates through."""
+    from fedge.agent.eligibility import ByteBudget, EligibilityConfig, Readings, decide
+
+    budget = ByteBudget()
+    cfg = EligibilityConfig(daily_upload_bytes=15_000)  # the float32 model is 19,240 bytes
+    f = Fleet(
+        tmp_path,
+        budget=budget,
+        eligibility=lambda n: decide(cfg, Readings(True, None, 40.0, 0.1), budget, n),
+    )
+    [msg] = f.round(1, codec="topk:0.02+int8", topk_min_entries=0)
+    assert isinstance(decode(msg.payload).msg, UpdateHeader)
+    assert 0 < budget.used() < 2_000
