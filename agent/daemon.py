@@ -317,6 +317,7 @@ class Agent:
             self.global_weights,
             consecutive_skips=self.state.consecutive_skips,
             last_global_update=self.last_global_update,
+            lr=cfg.lr,
         )
         self.last_gate = gate
         if gate.upload and self.clock() > ann.deadline:

@@ -3,9 +3,11 @@
 After local training the device compares this round's delta with the model it received
 (not the residual it carries: under top-k that holds most of the model's change by design):
 
-- **relative size**: ``||update|| / ||w_global||`` below ``threshold`` means the update
-  would barely move the model. Relative to the model, so one threshold serves models
-  of any scale.
+- **relative size**: ``||delta|| / (lr * ||w_global||)`` below ``threshold`` means the
+  update would barely move the model. Relative to the model, so one threshold serves
+  models of any scale, and per unit of learning rate, so one threshold serves learning
+  rates from 0.01 to 0.1: a smaller step makes every delta proportionally smaller, which
+  says nothing about whether it matters (measured in bench/README.md).
 - **relevance** (optional, CMFL, Wang et al., ICDCS 2019): the share of coordinates whose
   sign agrees with the last global update; below ``min_agreement`` the update pulls
   against where the federation is going.
@@ -31,7 +33,7 @@ class GateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
-    threshold: float = Field(default=0.0, ge=0, le=10)  # on ||delta|| / ||w_global||
+    threshold: float = Field(default=0.0, ge=0, le=1000)  # on ||delta|| / (lr ||w_global||)
     min_agreement: float | None = Field(default=None, ge=0, le=1)  # CMFL relevance; None: off
     max_skips: int = Field(default=2, ge=0, le=1000)  # upload at least every max_skips+1 rounds
 
@@ -83,8 +85,10 @@ def decide(
     *,
     consecutive_skips: int,
     last_global_update: Weights | None = None,
+    lr: float = 1.0,
 ) -> GateDecision:
-    rel = relative_norm(update, global_weights)
+    """``relative_norm`` in the decision is per unit of ``lr`` (the round's learning rate)."""
+    rel = relative_norm(update, global_weights) / lr
     agreement = None
     if cfg.min_agreement is not None and last_global_update is not None:
         agreement = sign_agreement(update, last_global_update)

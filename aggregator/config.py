@@ -22,7 +22,8 @@ class GateSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    threshold: float = Field(default=0.01, ge=0, le=10)  # ||delta|| / ||w_global||; 0: off
+    # ||delta|| / (lr ||w_global||) below which a device holds its update back; 0: never.
+    threshold: float = Field(default=0.1, ge=0, le=1000)
     min_agreement: float | None = Field(default=None, ge=0, le=1)  # CMFL relevance; None: off
     max_skips: int = Field(default=2, ge=0, le=1000)  # upload at least every max_skips+1 rounds
 

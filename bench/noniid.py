@@ -14,7 +14,7 @@ Then the paired differences against plain FedAvg on ``single`` (same seed, same 
 and the issue's goals, each marked met or not. It never fails on a number.
 
     .venv/bin/python bench/noniid.py                 # 3 seeds, float32 uploads, ~6 minutes
-    .venv/bin/python bench/noniid.py --codec topk:0.02+int8 --gate 0.01   # fedge's transport
+    .venv/bin/python bench/noniid.py --codec topk:0.02+int8 --gate 0.1   # fedge's transport
     .venv/bin/fedge report runs/bench-noniid/default/seed0   # the picture
 """
 
@@ -177,7 +177,7 @@ def main() -> None:
     p.add_argument(
         "--codec", default="float32", help="for every run; fedge's default: topk:0.02+int8"
     )
-    p.add_argument("--gate", type=float, default=0.0, help="gate threshold; fedge's default: 0.01")
+    p.add_argument("--gate", type=float, default=0.0, help="gate threshold; fedge's default: 0.1")
     p.add_argument("--out", default="runs/bench-noniid")
     args = p.parse_args()
     results = run(args)

@@ -185,7 +185,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight (0: off)")
     s.add_argument("--codec", default="topk:0.02+int8", help="float32, float16, int8, topk:F+int8")
     s.add_argument(
-        "--gate-threshold", type=float, default=0.01, help="skip below ||delta||/||w|| (0: off)"
+        "--gate-threshold", type=float, default=0.1, help="skip below ||delta||/(lr ||w||); 0: off"
     )
     s.add_argument("--gate-max-skips", type=int, default=2, help="upload at least every N+1")
     s.add_argument("--gate-min-agreement", type=float, default=None, help="CMFL relevance")

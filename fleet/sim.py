@@ -68,7 +68,7 @@ class SimOptions:
     momentum: float = 0.9
     mu: float = 0.0  # FedProx
     codec: str = "topk:0.02+int8"  # how devices encode deltas (protocol.codecs)
-    gate_threshold: float = 0.01  # ||delta|| / ||w_global|| below which a device skips; 0: off
+    gate_threshold: float = 0.1  # ||delta|| / (lr ||w_global||) below which a device skips
     gate_max_skips: int = 2
     gate_min_agreement: float | None = None
     max_payload: int = 0  # chunk updates above this many bytes; 0: never

@@ -42,10 +42,10 @@ class TrainingConfig(_Message):
     codec: Codec = "float32"  # how devices encode their deltas (fedge.protocol.codecs)
     # Top-k keeps at least this many entries (a small model needs a larger fraction).
     topk_min_entries: int = Field(default=0, ge=0, le=1 << 30)
-    # The upload gate (fedge.agent.gate): skip when ||update|| / ||w_global|| is below the
+    # The upload gate (fedge.agent.gate): skip when ||delta|| / (lr ||w_global||) is below the
     # threshold (0: never), or when fewer than min_agreement of the signs agree with the
     # last global update (None: no relevance test); upload after max_skips skips regardless.
-    gate_threshold: float = Field(default=0.0, ge=0, le=10)
+    gate_threshold: float = Field(default=0.0, ge=0, le=1000)
     gate_min_agreement: float | None = Field(default=None, ge=0, le=1)
     gate_max_skips: int = Field(default=2, ge=0, le=1000)
 

@@ -31,4 +31,4 @@ def test_aggregator_example() -> None:
     raw = tomllib.loads((EXAMPLES / "aggregator.toml").read_text())
     cfg = AggregatorConfig.model_validate(raw, context={"base_dir": EXAMPLES})
     assert cfg.strategy.name == "fedadam" and cfg.training.codec == "topk:0.02+int8"
-    assert cfg.training.gate.threshold == 0.01
+    assert cfg.training.gate.threshold == 0.1

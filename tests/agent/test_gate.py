@@ -36,3 +36,13 @@ def test_decisions() -> None:
     forced = decide(cfg, w(0.1, 0.1), g, consecutive_skips=2)
     assert forced.upload and forced.reason == "stale"
     assert decide(GateConfig(enabled=False, threshold=9), w(0, 0), g, consecutive_skips=0).upload
+
+
+def test_threshold_is_per_unit_of_learning_rate() -> None:
+    """Ten times the learning rate makes a ten times larger delta: the same decision."""
+    g = w(3.0, 4.0)
+    cfg = GateConfig(threshold=0.5, max_skips=5)
+    small_lr = decide(cfg, w(0.012, 0.016), g, consecutive_skips=0, lr=0.01)
+    large_lr = decide(cfg, w(0.12, 0.16), g, consecutive_skips=0, lr=0.1)
+    assert small_lr.relative_norm == pytest.approx(large_lr.relative_norm) == pytest.approx(0.4)
+    assert small_lr.upload == large_lr.upload is False
