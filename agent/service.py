@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
-import time
 from collections.abc import Callable
 
 from fedge.models.runtime import load_runtime
 from fedge.protocol import Link, make_link
 
-from fedge.systemd import notify, watchdog_interval
+from fedge.systemd import serve_until_stopped
 
 from .config import AgentConfig
 from .daemon import Agent, ResidualStore
@@ -77,20 +74,9 @@ def _eligibility(
 def serve(cfg: AgentConfig) -> int:
     """Run until SIGTERM/SIGINT. Tells systemd when ready and pets its watchdog."""
     agent = build_agent(cfg)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     agent.start()
-    notify("READY=1")
-    pet = watchdog_interval()
-    last_pet = time.monotonic()
     try:
-        while not stop.is_set():
-            agent.step(0.5)
-            if pet is not None and time.monotonic() - last_pet >= pet:
-                notify("WATCHDOG=1")
-                last_pet = time.monotonic()
+        serve_until_stopped(agent.step, poll=0.5)
     finally:
-        notify("STOPPING=1")
         agent.stop()
     return 0

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
-import time
 from collections.abc import Callable
 
 from fedge.models.runtime import load_runtime
 from fedge.protocol import Link, make_link
 
-from fedge.systemd import notify, watchdog_interval
+from fedge.systemd import serve_until_stopped
 
 from .config import AggregatorConfig
 from .coordinator import Aggregator, Evaluator
@@ -54,22 +51,12 @@ def build_aggregator(
 
 
 def serve(cfg: AggregatorConfig) -> int:
+    """Run until SIGTERM/SIGINT or the configured rounds are done."""
     agg = build_aggregator(cfg)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     agg.start()
-    notify("READY=1")
-    pet = watchdog_interval()
-    last_pet = time.monotonic()
     try:
-        while not stop.is_set() and not agg.done:
-            agg.step(0.2)
-            if pet is not None and time.monotonic() - last_pet >= pet:
-                notify("WATCHDOG=1")
-                last_pet = time.monotonic()
+        serve_until_stopped(agg.step, poll=0.2, done=lambda: agg.done)
     finally:
-        notify("STOPPING=1")
         agg.link.close()
         agg.store.close()
     if agg.done:

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
+import time
+from collections.abc import Callable
 
 log = logging.getLogger("fedge")
 
@@ -35,3 +39,30 @@ def watchdog_interval() -> float | None:
     if not usec or not usec.isdigit():
         return None
     return int(usec) / 2e6
+
+
+def serve_until_stopped(
+    step: Callable[[float], object],
+    *,
+    poll: float,
+    done: Callable[[], bool] = lambda: False,
+) -> None:
+    """Call ``step(poll)`` until SIGTERM/SIGINT or ``done()``, as a ``Type=notify`` service.
+
+    Sends READY=1 before the first step, WATCHDOG=1 at half the watchdog period between
+    steps, and STOPPING=1 on the way out (also when a step raises).
+    """
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    notify("READY=1")
+    pet = watchdog_interval()
+    last_pet = time.monotonic()
+    try:
+        while not stop.is_set() and not done():
+            step(poll)
+            if pet is not None and time.monotonic() - last_pet >= pet:
+                notify("WATCHDOG=1")
+                last_pet = time.monotonic()
+    finally:
+        notify("STOPPING=1")
