@@ -61,7 +61,22 @@ def _module(spec: ModelSpec, tf):  # type: ignore[no-untyped-def]
         return tf.ones_like(a)
 
     x_sig = tf.TensorSpec([None, spec.input_size], tf.float32, name="x")
-    y_sig = tf.TensorSpec([None], tf.int32, name="y")
+    regression = spec.loss == "mse"
+    if regression:
+        y_sig = tf.TensorSpec([None, n_out], tf.float32, name="y")
+    else:
+        y_sig = tf.TensorSpec([None], tf.int32, name="y")
+
+    def loss_and_dz(out, y, n):  # type: ignore[no-untyped-def]
+        """The loss and its gradient with respect to the last layer's output."""
+        if regression:
+            diff = out - y
+            return tf.reduce_mean(diff * diff), 2.0 * diff / (n * float(n_out))
+        logp = tf.nn.log_softmax(out)
+        onehot = tf.one_hot(y, n_out, dtype=tf.float32)
+        loss = -tf.reduce_mean(tf.reduce_sum(onehot * logp, axis=1))
+        return loss, (tf.exp(logp) - onehot) / n
+
     lr_sig = tf.TensorSpec([], tf.float32, name="lr")
     mu_sig = tf.TensorSpec([], tf.float32, name="mu")
     w_sigs = [tf.TensorSpec(init[n].shape, tf.float32, name=n) for n in names]
@@ -83,11 +98,8 @@ def _module(spec: ModelSpec, tf):  # type: ignore[no-untyped-def]
         @tf.function(input_signature=[x_sig, y_sig, lr_sig, mu_sig])
         def train(self, x, y, lr, mu):  # type: ignore[no-untyped-def]
             out = self._forward(x)
-            logp = tf.nn.log_softmax(out[-1])
-            onehot = tf.one_hot(y, n_out, dtype=tf.float32)
-            loss = -tf.reduce_mean(tf.reduce_sum(onehot * logp, axis=1))
             n = tf.cast(tf.shape(x)[0], tf.float32)
-            dz = (tf.exp(logp) - onehot) / n
+            loss, dz = loss_and_dz(out[-1], y, n)
             grads = {}
             for i in reversed(range(len(acts))):
                 grads[f"dense{i}_kernel"] = tf.matmul(out[i], dz, transpose_a=True)
@@ -103,11 +115,19 @@ def _module(spec: ModelSpec, tf):  # type: ignore[no-untyped-def]
         @tf.function(input_signature=[x_sig])
         def infer(self, x):  # type: ignore[no-untyped-def]
             logits = self._forward(x)[-1]
+            if regression:
+                return {"logits": logits}
             return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
 
         @tf.function(input_signature=[x_sig, y_sig])
         def evaluate(self, x, y):  # type: ignore[no-untyped-def]
             logits = self._forward(x)[-1]
+            if regression:
+                diff = logits - y
+                return {
+                    "loss": tf.reduce_mean(diff * diff),
+                    "metric": tf.reduce_mean(tf.abs(diff)),
+                }
             logp = tf.nn.log_softmax(logits)
             onehot = tf.one_hot(y, n_out, dtype=tf.float32)
             loss = -tf.reduce_mean(tf.reduce_sum(onehot * logp, axis=1))

@@ -52,11 +52,16 @@ def loss_and_grads(
     spec: ModelSpec, w: Weights, x: np.ndarray, y: np.ndarray
 ) -> tuple[float, Weights]:
     acts = forward(spec, w, x)
-    logp = log_softmax(acts[-1])
-    onehot = np.eye(spec.outputs, dtype=np.float32)[y.astype(np.int64)]
-    loss = -np.mean(np.sum(onehot * logp, axis=1))
     n = np.float32(x.shape[0])
-    dz = (np.exp(logp) - onehot) / n
+    if spec.loss == "mse":
+        diff = acts[-1] - y.astype(np.float32).reshape(acts[-1].shape)
+        loss = np.mean(diff * diff)
+        dz = np.float32(2.0) * diff / (n * np.float32(spec.outputs))
+    else:
+        logp = log_softmax(acts[-1])
+        onehot = np.eye(spec.outputs, dtype=np.float32)[y.astype(np.int64)]
+        loss = -np.mean(np.sum(onehot * logp, axis=1))
+        dz = (np.exp(logp) - onehot) / n
     grads: Weights = {}
     for i in reversed(range(len(spec.activations))):
         grads[f"dense{i}_kernel"] = acts[i].T @ dz
@@ -90,8 +95,11 @@ def sgd_step(
 
 
 def evaluate(spec: ModelSpec, w: Weights, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy."""
+    """Mean cross-entropy and accuracy; for ``mse`` models, mean squared and absolute error."""
     logits = forward(spec, w, x)[-1]
+    if spec.loss == "mse":
+        diff = logits - y.astype(np.float32).reshape(logits.shape)
+        return float(np.mean(diff * diff)), float(np.mean(np.abs(diff)))
     logp = log_softmax(logits)
     loss = -np.mean(logp[np.arange(len(y)), y.astype(np.int64)])
     acc = np.mean(np.argmax(logits, axis=1) == y)

@@ -179,6 +179,9 @@ class InterpreterRuntime(Runtime):
         self._run = {name: self._interp.get_signature_runner(name) for name in CONTRACT}
         self.weight_names = sorted(signatures["set_weights"]["inputs"])
         self.supports_prox = "mu" in signatures["train"]["inputs"]
+        # int32 labels for classifiers, float32 targets for regression (mse) models
+        y_details = self._run["train"].get_input_details()["y"]
+        self._y_dtype = np.dtype(y_details["dtype"])
         self._shapes = {k: v.shape for k, v in self.get_weights().items()}
         self._infer_interp = self._load_delegated(delegates)
         self._infer_stale = True
@@ -215,7 +218,7 @@ class InterpreterRuntime(Runtime):
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float = 0.0) -> float:
         inputs = {
             "x": np.ascontiguousarray(x, dtype=np.float32),
-            "y": np.ascontiguousarray(y, dtype=np.int32),
+            "y": np.ascontiguousarray(y, dtype=self._y_dtype),
             "lr": np.float32(lr),
         }
         if self.supports_prox:
@@ -238,7 +241,7 @@ class InterpreterRuntime(Runtime):
         out = self._call(
             "evaluate",
             x=np.ascontiguousarray(x, dtype=np.float32),
-            y=np.ascontiguousarray(y, dtype=np.int32),
+            y=np.ascontiguousarray(y, dtype=self._y_dtype),
         )
         return float(out["loss"]), float(out["metric"])
 

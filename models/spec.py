@@ -16,7 +16,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 Activation = Literal["relu", "tanh", "sigmoid", "linear"]
-Loss = Literal["softmax_cross_entropy"]
+# softmax_cross_entropy: classes, y holds int labels, the metric is accuracy.
+# mse: regression (forecast, autoencode), y holds float targets of shape (n, outputs),
+# the metric is the mean absolute error.
+Loss = Literal["softmax_cross_entropy", "mse"]
 
 
 class SpecError(ValueError):

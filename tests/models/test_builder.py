@@ -78,3 +78,37 @@ def test_other_activations_build_and_agree_with_numpy() -> None:
         assert lite.train_step(x, y, 0.2) == pytest.approx(ref.train_step(x, y, 0.2), abs=1e-5)
     for name, w in ref.get_weights().items():
         np.testing.assert_allclose(lite.get_weights()[name], w, atol=1e-5)
+
+
+def test_mse_model_for_forecasting_agrees_with_numpy() -> None:
+    """Regression heads (forecast, autoencode): float targets, MSE loss, MAE metric."""
+    from fedge.models.builder import build_tflite
+    from fedge.models.metadata import op_codes
+    from fedge.models.runtime import NumpyRuntime, load_runtime
+    from fedge.models.spec import DenseLayer, ModelSpec
+
+    spec = ModelSpec(
+        name="forecast",
+        input_size=8,
+        layers=(DenseLayer(units=16, activation="tanh"),),
+        outputs=2,
+        loss="mse",
+        seed=2,
+    )
+    data = build_tflite(spec)
+    assert not [op for op in op_codes(data) if op.is_custom]
+    lite, ref = load_runtime(data, prefer=("litert",)), NumpyRuntime(spec)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 8)).astype(np.float32)
+    y = (x[:, :2] * 0.5).astype(np.float32)  # learnable
+    first = ref.evaluate(x, y)[0]
+    for _ in range(30):
+        assert lite.train_step(x, y, 0.05, mu=0.1) == pytest.approx(
+            ref.train_step(x, y, 0.05, mu=0.1), abs=1e-5
+        )
+    for name, w in ref.get_weights().items():
+        np.testing.assert_allclose(lite.get_weights()[name], w, atol=1e-5)
+    loss, mae = lite.evaluate(x, y)
+    assert (loss, mae) == pytest.approx(ref.evaluate(x, y), abs=1e-5)
+    assert loss < first / 2
+    assert lite.infer(x).shape == (12, 2)
