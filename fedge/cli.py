@@ -136,6 +136,41 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bridge_simulate(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import threading
+
+    from fedge.firmware_bridge.binary_frames import encode_frame
+    from fedge.firmware_bridge.simulator import Machine, open_pty, replay_csv, serve_pty
+    from fedge.firmware_bridge.text_frames import format_line
+
+    if args.replay and not Path(args.replay).is_file():
+        raise UserError(f"{args.replay}: no such file")
+    master, path = open_pty(Path(args.link) if args.link else None)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    samples = (
+        replay_csv(Path(args.replay))
+        if args.replay
+        else Machine(seed=args.seed, rate_hz=args.rate, fault_rate=args.fault_rate).samples()
+    )
+    encode = encode_frame if args.format == "binary" else format_line
+    print(f"simulated sensor on {path} ({args.format} frames at {args.rate:g} Hz)", flush=True)
+    limit = int(args.seconds * args.rate) if args.seconds else None
+    try:
+        sent = serve_pty(master, samples, encode, rate_hz=args.rate, stop=stop, limit=limit)
+    except KeyboardInterrupt:
+        sent = -1
+    finally:
+        os.close(master)
+        if args.link:
+            Path(args.link).unlink(missing_ok=True)
+    if sent >= 0:
+        print(f"sent {sent} samples")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedge", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -196,6 +231,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--runtime", default="litert", choices=["litert", "tflite_runtime", "numpy"])
     s.add_argument("--round-timeout", type=float, default=60.0, help="seconds")
     s.set_defaults(func=_cmd_sim, log_level=logging.WARNING)
+
+    br = sub.add_parser("bridge", help="serial sensor tools").add_subparsers(
+        dest="bridge_command", required=True
+    )
+    bs = br.add_parser("simulate", help="a simulated sensor on a pseudo-terminal")
+    bs.add_argument("--pty", action="store_true", help="serve on a new pseudo-terminal (default)")
+    bs.add_argument("--link", default=None, help="also make this symlink to the pty")
+    bs.add_argument("--rate", type=float, default=100.0, help="samples per second")
+    bs.add_argument("--format", choices=["binary", "text"], default="binary")
+    bs.add_argument("--replay", default=None, help="play back a CSV of readings instead")
+    bs.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: never)")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--fault-rate", type=float, default=0.001, help="faults per sample")
+    bs.set_defaults(func=_cmd_bridge_simulate, log_level=logging.WARNING)
 
     r = sub.add_parser("report", help="render a sim run as a PNG and an HTML page")
     r.add_argument("run_dir", help="the --out folder of fedge sim")

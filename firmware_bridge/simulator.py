@@ -92,6 +92,8 @@ def open_pty(link: Path | None = None) -> tuple[int, str]:
 
     master, slave = os.openpty()
     tty.setraw(slave)
+    # A UART does not wait for a listener: with nobody reading, frames are dropped, not queued.
+    os.set_blocking(master, False)
     path = os.ttyname(slave)
     os.close(slave)
     if link is not None:
