@@ -17,7 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN
 
@@ -31,6 +38,34 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
     return value if value.is_absolute() or base is None else Path(base) / value
 
 
+class SerialConfig(BaseModel):
+    """The microcontroller on a serial port, and how long its samples are kept."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    port: str  # /dev/ttyACM0, or any pyserial URL
+    baudrate: int = Field(default=115200, gt=0)
+    format: Literal["binary", "text"] = "binary"
+    channels: tuple[str, ...] | None = None  # key=value text lines: which keys, in order
+    max_rows: int = Field(default=200_000, ge=100)
+    retention_s: float = Field(default=7 * 86400.0, gt=0)
+
+
+class TaskConfig(BaseModel):
+    """How windows of the stream become training examples (fedge.agent.tasks)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["forecast", "autoencode", "classify"] = "forecast"
+    window: int = Field(default=16, ge=1, le=4096)
+    targets: tuple[int, ...] | None = None  # forecast: which channels to predict (all)
+    history: int = Field(default=2000, ge=2)  # latest samples to train on each round
+    min_examples: int = Field(default=32, ge=1)  # fewer: sit the round out ("not_ready")
+    # Fixed per-channel scaling, (value - center) / scale, shared by the whole fleet.
+    center: tuple[float, ...] | None = None
+    scale: tuple[float, ...] | None = None
+
+
 class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -38,7 +73,9 @@ class AgentConfig(BaseModel):
     fleet: str = Field(default="default", pattern=ID_PATTERN)
     broker: str = Field(default="mqtt://127.0.0.1:1883", pattern=BROKER_URL_PATTERN)
     model: Path
-    data: Path
+    data: Path | None = None  # a prepared .npz (x, y); or read a sensor: [serial] and [task]
+    serial: SerialConfig | None = None
+    task: TaskConfig | None = None
     state_dir: Path = Path("/var/lib/fedge")
     runtime: tuple[Backend, ...] = ("litert", "tflite_runtime", "numpy")
     delegates: tuple[str, ...] = ()
@@ -58,9 +95,19 @@ class AgentConfig(BaseModel):
     eligibility: EligibilityConfig | None = None
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _one_source(self) -> AgentConfig:
+        if (self.data is None) == (self.serial is None):
+            raise ValueError("give either data (a .npz file) or a [serial] sensor, not both")
+        if self.serial is not None and self.task is None:
+            raise ValueError("a [serial] sensor needs a [task] (forecast, autoencode or classify)")
+        return self
+
     @field_validator("model", "data", mode="after")
     @classmethod
-    def _must_exist(cls, value: Path, info: ValidationInfo) -> Path:
+    def _must_exist(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
         path = _resolve(value, info)
         if not path.is_file():
             raise ValueError(f"file does not exist: {path}")

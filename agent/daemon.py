@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fedge.models.runtime import Runtime
@@ -53,6 +54,7 @@ from .eligibility import ByteBudget, Decision
 from .gate import GateConfig, GateDecision
 from .gate import decide as decide_gate
 from .state import AgentState
+from .tasks import TaskError
 from .trainer import train_local
 
 log = logging.getLogger("fedge.agent")
@@ -91,7 +93,7 @@ class Agent:
         fleet: str,
         link: Link,
         runtime: Runtime,
-        data: Dataset,
+        data: Dataset | Callable[[], Dataset],
         state: AgentState | None = None,
         save_state: Callable[[AgentState], None] | None = None,
         rng: np.random.Generator | None = None,
@@ -101,12 +103,16 @@ class Agent:
         eligibility: Callable[[int], Decision] | None = None,
         budget: ByteBudget | None = None,
         max_payload: int = 0,
+        sensor: Any = None,
     ) -> None:
         self.device_id = device_id
         self.topics = Topics(fleet)
         self.link = link
         self.runtime = runtime
+        # A fixed data set, or a callable that builds one from the sensor when a round starts
+        # (and raises TaskError while there are too few samples).
         self.data = data
+        self._round_data: Dataset | None = data if isinstance(data, Dataset) else None
         self.state = state or AgentState()
         self._save = save_state or (lambda s: None)
         self.rng = rng or np.random.default_rng()
@@ -121,6 +127,7 @@ class Agent:
         self.eligibility = eligibility
         self.budget = budget
         self.max_payload = max_payload  # 0: never chunk
+        self.sensor = sensor  # a SensorSource to start and stop with the agent, if any
         self.last_update_bytes = 0
         self.last_gate: GateDecision | None = None
         self.last_global_update: dict[str, np.ndarray] | None = None
@@ -136,6 +143,8 @@ class Agent:
         return Message(Topics(fleet).status(device_id), payload, retain=True)
 
     def start(self, timeout: float = 30.0) -> None:
+        if self.sensor is not None:
+            self.sensor.start()
         self.link.connect(timeout=timeout)
         self.link.subscribe(self.topics.global_model, qos=1)
         self.link.subscribe(self.topics.round, qos=1)
@@ -144,7 +153,7 @@ class Agent:
             "agent %s online in fleet %s, %d local samples, runtime %s",
             self.device_id,
             self.topics.fleet,
-            len(self.data),
+            len(self._round_data) if self._round_data is not None else 0,
             self.runtime.describe(),
         )
 
@@ -153,6 +162,8 @@ class Agent:
             self._status("offline")
         finally:
             self.link.close()
+            if self.sensor is not None:
+                self.sensor.stop()
 
     def run(self, stop: threading.Event, poll: float = 0.5) -> None:
         while not stop.is_set():
@@ -253,7 +264,7 @@ class Agent:
             update_id=secrets.token_hex(8),
             reason=reason,
             trained=trained,
-            num_samples=len(self.data) if trained else 0,
+            num_samples=len(self._round_data) if trained and self._round_data is not None else 0,
         )
         payload = encode_skip(notice)
         self.link.publish(self.topics.update(self.device_id), payload, qos=1)
@@ -288,12 +299,21 @@ class Agent:
             if not decision.train:
                 self._skip(ann, decision.reason, trained=False)
                 return
+        if isinstance(self.data, Dataset):
+            self._round_data = self.data
+        else:
+            try:
+                self._round_data = self.data()
+            except TaskError as exc:
+                log.info("round %d: no training data yet (%s)", ann.round_id, exc)
+                self._skip(ann, "not_ready", trained=False)
+                return
         self._status("training")
         started = time.perf_counter()
         self.runtime.set_weights(self.global_weights)
         result = train_local(
             self.runtime,
-            self.data,
+            self._round_data,
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
             lr=cfg.lr,

@@ -16,7 +16,7 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class Dataset:
     x: np.ndarray  # (n, features) float32
-    y: np.ndarray  # (n,) int32
+    y: np.ndarray  # (n,) int32 labels, or (n, outputs) float32 targets for regression
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

@@ -12,8 +12,9 @@ from fedge.systemd import serve_until_stopped
 
 from .config import AgentConfig
 from .daemon import Agent, ResidualStore
-from .dataset import DatasetError, load_npz
+from .dataset import Dataset, DatasetError, load_npz
 from .eligibility import ByteBudget, Decision, EligibilityConfig, ReadingLog, decide, read_readings
+from .sensor_source import SensorSource
 from .state import load_state, save_state
 
 log = logging.getLogger("fedge.agent")
@@ -25,12 +26,22 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
     runtime = load_runtime(
         cfg.model, prefer=cfg.runtime, delegates=cfg.delegates, num_threads=cfg.num_threads
     )
-    data = load_npz(cfg.data)
-    first = runtime.get_weights().get("dense0_kernel")  # fedge-built models; others unchecked
-    if first is not None and first.shape[0] != data.x.shape[1]:
-        raise DatasetError(
-            f"{cfg.data}: {data.x.shape[1]} features per sample, the model takes {first.shape[0]}"
+    sensor = None
+    data: Dataset | Callable[[], Dataset]
+    if cfg.serial is not None and cfg.task is not None:
+        sensor = SensorSource(
+            cfg.serial, cfg.task, cfg.state_dir / f"samples-{cfg.device_id}.sqlite"
         )
+        data = sensor.dataset
+    else:
+        assert cfg.data is not None
+        data = load_npz(cfg.data)
+        first = runtime.get_weights().get("dense0_kernel")  # fedge-built models only
+        if first is not None and first.shape[0] != data.x.shape[1]:
+            raise DatasetError(
+                f"{cfg.data}: {data.x.shape[1]} features per sample,"
+                f" the model takes {first.shape[0]}"
+            )
     state_file = cfg.state_dir / f"agent-{cfg.device_id}.json"
     state = load_state(state_file)
     if link is None:
@@ -51,6 +62,7 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
         eligibility=eligibility,
         budget=budget,
         max_payload=cfg.max_payload,
+        sensor=sensor,
     )
 
 

@@ -1,0 +1,97 @@
+"""The device's own sensor as its training data: serial port -> decoder -> SQLite -> examples.
+
+A reader thread owns the port and the writing side of the store (a SQLite connection stays
+in the thread that made it); the agent's loop opens its own reading connection (WAL lets
+both work at once) and, when a round starts, turns the latest samples into examples with
+the configured task. The samples never leave the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fedge.firmware_bridge.binary_frames import BinaryDecoder
+from fedge.firmware_bridge.reader import SerialReader
+from fedge.firmware_bridge.text_frames import TextDecoder
+
+from . import tasks
+from .config import SerialConfig, TaskConfig
+from .dataset import Dataset
+from .store import SampleStore
+
+log = logging.getLogger("fedge.agent")
+
+
+class SensorSource:
+    def __init__(self, serial: SerialConfig, task: TaskConfig, store_path: Path) -> None:
+        self.serial = serial
+        self.task = task
+        self.store_path = store_path
+        self.decoder: Any = (
+            BinaryDecoder() if serial.format == "binary" else TextDecoder(serial.channels)
+        )
+        self.reader = SerialReader(
+            serial.port, serial.baudrate, self.decoder, on_samples=self._write
+        )
+        self._writer: SampleStore | None = None
+        self._reading: SampleStore | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the reader thread --------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="serial-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.reader.run(self._stop)
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+
+    def _write(self, samples: Sequence[Any]) -> None:
+        if self._writer is None:
+            self._writer = self._open()
+        self._writer.append(samples)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._reading is not None:
+            self._reading.close()
+            self._reading = None
+
+    # -- the agent's loop -----------------------------------------------------------
+    def _open(self) -> SampleStore:
+        return SampleStore(
+            self.store_path, max_rows=self.serial.max_rows, retention_s=self.serial.retention_s
+        )
+
+    def scaled(self, values: np.ndarray) -> np.ndarray:
+        out: np.ndarray = np.asarray(values, np.float32)
+        if self.task.center is not None:
+            out = out - np.asarray(self.task.center, np.float32)
+        if self.task.scale is not None:
+            out = out / np.asarray(self.task.scale, np.float32)
+        return out.astype(np.float32)
+
+    def dataset(self) -> Dataset:
+        """Examples from the latest samples; :class:`tasks.TaskError` when too few."""
+        if self.task.kind == "classify":
+            raise tasks.TaskError("classify from a serial stream needs stored labels (not yet)")
+        if self._reading is None:
+            if not self.store_path.exists():
+                raise tasks.TaskError("no samples yet")
+            self._reading = self._open()
+        values = self.scaled(self._reading.latest(self.task.history))
+        x, y = tasks.examples(self.task.kind, values, self.task.window, targets=self.task.targets)
+        if len(x) < self.task.min_examples:
+            raise tasks.TaskError(f"{len(x)} examples, want at least {self.task.min_examples}")
+        return Dataset(x, y)
