@@ -425,8 +425,10 @@ class Aggregator:
             "duration_s": round(now - rnd.started, 3),
         }
         if self.evaluator is not None:
-            loss, acc = self.evaluator(self.weights)
-            summary["accuracy"], summary["loss"] = acc, loss
+            loss, metric = self.evaluator(self.weights)
+            # classifiers report accuracy; regression models (forecasters) the mean abs. error
+            summary[getattr(self.evaluator, "metric_name", "accuracy")] = metric
+            summary["loss"] = loss
         self._close(rnd, "done", now, summary)
         self.completed += 1
         self._check_done()

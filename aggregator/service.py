@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 from fedge.models.runtime import load_runtime
 from fedge.protocol import Link, make_link
 
@@ -17,21 +19,25 @@ from .store import Store
 log = logging.getLogger("fedge.aggregator")
 
 
+class HeldOutEvaluator:
+    """Scores a global model on the held-out set: (loss, metric)."""
+
+    def __init__(self, model: Path, data: Path) -> None:
+        with np.load(data, allow_pickle=False) as npz:
+            self.x = np.asarray(npz["x"], np.float32)
+            y = np.asarray(npz["y"])
+        self.runtime = load_runtime(model)
+        self.regression = y.dtype.kind == "f"
+        self.y = y.astype(np.float32 if self.regression else np.int32)
+        self.metric_name = "mae" if self.regression else "accuracy"
+
+    def __call__(self, weights: dict) -> tuple[float, float]:
+        self.runtime.set_weights(weights)
+        return self.runtime.evaluate(self.x, self.y)
+
+
 def make_evaluator(cfg: AggregatorConfig) -> Evaluator | None:
-    if cfg.eval_data is None:
-        return None
-    import numpy as np
-
-    with np.load(cfg.eval_data, allow_pickle=False) as npz:
-        x = np.asarray(npz["x"], np.float32)
-        y = np.asarray(npz["y"], np.int32)
-    runtime = load_runtime(cfg.model)
-
-    def evaluate(weights: dict) -> tuple[float, float]:
-        runtime.set_weights(weights)
-        return runtime.evaluate(x, y)
-
-    return evaluate
+    return None if cfg.eval_data is None else HeldOutEvaluator(cfg.model, cfg.eval_data)
 
 
 def build_aggregator(
