@@ -1,0 +1,110 @@
+"""Can the serial bridge keep up? Samples/s and CPU share of reader + decoder + store.
+
+A child process plays an MCU: it writes 8-channel binary frames to a pseudo-terminal at the
+target rate. This process runs what the agent runs while it is idle between rounds: the
+pyserial reader, the binary frame decoder and the SQLite sample store (one transaction per
+read). It prints the rate it kept up with, lost and faulty frames, and the CPU time it used
+as a share of one core (process CPU time / wall time; the writer is another process).
+
+    .venv/bin/python bench/bridge_throughput.py --rate 5000 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from fedge.agent.store import SampleStore
+from fedge.firmware_bridge.binary_frames import BinaryDecoder
+from fedge.firmware_bridge.reader import SerialReader
+
+WRITER = r"""
+import os, sys, time
+from fedge.firmware_bridge.binary_frames import encode_frame
+from fedge.firmware_bridge.sample import Sample
+fd, rate, seconds = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+os.set_blocking(fd, True)
+total = int(rate * seconds)
+batch = max(1, int(rate / 200))  # write in 5 ms bursts, as a UART FIFO drains
+start = time.monotonic()
+sent = 0
+while sent < total:
+    chunk = b"".join(encode_frame(Sample(1, (sent + i) & 0xFFFF, (sent + i) & 0xFFFFFFFF,
+                     tuple(float(c + i) for c in range(8)))) for i in range(batch))
+    os.write(fd, chunk)
+    sent += batch
+    ahead = start + sent / rate - time.monotonic()
+    if ahead > 0:
+        time.sleep(ahead)
+print(sent, flush=True)
+"""
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rate", type=float, default=5000.0, help="samples per second")
+    p.add_argument("--seconds", type=float, default=10.0)
+    args = p.parse_args()
+    master, slave = os.openpty()
+    import tty
+
+    tty.setraw(slave)
+    port = os.ttyname(slave)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SampleStore(Path(tmp) / "samples.sqlite", max_rows=1_000_000)
+        decoder = BinaryDecoder()
+        reader = SerialReader(port, 921600, decoder, on_samples=store.append, read_size=65536)
+        stop = threading.Event()
+        thread = threading.Thread(target=reader.run, args=(stop,), daemon=True)
+        thread.start()
+        reader.connected.wait(5)
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(master), str(args.rate), str(args.seconds)],
+            pass_fds=(master,),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        sent = int(writer.communicate()[0].strip())
+        end = time.monotonic() + 5
+        while reader.counters["samples"] < sent and time.monotonic() < end:
+            time.sleep(0.01)
+        wall, cpu = time.monotonic() - wall0, time.process_time() - cpu0
+        stop.set()
+        thread.join(5)
+        stored = store.count()
+        store.close()
+    os.close(master)
+    os.close(slave)
+    got = reader.counters["samples"]
+    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print(f"target {args.rate:,.0f} samples/s of 8 channels for {args.seconds:g} s: sent {sent:,}")
+    print(
+        f"decoded {got:,} ({got / wall:,.0f} samples/s over {wall:.2f} s), stored {stored:,}, "
+        f"faults {dict(decoder.faults) or 0}"
+    )
+    print(
+        f"CPU: {cpu:.2f} s in {wall:.2f} s = {100 * cpu / wall:.1f}% of one core "
+        f"(reader, decoder and store; the writer is another process)"
+    )
+
+
+if __name__ == "__main__":
+    main()
