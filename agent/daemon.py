@@ -128,6 +128,7 @@ class Agent:
         self.budget = budget
         self.max_payload = max_payload  # 0: never chunk
         self.sensor = sensor  # a SensorSource to start and stop with the agent, if any
+        self.anomaly_score: float | None = None  # autoencode: latest window vs global model
         self.last_update_bytes = 0
         self.last_gate: GateDecision | None = None
         self.last_global_update: dict[str, np.ndarray] | None = None
@@ -178,7 +179,13 @@ class Agent:
         return True
 
     def _status(self, state: str) -> None:
-        payload = encode(Status(device_id=self.device_id, state=state, timestamp=self.clock()))
+        status = Status(
+            device_id=self.device_id,
+            state=state,
+            timestamp=self.clock(),
+            anomaly_score=self.anomaly_score,
+        )
+        payload = encode(status)
         self.link.publish(self.topics.status(self.device_id), payload, qos=1, retain=True)
 
     def handle(self, msg: Message) -> None:
@@ -224,6 +231,12 @@ class Agent:
         self.state.model_version = header.model_version
         self._save(self.state)
         log.info("applied global model v%d (round %d)", header.model_version, header.round_id)
+        if self.sensor is not None:
+            score = self.sensor.anomaly_score(self.runtime)
+            if score is not None and np.isfinite(score):
+                self.anomaly_score = score
+                log.info("anomaly score %.4f under model v%d", score, header.model_version)
+                self._status("idle")
         if self.pending is not None:
             pending, self.pending = self.pending, None
             self._on_round(pending)

@@ -82,16 +82,44 @@ class SensorSource:
             out = out / np.asarray(self.task.scale, np.float32)
         return out.astype(np.float32)
 
-    def dataset(self) -> Dataset:
-        """Examples from the latest samples; :class:`tasks.TaskError` when too few."""
-        if self.task.kind == "classify":
-            raise tasks.TaskError("classify from a serial stream needs stored labels (not yet)")
+    def _store(self) -> SampleStore:
         if self._reading is None:
             if not self.store_path.exists():
                 raise tasks.TaskError("no samples yet")
             self._reading = self._open()
-        values = self.scaled(self._reading.latest(self.task.history))
-        x, y = tasks.examples(self.task.kind, values, self.task.window, targets=self.task.targets)
+        return self._reading
+
+    def anomaly_score(self, runtime: Any) -> float | None:
+        """For ``autoencode``: the reconstruction error of the latest window (None otherwise).
+
+        A window the fleet's model cannot reconstruct looks unlike what the machines usually
+        do; the score rises as a machine drifts away from the fleet's normal.
+        """
+        if self.task.kind != "autoencode":
+            return None
+        try:
+            raw = self._store().latest(self.task.window)
+        except tasks.TaskError:
+            return None
+        if len(raw) < self.task.window:
+            return None
+        x, _ = tasks.autoencode(self.scaled(raw), self.task.window)
+        return float(tasks.reconstruction_error(runtime.infer(x), x)[-1])
+
+    def dataset(self) -> Dataset:
+        """Examples from the latest samples; :class:`tasks.TaskError` when too few."""
+        store = self._store()
+        labels = None
+        if self.task.kind == "classify":  # the stream's label channel (text lines: label=3)
+            raw, labels = store.latest_labelled(self.task.history)
+        else:
+            raw = store.latest(self.task.history)
+        if raw.size == 0:
+            raise tasks.TaskError("no samples yet")
+        values = self.scaled(raw)
+        x, y = tasks.examples(
+            self.task.kind, values, self.task.window, labels=labels, targets=self.task.targets
+        )
         if len(x) < self.task.min_examples:
             raise tasks.TaskError(f"{len(x)} examples, want at least {self.task.min_examples}")
         return Dataset(x, y)

@@ -336,6 +336,18 @@ class SampleStore:
             ).fetchall()
         return self._stack([r[0] for r in rows])
 
+    def latest_labelled(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The last ``n`` samples that carry a label: (values (rows, channels), labels int32)."""
+        if n < 0:
+            raise ValueError(f"n must be non-negative, got {n}")
+        with self._boundary("latest_labelled"):
+            rows = self.db.execute(
+                'SELECT "values", label FROM (SELECT id, "values", label FROM samples '
+                "WHERE label IS NOT NULL ORDER BY id DESC LIMIT ?) ORDER BY id",
+                [n],
+            ).fetchall()
+        return self._stack([r[0] for r in rows]), np.array([r[1] for r in rows], np.int32)
+
     def window(
         self,
         since_ms: int | None = None,

@@ -105,6 +105,9 @@ class Status(_Message):
     device_id: Id
     state: Literal["online", "offline", "training", "idle"]
     timestamp: float  # unix seconds
+    # autoencode task: reconstruction error of the device's latest window under the global
+    # model (an anomaly score; the readings themselves never leave the device)
+    anomaly_score: float | None = None
 
 
 Header = Annotated[
