@@ -32,3 +32,10 @@ def test_aggregator_example() -> None:
     cfg = AggregatorConfig.model_validate(raw, context={"base_dir": EXAMPLES})
     assert cfg.strategy.name == "fedadam" and cfg.training.codec == "topk:0.02+int8"
     assert cfg.training.gate.threshold == 0.1
+
+
+def test_serial_agent_example() -> None:
+    raw = tomllib.loads((EXAMPLES / "agent-serial.toml").read_text())
+    cfg = AgentConfig.model_validate(raw, context={"base_dir": EXAMPLES})
+    assert cfg.serial is not None and cfg.task is not None and cfg.data is None
+    assert cfg.task.window * len(cfg.task.center or ()) == 80  # the forecaster's input size
