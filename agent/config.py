@@ -26,16 +26,11 @@ from pydantic import (
     model_validator,
 )
 
-from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN
+from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN, existing_file, resolve_path
 
 from .eligibility import EligibilityConfig
 
 Backend = Literal["litert", "tflite_runtime", "numpy"]
-
-
-def _resolve(value: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base_dir")
-    return value if value.is_absolute() or base is None else Path(base) / value
 
 
 class SerialConfig(BaseModel):
@@ -106,14 +101,9 @@ class AgentConfig(BaseModel):
     @field_validator("model", "data", mode="after")
     @classmethod
     def _must_exist(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        path = _resolve(value, info)
-        if not path.is_file():
-            raise ValueError(f"file does not exist: {path}")
-        return path
+        return existing_file(value, info)
 
     @field_validator("state_dir", mode="after")
     @classmethod
     def _state_dir(cls, value: Path, info: ValidationInfo) -> Path:
-        return _resolve(value, info)
+        return resolve_path(value, info)

@@ -7,14 +7,9 @@ from pathlib import Path
 from fedge.protocol.codecs import parse_codec
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN
+from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN, existing_file, resolve_path
 
 from .strategy import StrategyConfig
-
-
-def _resolve(value: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base_dir")
-    return value if value.is_absolute() or base is None else Path(base) / value
 
 
 class GateSettings(BaseModel):
@@ -73,17 +68,12 @@ class AggregatorConfig(BaseModel):
     @field_validator("model", "eval_data", mode="after")
     @classmethod
     def _must_exist(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        path = _resolve(value, info)
-        if not path.is_file():
-            raise ValueError(f"file does not exist: {path}")
-        return path
+        return existing_file(value, info)
 
     @field_validator("state_dir", "log", mode="after")
     @classmethod
     def _paths(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return None if value is None else _resolve(value, info)
+        return None if value is None else resolve_path(value, info)
 
     @property
     def log_path(self) -> Path:

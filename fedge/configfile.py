@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, ValidationInfo
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,3 +56,19 @@ def load_config(path: str | Path, model: type[M]) -> M:
         return model.model_validate(raw, context={"base_dir": path.parent})
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe(exc)}") from exc
+
+
+def resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """A relative path in a config file is relative to the file's folder."""
+    base = (info.context or {}).get("base_dir")
+    return value if value.is_absolute() or base is None else Path(base) / value
+
+
+def existing_file(value: Path | None, info: ValidationInfo) -> Path | None:
+    """``resolve_path``, and the file must exist (None stays None)."""
+    if value is None:
+        return None
+    path = resolve_path(value, info)
+    if not path.is_file():
+        raise ValueError(f"file does not exist: {path}")
+    return path

@@ -49,6 +49,7 @@ from .cobs import CobsError, cobs_decode, cobs_encode
 from .faults import record
 from .sample import Sample
 from .sequence import SeqTracker
+from .splitter import Splitter
 
 VERSION = 1
 MAX_CHANNELS = 32
@@ -103,39 +104,19 @@ class BinaryDecoder:
         self.faults: Counter[str] = Counter()
         self.frames = 0  # good frames decoded (duplicates included)
         self.seq = SeqTracker(1 << 16)
-        self._buf = bytearray()
-        self._skipping = False  # inside an overlong frame, waiting for its delimiter
+        self._records = Splitter(b"\x00", max_frame, lambda: self._fault("too_long"))
 
     def feed(self, data: bytes) -> list[Sample]:
         """Take the next bytes of the stream; return the samples of the frames completed."""
         out: list[Sample] = []
-        start = 0
-        find = data.find
-        while True:
-            end = find(b"\x00", start)
-            if end < 0:
-                if not self._skipping:
-                    self._buf += data[start:]
-                    if len(self._buf) > self.max_frame:
-                        self._fault("too_long")
-                        self._buf.clear()
-                        self._skipping = True
-                return out
-            if self._skipping:
-                self._skipping = False
-            elif self._buf:
-                self._buf += data[start:end]
-                frame = bytes(self._buf)
-                self._buf.clear()
+        for frame in self._records.feed(data):
+            if frame:  # consecutive delimiters (a resync byte at boot) are not frames
                 self._frame(frame, out)
-            elif end > start:
-                self._frame(data[start:end], out)
-            start = end + 1
+        return out
 
     def reset(self) -> None:
         """Drop any partial frame (after a reconnect); sequence tracking starts afresh."""
-        self._buf.clear()
-        self._skipping = False
+        self._records.reset()
         self.seq.forget()
 
     def _fault(self, kind: str, n: int = 1) -> None:

@@ -50,6 +50,7 @@ from collections.abc import Sequence
 from .faults import record
 from .sample import Sample
 from .sequence import SeqTracker
+from .splitter import Splitter
 
 META_KEYS = ("id", "seq", "t", "label")
 DEFAULT_MAX_LINE = 512
@@ -102,39 +103,18 @@ class TextDecoder:
         self.faults: Counter[str] = Counter()
         self.lines = 0  # lines decoded into samples (duplicates included)
         self.seq = SeqTracker(seq_modulus)
-        self._buf = bytearray()
-        self._skipping = False  # inside an overlong line, waiting for its newline
+        self._records = Splitter(b"\n", max_line, lambda: self._fault("line_too_long"))
 
     def feed(self, data: bytes) -> list[Sample]:
         """Take the next bytes of the stream; return the samples of the lines completed."""
         out: list[Sample] = []
-        start = 0
-        find = data.find
-        while True:
-            end = find(b"\n", start)
-            if end < 0:
-                if not self._skipping:
-                    self._buf += data[start:]
-                    if len(self._buf) > self.max_line:
-                        self._fault("line_too_long")
-                        self._buf.clear()
-                        self._skipping = True
-                return out
-            if self._skipping:
-                self._skipping = False
-            elif self._buf:
-                self._buf += data[start:end]
-                line = bytes(self._buf)
-                self._buf.clear()
-                self._line(line, out)
-            else:
-                self._line(data[start:end], out)
-            start = end + 1
+        for line in self._records.feed(data):
+            self._line(line, out)
+        return out
 
     def reset(self) -> None:
         """Drop any partial line (after a reconnect); sequence tracking starts afresh."""
-        self._buf.clear()
-        self._skipping = False
+        self._records.reset()
         self.seq.forget()
 
     def _fault(self, kind: str, n: int = 1) -> None:
