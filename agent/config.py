@@ -43,6 +43,7 @@ class SerialConfig(BaseModel):
     format: Literal["binary", "text"] = "binary"
     channels: tuple[str, ...] | None = None  # key=value text lines: which keys, in order
     max_rows: int = Field(default=200_000, ge=100)
+    max_bytes: int | None = Field(default=None, ge=65536)  # cap on the store file
     retention_s: float = Field(default=7 * 86400.0, gt=0)
 
 

@@ -71,7 +71,10 @@ class SensorSource:
     # -- the agent's loop -----------------------------------------------------------
     def _open(self) -> SampleStore:
         return SampleStore(
-            self.store_path, max_rows=self.serial.max_rows, retention_s=self.serial.retention_s
+            self.store_path,
+            max_rows=self.serial.max_rows,
+            max_bytes=self.serial.max_bytes,
+            retention_s=self.serial.retention_s,
         )
 
     def scaled(self, values: np.ndarray) -> np.ndarray:
