@@ -129,6 +129,7 @@ class Agent:
         self.max_payload = max_payload  # 0: never chunk
         self.sensor = sensor  # a SensorSource to start and stop with the agent, if any
         self.anomaly_score: float | None = None  # autoencode: latest window vs global model
+        self.heartbeat: Callable[[], None] | None = None  # called during long work
         self.last_update_bytes = 0
         self.last_gate: GateDecision | None = None
         self.last_global_update: dict[str, np.ndarray] | None = None
@@ -332,6 +333,7 @@ class Agent:
             lr=cfg.lr,
             rng=self.rng,
             mu=cfg.mu,
+            on_step=self.heartbeat,
         )
         local = self.runtime.get_weights()
         delta = {k: (local[k] - self.global_weights[k]).astype(np.float32) for k in local}

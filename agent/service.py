@@ -8,7 +8,7 @@ from collections.abc import Callable
 from fedge.models.runtime import load_runtime
 from fedge.protocol import Link, make_link
 
-from fedge.systemd import serve_until_stopped
+from fedge.systemd import serve_until_stopped, watchdog_petter
 
 from .config import AgentConfig
 from .daemon import Agent, ResidualStore
@@ -86,6 +86,7 @@ def _eligibility(
 def serve(cfg: AgentConfig) -> int:
     """Run until SIGTERM/SIGINT. Tells systemd when ready and pets its watchdog."""
     agent = build_agent(cfg)
+    agent.heartbeat = watchdog_petter()
     agent.start()
     try:
         serve_until_stopped(agent.step, poll=0.5)

@@ -5,6 +5,7 @@ No MQTT here, and no knowledge of which runtime runs the steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,8 +30,13 @@ def train_local(
     lr: float,
     rng: np.random.Generator,
     mu: float = 0.0,
+    on_step: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """``mu > 0``: FedProx, pulled towards the weights the runtime was last set to."""
+    """``mu > 0``: FedProx, pulled towards the weights the runtime was last set to.
+
+    ``on_step`` is called after every batch (the service pets systemd's watchdog with it,
+    so a long round on a slow device is not mistaken for a hang).
+    """
     n = len(data)
     steps = 0
     losses: list[float] = []
@@ -41,4 +47,6 @@ def train_local(
             idx = order[start : start + batch_size]
             losses.append(runtime.train_step(data.x[idx], data.y[idx], lr, mu))
             steps += 1
+            if on_step is not None:
+                on_step()
     return TrainResult(float(np.mean(losses)) if losses else float("nan"), steps, n)

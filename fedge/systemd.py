@@ -41,6 +41,25 @@ def watchdog_interval() -> float | None:
     return int(usec) / 2e6
 
 
+def watchdog_petter() -> Callable[[], None] | None:
+    """A callable that sends WATCHDOG=1 at most every half period, or None without a watchdog.
+
+    For long work inside one loop step (local training), so systemd does not restart a
+    service that is busy rather than hung.
+    """
+    pet = watchdog_interval()
+    if pet is None:
+        return None
+    last = [time.monotonic()]
+
+    def maybe_pet() -> None:
+        if time.monotonic() - last[0] >= pet:
+            notify("WATCHDOG=1")
+            last[0] = time.monotonic()
+
+    return maybe_pet
+
+
 def serve_until_stopped(
     step: Callable[[float], object],
     *,

@@ -1,0 +1,58 @@
+"""sd_notify without systemd: READY and a watchdog that long training keeps alive."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedge.agent.dataset import Dataset
+from fedge.agent.trainer import train_local
+from fedge.models.runtime import load_runtime
+from helpers import DIGITS_MODEL
+
+from fedge.systemd import notify, watchdog_petter
+
+pytestmark = pytest.mark.unit
+
+
+def test_notify_and_watchdog_petter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(2)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "20000")  # 20 ms: pet every 10 ms
+    assert notify("READY=1") and sock.recv(64) == b"READY=1"
+    pet = watchdog_petter()
+    assert pet is not None
+    rng = np.random.default_rng(0)
+    data = Dataset(rng.random((64, 64), dtype=np.float32), rng.integers(0, 10, 64).astype(np.int32))
+    calls = []
+
+    def slow_pet() -> None:  # each batch takes a while, as on a Pi
+        time.sleep(0.005)
+        calls.append(1)
+        pet()
+
+    train_local(
+        load_runtime(DIGITS_MODEL), data, epochs=2, batch_size=8, lr=0.1, rng=rng, on_step=slow_pet
+    )
+    assert len(calls) == 16  # once per batch
+    pets = []
+    sock.settimeout(0.2)
+    try:
+        while True:
+            pets.append(sock.recv(64))
+    except TimeoutError:
+        pass
+    sock.close()
+    assert pets and set(pets) == {b"WATCHDOG=1"} and len(pets) < 16  # rate-limited
+
+
+def test_no_watchdog_no_petter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    assert watchdog_petter() is None
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify("READY=1") is False
