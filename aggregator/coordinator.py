@@ -385,6 +385,7 @@ class Aggregator:
         assert rnd is not None
         participants = sorted(rnd.deltas)
         counts = [rnd.counts[d] for d in participants]
+        new_model = False
         # A device whose update was too small to send counts as a zero delta with its
         # samples (it is in its residual); averaging over the uploaders alone is unstable.
         held = sorted(d for d, s in rnd.skipped.items() if s.trained and s.num_samples > 0)
@@ -396,9 +397,7 @@ class Aggregator:
                 counts + [rnd.skipped[d].num_samples for d in held],
             )
             self.version += 1
-            self.store.save_model(self.version, rnd.round_id, self.weights)
-            self.store.save_strategy_state(self.version, self.strategy.state())
-            self._publish_global(rnd.round_id)
+            new_model = True
         summary: dict = {
             "round": rnd.round_id,
             "status": "done",
@@ -429,7 +428,17 @@ class Aggregator:
             # classifiers report accuracy; regression models (forecasters) the mean abs. error
             summary[getattr(self.evaluator, "metric_name", "accuracy")] = metric
             summary["loss"] = loss
-        self._close(rnd, "done", now, summary)
+        # The model, the strategy's state and the round's record are one transaction: a crash
+        # in between must not resume at a model with a reset FedAdam state or an "abandoned"
+        # round that produced it.
+        with self.store.transaction():
+            if new_model:
+                self.store.save_model(self.version, rnd.round_id, self.weights)
+                self.store.save_strategy_state(self.version, self.strategy.state())
+            self.store.close_round(rnd.round_id, "done", now, summary)
+        if new_model:
+            self._publish_global(rnd.round_id)
+        self._close(rnd, "done", now, summary, stored=True)
         self.completed += 1
         self._check_done()
 
@@ -458,8 +467,11 @@ class Aggregator:
         }
         self._close(rnd, "failed", now, summary)
 
-    def _close(self, rnd: OpenRound, status: str, now: float, summary: dict) -> None:
-        self.store.close_round(rnd.round_id, status, now, summary)
+    def _close(
+        self, rnd: OpenRound, status: str, now: float, summary: dict, *, stored: bool = False
+    ) -> None:
+        if not stored:
+            self.store.close_round(rnd.round_id, status, now, summary)
         self.current = None
         _append_jsonl(self.cfg.log_path, summary)
         log.info("round %d %s: %s", rnd.round_id, status, json.dumps(summary))

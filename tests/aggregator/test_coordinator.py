@@ -320,3 +320,22 @@ def test_absurd_numbers_from_a_device_are_rejected_not_fatal(tmp_path: Path) -> 
     bad = encode(forged, delta(1.0))
     agg.handle(Message(T.update("a"), bad))
     assert agg.rejected["schema"] == 1 and agg.current is not None
+
+
+def test_a_failed_store_write_leaves_the_previous_state(tmp_path: Path) -> None:
+    """Model, strategy state and round record commit together or not at all."""
+    import sqlite3
+
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1)
+    a = Device(broker, "a")
+    pump(agg)
+    a.send(1, delta(1.0), 5)
+
+    def broken(*args: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    agg.store.close_round = broken  # type: ignore[method-assign]
+    with pytest.raises(sqlite3.OperationalError):
+        pump(agg)
+    assert agg.store.latest_model()[0] == 0  # type: ignore[index]  # v1 was rolled back
