@@ -118,6 +118,8 @@ class Aggregator:
             clock=clock,
         )
         self._global_wire_size = 0
+        self._chunk_wire: dict[tuple[str, bytes], int] = {}  # bytes of incomplete messages
+        self.stray_bytes = 0  # update bytes that no open round could be credited with
         resumed = store.latest_model()
         if resumed is None:
             self.version, self.weights = (
@@ -193,10 +195,12 @@ class Aggregator:
         except InvalidId:
             self._reject("topic_mismatch", msg.topic, "not an update topic")
             return
-        if self.current is not None:  # wire bytes of this round, valid or not
-            self.current.wire_up[device] += publish_size(msg.topic, len(msg.payload), 1)
+        wire = publish_size(msg.topic, len(msg.payload), 1)
         payload = msg.payload
         if is_chunk(payload):
+            # A chunk's bytes wait until its message is whole and says which round it is for.
+            key = (device, payload[4:12])  # the chunk header's message id
+            self._chunk_wire[key] = self._chunk_wire.get(key, 0) + wire
             try:
                 full = self.reassembler.add(payload)
             except ChunkError as exc:
@@ -205,6 +209,7 @@ class Aggregator:
             if full is None:
                 return
             payload = full
+            wire = self._chunk_wire.pop(key, wire)
         tensors: dict[str, np.ndarray] = {}
         header: UpdateHeader | SkipNotice
         try:
@@ -218,7 +223,13 @@ class Aggregator:
                 header, tensors = decoded.msg, decoded.tensors
         except DecodeError as exc:
             self._reject(exc.reason, msg.topic, str(exc))
+            self.stray_bytes += wire
             return
+        rnd = self.current
+        if rnd is not None and header.round_id == rnd.round_id:
+            rnd.wire_up[device] += wire  # this round's bytes, accepted or not
+        else:
+            self.stray_bytes += wire  # for a closed or unknown round: counted apart
         self._on_update(msg.topic, len(payload), header, tensors)
 
     def _reject(self, reason: str, topic: str, detail: str) -> None:
@@ -304,6 +315,8 @@ class Aggregator:
             return
         now = self.clock()
         for gone in self.reassembler.expire():
+            for key in [k for k in self._chunk_wire if k[1] == gone.message_id]:
+                self.stray_bytes += self._chunk_wire.pop(key)
             self._reject(
                 f"chunk_{gone.cause}",
                 self.topics.updates,

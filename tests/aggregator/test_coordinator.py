@@ -339,3 +339,21 @@ def test_a_failed_store_write_leaves_the_previous_state(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.OperationalError):
         pump(agg)
     assert agg.store.latest_model()[0] == 0  # type: ignore[index]  # v1 was rolled back
+
+
+def test_bytes_are_credited_to_the_round_they_are_for(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1, rounds=1)
+    a = Device(broker, "a")
+    pump(agg)
+    a.send(7, delta(1.0), 5)  # a straggler for some other round
+    a.link.publish(T.update("a"), b"garbage, not an envelope")
+    pump(agg)
+    stray = agg.stray_bytes
+    assert stray > 0
+    a.send(1, delta(1.0), 5)
+    pump(agg)
+    line = json.loads((tmp_path / "rounds.jsonl").read_text())
+    assert line["bytes_up_by_device"] == {"a": line["bytes_received"]}
+    assert agg.stray_bytes == stray  # the round's own update went to the round
+    assert line["bytes_received"] < stray  # the straggler and the garbage were not counted
