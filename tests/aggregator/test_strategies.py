@@ -90,3 +90,13 @@ def test_config_picks_strategy_and_defaults() -> None:
     assert isinstance(m, FedAvgM) and m.momentum == 0.7 and m.server_lr == 1.0
     a = make_strategy(StrategyConfig(name="fedadam", server_lr=0.03))
     assert isinstance(a, FedAdam) and a.server_lr == 0.03
+
+
+def test_fedadam_is_lazy_about_coordinates_nobody_sent() -> None:
+    s = FedAdam(server_lr=0.1)
+    g = s.step(w(0.0), [w(0.5)], [1])
+    sparse = {"k": np.array([[0.5, 0.0], [0.0, 0.0]], np.float32)}
+    after = s.step(g, [sparse], [1])
+    assert after["k"][0, 0] != g["k"][0, 0]  # sent: moves
+    np.testing.assert_array_equal(after["k"].ravel()[1:], g["k"].ravel()[1:])  # absent: still
+    assert s.v is not None and s.v["k"][1, 1] == pytest.approx(0.01 * 0.25)  # moment kept
