@@ -19,7 +19,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +52,7 @@ from .dataset import Dataset
 from .eligibility import ByteBudget, Decision
 from .gate import GateConfig, GateDecision
 from .gate import decide as decide_gate
+from .residual import ResidualStore
 from .state import AgentState
 from .tasks import TaskError
 from .trainer import train_local
@@ -68,19 +68,6 @@ class AgentStats:
     bytes_sent: int = 0  # MQTT bytes of updates and skip notices
     rejected: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)  # rounds sat out, by reason
-
-
-class ResidualStore:
-    """Where the error-feedback residual lives between rounds and across restarts."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self, like: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-        return residual.load(self.path, {k: v.shape for k, v in like.items()})
-
-    def save(self, kept: dict[str, np.ndarray] | None) -> None:
-        residual.save(self.path, kept)
 
 
 class Agent:
@@ -261,14 +248,14 @@ class Agent:
             return
         self._train_and_upload(ann)
 
-    def _publish_update(self, payload: bytes, update_id: str) -> int:
-        """Publish an update, in chunks when it exceeds ``max_payload``; returns bytes sent."""
-        topic = self.topics.update(self.device_id)
-        parts = [payload]
+    def _parts(self, payload: bytes, update_id: str) -> list[bytes]:
+        """The publishes an update takes: itself, or chunks when it exceeds ``max_payload``."""
         if self.max_payload and len(payload) > self.max_payload:
-            parts = split(payload, self.max_payload, bytes.fromhex(update_id))
-        for part in parts:
-            self.link.publish(topic, part, qos=1)
+            return split(payload, self.max_payload, bytes.fromhex(update_id))
+        return [payload]
+
+    def _wire_size(self, parts: list[bytes]) -> int:
+        topic = self.topics.update(self.device_id)
         return sum(publish_size(topic, len(part), 1) for part in parts)
 
     def _skip(self, ann: RoundAnnouncement, reason: str, *, trained: bool) -> None:
@@ -358,6 +345,7 @@ class Agent:
         if gate.upload and self.clock() > ann.deadline:
             gate = replace(gate, upload=False, reason="other")  # too late to count: keep it
         payload = b""
+        parts: list[bytes] = []
         spec = None
         encoded = None
         update_id = secrets.token_hex(8)
@@ -374,8 +362,9 @@ class Agent:
                 train_loss=result.loss,
             )
             payload = encode(header, encoded.tensors)
+            parts = self._parts(payload, update_id)
             if self.eligibility is not None:
-                decision = self.eligibility(self._wire_size(payload))
+                decision = self.eligibility(self._wire_size(parts))
                 if not decision.upload:  # e.g. the daily budget is spent: keep it all for later
                     gate = replace(gate, upload=False, reason=decision.reason)
         if not gate.upload:
@@ -385,8 +374,11 @@ class Agent:
             self._skip(ann, gate.reason, trained=True)
             return
         assert spec is not None and encoded is not None
-        self.last_update_bytes = self._wire_size(payload)
-        self._sent(self._publish_update(payload, update_id))
+        self.last_update_bytes = self._wire_size(parts)
+        topic = self.topics.update(self.device_id)
+        for part in parts:
+            self.link.publish(topic, part, qos=1)
+        self._sent(self.last_update_bytes)
         # After the publish (queued at QoS 1): a crash before this line resends the round
         # from the old residual; one after it cannot send the same update twice.
         lossless = str(spec) == "float32"
@@ -407,14 +399,6 @@ class Agent:
             spec,
             gate.reason,
         )
-
-    def _wire_size(self, payload: bytes) -> int:
-        """MQTT bytes of publishing ``payload``, in chunks if it must be."""
-        topic = self.topics.update(self.device_id)
-        parts = [payload]
-        if self.max_payload and len(payload) > self.max_payload:
-            parts = split(payload, self.max_payload, bytes(8))
-        return sum(publish_size(topic, len(part), 1) for part in parts)
 
     def _hold(self, kept: dict[str, np.ndarray] | None) -> None:
         self.residual = kept

@@ -120,7 +120,7 @@ LTE = RadioProfile(
 
 - Promotion 1210.7 mW for 260.1 ms; tail (RRC_CONNECTED until the 11.576 s inactivity
   timer fires) at 1060.0 mW: about 12.6 J per connection, 97% of it tail. Table values,
-  not verified here; the brief's "tail ~11.6 s at ~1 W" agrees.
+  not verified here; often quoted as "a tail of about 11.6 s at about 1 W".
 - alpha_u 438.39 mW/Mbps, alpha_d 51.97 mW/Mbps, beta 1288.04 mW. Table values, not
   verified here.
 - Throughput: 6 Mbps up, 13 Mbps down, the medians of the paper's 4GTest users (verified

@@ -63,3 +63,16 @@ def save(path: Path, residual: Weights | None) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+class ResidualStore:
+    """Where the error-feedback residual lives between rounds and across restarts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self, like: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        return load(self.path, {k: v.shape for k, v in like.items()})
+
+    def save(self, kept: dict[str, np.ndarray] | None) -> None:
+        save(self.path, kept)

@@ -11,9 +11,10 @@ from fedge.protocol import Link, make_link
 from fedge.systemd import serve_until_stopped, watchdog_petter
 
 from .config import AgentConfig
-from .daemon import Agent, ResidualStore
+from .daemon import Agent
 from .dataset import Dataset, DatasetError, load_npz
 from .eligibility import ByteBudget, Decision, EligibilityConfig, ReadingLog, decide, read_readings
+from .residual import ResidualStore
 from .sensor_source import SensorSource
 from .state import load_state, save_state
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedge.agent.daemon import Agent, ResidualStore
+from fedge.agent.daemon import Agent
 from fedge.agent.dataset import Dataset
 from fedge.agent.eligibility import Decision
+from fedge.agent.residual import ResidualStore
 from fedge.agent.state import load_state, save_state
 from fedge.models.runtime import load_runtime
 from fedge.protocol import (
