@@ -123,9 +123,6 @@ class BinaryDecoder:
         record(self.faults, kind, n, source="binary frames")
 
     def _frame(self, frame: bytes, out: list[Sample]) -> None:
-        if len(frame) > self.max_frame:
-            self._fault("too_long")
-            return
         try:
             payload = cobs_decode(frame)
         except CobsError:

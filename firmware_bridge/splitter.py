@@ -40,10 +40,15 @@ class Splitter:
                 return out
             if self._skipping:
                 self._skipping = False
-            elif self._buf:
-                self._buf += data[start:end]
-                out.append(bytes(self._buf))
-                self._buf.clear()
             else:
-                out.append(data[start:end])
+                if self._buf:
+                    self._buf += data[start:end]
+                    record = bytes(self._buf)
+                    self._buf.clear()
+                else:
+                    record = data[start:end]
+                if len(record) > self.max_len:
+                    self.on_overflow()
+                else:
+                    out.append(record)
             start = end + 1

@@ -121,9 +121,6 @@ class TextDecoder:
         record(self.faults, kind, n, source="text lines")
 
     def _line(self, raw: bytes, out: list[Sample]) -> None:
-        if len(raw) > self.max_line:
-            self._fault("line_too_long")
-            return
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
