@@ -22,14 +22,17 @@ log = logging.getLogger("fedge.aggregator")
 class HeldOutEvaluator:
     """Scores a global model on the held-out set: (loss, metric)."""
 
-    def __init__(self, model: Path, data: Path) -> None:
-        with np.load(data, allow_pickle=False) as npz:
-            self.x = np.asarray(npz["x"], np.float32)
-            y = np.asarray(npz["y"])
+    def __init__(self, model: Path, x: np.ndarray, y: np.ndarray) -> None:
         self.runtime = load_runtime(model)
-        self.regression = y.dtype.kind == "f"
-        self.y = y.astype(np.float32 if self.regression else np.int32)
+        self.x = np.asarray(x, np.float32)
+        self.regression = np.asarray(y).dtype.kind == "f"
+        self.y = np.asarray(y, np.float32 if self.regression else np.int32)
         self.metric_name = "mae" if self.regression else "accuracy"
+
+    @classmethod
+    def from_file(cls, model: Path, data: Path) -> HeldOutEvaluator:
+        with np.load(data, allow_pickle=False) as npz:
+            return cls(model, npz["x"], npz["y"])
 
     def __call__(self, weights: dict) -> tuple[float, float]:
         self.runtime.set_weights(weights)
@@ -37,7 +40,7 @@ class HeldOutEvaluator:
 
 
 def make_evaluator(cfg: AggregatorConfig) -> Evaluator | None:
-    return None if cfg.eval_data is None else HeldOutEvaluator(cfg.model, cfg.eval_data)
+    return None if cfg.eval_data is None else HeldOutEvaluator.from_file(cfg.model, cfg.eval_data)
 
 
 def build_aggregator(

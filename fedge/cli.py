@@ -77,12 +77,7 @@ def _cmd_models_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
-    import os
-
-    # Many devices share two cores: one BLAS thread each, set before numpy loads OpenBLAS.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from fedge.fleet.datasets import DatasetError
+    from fedge.fleet.datasets import DatasetError  # fedge.fleet caps BLAS threads first
     from fedge.fleet.sim import SimError, SimOptions, run_sim
 
     opts = SimOptions(

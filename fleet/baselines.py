@@ -19,22 +19,18 @@ from pathlib import Path
 import numpy as np
 from fedge.agent.dataset import Dataset
 from fedge.agent.trainer import train_local
+from fedge.aggregator.service import HeldOutEvaluator
 from fedge.models.runtime import load_runtime
 
 Score = dict[str, float]
 
 
-class Scorer:
-    """Evaluates weights on the test set with a runtime of its own."""
+class Scorer(HeldOutEvaluator):
+    """The aggregator's held-out evaluation, as a dict for ``baselines.jsonl``."""
 
-    def __init__(self, model: Path, x: np.ndarray, y: np.ndarray) -> None:
-        self.runtime = load_runtime(model)
-        self.x, self.y = x, y
-
-    def __call__(self, weights: Mapping[str, np.ndarray]) -> Score:
-        self.runtime.set_weights(weights)
-        loss, acc = self.runtime.evaluate(self.x, self.y)
-        return {"accuracy": acc, "loss": loss}
+    def score(self, weights: Mapping[str, np.ndarray]) -> Score:
+        loss, metric = self(dict(weights))
+        return {self.metric_name: metric, "loss": loss}
 
 
 class SoloTrainer:
@@ -57,7 +53,7 @@ class SoloTrainer:
             lr=self.lr,
             rng=self.rng,
         )
-        return scorer(self.runtime.get_weights())
+        return scorer.score(self.runtime.get_weights())
 
 
 class LocalModels:

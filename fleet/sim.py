@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import statistics
 import threading
@@ -150,7 +149,6 @@ def resolve_model(opts: SimOptions, split: Split) -> Path:
 
 def run_sim(opts: SimOptions) -> dict[str, Any]:
     """Run every partition scheme of ``opts``; returns the (combined) summary."""
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # too late if numpy is loaded: see cli
     schemes = [s.strip() for s in opts.partition.split(",") if s.strip()]
     try:
         parsed = [parse_scheme(s) for s in schemes]
@@ -365,7 +363,8 @@ class _Baselines:
             "centralised": self.central.round(self.scorer),
             "non_participant": self.alone.round(self.scorer),
             "local": {
-                d: self.scorer(w) for d, w in sorted(self.locals.pop(summary["round"]).items())
+                d: self.scorer.score(w)
+                for d, w in sorted(self.locals.pop(summary["round"]).items())
             },
         }
         with open(self.path, "a") as fh:
