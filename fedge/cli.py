@@ -242,7 +242,9 @@ def parser() -> argparse.ArgumentParser:
         "--source",
         choices=["file", "serial"],
         default="file",
-        help="serial: every agent reads its own simulated machine over a pty (forecasting)",
+        help="serial: every agent reads its own simulated machine over a pty and trains the"
+        " bundled forecaster (its own setup: E=2, lr 0.05, FedAvg; uses --devices, --rounds,"
+        " --seed, --out, --broker and --round-timeout only)",
     )
     s.add_argument("--label-column", default=None, help="label column of a CSV data set")
     s.add_argument("--strategy", default="fedadam", choices=["fedavg", "fedavgm", "fedadam"])
