@@ -4,10 +4,16 @@ Example::
 
     device_id = "pi-kitchen-01"
     fleet = "home"
-    broker = "mqtt://broker.local:1883"
+    broker = "mqtts://broker.local:8883"
+    aggregator_keys = ["aggregator.pub"]
     model = "/opt/fedge/models/digits_mlp.tflite"
     data = "/var/lib/fedge/partition.npz"
     state_dir = "/var/lib/fedge"
+
+    [tls]
+    ca_file = "ca.crt"
+    cert_file = "device.crt"
+    key_file = "device.key"
 
 Relative paths are resolved against the config file's folder.
 """
@@ -26,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from fedge.brokerconfig import BrokerTls, check_public_key, check_tls_scheme
 from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN, existing_file, resolve_path
 
 from .eligibility import EligibilityConfig
@@ -68,6 +75,10 @@ class AgentConfig(BaseModel):
     device_id: str = Field(pattern=ID_PATTERN)
     fleet: str = Field(default="default", pattern=ID_PATTERN)
     broker: str = Field(default="mqtt://127.0.0.1:1883", pattern=BROKER_URL_PATTERN)
+    tls: BrokerTls | None = None  # CA, client certificate, username + password_file
+    # The aggregator's Ed25519 public key(s), PEM: rounds and global models must be signed by
+    # one of them. Two while a key is rotated. Empty: accept unsigned ones (development only).
+    aggregator_keys: tuple[Path, ...] = Field(default=(), max_length=2)
     model: Path
     data: Path | None = None  # a prepared .npz (x, y); or read a sensor: [serial] and [task]
     serial: SerialConfig | None = None
@@ -90,6 +101,16 @@ class AgentConfig(BaseModel):
     # When to sit out: power, temperature, load, daily upload bytes. None: always take part.
     eligibility: EligibilityConfig | None = None
     seed: int = 0
+
+    @field_validator("aggregator_keys", mode="after")
+    @classmethod
+    def _keys(cls, value: tuple[Path, ...], info: ValidationInfo) -> tuple[Path, ...]:
+        return tuple(check_public_key(path, info) for path in value)
+
+    @model_validator(mode="after")
+    def _tls_needs_mqtts(self) -> AgentConfig:
+        check_tls_scheme(self.broker, self.tls)
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> AgentConfig:

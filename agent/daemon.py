@@ -17,11 +17,12 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedge.models.runtime import Runtime
 from fedge.protocol import (
     CodecSpec,
@@ -32,6 +33,7 @@ from fedge.protocol import (
     LinkError,
     Message,
     RoundAnnouncement,
+    SignatureError,
     SkipNotice,
     Status,
     Topics,
@@ -41,9 +43,12 @@ from fedge.protocol import (
     encode,
     encode_delta,
     encode_skip,
+    is_signed,
     parse_codec,
     split,
+    verify,
 )
+from fedge.protocol.signing import OVERHEAD as SIGNATURE_OVERHEAD
 from fedge.protocol.wire import publish_size
 from pydantic import ValidationError
 
@@ -91,6 +96,7 @@ class Agent:
         budget: ByteBudget | None = None,
         max_payload: int = 0,
         sensor: Any = None,
+        trusted_keys: Sequence[Ed25519PublicKey] = (),
     ) -> None:
         self.device_id = device_id
         self.topics = Topics(fleet)
@@ -115,6 +121,9 @@ class Agent:
         self.budget = budget
         self.max_payload = max_payload  # 0: never chunk
         self.sensor = sensor  # a SensorSource to start and stop with the agent, if any
+        # The aggregator's public keys: rounds and global models must carry a signature by
+        # one of them. Empty: unsigned ones are taken (development only; logged at start).
+        self.trusted_keys = tuple(trusted_keys)
         self.anomaly_score: float | None = None  # autoencode: latest window vs global model
         self.heartbeat: Callable[[], None] | None = None  # called during long work
         self.last_update_bytes = 0
@@ -138,6 +147,11 @@ class Agent:
         self.link.subscribe(self.topics.global_model, qos=1)
         self.link.subscribe(self.topics.round, qos=1)
         self._status("online")
+        if not self.trusted_keys:
+            log.warning(
+                "no aggregator key pinned (aggregator_keys): rounds and global models are not"
+                " authenticated, anyone who can publish on the broker can replace them"
+            )
         log.info(
             "agent %s online in fleet %s, %d local samples, runtime %s",
             self.device_id,
@@ -179,29 +193,68 @@ class Agent:
     def handle(self, msg: Message) -> None:
         if not msg.payload:  # a cleared retained message
             return
-        if msg.topic not in (self.topics.global_model, self.topics.round):
+        if msg.topic == self.topics.global_model:
+            kind = "global"
+        elif msg.topic == self.topics.round:
+            kind = "round"
+        else:
             # Some brokers (amqtt) also hand over retained messages of other topics.
             self.stats.rejected["unexpected_topic"] += 1
             log.debug("ignored message on %s", msg.topic)
             return
+        payload = msg.payload
         try:
-            decoded = decode(msg.payload)
-        except DecodeError as exc:
-            self.stats.rejected[exc.reason] += 1
-            log.warning("rejected message on %s: %s", msg.topic, exc)
+            if self.trusted_keys:
+                payload = verify(payload, self.trusted_keys, fleet=self.topics.fleet, kind=kind)
+            elif is_signed(payload):  # nothing pinned to check it with (development)
+                payload = payload[SIGNATURE_OVERHEAD:]
+            decoded = decode(payload)
+        except (SignatureError, DecodeError) as exc:
+            self._refuse(exc.reason, msg.topic, str(exc))
             return
         header = decoded.msg
-        if isinstance(header, GlobalModelHeader) and msg.topic == self.topics.global_model:
+        if isinstance(header, (GlobalModelHeader, RoundAnnouncement)) and (
+            header.fleet != self.topics.fleet
+        ):
+            self._refuse("other_fleet", msg.topic, f"{header.kind} of fleet {header.fleet}")
+        elif isinstance(header, GlobalModelHeader) and kind == "global":
             self._on_global(header, decoded.tensors)
-        elif isinstance(header, RoundAnnouncement) and msg.topic == self.topics.round:
-            self._on_round(header)
+        elif isinstance(header, RoundAnnouncement) and kind == "round":
+            self._on_round_announced(header)
         else:
-            self.stats.rejected["unexpected"] += 1
-            log.warning("unexpected %s message on %s", header.kind, msg.topic)
+            self._refuse("unexpected", msg.topic, f"{header.kind} message")
+
+    def _refuse(self, reason: str, topic: str, detail: str) -> None:
+        """Count a refused message; log the first of each reason, then every 100th."""
+        self.stats.rejected[reason] += 1
+        count = self.stats.rejected[reason]
+        if count == 1 or count % 100 == 0:
+            log.warning("refused message on %s: %s (%s; %d so far)", topic, reason, detail, count)
+
+    def _on_round_announced(self, ann: RoundAnnouncement) -> None:
+        if ann.round_id < self.state.round_seen:
+            self._refuse(
+                "old_round",
+                self.topics.round,
+                f"round {ann.round_id} announced after round {self.state.round_seen}",
+            )
+            return
+        if ann.round_id > self.state.round_seen:
+            self.state.round_seen = ann.round_id
+            self._save(self.state)
+        self._on_round(ann)
 
     def _on_global(self, header: GlobalModelHeader, tensors: dict[str, np.ndarray]) -> None:
-        if header.model_version <= self.global_version:
+        newest = max(self.global_version, self.state.model_version)
+        if header.model_version < newest:
+            self._refuse(
+                "old_version",
+                self.topics.global_model,
+                f"model v{header.model_version} after v{newest}",
+            )
             return
+        if header.model_version == self.global_version:
+            return  # the retained copy again (a reconnect)
         try:
             self.runtime.set_weights(tensors)
         except ValueError as exc:

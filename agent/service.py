@@ -6,8 +6,10 @@ import logging
 from collections.abc import Callable
 
 from fedge.models.runtime import load_runtime
-from fedge.protocol import Link, make_link
+from fedge.protocol import Link
+from fedge.protocol.signing import load_public_key
 
+from fedge.brokerconfig import broker_link
 from fedge.systemd import serve_until_stopped, watchdog_petter
 
 from .config import AgentConfig
@@ -46,7 +48,8 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
     state_file = cfg.state_dir / f"agent-{cfg.device_id}.json"
     state = load_state(state_file)
     if link is None:
-        link = make_link(cfg.broker, cfg.device_id, will=Agent.will(cfg.device_id, cfg.fleet))
+        will = Agent.will(cfg.device_id, cfg.fleet)
+        link = broker_link(cfg.broker, cfg.device_id, cfg.tls, will)
     budget = eligibility = None
     if cfg.eligibility is not None:
         budget, eligibility = _eligibility(cfg.eligibility, state.upload_budget)
@@ -64,6 +67,7 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
         budget=budget,
         max_payload=cfg.max_payload,
         sensor=sensor,
+        trusted_keys=[load_public_key(path.read_bytes()) for path in cfg.aggregator_keys],
     )
 
 

@@ -18,6 +18,7 @@ log = logging.getLogger("fedge.agent")
 @dataclass
 class AgentState:
     last_round: int = 0  # the last round this device answered (update or skip)
+    round_seen: int = 0  # the newest round announced (verified); older ones are replays
     model_version: int = -1  # the last global model applied
     consecutive_skips: int = 0  # rounds in a row the gate held the update back
     upload_budget: dict | None = None  # ByteBudget.to_dict() when a daily budget is set
@@ -27,10 +28,11 @@ def load_state(path: Path) -> AgentState:
     try:
         raw = json.loads(path.read_text())
         return AgentState(
-            int(raw["last_round"]),
-            int(raw["model_version"]),
-            int(raw.get("consecutive_skips", 0)),
-            raw.get("upload_budget"),
+            last_round=int(raw["last_round"]),
+            round_seen=int(raw.get("round_seen", raw["last_round"])),
+            model_version=int(raw["model_version"]),
+            consecutive_skips=int(raw.get("consecutive_skips", 0)),
+            upload_budget=raw.get("upload_budget"),
         )
     except FileNotFoundError:
         return AgentState()

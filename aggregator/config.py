@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedge.protocol.codecs import parse_codec
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from fedge.brokerconfig import BrokerTls, check_private_key, check_tls_scheme
 from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN, existing_file, resolve_path
 
 from .strategy import StrategyConfig
@@ -45,12 +46,45 @@ class Training(BaseModel):
         return str(parse_codec(value))
 
 
+class SampleLimits(BaseModel):
+    """Bounds on the sample counts devices declare, which weight their updates.
+
+    A device's count is clipped to the smallest of: its own cap (``caps``, or ``max_samples``
+    in the provisioning registry), ``max_per_device``, and ``median_factor`` times the median
+    of the counts declared in the round. Clipped counts are logged in rounds.jsonl.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_per_device: int = Field(default=0, ge=0)  # 0: no fleet-wide cap
+    median_factor: float = Field(default=3.0, ge=0)  # 0: no cap relative to the median
+    caps: dict[str, int] = Field(default_factory=dict)  # device id -> cap
+    registry: Path | None = None  # devices.json of `fedge provision` (max_samples per device)
+
+    @field_validator("caps")
+    @classmethod
+    def _caps(cls, value: dict[str, int]) -> dict[str, int]:
+        for device, cap in value.items():
+            if cap < 1:
+                raise ValueError(f"cap of {device} must be at least 1, not {cap}")
+        return value
+
+    @field_validator("registry", mode="after")
+    @classmethod
+    def _registry(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return existing_file(value, info)
+
+
 class AggregatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     fleet: str = Field(default="default", pattern=ID_PATTERN)
     broker: str = Field(default="mqtt://127.0.0.1:1883", pattern=BROKER_URL_PATTERN)
     client_id: str = Field(default="fedge-aggregator", pattern=ID_PATTERN)
+    tls: BrokerTls | None = None  # CA, client certificate, username + password_file
+    # Ed25519 private key (PEM) that signs every round announcement and global model. None:
+    # they go out unsigned, and agents that pin a key refuse them (development only).
+    signing_key: Path | None = None
     model: Path  # the initial global model (.tflite)
     state_dir: Path = Path("/var/lib/fedge-aggregator")
     rounds: int = Field(default=0, ge=0)  # 0: run until stopped
@@ -59,6 +93,7 @@ class AggregatorConfig(BaseModel):
     quorum: float = Field(default=0.5, gt=0, le=1)  # share of selected updates after deadline
     round_timeout: float = Field(default=120.0, gt=0)  # seconds
     training: Training = Training()
+    samples: SampleLimits = SampleLimits()
     strategy: StrategyConfig = StrategyConfig()
     eval_data: Path | None = None  # .npz (x, y) held out for accuracy and loss per round
     log: Path | None = None  # rounds.jsonl; default: state_dir/rounds.jsonl
@@ -69,6 +104,16 @@ class AggregatorConfig(BaseModel):
     @classmethod
     def _must_exist(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         return existing_file(value, info)
+
+    @field_validator("signing_key", mode="after")
+    @classmethod
+    def _signing_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return check_private_key(value, info)
+
+    @model_validator(mode="after")
+    def _tls_needs_mqtts(self) -> AggregatorConfig:
+        check_tls_scheme(self.broker, self.tls)
+        return self
 
     @field_validator("state_dir", "log", mode="after")
     @classmethod

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedge.protocol import (
     DEFAULT_LIMITS,
     ChunkError,
@@ -49,10 +50,12 @@ from fedge.protocol import (
     encode,
     is_chunk,
     is_skip,
+    sign,
 )
 from fedge.protocol.wire import PUBACK_SIZE, publish_size
 
 from .config import AggregatorConfig
+from .sample_limits import bound_samples
 from .store import Store
 from .strategy import make_strategy
 
@@ -96,8 +99,15 @@ class Aggregator:
         on_round: Callable[[dict], None] | None = None,
         clock: Callable[[], float] = time.time,
         rng: np.random.Generator | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
+        sample_caps: dict[str, int] | None = None,
     ) -> None:
         self.cfg = config
+        # Signs every round announcement and global model; None: they go out unsigned.
+        self.signing_key = signing_key
+        # Per-device caps on declared sample counts (config and provisioning registry).
+        self.sample_caps = dict(sample_caps or {})
+        self.samples_clipped = 0  # declared counts clipped so far
         self.topics = Topics(config.fleet)
         self.link = link
         self.store = store
@@ -142,6 +152,11 @@ class Aggregator:
         self.link.subscribe(self.topics.updates, qos=1)
         self.link.subscribe(self.topics.statuses, qos=1)
         self._publish_global(round_id=0)
+        if self.signing_key is None:
+            log.warning(
+                "no signing_key: rounds and global models go out unsigned; agents that pin"
+                " the aggregator's key will refuse them"
+            )
         log.info(
             "aggregator for fleet %s online at model v%d, strategy %s",
             self.cfg.fleet,
@@ -369,7 +384,7 @@ class Aggregator:
                 gate_max_skips=t.gate.max_skips,
             ),
         )
-        payload = encode(ann)
+        payload = self._signed(encode(ann), "round")
         self.link.publish(self.topics.round, payload, qos=1, retain=True)
         # What each selected device receives for this round: the announcement and the
         # global model it trains on (each a QoS 1 PUBLISH, acknowledged by a PUBACK).
@@ -389,25 +404,47 @@ class Aggregator:
         header = GlobalModelHeader(
             fleet=self.cfg.fleet, model_version=self.version, round_id=round_id
         )
-        payload = encode(header, self.weights)
+        payload = self._signed(encode(header, self.weights), "global")
         self.link.publish(self.topics.global_model, payload, qos=1, retain=True)
         self._global_wire_size = publish_size(self.topics.global_model, len(payload), 1)
+
+    def _signed(self, envelope: bytes, kind: str) -> bytes:
+        if self.signing_key is None:
+            return envelope
+        return sign(envelope, self.signing_key, fleet=self.cfg.fleet, kind=kind)
 
     def _finish(self, now: float) -> None:
         rnd = self.current
         assert rnd is not None
         participants = sorted(rnd.deltas)
-        counts = [rnd.counts[d] for d in participants]
         new_model = False
         # A device whose update was too small to send counts as a zero delta with its
         # samples (it is in its residual); averaging over the uploaders alone is unstable.
         held = sorted(d for d, s in rnd.skipped.items() if s.trained and s.num_samples > 0)
+        declared = {d: rnd.counts[d] for d in participants}
+        declared.update({d: rnd.skipped[d].num_samples for d in held})
+        limits = self.cfg.samples
+        bounded = bound_samples(
+            declared,
+            caps=self.sample_caps,
+            max_per_device=limits.max_per_device,
+            median_factor=limits.median_factor,
+        )
+        if bounded.clipped:
+            self.samples_clipped += len(bounded.clipped)
+            log.warning(
+                "round %d: clipped declared sample counts %s to %s",
+                rnd.round_id,
+                bounded.clipped,
+                {d: bounded.used[d] for d in bounded.clipped},
+            )
+        counts = [bounded.used[d] for d in participants]
         if participants:
             zeros = {k: np.zeros_like(w) for k, w in self.weights.items()}
             self.weights = self.strategy.step(
                 self.weights,
                 [rnd.deltas[d] for d in participants] + [zeros] * len(held),
-                counts + [rnd.skipped[d].num_samples for d in held],
+                counts + [bounded.used[d] for d in held],
             )
             self.version += 1
             new_model = True
@@ -423,11 +460,15 @@ class Aggregator:
             "bytes_down_per_device": rnd.wire_down,
             "missing": sorted(set(rnd.selected) - rnd.answered),
             "num_samples": int(sum(counts)),
+            # The weight each device's update (or held-back zero delta) had in the average,
+            # and what the clipped ones had declared.
+            "weights": dict(sorted(bounded.used.items())),
+            "samples_clipped": dict(sorted(bounded.clipped.items())),
             "train_loss": (
                 float(
                     np.average(
                         [rnd.losses[d] for d in participants if d in rnd.losses],
-                        weights=[rnd.counts[d] for d in participants if d in rnd.losses],
+                        weights=[bounded.used[d] for d in participants if d in rnd.losses],
                     )
                 )
                 if any(d in rnd.losses for d in participants)

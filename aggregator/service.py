@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from fedge.models.runtime import load_runtime
-from fedge.protocol import Link, make_link
+from fedge.protocol import Link
+from fedge.protocol.signing import load_private_key
 
+from fedge.brokerconfig import broker_link
+from fedge.configfile import ConfigError
 from fedge.systemd import serve_until_stopped
 
 from .config import AggregatorConfig
@@ -43,12 +47,29 @@ def make_evaluator(cfg: AggregatorConfig) -> Evaluator | None:
     return None if cfg.eval_data is None else HeldOutEvaluator.from_file(cfg.model, cfg.eval_data)
 
 
+def load_sample_caps(cfg: AggregatorConfig) -> dict[str, int]:
+    """Per-device sample caps: the provisioning registry's, overridden by the config's."""
+    caps: dict[str, int] = {}
+    registry = cfg.samples.registry
+    if registry is not None:
+        try:
+            devices = json.loads(registry.read_text()).get("devices", {})
+            for device, entry in devices.items():
+                if entry.get("max_samples") and not entry.get("revoked"):
+                    caps[str(device)] = int(entry["max_samples"])
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            raise ConfigError([f"{registry}: not a fedge provisioning registry ({exc})"]) from exc
+    caps.update(cfg.samples.caps)
+    return caps
+
+
 def build_aggregator(
     cfg: AggregatorConfig, link: Link | None = None, on_round: Callable[[dict], None] | None = None
 ) -> Aggregator:
     initial = load_runtime(cfg.model).get_weights()
     if link is None:
-        link = make_link(cfg.broker, cfg.client_id)
+        link = broker_link(cfg.broker, cfg.client_id, cfg.tls)
+    key = cfg.signing_key
     return Aggregator(
         cfg,
         link=link,
@@ -56,6 +77,8 @@ def build_aggregator(
         initial_weights=initial,
         evaluator=make_evaluator(cfg),
         on_round=on_round,
+        signing_key=None if key is None else load_private_key(key.read_bytes()),
+        sample_caps=load_sample_caps(cfg),
     )
 
 

@@ -19,17 +19,24 @@ class UserError(Exception):
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from fedge.configfile import ConfigError
-    from fedge.models.runtime import RuntimeError_
-    from fedge.models.spec import SpecError
+    """The exceptions that end as one ``fedge: error:`` line instead of a traceback.
 
-    errors: list[type[BaseException]] = [UserError, ConfigError, RuntimeError_, SpecError]
-    try:
-        from fedge.agent.dataset import DatasetError
-
-        errors.append(DatasetError)
-    except ImportError:  # pragma: no cover
-        pass
+    Looked up among the modules already loaded, never imported here: an exception can
+    only have been raised by a module that was imported, and importing one now (on a
+    device without LiteRT, say) could fail and bury the real error under a second one.
+    """
+    wanted = (
+        ("fedge.configfile", "ConfigError"),
+        ("fedge.models.runtime", "RuntimeError_"),
+        ("fedge.models.spec", "SpecError"),
+        ("fedge.models.tflite_schema", "ModelFileError"),
+        ("fedge.agent.dataset", "DatasetError"),
+    )
+    errors: list[type[BaseException]] = [UserError]
+    for module_name, name in wanted:
+        module = sys.modules.get(module_name)
+        if module is not None:
+            errors.append(getattr(module, name))
     return tuple(errors)
 
 
@@ -295,8 +302,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from fedge.configfile import EX_CONFIG, ConfigError
+
     try:
         return int(args.func(args))
+    except ConfigError as exc:
+        # Every problem, one line each; 78 tells systemd not to restart (the config is wrong).
+        for line in exc.problems:
+            print(f"fedge: error: {line}", file=sys.stderr)
+        return EX_CONFIG
     except _expected_errors() as exc:
         print(f"fedge: error: {exc}", file=sys.stderr)
         return 2

@@ -28,6 +28,8 @@ from fedge.aggregator.strategy import StrategyConfig
 from fedge.firmware_bridge.binary_frames import encode_frame
 from fedge.firmware_bridge.simulator import CHANNELS, Machine, open_pty, serve_pty
 
+from .signing_keys import write_signing_pair
+
 WINDOW = 16
 # Per-channel scaling shared by the fleet: vibration (g), temperature (C), current (A).
 CENTER = (0.0, 0.0, 0.0, 40.0, 3.0)
@@ -72,6 +74,7 @@ def run_sensor_fleet(
     url = broker_for or (lambda client: broker)
     stop = threading.Event()
     feeders, masters, agents = [], [], []
+    signing_key, public_key = write_signing_pair(state)
     task = TaskConfig(kind="forecast", window=WINDOW, center=CENTER, scale=SCALE, history=1500)
     for i in range(devices):
         master, path = open_pty(out / f"tty-dev{i:03d}")
@@ -93,6 +96,7 @@ def run_sensor_fleet(
             task=task,
             state_dir=state,
             seed=seed * 1000 + i,
+            aggregator_keys=(public_key,),
         )
         agents.append(build_agent(cfg))
     agg = build_aggregator(
@@ -100,6 +104,7 @@ def run_sensor_fleet(
             fleet=fleet,
             broker=url(f"{fleet}-aggregator"),
             client_id=f"{fleet}-aggregator",
+            signing_key=signing_key,
             model=forecaster_model(),
             state_dir=state,
             rounds=rounds,

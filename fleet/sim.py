@@ -37,6 +37,7 @@ from .baselines import LocalModels, Scorer, SoloTrainer
 from .datasets import Split, digits, load_user_dataset
 from .embedded_broker import EmbeddedBroker
 from .partition import parse_scheme, partition
+from .signing_keys import write_signing_pair
 
 log = logging.getLogger("fedge.fleet")
 
@@ -210,6 +211,7 @@ def _configs(
     except ValueError as exc:
         raise SimError(f"--partition {scheme}: {exc}") from exc
     test = _write_npz(data_dir / "test.npz", split.x_test, split.y_test)
+    signing_key, public_key = write_signing_pair(state_dir)
     agents = []
     for i, idx in enumerate(parts):
         device = f"dev{i:03d}"
@@ -225,12 +227,14 @@ def _configs(
                 runtime=(opts.runtime,),  # type: ignore[arg-type]
                 seed=opts.seed * 1000 + i,
                 max_payload=opts.max_payload,
+                aggregator_keys=(public_key,),
             )
         )
     agg = AggregatorConfig(
         fleet=fleet,
         broker=broker_for(f"{fleet}-aggregator"),
         client_id=f"{fleet}-aggregator"[:64],
+        signing_key=signing_key,
         model=model,
         state_dir=state_dir,
         rounds=opts.rounds,

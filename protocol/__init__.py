@@ -1,5 +1,6 @@
 """What crosses the wire (version 1): topic names, message schemas, the tensor envelope, and
-the link to the broker (paho, or an in-memory twin for tests). Imports nothing else of ours;
+the Ed25519 signatures on rounds and global models, and the link to the broker (paho, or an
+in-memory twin for tests). Imports nothing else of ours;
 only ``paho_link`` imports paho, and only when a PahoLink is made.
 """
 
@@ -16,7 +17,7 @@ from .codecs import (
 )
 from .envelope import DEFAULT_LIMITS, Decoded, Limits, RejectCounter, decode, encode
 from .errors import DecodeError, EncodeError, InvalidId, LinkError, ProtocolError
-from .link import Link, Message, make_link
+from .link import Link, Message, TlsSettings, make_link
 from .memory_link import MemoryBroker, MemoryLink
 from .messages import (
     GlobalModelHeader,
@@ -27,6 +28,7 @@ from .messages import (
     TrainingConfig,
     UpdateHeader,
 )
+from .signing import SIGNATURE_REASONS, SignatureError, is_signed, sign, verify
 from .skip import decode_skip, encode_skip, is_skip
 from .topics import Topics, topic_matches, validate_id
 
@@ -34,6 +36,7 @@ __all__ = [
     "CHUNK_REASONS",
     "CODEC_REASONS",
     "DEFAULT_LIMITS",
+    "SIGNATURE_REASONS",
     "ChunkError",
     "CodecError",
     "CodecSpec",
@@ -55,8 +58,10 @@ __all__ = [
     "Reassembler",
     "RejectCounter",
     "RoundAnnouncement",
+    "SignatureError",
     "SkipNotice",
     "Status",
+    "TlsSettings",
     "Topics",
     "TrainingConfig",
     "UpdateHeader",
@@ -68,10 +73,13 @@ __all__ = [
     "encode_skip",
     "encoded_nbytes",
     "is_chunk",
+    "is_signed",
     "is_skip",
     "make_link",
     "parse_codec",
+    "sign",
     "split",
     "topic_matches",
     "validate_id",
+    "verify",
 ]

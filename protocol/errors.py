@@ -8,6 +8,8 @@
     │                             short stable code from ``DECODE_REASONS`` for metrics
     ├── CodecError (codecs.py)    delta tensors/meta that cannot be trusted (CODEC_REASONS)
     ├── ChunkError (chunking.py)  a chunk that is corrupt, inconsistent, duplicate or late
+    ├── SignatureError (signing.py)  a round or global model that is unsigned, signed by a
+    │                             key not pinned, or whose signature fails (SIGNATURE_REASONS)
     └── LinkError                 the transport failed (connect, subscribe, publish); paho's
                                   own errors are converted at the boundary (``from exc``)
 

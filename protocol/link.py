@@ -64,22 +64,56 @@ def next_message(inbox: queue.Queue[Message], timeout: float | None) -> Message 
         return None
 
 
-def make_link(url: str, client_id: str, will: Message | None = None) -> Link:
-    """A PahoLink for ``mqtt://[user[:password]@]host[:port]`` (port 1883 by default)."""
+@dataclass(frozen=True)
+class TlsSettings:
+    """How a link verifies the broker and proves who it is (TLS 1.2 or newer).
+
+    ``ca_file`` None trusts the system's CAs; ``cert_file`` and ``key_file`` are a client
+    certificate (the identity a broker with ``use_identity_as_username`` sees).
+    """
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify_hostname: bool = True
+
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+def make_link(
+    url: str,
+    client_id: str,
+    will: Message | None = None,
+    *,
+    tls: TlsSettings | None = None,
+    username: str | None = None,
+    password: str | None = None,
+) -> Link:
+    """A PahoLink for ``mqtt[s]://[user[:password]@]host[:port]`` (ports 1883 and 8883).
+
+    ``mqtts`` always uses TLS (``tls`` None: the system's CAs, no client certificate);
+    ``mqtt`` never does, and refuses ``tls`` rather than ignore it. ``username`` and
+    ``password`` override those in the URL.
+    """
     try:
         parts = urlsplit(url)
-        port = parts.port or 1883
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme, 0)
     except ValueError as exc:
         raise LinkError(f"bad broker url {url!r}: {exc}") from exc
-    if parts.scheme != "mqtt" or not parts.hostname or parts.path not in ("", "/"):
-        raise LinkError(f"bad broker url {url!r}: want mqtt://host[:port]")
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/"):
+        raise LinkError(f"bad broker url {url!r}: want mqtt://host[:port] or mqtts://host[:port]")
+    if parts.scheme == "mqtt" and tls is not None:
+        raise LinkError(
+            f"broker url {url!r} is plain MQTT but TLS settings were given: use mqtts://"
+        )
+    if parts.scheme == "mqtts" and tls is None:
+        tls = TlsSettings()
     from .paho_link import PahoLink  # paho is imported only where it is used
 
+    if username is None and parts.username is not None:
+        username = unquote(parts.username)
+        password = unquote(parts.password) if parts.password is not None else None
     return PahoLink(
-        parts.hostname,
-        port,
-        client_id,
-        will=will,
-        username=unquote(parts.username) if parts.username is not None else None,
-        password=unquote(parts.password) if parts.password is not None else None,
+        parts.hostname, port, client_id, will=will, username=username, password=password, tls=tls
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
+import ssl
 import threading
 from typing import Any
 
@@ -17,7 +19,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from .errors import LinkError
-from .link import Message, next_message
+from .link import Message, TlsSettings, next_message
 from .topics import validate_filter
 from .wire import PUBACK_SIZE, publish_size
 
@@ -44,7 +46,7 @@ class PahoLink:
         clean_session: bool = False,
         username: str | None = None,
         password: str | None = None,
-        tls_ca: str | None = None,
+        tls: TlsSettings | None = None,
         max_inflight: int = 20,
         close_timeout: float = 5.0,
     ) -> None:
@@ -78,8 +80,9 @@ class PahoLink:
                 client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
             if username is not None:
                 client.username_pw_set(username, password)
-            if tls_ca is not None:
-                client.tls_set(ca_certs=tls_ca)
+            self._ssl_context = None if tls is None else tls_context(tls)
+            if self._ssl_context is not None:
+                client.tls_set_context(self._ssl_context)
         except (ValueError, OSError) as exc:  # ssl.SSLError is an OSError
             raise self._error(f"cannot configure the MQTT client: {exc}") from exc
         client.on_connect = self._on_connect
@@ -111,7 +114,10 @@ class PahoLink:
             outcome = self._connack
         if outcome != "ok":
             self._stop()
-            why = f"refused: {outcome}" if outcome else f"no connection after {timeout:g} s"
+            if outcome:
+                why = f"refused: {outcome}"
+            else:
+                why = f"no connection after {timeout:g} s ({self._diagnose()})"
             raise self._error(f"cannot connect, {why}")
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
@@ -179,6 +185,19 @@ class PahoLink:
         # A private method (paho 2.0-2.2); eclipse-paho/paho.mqtt.python#627.
         self._client._reset_sockets(sockpair_only=True)
         self._started = False
+
+    def _diagnose(self, timeout: float = 5.0) -> str:
+        """Why the broker cannot be reached: paho's reconnect loop does not say."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+                if self._ssl_context is None:
+                    return "the port accepts TCP connections"
+                with self._ssl_context.wrap_socket(sock, server_hostname=self.host):
+                    return "TLS handshake succeeds"
+        except ssl.SSLError as exc:
+            return f"TLS: {exc.reason or exc}"
+        except OSError as exc:
+            return exc.strerror or str(exc)
 
     def _error(self, what: str) -> LinkError:
         return LinkError(f"{what} (broker {self.host}:{self.port}, client {self.client_id})")
@@ -268,3 +287,14 @@ class PahoLink:
             else:
                 self._early_acks.add(mid)
             self._cond.notify_all()
+
+
+def tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    """A client context: TLS 1.2 or newer, the broker checked against ``ca_file`` (or the
+    system's CAs) and, unless turned off, its hostname; a client certificate if given."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = tls.verify_hostname
+    if tls.cert_file is not None:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context

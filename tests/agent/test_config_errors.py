@@ -1,4 +1,5 @@
-"""`fedge agent` with a bad config exits non-zero with one line naming the field."""
+"""`fedge agent` with a bad config exits 78 (EX_CONFIG) with one line per problem, each naming
+the field; other user errors exit 2."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def test_bad_config_is_one_line(
     if extra.startswith("model"):
         body = "\n".join(line for line in body.splitlines() if not line.startswith("model")) + "\n"
     proc = run_agent(tmp_path, body + extra)
-    assert proc.returncode == 2
+    assert proc.returncode == 78
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -64,7 +65,7 @@ def test_bad_config_is_one_line(
 
 def test_missing_required_key_and_missing_file(tmp_path: Path, data_file: Path) -> None:
     proc = run_agent(tmp_path, f'model = "{DIGITS_MODEL}"\ndata = "{data_file}"\n')
-    assert proc.returncode == 2 and "device_id: required key is missing" in proc.stderr
+    assert proc.returncode == 78 and "device_id: required key is missing" in proc.stderr
     proc = subprocess.run(
         [sys.executable, "-m", "fedge.cli", "agent", "--config", str(tmp_path / "nope.toml")],
         capture_output=True,
@@ -72,10 +73,73 @@ def test_missing_required_key_and_missing_file(tmp_path: Path, data_file: Path) 
         timeout=60,
     )
     assert (
-        proc.returncode == 2
+        proc.returncode == 78
         and proc.stderr.count("\n") == 1
         and "no such config file" in proc.stderr
     )
+
+
+def test_every_problem_is_one_line(tmp_path: Path, data_file: Path) -> None:
+    body = good(data_file) + 'colour = "blue"\nkeepalive = "often"\nnum_threads = 0\n'
+    proc = run_agent(tmp_path, body)
+    assert proc.returncode == 78
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 3, proc.stderr
+    assert all(line.startswith(f"fedge: error: {tmp_path / 'agent.toml'}: ") for line in lines)
+    assert {line.split(": ")[3] for line in lines} == {"colour", "keepalive", "num_threads"}
+    assert "more problem" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("tls", "field", "problem"),
+    [
+        ('ca_file = "nope.crt"\n', "tls.ca_file", "file does not exist"),
+        ('cert_file = "c.pem"\n', "tls", "cert_file and key_file go together"),
+        ('username = "u"\n', "tls", "username and password_file go together"),
+    ],
+    ids=["missing-ca", "cert-without-key", "user-without-password"],
+)
+def test_tls_problems_name_the_field(
+    tmp_path: Path, data_file: Path, tls: str, field: str, problem: str
+) -> None:
+    (tmp_path / "c.pem").write_text("x")
+    body = good(data_file).replace("device_id", 'broker = "mqtts://h:8883"\ndevice_id') + "[tls]\n"
+    proc = run_agent(tmp_path, body + tls)
+    assert proc.returncode == 78, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{field}: " in lines[0] and problem in lines[0], proc.stderr
+
+
+def test_an_unreadable_key_file_names_the_field(
+    tmp_path: Path, data_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedge.agent.config import AgentConfig
+
+    from fedge.configfile import ConfigError, load_config
+
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    real_open = Path.open
+
+    def deny(self: Path, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        if self == secret:  # root reads any file: deny it here instead of with chmod
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "open", deny)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(good(data_file) + '[tls]\nusername = "u"\npassword_file = "pw"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg, AgentConfig)
+    assert err.value.problems == [
+        f"{cfg}: tls.password_file: Value error, cannot read {secret} (Permission denied)"
+    ]
+
+
+def test_certificates_need_an_mqtts_broker(tmp_path: Path, data_file: Path) -> None:
+    (tmp_path / "ca.crt").write_text("x")
+    proc = run_agent(tmp_path, good(data_file) + '[tls]\nca_file = "ca.crt"\n')
+    assert proc.returncode == 78 and "not an mqtts:// URL" in proc.stderr, proc.stderr
 
 
 def test_data_that_does_not_fit_the_model(tmp_path: Path) -> None:

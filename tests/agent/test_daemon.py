@@ -158,7 +158,7 @@ def test_answered_round_is_not_trained_again_after_restart(tmp_path: Path) -> No
     drain(agent)
     assert len(updates(srv)) == 1
     agent.link.close()
-    assert load_state(state_file) == AgentState(last_round=1, model_version=0)
+    assert load_state(state_file) == AgentState(last_round=1, round_seen=1, model_version=0)
     again = make_agent(broker, state_file=state_file)  # retained round 1 is delivered again
     drain(again)
     assert updates(srv) == []
