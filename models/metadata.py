@@ -1,28 +1,19 @@
 """Read and write what a ``.tflite`` flatbuffer says about itself: metadata and op codes.
 
-Uses the TFLite schema bindings that ship with ai-edge-litert (``flatbuffers`` is
-one of its dependencies), so devices need nothing extra to inspect a model.
+Reading goes through :mod:`fedge.models.tflite_schema` (pure Python over ``flatbuffers``),
+so every device can inspect a model and load its embedded spec, with or without LiteRT.
+Writing (:func:`add_metadata`) happens at authoring time and borrows the TFLite schema
+object API from ai-edge-litert or TensorFlow.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import flatbuffers
 
-try:  # the schema bindings ship with ai-edge-litert; TensorFlow has the same module
-    from ai_edge_litert import schema_py_generated as schema
-except ImportError:  # pragma: no cover - exercised only where LiteRT is absent
-    from tensorflow.lite.python import schema_py_generated as schema  # type: ignore[no-redef]
-
-_FILE_IDENTIFIER = b"TFL3"
-_BUILTIN_NAMES = {
-    value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")
-}
-
-
-class ModelFileError(ValueError):
-    """The bytes are not a TFLite flatbuffer."""
+from .tflite_schema import FILE_IDENTIFIER, ModelReader, builtin_name
 
 
 @dataclass(frozen=True)
@@ -35,40 +26,41 @@ class OpCode:
         return self.builtin == "CUSTOM" or self.custom_code is not None
 
 
-def _model(data: bytes):  # type: ignore[no-untyped-def]
-    if len(data) < 8 or data[4:8] != _FILE_IDENTIFIER:
-        raise ModelFileError("not a TFLite model (missing TFL3 identifier)")
-    return schema.Model.GetRootAs(data, 0)
-
-
 def op_codes(data: bytes) -> list[OpCode]:
     """Every operator code the model uses."""
-    model = _model(data)
-    codes = []
-    for i in range(model.OperatorCodesLength()):
-        oc = model.OperatorCodes(i)
-        # Builtin codes above 127 live in BuiltinCode; DeprecatedBuiltinCode holds the rest.
-        code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
-        custom = oc.CustomCode()
-        codes.append(
-            OpCode(_BUILTIN_NAMES.get(code, str(code)), custom.decode() if custom else None)
-        )
-    return codes
+    return [
+        OpCode(builtin_name(code), custom) for code, custom in ModelReader(data).operator_codes()
+    ]
 
 
 def read_metadata(data: bytes, key: str) -> bytes | None:
-    model = _model(data)
-    for i in range(model.MetadataLength()):
-        meta = model.Metadata(i)
-        if meta.Name() is not None and meta.Name().decode() == key:
-            buf = model.Buffers(meta.Buffer())
-            return bytes(buf.DataAsNumpy().tobytes()) if buf.DataLength() else b""
+    """The value stored under ``key`` in the model's metadata, or None if there is none."""
+    model = ModelReader(data)
+    for name, buffer in model.metadata():
+        if name == key:
+            return model.buffer(buffer)
     return None
+
+
+def _schema_object_api() -> ModuleType:
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        try:
+            from tensorflow.lite.python import schema_py_generated as schema  # type: ignore[no-redef]
+        except ImportError as exc:
+            raise ImportError(
+                "writing model metadata needs ai-edge-litert or TensorFlow:"
+                " pip install 'fedge[build]'"
+            ) from exc
+    return schema
 
 
 def add_metadata(data: bytes, key: str, value: bytes) -> bytes:
     """Return a copy of the model with ``key`` set to ``value`` (replacing an older entry)."""
-    model = schema.ModelT.InitFromObj(_model(data))
+    ModelReader(data)  # a clear error for bytes that are not a model
+    schema = _schema_object_api()
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
     buffer = schema.BufferT()
     buffer.data = list(value)
     model.buffers.append(buffer)
@@ -77,5 +69,5 @@ def add_metadata(data: bytes, key: str, value: bytes) -> bytes:
     meta.buffer = len(model.buffers) - 1
     model.metadata = [m for m in (model.metadata or []) if m.name != key.encode()] + [meta]
     builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=_FILE_IDENTIFIER)
+    builder.Finish(model.Pack(builder), file_identifier=FILE_IDENTIFIER)
     return bytes(builder.Output())

@@ -27,8 +27,9 @@ import numpy as np
 
 from . import maths
 from .builder import SPEC_METADATA_KEY
-from .metadata import ModelFileError, read_metadata
+from .metadata import read_metadata
 from .spec import ModelSpec
+from .tflite_schema import ModelFileError
 
 log = logging.getLogger("fedge.models")
 
