@@ -203,6 +203,61 @@ def _cmd_bridge_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_provision(args: argparse.Namespace) -> int:
+    from fedge.provision import (
+        ProvisionError,
+        init_fleet,
+        provision_device,
+        read_registry,
+        revoke_device,
+    )
+
+    pki = Path(args.dir)
+    try:
+        if args.init:
+            if args.device_id or args.revoke or not args.fleet:
+                raise UserError("use: fedge provision --init --fleet FLEET [--dir PKI]")
+            names = args.server_names or ["localhost", "127.0.0.1"]
+            changes = init_fleet(pki, args.fleet, names, args.days, force=args.force)
+            done = f"fleet {args.fleet}: a CA, and a broker certificate for {', '.join(names)}"
+        elif not args.device_id:
+            raise UserError("give a DEVICE_ID to provision or --revoke, or --init for a new fleet")
+        elif args.revoke:
+            changes = revoke_device(pki, args.device_id)
+            done = (
+                f"revoked {args.device_id}: copy ca.crl, fedge.acl and passwd to the broker,"
+                " then reload it (systemctl reload mosquitto)"
+                if changes
+                else f"{args.device_id} was already revoked; nothing changed"
+            )
+        else:
+            changes = provision_device(
+                pki,
+                args.device_id,
+                args.fleet or read_registry(pki)["fleet"],
+                force=args.force,
+                password=args.password,
+                gateway=args.gateway,
+                model=args.model,
+                data=args.data,
+                serial_port=args.serial,
+                task=args.task,
+                max_samples=args.max_samples,
+                broker_host=args.broker_host,
+                days=args.days,
+            )
+            done = (
+                f"{args.device_id}: copy {pki / 'devices' / args.device_id}/ to the device; copy"
+                " fedge.acl and passwd to the broker, then reload it"
+            )
+    except ProvisionError as exc:
+        raise UserError(str(exc)) from exc
+    for change in changes:
+        print(change)
+    print(done)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedge", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -291,6 +346,33 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--png", default=None, help="default: RUN_DIR/report.png")
     r.add_argument("--html", default=None, help="default: RUN_DIR/report.html")
     r.set_defaults(func=_cmd_report, log_level=logging.WARNING)
+
+    pv = sub.add_parser(
+        "provision", help="fleet CA, broker ACL and passwords, a certificate bundle per device"
+    )
+    pv.add_argument("device_id", nargs="?", help="the device (or gateway) to provision or revoke")
+    pv.add_argument("--init", action="store_true", help="make a new fleet CA and broker files")
+    pv.add_argument("--revoke", action="store_true", help="revoke DEVICE_ID")
+    pv.add_argument("--fleet", default=None, help="fleet id (required with --init)")
+    pv.add_argument("--dir", default="fleet-pki", help="provisioning folder (default: %(default)s)")
+    pv.add_argument(
+        "--server-name",
+        action="append",
+        dest="server_names",
+        metavar="NAME",
+        help="--init: the broker's DNS name or IP, repeatable (default: localhost, 127.0.0.1)",
+    )
+    pv.add_argument("--force", action="store_true", help="replace an existing CA or device")
+    pv.add_argument("--password", action="store_true", help="also a broker password (port 8884)")
+    pv.add_argument("--gateway", action="store_true", help="a bridge identity, not a device")
+    pv.add_argument("--max-samples", type=int, default=None, help="cap on its claimed samples")
+    pv.add_argument("--broker-host", default=None, help="default: the first --server-name")
+    pv.add_argument("--model", default=None, help="model file name in /opt/fedge/models/")
+    pv.add_argument("--data", default="/var/lib/fedge/partition.npz", help="its .npz data")
+    pv.add_argument("--serial", default=None, metavar="PORT", help="read a sensor, not --data")
+    pv.add_argument("--task", default="forecast", choices=["forecast", "autoencode", "classify"])
+    pv.add_argument("--days", type=int, default=825, help="certificate validity (default: 825)")
+    pv.set_defaults(func=_cmd_provision, log_level=logging.WARNING)
     return p
 
 

@@ -1,0 +1,722 @@
+"""Fleet provisioning: a fleet CA, the broker's and the aggregator's certificates, Mosquitto's
+ACL and password file, and one bundle per device. Made with ``cryptography`` alone (no openssl).
+
+A provisioning directory (PKI) holds::
+
+    ca.crt ca.key             fleet CA (ECDSA P-256, CA:TRUE, 10 years); ca.key stays here
+    server.crt server.key     the broker's certificate (SANs: the server names; serverAuth)
+    aggregator.crt .key       the aggregator's TLS client certificate (CN "aggregator")
+    signing.key signing.pub   the aggregator's Ed25519 key pair (PKCS8 / SubjectPublicKeyInfo)
+    ca.crl                    revoked certificates; the broker needs it even when empty
+    passwd                    Mosquitto password file ($7$: PBKDF2-SHA512), may be empty
+    fedge.acl                 Mosquitto ACL: one block per identity, this fleet's topics only
+    devices.json              {"fleet": F, "devices": {id: {fleet, serial, max_samples,
+                              revoked, role}}}; serial is the certificate's, in hex
+    devices/<id>/             the bundle for one device: agent.toml, device.crt, device.key,
+                              ca.crt, aggregator.pub, and password when asked for
+
+Certificates, texts and hashes are built by pure functions; ``_write`` is the one place that
+writes a file (created with its final mode, fsync, ``os.replace``, fsync of the folder). Every
+change to a PKI holds an exclusive lock on ``PKI/.lock``. Private keys are mode 0600.
+
+Errors::
+
+    ProvisionError (ValueError)   every user error; str() is one line
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import fcntl
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+TOPIC_PREFIX = "fedge/v1"
+TLS_PORT = 8883  # production.conf: client certificates
+PASSWORD_PORT = 8884  # production.conf: username and password over TLS
+CA_DAYS = 3650
+LEAF_DAYS = 825
+BACKDATE = dt.timedelta(hours=1)  # a device clock a little behind still accepts new certificates
+AGGREGATOR = "aggregator"
+# Names a device may not take: the aggregator's identity, and path components.
+RESERVED_IDS = frozenset({AGGREGATOR, ".", ".."})
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+DEVICE_DATA = "/var/lib/fedge/partition.npz"
+MODELS_DIR = "/opt/fedge/models"
+STATE_DIR = "/var/lib/fedge"
+DATA_MODEL = "digits_mlp.tflite"
+SERIAL_MODEL = "machine_forecaster.tflite"
+TASK_KINDS = ("forecast", "autoencode", "classify")
+ROLES = ("device", "gateway")
+# mosquitto_passwd (2.0): PBKDF2-HMAC-SHA512, 12-byte salt, 101 iterations, base64 fields.
+PASSWD_ITERATIONS = 101
+PASSWD_SALT_BYTES = 12
+
+
+class ProvisionError(ValueError):
+    """A provisioning request that cannot be done as asked; ``str()`` is one line."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One file written or removed, for the command line to print."""
+
+    action: str  # "wrote" or "removed"
+    path: Path
+
+    def __str__(self) -> str:
+        return f"{self.action:8s}{self.path}"
+
+
+# -- names ------------------------------------------------------------------------------------
+
+
+def check_id(kind: str, value: str) -> str:
+    """``value`` if it is one MQTT topic level by fedge's id rule, else ProvisionError."""
+    if not isinstance(value, str) or _ID.fullmatch(value) is None:
+        raise ProvisionError(f"invalid {kind} {value!r}: want 1-64 characters of [A-Za-z0-9_.-]")
+    return value
+
+
+def check_device_id(device_id: str) -> str:
+    check_id("device id", device_id)
+    if device_id.lower() in RESERVED_IDS:
+        raise ProvisionError(f"device id {device_id!r} is reserved; choose another name")
+    return device_id
+
+
+def _check_host(host: str) -> str:
+    if _is_ip(host):
+        if ":" in host:
+            raise ProvisionError(
+                f"broker host {host!r}: IPv6 literals do not fit the broker URL; use a DNS name"
+            )
+        return host
+    if _HOST.fullmatch(host) is None:
+        raise ProvisionError(f"invalid host name {host!r}")
+    return host
+
+
+def _check_days(days: int) -> None:
+    if days < 1:
+        raise ProvisionError(f"certificate validity must be at least 1 day, got {days}")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+# -- keys and certificates (pure) -------------------------------------------------------------
+
+
+def _now(now: dt.datetime | None) -> dt.datetime:
+    return now if now is not None else dt.datetime.now(dt.timezone.utc)
+
+
+def _expiry(cert: x509.Certificate) -> dt.datetime:
+    """``not_valid_after`` as an aware datetime (cryptography 41 has only the naive one)."""
+    aware = getattr(cert, "not_valid_after_utc", None)
+    return aware if aware is not None else cert.not_valid_after.replace(tzinfo=dt.timezone.utc)
+
+
+def new_ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedge"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def make_ca(
+    key: ec.EllipticCurvePrivateKey, fleet: str, *, now: dt.datetime | None = None
+) -> x509.Certificate:
+    """A self-signed fleet CA: CA:TRUE (no intermediates), key cert sign and CRL sign."""
+    start = _now(now)
+    name = _name(f"fedge fleet CA {fleet}")
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start - BACKDATE)
+        .not_valid_after(start + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def issue_certificate(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    public_key: ec.EllipticCurvePublicKey,
+    cn: str,
+    *,
+    server_names: Sequence[str] = (),
+    days: int = LEAF_DAYS,
+    now: dt.datetime | None = None,
+) -> x509.Certificate:
+    """A leaf certificate signed by the fleet CA: serverAuth with SANs when ``server_names`` is
+    given, else clientAuth (a client's identity is its CN)."""
+    _check_days(days)
+    start = _now(now)
+    server = bool(server_names)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start - BACKDATE)
+        .not_valid_after(min(start + dt.timedelta(days=days), _expiry(ca_cert)))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    if server:
+        sans: list[x509.GeneralName] = [
+            x509.IPAddress(ipaddress.ip_address(n)) if _is_ip(n) else x509.DNSName(n)
+            for n in server_names
+        ]
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def make_crl(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    revoked: Iterable[x509.RevokedCertificate] = (),
+    *,
+    now: dt.datetime | None = None,
+) -> x509.CertificateRevocationList:
+    """The CA's CRL listing ``revoked``. Its next update is the CA's expiry: OpenSSL rejects
+    every client once a CRL has expired, and nothing here re-signs it on a schedule."""
+    start = _now(now)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(start - BACKDATE)
+        .next_update(_expiry(ca_cert))
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    for entry in revoked:
+        builder = builder.add_revoked_certificate(entry)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def revoked_entry(
+    serial: int, reason: x509.ReasonFlags, *, now: dt.datetime | None = None
+) -> x509.RevokedCertificate:
+    return (
+        x509.RevokedCertificateBuilder()
+        .serial_number(serial)
+        .revocation_date(_now(now))
+        .add_extension(x509.CRLReason(reason), critical=False)
+        .build()
+    )
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+# -- Mosquitto texts (pure) -------------------------------------------------------------------
+
+
+def mosquitto_password_hash(
+    password: str, *, salt: bytes | None = None, iterations: int = PASSWD_ITERATIONS
+) -> str:
+    """``$7$ITER$SALT$HASH`` as mosquitto_passwd 2.x writes it (PBKDF2-HMAC-SHA512)."""
+    salt = salt if salt is not None else secrets.token_bytes(PASSWD_SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    b64 = base64.b64encode
+    return f"$7${iterations}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def check_mosquitto_password(hashed: str, password: str) -> bool:
+    """True if ``password`` matches a ``$7$`` hash (mosquitto_passwd's or ours)."""
+    parts = hashed.split("$")
+    if len(parts) != 5 or parts[:2] != ["", "7"] or not parts[2].isdigit():
+        return False
+    try:
+        salt, expected = base64.b64decode(parts[3]), base64.b64decode(parts[4])
+    except ValueError:
+        return False
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, int(parts[2]))
+    return hmac.compare_digest(digest, expected)
+
+
+def acl_text(fleet: str, identities: Mapping[str, str]) -> str:
+    """Mosquitto ACL for ``fleet``: the aggregator's block and one per identity (id -> role).
+
+    No ``pattern`` lines: a pattern applies to every authenticated user, so a revoked device
+    whose certificate still verifies (before the broker reloads its CRL) would keep its topics.
+    """
+    base = f"{TOPIC_PREFIX}/{check_id('fleet', fleet)}"
+    lines = [
+        f"# Mosquitto ACL for fleet {fleet}, generated by `fedge provision`: every provision or",
+        "# revoke rewrites it. A username is a client certificate's CN (port 8883) or a password",
+        "# file user (port 8884). Anything not granted below is denied, and there are no pattern",
+        "# lines, so a revoked device gets nothing even while its certificate still verifies.",
+        "",
+        f"user {AGGREGATOR}",
+        f"topic read {base}/update/+",
+        f"topic read {base}/status/+",
+        f"topic readwrite {base}/round",
+        f"topic readwrite {base}/global",
+    ]
+    for ident, role in sorted(identities.items()):
+        check_id("identity", ident)
+        mine = "+" if role == "gateway" else ident
+        lines += [
+            "",
+            f"# {role}",
+            f"user {ident}",
+            f"topic write {base}/update/{mine}",
+            f"topic write {base}/status/{mine}",
+            f"topic read {base}/round",
+            f"topic read {base}/global",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def passwd_with(text: str, user: str, hashed: str | None) -> str:
+    """A password file with ``user``'s line replaced by ``user:hashed`` (removed if None)."""
+    lines = [ln for ln in text.splitlines() if ln.strip() and ln.split(":", 1)[0] != user]
+    if hashed is not None:
+        lines.append(f"{user}:{hashed}")
+    return "".join(f"{ln}\n" for ln in lines)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def agent_toml(
+    device_id: str,
+    fleet: str,
+    *,
+    broker_host: str,
+    model: str,
+    data: str | None,
+    serial_port: str | None,
+    task: str,
+    password: bool,
+) -> str:
+    """The bundle's agent.toml; its relative paths name files beside it in the bundle."""
+    port = PASSWORD_PORT if password else TLS_PORT
+    top: dict[str, object] = {
+        "device_id": device_id,
+        "fleet": fleet,
+        "broker": f"mqtts://{broker_host}:{port}",
+        "model": f"{MODELS_DIR}/{model}",
+    }
+    if serial_port is None:
+        top["data"] = data
+    top["state_dir"] = STATE_DIR
+    top["aggregator_keys"] = ["aggregator.pub"]
+    tls: dict[str, object] = {"ca_file": "ca.crt"}
+    if password:
+        tls |= {"username": device_id, "password_file": "password"}
+    else:
+        tls |= {"cert_file": "device.crt", "key_file": "device.key"}
+    tls["verify_hostname"] = True
+    tables: dict[str, dict[str, object]] = {"tls": tls}
+    if serial_port is not None:
+        tables["serial"] = {"port": serial_port}
+        tables["task"] = {"kind": task}
+    how = (
+        f"username and password on port {PASSWORD_PORT} (device.crt and device.key would also do,"
+        f" on port {TLS_PORT})"
+        if password
+        else f"its client certificate on port {TLS_PORT}"
+    )
+    out = [
+        f"# fedge agent {device_id}, written by `fedge provision`. Relative paths are resolved",
+        "# against this file's folder (deploy/install.sh --bundle puts it all in /etc/fedge/).",
+        f"# The broker knows this device by {how}.",
+    ]
+    out += [f"{k} = {_toml_value(v)}" for k, v in top.items()]
+    for name, table in tables.items():
+        out += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(out) + "\n"
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def _write(path: Path, data: bytes | str, mode: int = 0o644) -> Change:
+    """Replace ``path`` atomically: a temporary file created with ``mode``, fsync, rename, and
+    an fsync of the folder so the rename survives a power cut."""
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)  # left by a crash; we hold the PKI lock
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        view = memoryview(raw)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return Change("wrote", path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _locked(pki: Path) -> Iterator[None]:
+    fd = os.open(pki / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ProvisionError(
+            f"{path} is missing: run `fedge provision --init` on this folder first"
+        ) from exc
+
+
+def read_registry(pki_dir: str | Path) -> dict[str, Any]:
+    """devices.json: ``{"fleet": F, "devices": {id: {fleet, serial, max_samples, revoked,
+    role}}}``."""
+    path = Path(pki_dir) / "devices.json"
+    try:
+        registry = json.loads(_read(path))
+    except json.JSONDecodeError as exc:
+        raise ProvisionError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(registry, dict) or not isinstance(registry.get("devices"), dict):
+        raise ProvisionError(f"{path}: not a fedge device registry")
+    return registry
+
+
+def _load_ca(pki: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = serialization.load_pem_private_key(_read(pki / "ca.key"), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ProvisionError(f"{pki / 'ca.key'} is not an EC private key")
+    return key, x509.load_pem_x509_certificate(_read(pki / "ca.crt"))
+
+
+def _broker_host(pki: Path) -> str:
+    """The first name in the broker certificate's SANs: what devices connect to by default."""
+    cert = x509.load_pem_x509_certificate(_read(pki / "server.crt"))
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = [str(n.value) for n in sans if isinstance(n, (x509.DNSName, x509.IPAddress))]
+    return names[0]
+
+
+def _add_to_crl(
+    pki: Path,
+    ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate],
+    serial: int,
+    reason: x509.ReasonFlags,
+    now: dt.datetime | None,
+) -> Change | None:
+    crl = x509.load_pem_x509_crl(_read(pki / "ca.crl"))
+    if crl.get_revoked_certificate_by_serial_number(serial) is not None:
+        return None
+    entries = [*crl, revoked_entry(serial, reason, now=now)]
+    new = make_crl(*ca, entries, now=now)
+    return _write(pki / "ca.crl", new.public_bytes(serialization.Encoding.PEM))
+
+
+def _save_registry_acl(pki: Path, registry: dict[str, Any]) -> list[Change]:
+    live = {d: e.get("role", "device") for d, e in registry["devices"].items() if not e["revoked"]}
+    return [
+        _write(pki / "devices.json", json.dumps(registry, indent=2, sort_keys=True) + "\n", 0o600),
+        _write(pki / "fedge.acl", acl_text(registry["fleet"], live)),
+    ]
+
+
+def _set_password(pki: Path, user: str, hashed: str | None) -> Change | None:
+    path = pki / "passwd"
+    old = _read(path).decode()
+    new = passwd_with(old, user, hashed)
+    return None if new == old else _write(path, new, 0o600)
+
+
+# -- the three operations ---------------------------------------------------------------------
+
+
+def init_fleet(
+    pki_dir: str | Path,
+    fleet: str,
+    server_names: Sequence[str] = ("localhost", "127.0.0.1"),
+    days: int = LEAF_DAYS,
+    *,
+    force: bool = False,
+    now: dt.datetime | None = None,
+) -> list[Change]:
+    """Make a new PKI for ``fleet`` in ``pki_dir``. An existing CA is kept (ProvisionError)
+    unless ``force``; then everything is made anew and old device bundles are removed, since
+    nothing the old CA signed is trusted any more."""
+    check_id("fleet", fleet)
+    _check_days(days)
+    if not server_names:
+        raise ProvisionError("give at least one server name (the broker's DNS name or IP)")
+    for name in server_names:
+        if not _is_ip(name):
+            _check_host(name)
+    pki = Path(pki_dir)
+    pki.mkdir(mode=0o700, parents=True, exist_ok=True)
+    changes: list[Change] = []
+    with _locked(pki):
+        if not force and ((pki / "ca.key").exists() or (pki / "ca.crt").exists()):
+            raise ProvisionError(
+                f"{pki} already has a fleet CA; use --force to replace it (every certificate"
+                " it signed stops working)"
+            )
+        if force and (pki / "devices.json").exists():
+            for device in read_registry(pki)["devices"]:
+                bundle = pki / "devices" / check_id("device id", device)
+                if bundle.is_dir():
+                    shutil.rmtree(bundle)
+                    changes.append(Change("removed", bundle))
+        ca_key = new_ec_key()
+        ca_cert = make_ca(ca_key, fleet, now=now)
+        changes.append(_write(pki / "ca.key", key_pem(ca_key), 0o600))
+        changes.append(_write(pki / "ca.crt", cert_pem(ca_cert)))
+        for stem, cn, names in (
+            ("server", server_names[0], server_names),
+            ("aggregator", AGGREGATOR, ()),
+        ):
+            key = new_ec_key()
+            cert = issue_certificate(
+                ca_key, ca_cert, key.public_key(), cn, server_names=names, days=days, now=now
+            )
+            changes.append(_write(pki / f"{stem}.key", key_pem(key), 0o600))
+            changes.append(_write(pki / f"{stem}.crt", cert_pem(cert)))
+        signing = ed25519.Ed25519PrivateKey.generate()
+        public = signing.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        changes.append(_write(pki / "signing.key", key_pem(signing), 0o600))
+        changes.append(_write(pki / "signing.pub", public))
+        crl = make_crl(ca_key, ca_cert, now=now)
+        changes.append(_write(pki / "ca.crl", crl.public_bytes(serialization.Encoding.PEM)))
+        changes.append(_write(pki / "passwd", "", 0o600))
+        changes += _save_registry_acl(pki, {"fleet": fleet, "devices": {}})
+    return changes
+
+
+def provision_device(
+    pki_dir: str | Path,
+    device_id: str,
+    fleet: str,
+    *,
+    force: bool = False,
+    password: bool = False,
+    gateway: bool = False,
+    model: str | None = None,
+    data: str = DEVICE_DATA,
+    serial_port: str | None = None,
+    task: str = "forecast",
+    max_samples: int | None = None,
+    broker_host: str | None = None,
+    days: int = LEAF_DAYS,
+    now: dt.datetime | None = None,
+) -> list[Change]:
+    """Issue ``device_id`` a client certificate and write its bundle to PKI/devices/<id>/.
+
+    The bundle's agent.toml reads ``data`` (a .npz on the device), or a sensor on
+    ``serial_port`` with a ``task``; ``model`` is a file name under /opt/fedge/models/.
+    ``password`` adds a broker password (bundle file ``password``, hash in PKI/passwd) and
+    points agent.toml at the password listener. ``gateway`` makes a bridge identity instead
+    (it may write every device's update and status; its bundle has no agent.toml).
+    ``force`` replaces an existing device; its old certificate goes on the CRL.
+    """
+    check_device_id(device_id)
+    check_id("fleet", fleet)
+    _check_days(days)
+    if task not in TASK_KINDS:
+        raise ProvisionError(f"task must be one of {', '.join(TASK_KINDS)}, not {task!r}")
+    if max_samples is not None and max_samples < 1:
+        raise ProvisionError(f"max_samples must be at least 1, got {max_samples}")
+    model = model or (SERIAL_MODEL if serial_port else DATA_MODEL)
+    model = model if model.endswith(".tflite") else f"{model}.tflite"
+    if _FILE_NAME.fullmatch(model) is None or model.startswith("."):
+        raise ProvisionError(f"model {model!r} must be a file name (it goes in {MODELS_DIR}/)")
+    pki = Path(pki_dir)
+    if not pki.is_dir():
+        raise ProvisionError(f"{pki} does not exist: run `fedge provision --init` first")
+    changes: list[Change | None] = []
+    with _locked(pki):
+        registry = read_registry(pki)
+        if registry["fleet"] != fleet:
+            raise ProvisionError(f"{pki} is the PKI of fleet {registry['fleet']!r}, not {fleet!r}")
+        old = registry["devices"].get(device_id)
+        bundle = pki / "devices" / device_id
+        if not force and (old is not None or bundle.exists()):
+            state = "was revoked" if old and old["revoked"] else "is already provisioned"
+            raise ProvisionError(
+                f"device {device_id} {state} in {pki}; use --force to issue it a new certificate"
+            )
+        host = _check_host(broker_host or _broker_host(pki))
+        ca = _load_ca(pki)
+        key = new_ec_key()
+        cert = issue_certificate(*ca, key.public_key(), device_id, days=days, now=now)
+
+        if bundle.exists():
+            shutil.rmtree(bundle)
+        bundle.mkdir(mode=0o700, parents=True)
+        changes.append(_write(bundle / "device.key", key_pem(key), 0o600))
+        changes.append(_write(bundle / "device.crt", cert_pem(cert)))
+        changes.append(_write(bundle / "ca.crt", cert_pem(ca[1])))
+        if not gateway:
+            changes.append(_write(bundle / "aggregator.pub", _read(pki / "signing.pub")))
+            toml = agent_toml(
+                device_id,
+                fleet,
+                broker_host=host,
+                model=model,
+                data=data,
+                serial_port=serial_port,
+                task=task,
+                password=password,
+            )
+            changes.append(_write(bundle / "agent.toml", toml))
+        secret = secrets.token_urlsafe(24) if password else None
+        if secret is not None:
+            changes.append(_write(bundle / "password", secret, 0o600))
+
+        if old is not None and not old["revoked"]:
+            superseded = x509.ReasonFlags.superseded
+            changes.append(_add_to_crl(pki, ca, int(old["serial"], 16), superseded, now))
+        registry["devices"][device_id] = {
+            "fleet": fleet,
+            "serial": format(cert.serial_number, "x"),
+            "max_samples": max_samples,
+            "revoked": False,
+            "role": "gateway" if gateway else "device",
+        }
+        changes += _save_registry_acl(pki, registry)
+        hashed = mosquitto_password_hash(secret) if secret is not None else None
+        changes.append(_set_password(pki, device_id, hashed))
+    return [c for c in changes if c is not None]
+
+
+def revoke_device(
+    pki_dir: str | Path, device_id: str, *, now: dt.datetime | None = None
+) -> list[Change]:
+    """Revoke ``device_id``: registry, CRL (re-signed), ACL block, password line, bundle.
+    Revoking again changes nothing and is not an error; an unknown device is."""
+    check_id("device id", device_id)
+    pki = Path(pki_dir)
+    changes: list[Change | None] = []
+    with _locked(pki):
+        registry = read_registry(pki)
+        entry = registry["devices"].get(device_id)
+        if entry is None:
+            raise ProvisionError(f"no device {device_id} in {pki / 'devices.json'}")
+        ca = _load_ca(pki)
+        reason = x509.ReasonFlags.cessation_of_operation
+        changes.append(_add_to_crl(pki, ca, int(entry["serial"], 16), reason, now))
+        if not entry["revoked"]:
+            entry["revoked"] = True
+            changes += _save_registry_acl(pki, registry)
+        changes.append(_set_password(pki, device_id, None))
+        bundle = pki / "devices" / device_id
+        if bundle.is_dir():
+            shutil.rmtree(bundle)
+            changes.append(Change("removed", bundle))
+    return [c for c in changes if c is not None]
