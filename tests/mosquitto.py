@@ -10,6 +10,17 @@ the port accepts TCP connections::
         client.connect(broker.host, broker.port)
         broker.restart()  # same port: clients must reconnect on their own
 
+``MosquittoServer.production(pki_dir)`` runs ``broker_config/production.conf`` instead: its
+two listeners move to free ports on 127.0.0.1 (``tls_port`` for client certificates,
+``password_port`` for username and password), its certificate, CRL, ACL and password files are
+taken from the provisioning folder ``pki_dir`` (by file name: ``cafile .../ca.crt`` becomes
+``PKI/ca.crt``), and persistence goes to the work directory::
+
+    init_fleet(pki, "f1"); provision_device(pki, "dev-1", "f1")
+    with MosquittoServer.production(pki) as broker:
+        client.tls_set(...); client.connect(broker.host, broker.tls_port)
+        revoke_device(pki, "dev-1"); broker.reload()  # SIGHUP: ACL, passwords, CRL
+
 Plain functions and a class, no pytest imports: ``tests/conftest.py`` wraps them in fixtures.
 
 Errors: ``RuntimeError`` when mosquitto is not installed, exits at start-up or does not listen
@@ -20,15 +31,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEV_CONFIG = REPO / "broker_config" / "dev.conf"
+PRODUCTION_CONFIG = REPO / "broker_config" / "production.conf"
+# production.conf's listener ports, and the settings that name a file of the provisioning folder.
+PRODUCTION_TLS_PORT = 8883
+PRODUCTION_PASSWORD_PORT = 8884
+PKI_SETTINGS = ("cafile", "certfile", "keyfile", "crlfile", "acl_file", "password_file")
 HOST = "127.0.0.1"
 
 START_TIMEOUT_S = 10.0
@@ -196,6 +214,32 @@ class MosquittoServer:
         self.stop()
         return self.start()
 
+    def reload(self, timeout: float = START_TIMEOUT_S) -> None:
+        """SIGHUP, and return once the broker has logged that it reloads its config (it reloads
+        in its one event loop, so connections made after this see the new ACL, passwords and
+        CRL). Connected clients stay connected."""
+        if self._process is None or not self.running:
+            raise RuntimeError(f"mosquitto is not running on {self.url}")
+        before = self._reloads()
+        self._process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self._reloads() == before:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mosquitto did not reload; log tail:\n{self.log_tail()}")
+            time.sleep(0.02)
+
+    def _reloads(self) -> int:
+        try:
+            return self.log_path.read_text(errors="replace").count("Reloading config.")
+        except FileNotFoundError:
+            return 0
+
+    @classmethod
+    def production(cls, pki_dir: Path, **kwargs: Any) -> ProductionMosquitto:
+        """``broker_config/production.conf`` on free ports with the files of ``pki_dir``
+        (keyword arguments as for ``ProductionMosquitto``)."""
+        return ProductionMosquitto(pki_dir, **kwargs)
+
     def close(self) -> None:
         """Stop the broker and remove the work directory if this object made it."""
         self.stop()
@@ -217,3 +261,106 @@ class MosquittoServer:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"MosquittoServer({self.url}, {state}, workdir={self._workdir})"
+
+
+def production_config(
+    text: str, pki_dir: Path, workdir: Path, ports: dict[int, int], host: str = HOST
+) -> str:
+    """``text`` (production.conf) with ``listener N`` -> ``listener ports[N] host``, every
+    PKI_SETTINGS path -> the file of that name in ``pki_dir``, and persistence in ``workdir``."""
+    out = []
+    for line in text.splitlines():
+        words = line.split()
+        key = words[0] if words and not line.startswith("#") else ""
+        if key == "listener":
+            port = int(words[1])
+            if port not in ports:
+                raise RuntimeError(
+                    f"production.conf has a listener on {port}; the fixture knows "
+                    f"only {sorted(ports)}"
+                )
+            line = f"listener {ports[port]} {host}"
+        elif key in PKI_SETTINGS:
+            path = Path(pki_dir) / Path(words[1]).name
+            if not path.is_file():
+                raise RuntimeError(f"{key} {words[1]}: {path} does not exist (provision first)")
+            line = f"{key} {path}"
+        elif key == "persistence_location":
+            line = f"persistence_location {workdir}/"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+class ProductionMosquitto(MosquittoServer):
+    """``broker_config/production.conf`` with the provisioning folder ``pki_dir`` (made by
+    fedge.provision): ``tls_port`` (client certificates, also ``port``) and ``password_port``
+    (username and password), both TLS on ``host``. Use ``reload()`` after a revocation."""
+
+    def __init__(
+        self,
+        pki_dir: Path,
+        *,
+        config: Path = PRODUCTION_CONFIG,
+        host: str = HOST,
+        extra_config: str = "",
+        workdir: Path | None = None,
+        start_timeout: float = START_TIMEOUT_S,
+    ) -> None:
+        super().__init__(
+            config,
+            host=host,
+            extra_config=extra_config,
+            workdir=workdir,
+            start_timeout=start_timeout,
+        )
+        self.pki_dir = Path(pki_dir)
+        self.password_port = free_port(host)
+        while self.password_port == self.port:
+            self.password_port = free_port(host)
+
+    @property
+    def tls_port(self) -> int:
+        return self.port
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://{self.host}:{self.port}"
+
+    def _render_config(self) -> str:
+        ports = {PRODUCTION_TLS_PORT: self.port, PRODUCTION_PASSWORD_PORT: self.password_port}
+        parts = [
+            f"# Generated by tests/mosquitto.py from {self.config} and {self.pki_dir}.",
+            production_config(
+                self.config.read_text(), self.pki_dir, self.workdir, ports, self.host
+            ),
+        ]
+        if self.extra_config:
+            parts.append(self.extra_config)
+        if os.geteuid() == 0:
+            # As root mosquitto would read the PKI as the "mosquitto" user, who cannot.
+            parts.append("user root")
+        return "\n".join(parts) + "\n"
+
+    def start(self) -> ProductionMosquitto:
+        """Start, and return when both listeners accept TCP connections."""
+        super().start()
+        deadline = time.monotonic() + self.start_timeout
+        while not _accepts_connections(self.host, self.password_port):
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"mosquitto did not listen on {self.host}:{self.password_port}; "
+                    f"log tail:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+        return self
+
+    def __enter__(self) -> ProductionMosquitto:
+        return self.start()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return (
+            f"ProductionMosquitto({self.url}, password port {self.password_port}, {state}, "
+            f"pki={self.pki_dir}, workdir={self._workdir})"
+        )
