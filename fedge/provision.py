@@ -412,15 +412,17 @@ def agent_toml(
         tables["serial"] = {"port": serial_port}
         tables["task"] = {"kind": task}
     how = (
-        f"username and password on port {PASSWORD_PORT} (device.crt and device.key would also do,"
-        f" on port {TLS_PORT})"
+        [
+            f"# The broker knows it by username and password on port {PASSWORD_PORT}; its",
+            f"# device.crt and device.key would also do, on port {TLS_PORT}.",
+        ]
         if password
-        else f"its client certificate on port {TLS_PORT}"
+        else [f"# The broker knows it by its client certificate, on port {TLS_PORT}."]
     )
     out = [
         f"# fedge agent {device_id}, written by `fedge provision`. Relative paths are resolved",
         "# against this file's folder (deploy/install.sh --bundle puts it all in /etc/fedge/).",
-        f"# The broker knows this device by {how}.",
+        *how,
     ]
     out += [f"{k} = {_toml_value(v)}" for k, v in top.items()]
     for name, table in tables.items():
