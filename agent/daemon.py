@@ -55,7 +55,7 @@ from pydantic import ValidationError
 from . import residual
 from .dataset import Dataset
 from .eligibility import ByteBudget, Decision
-from .gate import GateConfig, GateDecision
+from .gate import GateDecision
 from .gate import decide as decide_gate
 from .residual import ResidualStore
 from .state import AgentState
@@ -383,11 +383,7 @@ class Agent:
             self.on_trained(ann.round_id, local)
         update = residual.add(delta, self.residual)  # error feedback: what was held back
         gate = decide_gate(
-            GateConfig(
-                threshold=cfg.gate_threshold,
-                min_agreement=cfg.gate_min_agreement,
-                max_skips=cfg.gate_max_skips,
-            ),
+            cfg.gate,
             delta,  # this round's own change: the residual is large by design under top-k
             self.global_weights,
             consecutive_skips=self.state.consecutive_skips,

@@ -24,18 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from fedge.protocol import GateSettings
 
 Weights = Mapping[str, np.ndarray]
-
-
-class GateConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = True
-    threshold: float = Field(default=0.0, ge=0, le=1000)  # on ||delta|| / (lr ||w_global||)
-    min_agreement: float | None = Field(default=None, ge=0, le=1)  # CMFL relevance; None: off
-    max_skips: int = Field(default=2, ge=0, le=1000)  # upload at least every max_skips+1 rounds
 
 
 @dataclass(frozen=True)
@@ -79,7 +70,7 @@ def sign_agreement(update: Weights, last_global_update: Weights) -> float:
 
 
 def decide(
-    cfg: GateConfig,
+    cfg: GateSettings,
     update: Weights,
     global_weights: Weights,
     *,
@@ -92,8 +83,6 @@ def decide(
     agreement = None
     if cfg.min_agreement is not None and last_global_update is not None:
         agreement = sign_agreement(update, last_global_update)
-    if not cfg.enabled:
-        return GateDecision(True, "ok", rel, agreement)
     if consecutive_skips >= cfg.max_skips:
         small = rel < cfg.threshold or (
             agreement is not None and agreement < (cfg.min_agreement or 0)

@@ -4,46 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedge.protocol.codecs import parse_codec
+from fedge.protocol import TrainingConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from fedge.brokerconfig import BrokerTls, check_private_key, check_tls_scheme
 from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN, existing_file, resolve_path
 
 from .strategy import StrategyConfig
-
-
-class GateSettings(BaseModel):
-    """The devices' upload gate (fedge.agent.gate), announced with every round."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # ||delta|| / (lr ||w_global||) below which a device holds its update back; 0: never.
-    threshold: float = Field(default=0.1, ge=0, le=1000)
-    min_agreement: float | None = Field(default=None, ge=0, le=1)  # CMFL relevance; None: off
-    max_skips: int = Field(default=2, ge=0, le=1000)  # upload at least every max_skips+1 rounds
-
-
-class Training(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    epochs: int = Field(default=1, ge=1, le=1000)
-    batch_size: int = Field(default=32, ge=1, le=65536)
-    lr: float = Field(default=0.05, gt=0, le=10)
-    mu: float = Field(default=0.0, ge=0, le=100)  # FedProx proximal weight; 0: plain local SGD
-    # How devices encode deltas (protocol.codecs). The default sends the largest 2% of the
-    # entries as int8, with error feedback; with the gate it cut bytes to target about 70x
-    # (bench/README.md). "float32" sends everything exactly.
-    codec: str = "topk:0.02+int8"
-    # ...but never fewer than this many entries: 2% of a 4,810-weight model is 97, too few
-    # to learn from in 20 rounds; 512 keeps the 50k model at 2% (bench/README.md).
-    topk_min_entries: int = Field(default=512, ge=0)
-    gate: GateSettings = GateSettings()
-
-    @field_validator("codec")
-    @classmethod
-    def _codec(cls, value: str) -> str:
-        return str(parse_codec(value))
 
 
 class SampleLimits(BaseModel):
@@ -92,7 +59,7 @@ class AggregatorConfig(BaseModel):
     devices_per_round: int = Field(default=0, ge=0)  # 0: every online device
     quorum: float = Field(default=0.5, gt=0, le=1)  # share of selected updates after deadline
     round_timeout: float = Field(default=120.0, gt=0)  # seconds
-    training: Training = Training()
+    training: TrainingConfig = TrainingConfig()  # announced with every round
     samples: SampleLimits = SampleLimits()
     strategy: StrategyConfig = StrategyConfig()
     eval_data: Path | None = None  # .npz (x, y) held out for accuracy and loss per round

@@ -42,7 +42,6 @@ from fedge.protocol import (
     SkipNotice,
     Status,
     Topics,
-    TrainingConfig,
     UpdateHeader,
     decode,
     decode_delta,
@@ -365,24 +364,13 @@ class Aggregator:
         self.next_round_id += 1
         self.current = rnd
         self.store.open_round(rnd.round_id, self.version, now, rnd.deadline, selected)
-        t = self.cfg.training
         ann = RoundAnnouncement(
             fleet=self.cfg.fleet,
             round_id=rnd.round_id,
             model_version=self.version,
             deadline=rnd.deadline,
             selected=tuple(selected),
-            config=TrainingConfig(
-                epochs=t.epochs,
-                batch_size=t.batch_size,
-                lr=t.lr,
-                mu=t.mu,
-                codec=t.codec,
-                topk_min_entries=t.topk_min_entries,
-                gate_threshold=t.gate.threshold,
-                gate_min_agreement=t.gate.min_agreement,
-                gate_max_skips=t.gate.max_skips,
-            ),
+            config=self.cfg.training,
         )
         payload = self._signed(encode(ann), "round")
         self.link.publish(self.topics.round, payload, qos=1, retain=True)

@@ -22,11 +22,12 @@ from fedge.agent.config import AgentConfig, SerialConfig, TaskConfig
 from fedge.agent.daemon import Agent
 from fedge.agent.service import build_agent
 from fedge.agent.tasks import forecast, last_value_baseline
-from fedge.aggregator.config import AggregatorConfig, Training
+from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategy import StrategyConfig
 from fedge.firmware_bridge.binary_frames import encode_frame
 from fedge.firmware_bridge.simulator import CHANNELS, Machine, open_pty, serve_pty
+from fedge.protocol import TrainingConfig
 
 from .signing_keys import write_signing_pair
 
@@ -112,7 +113,7 @@ def run_sensor_fleet(
             quorum=0.5,
             round_timeout=round_timeout,
             eval_data=out / "heldout.npz",
-            training=Training(epochs=epochs, batch_size=32, lr=lr, **(training or {})),
+            training=TrainingConfig(epochs=epochs, batch_size=32, lr=lr, **(training or {})),
             # FedAvg: FedAdam's server step (0.05 per coordinate) overshoots this small
             # regression model (its loss rose 5x after round 1 in a 3-device trial).
             strategy=StrategyConfig(**({"name": "fedavg"} | (strategy or {}))),

@@ -29,9 +29,10 @@ from fedge.agent.config import AgentConfig
 from fedge.agent.daemon import Agent
 from fedge.agent.dataset import Dataset
 from fedge.agent.service import build_agent
-from fedge.aggregator.config import AggregatorConfig, GateSettings, Training
+from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategy import StrategyConfig
+from fedge.protocol import GateSettings, TrainingConfig
 
 from .baselines import LocalModels, Scorer, SoloTrainer
 from .datasets import Split, digits, load_user_dataset
@@ -241,7 +242,7 @@ def _configs(
         min_devices=opts.devices,
         quorum=0.5,
         round_timeout=opts.round_timeout,
-        training=Training(
+        training=TrainingConfig(
             epochs=opts.epochs,
             batch_size=opts.batch_size,
             lr=opts.lr,

@@ -11,6 +11,7 @@ from fedge.agent.dataset import Dataset
 from fedge.agent.state import AgentState, load_state, save_state
 from fedge.models.runtime import load_runtime
 from fedge.protocol import (
+    GateSettings,
     GlobalModelHeader,
     MemoryBroker,
     MemoryLink,
@@ -59,7 +60,9 @@ def announce(
         model_version=version,
         deadline=deadline,
         selected=selected,
-        config=TrainingConfig(epochs=2, batch_size=8, lr=0.1),
+        config=TrainingConfig(
+            epochs=2, batch_size=8, lr=0.1, codec="float32", gate=GateSettings(threshold=0)
+        ),
     )
     link.publish(T.round, encode(ann), retain=True)
 

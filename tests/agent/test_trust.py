@@ -12,6 +12,7 @@ from fedge.agent.dataset import Dataset
 from fedge.agent.state import load_state, save_state
 from fedge.models.runtime import load_runtime
 from fedge.protocol import (
+    GateSettings,
     GlobalModelHeader,
     MemoryBroker,
     MemoryLink,
@@ -48,7 +49,9 @@ def round_payload(round_id: int, version: int, key: Ed25519PrivateKey | None, ep
         model_version=version,
         deadline=2e9,
         selected=("d1",),
-        config=TrainingConfig(epochs=epochs, batch_size=8, lr=0.1),
+        config=TrainingConfig(
+            epochs=epochs, batch_size=8, lr=0.1, codec="float32", gate=GateSettings(threshold=0)
+        ),
     )
     return encode(ann) if key is None else sign(encode(ann), key, fleet=FLEET, kind="round")
 

@@ -13,6 +13,7 @@ from fedge.agent.residual import ResidualStore
 from fedge.agent.state import load_state, save_state
 from fedge.models.runtime import load_runtime
 from fedge.protocol import (
+    GateSettings,
     GlobalModelHeader,
     MemoryBroker,
     MemoryLink,
@@ -72,7 +73,12 @@ class Fleet:
     def round(self, round_id: int, **cfg: object) -> list[Message]:
         header = GlobalModelHeader(fleet=FLEET, model_version=round_id - 1, round_id=round_id - 1)
         self.server.publish(T.global_model, encode(header, self.g), retain=True)
-        config = TrainingConfig(**({"epochs": 1, "batch_size": 8, "lr": 0.1} | cfg))  # type: ignore[arg-type]
+        gate = {k.removeprefix("gate_"): cfg.pop(k) for k in list(cfg) if k.startswith("gate_")}
+        base = {"epochs": 1, "batch_size": 8, "lr": 0.1, "codec": "float32", "topk_min_entries": 0}
+        config = TrainingConfig(
+            **(base | cfg),  # type: ignore[arg-type]
+            gate=GateSettings(**({"threshold": 0.0} | gate)),  # type: ignore[arg-type]
+        )
         ann = RoundAnnouncement(
             fleet=FLEET,
             round_id=round_id,

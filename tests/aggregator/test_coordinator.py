@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedge.aggregator.config import AggregatorConfig, Training
+from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.coordinator import Aggregator
 from fedge.aggregator.store import Store
 from fedge.aggregator.strategy import StrategyConfig
@@ -20,6 +20,7 @@ from fedge.protocol import (
     SkipNotice,
     Status,
     Topics,
+    TrainingConfig,
     UpdateHeader,
     decode,
     encode,
@@ -61,7 +62,7 @@ def make(tmp_path: Path, broker: MemoryBroker, clock: Clock, **cfg: object) -> A
         model=DIGITS_MODEL,
         state_dir=tmp_path,
         round_timeout=10.0,
-        training=Training(epochs=1, batch_size=4, lr=0.1),
+        training=TrainingConfig(epochs=1, batch_size=4, lr=0.1),
         strategy=StrategyConfig(name="fedavg"),
         **cfg,  # type: ignore[arg-type]
     )

@@ -15,10 +15,18 @@ import numpy as np
 import pytest
 from fedge.agent.config import AgentConfig
 from fedge.agent.service import build_agent
-from fedge.aggregator.config import AggregatorConfig, GateSettings, Training
+from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategy import StrategyConfig
-from fedge.protocol import GlobalModelHeader, Topics, UpdateHeader, decode, make_link
+from fedge.protocol import (
+    GateSettings,
+    GlobalModelHeader,
+    Topics,
+    TrainingConfig,
+    UpdateHeader,
+    decode,
+    make_link,
+)
 from helpers import DIGITS_MODEL, digits_partitions
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -49,7 +57,7 @@ def test_three_agents_three_rounds_exact_fedavg(tmp_path: Path, mosquitto, fleet
         quorum=1.0,
         round_timeout=60,
         # float32 and no gate: this test checks the averaging arithmetic on exact deltas.
-        training=Training(
+        training=TrainingConfig(
             epochs=2, batch_size=16, lr=0.1, codec="float32", gate=GateSettings(threshold=0)
         ),
         strategy=StrategyConfig(name="fedavg"),

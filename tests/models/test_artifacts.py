@@ -31,14 +31,15 @@ def test_artifact_has_contract_signatures(path: Path) -> None:
 
 def test_op_check_flags_flex_ops(digits_model: Path) -> None:
     """The check itself can fail: a model with a Flex op is reported."""
-    from fedge.models import metadata
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema  # writing needs the object API
 
     data = digits_model.read_bytes()
-    model = metadata.schema.ModelT.InitFromObj(metadata.schema.Model.GetRootAs(data, 0))
-    model.operatorCodes[0].builtinCode = metadata.schema.BuiltinOperator.CUSTOM
-    model.operatorCodes[0].deprecatedBuiltinCode = metadata.schema.BuiltinOperator.CUSTOM
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
+    model.operatorCodes[0].builtinCode = schema.BuiltinOperator.CUSTOM
+    model.operatorCodes[0].deprecatedBuiltinCode = schema.BuiltinOperator.CUSTOM
     model.operatorCodes[0].customCode = "FlexReluGrad"
-    builder = metadata.flatbuffers.Builder(1024)
+    builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     flagged = [op for op in op_codes(bytes(builder.Output())) if op.is_custom]
     assert [op.custom_code for op in flagged] == ["FlexReluGrad"]

@@ -250,7 +250,8 @@ def test_agent_trains_a_round_on_the_numpy_runtime(
             GlobalModelHeader(fleet=fleet, model_version=0, round_id=0), weights), retain=True)
         server.publish(topics.round, encode(RoundAnnouncement(
             fleet=fleet, round_id=1, model_version=0, deadline=2e9, selected=(device,),
-            config=TrainingConfig(epochs=2, batch_size=8, lr=0.1))), retain=True)
+            config=TrainingConfig(epochs=2, batch_size=8, lr=0.1, codec="float32",
+                                  gate={"threshold": 0.0}))), retain=True)
         while agent.step(0):
             pass
         updates = []
