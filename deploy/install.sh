@@ -1,27 +1,46 @@
 #!/bin/sh
-# Install fedge as a systemd service on this machine. Safe to run again (upgrades in place).
+# Install fedge as a systemd service on this machine, or stage it under a root directory.
+# Safe to run again: every file is compared (cmp) with what is in place and written only if it
+# differs, so a second run changes nothing.
 #
-# usage: install.sh [--dry-run] [--role agent|aggregator] [--enable] SOURCE
+# usage: install.sh [options] SOURCE
 #
-#   SOURCE        a fedge wheel (fedge-*.whl) or a source directory (with pyproject.toml)
-#   --role ROLE   agent (default: the device daemon) or aggregator
-#   --enable      also enable and start the service (do it after editing the config)
-#   --dry-run     print what would be done, change nothing (no root needed)
+#   SOURCE          a fedge wheel (fedge-*.whl) or a source directory (with pyproject.toml)
+#   --role ROLE     agent (default: the device daemon) or aggregator
+#   --bundle DIR    a provisioning bundle (`fedge provision` makes PKI/devices/DEVICE_ID/):
+#                   ROLE.toml and the files beside it (device.crt, device.key, ca.crt,
+#                   aggregator.pub) are copied into /etc/fedge/, so relative paths in the config
+#                   keep working; *.tflite files in it go to /opt/fedge/models/. Its config
+#                   replaces an existing different one (kept as ROLE.toml.old).
+#   --enable        also enable and start the service (restarted if this run changed something)
+#   --destdir DIR   stage under DIR instead of / (or set DESTDIR): every file goes under DIR and
+#                   no root is needed. Not done there, only printed: creating users and groups,
+#                   chown (files keep the caller as owner), systemctl, and step 2 (a venv cannot
+#                   be moved: its scripts name their own path).
+#   --no-venv       skip step 2 (python3 -m venv, pip install SOURCE), the only step that needs
+#                   the network; e.g. to install a new bundle, unit or models only
+#   --dry-run       print what would be done, change nothing (no root needed)
 #
 # What it does, skipping what is already in place:
 #   1. a system user and group "fedge" (no login, no home) and, for the agent, group dialout
 #   2. /opt/fedge/venv (python3 -m venv), then pip installs SOURCE into it
-#   3. /etc/fedge (root:fedge 0750) with certs/, and an example /etc/fedge/ROLE.toml if absent
-#      (an existing config is never touched)
-#   4. /etc/systemd/system/fedge-ROLE.service from ../systemd/, then systemctl daemon-reload
+#   3. /opt/fedge/models/ (root 0644): the models shipped in SOURCE (models/artifacts/*.tflite)
+#      and any in the bundle; a config's model = "/opt/fedge/models/NAME" must be one of them
+#   4. /etc/fedge (root:fedge 0750) with certs/; then the bundle, or else, if there is no config
+#      yet, an example ROLE.toml naming a shipped model (an existing config is never replaced
+#      by the example). Modes: configs and *.key files 0640 root:fedge (the service runs as
+#      user fedge and must read them, nobody else may), certificates and public keys 0644.
+#   5. /etc/systemd/system/fedge-ROLE.service from ../systemd/, then systemctl daemon-reload
 set -eu
 
 prog=$(basename "$0")
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 
+# Paths on the target; files are written to $root$path ($root is the staging root, or empty).
 prefix=/opt/fedge
 venv=$prefix/venv
+models=$prefix/models
 etc=/etc/fedge
 unit_dir=/etc/systemd/system
 
@@ -36,17 +55,27 @@ usage() {
 dry_run=0
 role=agent
 enable=0
+no_venv=0
+bundle=""
+root=${DESTDIR:-}
 source_arg=""
 while [ $# -gt 0 ]; do
     case $1 in
     --dry-run) dry_run=1 ;;
     --enable) enable=1 ;;
-    --role)
-        [ $# -ge 2 ] || die "--role needs a value (agent or aggregator)"
-        role=$2
+    --no-venv) no_venv=1 ;;
+    --role | --bundle | --destdir)
+        [ $# -ge 2 ] || die "$1 needs a value (see --help)"
+        case $1 in
+        --role) role=$2 ;;
+        --bundle) bundle=$2 ;;
+        --destdir) root=$2 ;;
+        esac
         shift
         ;;
     --role=*) role=${1#--role=} ;;
+    --bundle=*) bundle=${1#--bundle=} ;;
+    --destdir=*) root=${1#--destdir=} ;;
     -h | --help)
         usage
         exit 0
@@ -73,36 +102,164 @@ else
     source_path=$(cd "$(dirname "$source_arg")" && pwd)/$(basename "$source_arg")
 fi
 
+# The staging root: absolute, no trailing slash; "/" is the real system.
+case $root in
+'' | /) root="" ;;
+/*) root=${root%/} ;;
+*) root=$(pwd)/${root%/} ;;
+esac
+staging=0
+[ -n "$root" ] && staging=1
+[ "$staging" -eq 1 ] && no_venv=1
+
 service=fedge-$role.service
 unit_src=$repo/systemd/$service
 [ -f "$unit_src" ] || die "unit file not found: $unit_src (run this script from a fedge checkout)"
 config=$etc/$role.toml
 
-if [ "$dry_run" -eq 0 ] && [ "$(id -u)" -ne 0 ]; then
-    die "must run as root (or try --dry-run)"
+if [ -n "$bundle" ]; then
+    [ -d "$bundle" ] || die "no such bundle directory: $bundle"
+    bundle=$(cd "$bundle" && pwd)
+    [ -f "$bundle/$role.toml" ] || die "bundle $bundle has no $role.toml (is it a bundle from fedge provision?)"
 fi
 
+if [ "$dry_run" -eq 0 ] && [ "$staging" -eq 0 ] && [ "$(id -u)" -ne 0 ]; then
+    die "must run as root (or try --dry-run, or --destdir DIR to stage)"
+fi
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/fedge-install.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM
+
+changes=0
+fedge_owned="" # staging: what would be chown root:fedge on the target
+
+# show PREFIX CMD...: print PREFIX and the command, quoted where a shell would need it.
+show() {
+    printf '%s' "$1"
+    shift
+    for arg in "$@"; do
+        case $arg in
+        *[!A-Za-z0-9_./=:@%+-]* | '') printf " '%s'" "$arg" ;;
+        *) printf ' %s' "$arg" ;;
+        esac
+    done
+    printf '\n'
+}
 # run CMD...: run it, or under --dry-run print it.
 run() {
     if [ "$dry_run" -eq 1 ]; then
-        printf '+'
-        for arg in "$@"; do
-            case $arg in
-            *[!A-Za-z0-9_./=:@%+-]* | '') printf " '%s'" "$arg" ;;
-            *) printf ' %s' "$arg" ;;
-            esac
-        done
-        printf '\n'
+        show + "$@"
     else
         "$@"
+    fi
+}
+# system CMD...: a step on the real system (users, chown, systemctl): run it, print it under
+# --dry-run, and under a staging root only record it (print it; it is not run).
+system() {
+    if [ "$staging" -eq 1 ]; then
+        show "$prog: staging, not run:" "$@"
+    else
+        run "$@"
     fi
 }
 note() {
     printf '%s: %s\n' "$prog" "$*"
 }
 
-systemd_running() {
-    [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1
+# perms PATH MODE GROUP: set PATH's mode, and owner root:GROUP unless staging, where they differ.
+perms() {
+    if [ "$(stat -L -c %a "$1")" != "${2#0}" ]; then
+        run chmod "$2" "$1"
+        changes=$((changes + 1))
+    fi
+    if [ "$staging" -eq 0 ] && [ "$(stat -L -c %U:%G "$1")" != "root:$3" ]; then
+        run chown "root:$3" "$1"
+        changes=$((changes + 1))
+    fi
+}
+
+# owned PATH GROUP: staging: remember that PATH belongs to root:GROUP on the target.
+owned() {
+    if [ "$staging" -eq 1 ] && [ "$2" != root ]; then
+        fedge_owned="$fedge_owned $1"
+    fi
+}
+
+# directory PATH MODE GROUP: make $root$PATH, or fix its mode and owner.
+directory() {
+    owned "$1" "$3"
+    if [ -d "$root$1" ]; then
+        perms "$root$1" "$2" "$3"
+    elif [ "$staging" -eq 1 ]; then
+        run install -d -m "$2" "$root$1"
+        changes=$((changes + 1))
+    else
+        run install -d -m "$2" -o root -g "$3" "$root$1"
+        changes=$((changes + 1))
+    fi
+}
+
+# put SRC PATH MODE GROUP: install SRC as $root$PATH (write, fsync, rename) unless the bytes there
+# are the same already; then fix only its mode and owner, touching nothing else.
+put() {
+    dest=$root$2
+    owned "$2" "$4"
+    if [ -f "$dest" ] && cmp -s "$1" "$dest"; then
+        perms "$dest" "$3" "$4"
+        return 0
+    fi
+    changes=$((changes + 1))
+    if [ "$dry_run" -eq 1 ]; then
+        if [ "$staging" -eq 1 ]; then
+            run install -m "$3" "$1" "$dest"
+        else
+            run install -m "$3" -o root -g "$4" "$1" "$dest"
+        fi
+        return 0
+    fi
+    tmp=$(dirname "$dest")/.$(basename "$dest").fedge-new
+    if [ "$staging" -eq 1 ]; then
+        install -m "$3" "$1" "$tmp"
+    else
+        install -m "$3" -o root -g "$4" "$1" "$tmp"
+    fi
+    sync "$tmp" 2>/dev/null || sync
+    mv -f "$tmp" "$dest"
+    note "installed $dest"
+}
+
+# toml_model FILE: the top-level model = "..." of a config (before its first [table]).
+toml_model() {
+    sed -n -e '/^[[:space:]]*\[/q' \
+        -e "s/^[[:space:]]*model[[:space:]]*=[[:space:]]*[\"']\\([^\"']*\\)[\"'].*/\\1/p" "$1" |
+        head -n 1
+}
+
+# model_source NAME: the file to install as $models/NAME (the bundle's first), or nothing.
+model_source() {
+    if [ -n "$bundle" ] && [ -f "$bundle/$1" ]; then
+        printf '%s\n' "$bundle/$1"
+    elif [ -f "$shipped/$1" ]; then
+        printf '%s\n' "$shipped/$1"
+    fi
+}
+
+# check_model CONFIG: is the model CONFIG names installed (or about to be)? Prints a problem.
+check_model() {
+    model=$(toml_model "$1")
+    case $model in
+    '') printf '%s names no model\n' "$1" ;;
+    "$models"/*/*) printf 'model %s: only files directly in %s are managed here\n' "$model" "$models" ;;
+    "$models"/*)
+        [ -n "$(model_source "${model#"$models"/}")" ] || [ -f "$root$model" ] ||
+            printf 'model %s is neither shipped with fedge (%s) nor in the bundle\n' \
+                "$model" "$(cd "$shipped" && ls -- *.tflite | tr '\n' ' ' | sed 's/ $//')"
+        ;;
+    /*) [ -f "$root$model" ] || printf 'model %s does not exist (install it there)\n' "$model" ;;
+    *) [ -f "$root$etc/$model" ] ||
+        printf 'model %s (relative to %s) does not exist (name it as %s/NAME)\n' "$model" "$etc" "$models" ;;
+    esac
 }
 
 example_config() {
@@ -114,9 +271,10 @@ example_config() {
 device_id = "$(hostname | tr -c 'A-Za-z0-9_.\n-' '-' | cut -c1-64)"
 fleet = "default"
 broker = "mqtt://127.0.0.1:1883"
-# The model the fleet trains (the one shipped with fedge is in the venv:
-#   $venv/bin/python -c 'import fedge.models, pathlib; print(pathlib.Path(fedge.models.__file__).parent)')
-model = "$prefix/models/digits_mlp.tflite"
+# The model the fleet trains: one of those in $models (shipped with fedge).
+model = "$models/digits_mlp.tflite"
+# Local training data (arrays x and y): put it here, or read a sensor with [serial] and [task]
+# instead (see deploy/examples/agent-serial.toml in the fedge source).
 data = "/var/lib/fedge/partition.npz"
 state_dir = "/var/lib/fedge"
 EOF
@@ -128,7 +286,8 @@ EOF
 # /var/lib/fedge-aggregator.
 fleet = "default"
 broker = "mqtt://127.0.0.1:1883"
-model = "$prefix/models/digits_mlp.tflite"
+# The initial global model: one of those in $models (shipped with fedge).
+model = "$models/digits_mlp.tflite"
 state_dir = "/var/lib/fedge-aggregator"
 min_devices = 2
 quorum = 0.5
@@ -143,60 +302,162 @@ EOF
 }
 
 [ "$dry_run" -eq 1 ] && note "dry run: nothing will be changed"
+[ "$staging" -eq 1 ] && note "staging under $root (paths below are under it)"
+
+# The models shipped with this SOURCE.
+case $source_path in
+*.whl)
+    shipped=$work/models
+    command -v python3 >/dev/null 2>&1 || die "python3 is needed to read the wheel $source_path"
+    python3 - "$source_path" "$shipped" <<'EOF' || die "cannot read the models in $source_path"
+import pathlib, sys, zipfile
+out = pathlib.Path(sys.argv[2])
+out.mkdir()
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    for name in wheel.namelist():
+        if name.startswith("fedge/models/artifacts/") and name.endswith(".tflite"):
+            (out / pathlib.PurePosixPath(name).name).write_bytes(wheel.read(name))
+EOF
+    ;;
+*) shipped=$source_path/models/artifacts ;;
+esac
+ls "$shipped"/*.tflite >/dev/null 2>&1 || die "$source_path ships no models (models/artifacts/*.tflite)"
+
+# A bundle's config must name a model this run installs; say so before changing anything.
+if [ -n "$bundle" ]; then
+    problem=$(check_model "$bundle/$role.toml")
+    [ -z "$problem" ] || die "bundle $bundle/$role.toml: $problem"
+fi
 
 # 1. User and groups.
-if ! getent group fedge >/dev/null 2>&1; then
-    run groupadd --system fedge
-fi
-if ! getent passwd fedge >/dev/null 2>&1; then
-    run useradd --system --gid fedge --home-dir /nonexistent --no-create-home \
+if [ "$staging" -eq 1 ]; then
+    note "staging: the user and groups are made on the target, where it lacks them"
+    system groupadd --system fedge
+    system useradd --system --gid fedge --home-dir /nonexistent --no-create-home \
         --shell /usr/sbin/nologin --comment "fedge daemon" fedge
-fi
-if [ "$role" = agent ] && ! getent group dialout >/dev/null 2>&1; then
-    # The unit's SupplementaryGroups=dialout fails to start without it.
-    run groupadd --system dialout
+    if [ "$role" = agent ]; then
+        system groupadd --system dialout
+    fi
+else
+    if ! getent group fedge >/dev/null 2>&1; then
+        run groupadd --system fedge
+    fi
+    if ! getent passwd fedge >/dev/null 2>&1; then
+        run useradd --system --gid fedge --home-dir /nonexistent --no-create-home \
+            --shell /usr/sbin/nologin --comment "fedge daemon" fedge
+    fi
+    if [ "$role" = agent ] && ! getent group dialout >/dev/null 2>&1; then
+        # The unit's SupplementaryGroups=dialout fails to start without it.
+        run groupadd --system dialout
+    fi
 fi
 
 # 2. The virtual environment and fedge in it.
-command -v python3 >/dev/null 2>&1 || die "python3 is needed (apt-get install python3 python3-venv)"
-if [ ! -x "$venv/bin/python" ]; then
-    run mkdir -p "$prefix"
-    if [ "$dry_run" -eq 0 ] && ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
-        die "python3 cannot make virtual environments here (Debian: apt-get install python3-venv)"
+directory "$prefix" 0755 root
+if [ "$no_venv" -eq 1 ]; then
+    if [ "$staging" -eq 1 ]; then
+        system python3 -m venv "$venv"
+        system "$venv/bin/python" -m pip install --upgrade "$source_path"
+    else
+        note "--no-venv: left $venv alone"
+        if [ ! -x "$venv/bin/fedge" ]; then
+            note "warning: $venv/bin/fedge does not exist; the service cannot start without it"
+        fi
     fi
-    run python3 -m venv "$venv"
-fi
-run "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "$source_path"
-
-# 3. Config directory and an example config.
-run install -d -m 0750 -o root -g fedge "$etc" "$etc/certs"
-if [ -e "$config" ]; then
-    note "keeping existing $config"
-elif [ "$dry_run" -eq 1 ]; then
-    printf '+ write %s (root:fedge 0640):\n' "$config"
-    example_config | sed 's/^/    /'
 else
-    tmp=$(mktemp "$etc/.$role.toml.XXXXXX")
-    example_config >"$tmp"
-    chown root:fedge "$tmp"
-    chmod 0640 "$tmp"
-    mv "$tmp" "$config"
-    note "wrote example $config: edit it before starting the service"
+    command -v python3 >/dev/null 2>&1 || die "python3 is needed (apt-get install python3 python3-venv)"
+    if [ ! -x "$venv/bin/python" ]; then
+        if [ "$dry_run" -eq 0 ] && ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+            die "python3 cannot make virtual environments here (Debian: apt-get install python3-venv)"
+        fi
+        run python3 -m venv "$venv"
+        changes=$((changes + 1))
+    fi
+    run "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "$source_path"
 fi
 
-# 4. The unit.
-if [ -f "$unit_dir/$service" ] && cmp -s "$unit_src" "$unit_dir/$service"; then
-    note "$unit_dir/$service is up to date"
-else
-    run install -m 0644 "$unit_src" "$unit_dir/$service"
+# 3. The models.
+directory "$models" 0755 root
+for file in "$shipped"/*.tflite; do
+    name=$(basename "$file")
+    put "$(model_source "$name")" "$models/$name" 0644 root
+done
+if [ -n "$bundle" ]; then
+    for file in "$bundle"/*.tflite; do
+        [ -f "$file" ] || continue
+        put "$file" "$models/$(basename "$file")" 0644 root
+    done
 fi
-if systemd_running; then
+
+# 4. Config directory, then the bundle or an example config.
+directory "$etc" 0750 fedge
+directory "$etc/certs" 0750 fedge
+if [ -n "$bundle" ]; then
+    if [ -f "$root$config" ] && ! cmp -s "$bundle/$role.toml" "$root$config"; then
+        note "replacing $root$config with the bundle's (the old one is kept as $role.toml.old)"
+        run cp -p "$root$config" "$root$config.old"
+        changes=$((changes + 1))
+    fi
+    for file in "$bundle"/*; do
+        name=$(basename "$file")
+        case $name in
+        *.tflite) continue ;; # installed with the models
+        esac
+        if [ ! -f "$file" ]; then
+            note "bundle: skipped $file (not a regular file)"
+            continue
+        fi
+        case $name in
+        *.toml | *.key | *password*) put "$file" "$etc/$name" 0640 fedge ;;
+        *) put "$file" "$etc/$name" 0644 root ;;
+        esac
+    done
+elif [ -e "$root$config" ]; then
+    owned "$config" fedge
+    note "keeping existing $root$config"
+else
+    example_config >"$work/$role.toml"
+    put "$work/$role.toml" "$config" 0640 fedge
+    if [ "$dry_run" -eq 1 ]; then
+        sed 's/^/    /' "$work/$role.toml"
+    else
+        note "wrote an example $root$config: edit it before starting the service"
+    fi
+fi
+if [ -f "$root$config" ]; then
+    problem=$(check_model "$root$config")
+    [ -z "$problem" ] || note "warning: $root$config: $problem; the service will not start"
+fi
+
+# 5. The unit.
+directory "$unit_dir" 0755 root
+put "$unit_src" "$unit_dir/$service" 0644 root
+if [ "$staging" -eq 1 ]; then
+    # shellcheck disable=SC2086 # one word per path
+    system chown root:fedge $fedge_owned
+    system systemctl daemon-reload
+    if [ "$enable" -eq 1 ]; then
+        system systemctl enable --now "$service"
+    fi
+elif [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
     run systemctl daemon-reload
     if [ "$enable" -eq 1 ]; then
+        # A running service restarts on what changed; a stopped one starts.
+        if [ "$changes" -gt 0 ]; then
+            run systemctl try-restart "$service"
+        fi
         run systemctl enable --now "$service"
-    else
-        note "next: edit $config, then: systemctl enable --now $service"
+    elif [ "$changes" -gt 0 ]; then
+        note "next: check $config, then: systemctl enable --now $service (or restart it)"
     fi
 else
     note "systemd is not running here: skipped systemctl daemon-reload (and enable); run them on the target"
+fi
+
+if [ "$changes" -eq 0 ]; then
+    note "nothing changed"
+elif [ "$dry_run" -eq 1 ]; then
+    note "$changes change(s) would be made"
+else
+    note "$changes change(s) made"
 fi

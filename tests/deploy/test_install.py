@@ -1,0 +1,229 @@
+"""deploy/install.sh staged into a temporary root: what it installs; a rerun changes nothing.
+
+Staging (``--destdir``) installs the models, the config or bundle, and the unit, and only prints
+what needs the real system (users, chown, systemctl, the venv's pip install), so these tests run
+unprivileged and offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedge.agent.config import AgentConfig
+
+from fedge.configfile import load_config
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+INSTALL = REPO / "deploy" / "install.sh"
+SHIPPED = sorted(p.name for p in (REPO / "models" / "artifacts").glob("*.tflite"))
+
+
+def install(
+    *args: str | Path, source: Path = REPO, env: dict[str, str] | None = None, ok: bool = True
+) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k != "DESTDIR"} | (env or {})
+    proc = subprocess.run(
+        ["sh", str(INSTALL), *map(str, args), str(source)],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=60,
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, int, int, str]]:
+    """Every path under root: mode, inode, mtime, ctime and a hash of the bytes."""
+    tree = {}
+    for path in [root, *root.rglob("*")]:
+        st = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        tree[str(path.relative_to(root))] = (
+            st.st_mode,
+            st.st_ino,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            digest,
+        )
+    return tree
+
+
+def make_bundle(folder: Path, model: str = "/opt/fedge/models/digits_mlp.tflite") -> Path:
+    """A bundle as `fedge provision` lays it out. The config uses only AgentConfig's fields as
+    they are without [tls]; the TLS files sit beside it as on a device."""
+    folder.mkdir()
+    (folder / "agent.toml").write_text(
+        'device_id = "pi-test-01"\n'
+        'fleet = "test"\n'
+        'broker = "mqtt://broker.local:1883"\n'
+        f'model = "{model}"\n'
+        'data = "/var/lib/fedge/partition.npz"\n'
+        'state_dir = "/var/lib/fedge"\n'
+    )
+    for name in ("device.crt", "ca.crt", "aggregator.pub"):
+        (folder / name).write_text(f"-----BEGIN {name}-----\n")
+    (folder / "device.key").write_text("-----BEGIN PRIVATE KEY-----\n")
+    (folder / "device.key").chmod(0o600)
+    return folder
+
+
+def rerooted(config: Path, root: Path) -> Path:
+    """A copy of an installed config, beside it, whose absolute paths point into the root.
+
+    The config names paths on the device (/opt/fedge/models/...); the staging root stands for
+    that device's /, so each absolute path is read under it, as a chroot would. The copy sits in
+    the same folder, so relative paths (the TLS files beside it) resolve as on the device.
+    """
+    text = re.sub(r'^(\w+\s*=\s*")/', rf"\g<1>{root}/", config.read_text(), flags=re.MULTILINE)
+    copy = config.with_name("rerooted-" + config.name)
+    copy.write_text(text)
+    return copy
+
+
+def device_data(root: Path) -> None:
+    """The device's own training data: not install.sh's to provide, so the test puts it there."""
+    (root / "var/lib/fedge").mkdir(parents=True)
+    np.savez(
+        root / "var/lib/fedge/partition.npz",
+        x=np.zeros((4, 64), np.float32),
+        y=np.zeros(4, np.int32),
+    )
+
+
+def test_second_run_changes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    bundle = make_bundle(tmp_path / "bundle")
+    first = install("--destdir", root, "--bundle", bundle)
+    before = snapshot(root)
+    second = install("--destdir", root, "--bundle", bundle)
+    assert snapshot(root) == before
+    assert "change(s) made" in first.stdout
+    assert second.stdout.splitlines()[-1] == "install.sh: nothing changed"
+    # What needs the real system was recorded, not done.
+    recorded = [line for line in second.stdout.splitlines() if "staging, not run: " in line]
+    for step in ("useradd ", "chown root:fedge ", "systemctl daemon-reload", "-m pip install "):
+        assert any(step in line for line in recorded), step
+    assert not (root / "opt/fedge/venv").exists()
+
+
+def test_installs_models_unit_and_bundle(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    bundle = make_bundle(tmp_path / "bundle")
+    install("--destdir", root, "--bundle", bundle)
+    models = root / "opt/fedge/models"
+    assert sorted(p.name for p in models.iterdir()) == SHIPPED
+    for name in SHIPPED:
+        assert (models / name).read_bytes() == (REPO / "models/artifacts" / name).read_bytes()
+    unit = root / "etc/systemd/system/fedge-agent.service"
+    assert unit.read_bytes() == (REPO / "systemd/fedge-agent.service").read_bytes()
+    etc = root / "etc/fedge"
+    for name in ("agent.toml", "device.crt", "device.key", "ca.crt", "aggregator.pub"):
+        assert (etc / name).read_bytes() == (bundle / name).read_bytes()
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [etc, *etc.iterdir()]}
+    # The service (user fedge) reads the config and key through group fedge; nobody else can.
+    assert modes == {
+        "fedge": 0o750,
+        "certs": 0o750,
+        "agent.toml": 0o640,
+        "device.key": 0o640,
+        "device.crt": 0o644,
+        "ca.crt": 0o644,
+        "aggregator.pub": 0o644,
+    }
+    assert stat.S_IMODE(unit.stat().st_mode) == 0o644
+
+
+def test_bundle_config_loads_with_its_model(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    install("--destdir", root, "--bundle", make_bundle(tmp_path / "bundle"))
+    device_data(root)
+    cfg = load_config(rerooted(root / "etc/fedge/agent.toml", root), AgentConfig)
+    assert cfg.model == root / "opt/fedge/models/digits_mlp.tflite"
+    assert cfg.model.read_bytes() == (REPO / "models/artifacts/digits_mlp.tflite").read_bytes()
+    assert cfg.device_id == "pi-test-01" and cfg.state_dir == root / "var/lib/fedge"
+
+
+def test_example_config_names_an_installed_model(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    out = install(env={"DESTDIR": str(root)}).stdout  # the environment variable works too
+    assert "wrote an example" in out and "warning" not in out
+    device_data(root)
+    cfg = load_config(rerooted(root / "etc/fedge/agent.toml", root), AgentConfig)
+    assert cfg.model.is_file() and cfg.model.parent == root / "opt/fedge/models"
+
+
+def test_only_a_bundle_replaces_a_config(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    config = root / "etc/fedge/agent.toml"
+    install("--destdir", root)
+    config.write_text(config.read_text() + "# edited by the operator\n")
+    edited = config.read_text()
+    install("--destdir", root)  # the example never replaces an existing config
+    assert config.read_text() == edited
+    bundle = make_bundle(tmp_path / "bundle")
+    out = install("--destdir", root, "--bundle", bundle).stdout
+    assert "replacing" in out
+    assert config.read_bytes() == (bundle / "agent.toml").read_bytes()
+    assert config.with_name("agent.toml.old").read_text() == edited
+
+
+def test_bundle_may_carry_its_model(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    bundle = make_bundle(tmp_path / "bundle", model="/opt/fedge/models/custom.tflite")
+    (bundle / "custom.tflite").write_bytes(b"TFL3 custom")
+    install("--destdir", root, "--bundle", bundle)
+    assert (root / "opt/fedge/models/custom.tflite").read_bytes() == b"TFL3 custom"
+    assert not (root / "etc/fedge/custom.tflite").exists()
+
+
+def test_bundle_naming_a_missing_model_changes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    bundle = make_bundle(tmp_path / "bundle", model="/opt/fedge/models/nope.tflite")
+    proc = install("--destdir", root, "--bundle", bundle, ok=False)
+    assert proc.returncode == 1
+    assert "model /opt/fedge/models/nope.tflite is neither shipped" in proc.stderr
+    assert not root.exists()
+
+
+def test_models_from_a_wheel(tmp_path: Path) -> None:
+    wheel = tmp_path / "fedge-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        name = "models/artifacts/digits_mlp.tflite"
+        zf.write(REPO / name, f"fedge/{name}")
+        zf.writestr("fedge/__init__.py", "")
+    root = tmp_path / "root"
+    install("--destdir", root, source=wheel)
+    assert [p.name for p in (root / "opt/fedge/models").iterdir()] == ["digits_mlp.tflite"]
+
+
+def test_dry_run_writes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    out = install("--dry-run", "--destdir", root, "--bundle", make_bundle(tmp_path / "b")).stdout
+    assert not root.exists()
+    assert f"+ install -m 0640 {tmp_path}/b/device.key {root}/etc/fedge/device.key" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--role", "gateway"], "--role must be agent or aggregator, not 'gateway'"),
+        (["--frobnicate"], "unknown option --frobnicate (see --help)"),
+        (["--bundle", "/nonexistent"], "no such bundle directory: /nonexistent"),
+    ],
+)
+def test_bad_arguments_say_why(tmp_path: Path, args: list[str], reason: str) -> None:
+    proc = install("--destdir", tmp_path / "root", *args, ok=False)
+    assert proc.returncode == 1 and proc.stderr == f"install.sh: {reason}\n"
+    assert not (tmp_path / "root").exists()
