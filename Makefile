@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: demo test venv venv-dev mosquitto lint artifacts bench clean
+.PHONY: demo test venv venv-dev mosquitto tools lint artifacts bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,11 @@ demo: venv
 mosquitto:
 	@sh deploy/ensure-mosquitto.sh
 
-test: venv-dev mosquitto
+# systemd-analyze, for the unit checks (deploy/ensure-tools.sh installs it with apt as root).
+tools:
+	@sh deploy/ensure-tools.sh
+
+test: venv-dev mosquitto tools
 	$(BIN)/python -m pytest
 
 lint: venv-dev

@@ -2,7 +2,8 @@
 # Make sure the command-line tools the test suite runs exist (called by `make test`).
 #
 # tests/deploy needs systemd-analyze (Debian/Ubuntu package systemd) to verify the unit files
-# and score their hardening; Mosquitto is deploy/ensure-mosquitto.sh's. Everything present: exit
+# and score their hardening; tests/test_provision.py checks certificate chains with openssl;
+# Mosquitto (with mosquitto_passwd) is deploy/ensure-mosquitto.sh's. Everything present: exit
 # 0 silently. Root with apt-get: install what is missing. Otherwise: one line on stderr, exit 1.
 set -eu
 
@@ -15,6 +16,7 @@ while read -r cmd pkg; do
     fi
 done <<'EOF_TOOLS'
 systemd-analyze systemd
+openssl openssl
 EOF_TOOLS
 [ -z "$missing" ] && exit 0
 
