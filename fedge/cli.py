@@ -1,8 +1,9 @@
 """The ``fedge`` command. Subcommands import their room lazily, so ``fedge agent``
 never loads TensorFlow, scikit-learn, matplotlib or anything in ``fleet``.
 
-Every expected failure (bad config, missing model, bad data) ends as one line on
-stderr and exit status 2; a traceback means a bug.
+Every expected failure ends as one ``fedge: error:`` line on stderr: an invalid config
+with exit status 78 (EX_CONFIG, one line per problem), anything else (missing model, bad
+data, an unreachable broker) with 2. A traceback means a bug.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         ("fedge.models.spec", "SpecError"),
         ("fedge.models.tflite_schema", "ModelFileError"),
         ("fedge.agent.dataset", "DatasetError"),
+        # A broker that cannot be reached or refuses us: systemd restarts the service.
+        ("fedge.protocol.errors", "LinkError"),
     )
     errors: list[type[BaseException]] = [UserError]
     for module_name, name in wanted:

@@ -1,13 +1,14 @@
 """A locked-down fleet end to end: broker_config/production.conf on a real Mosquitto (TLS, the
 generated ACL, no anonymous access), a PKI from `fedge provision`, an aggregator that signs, and
-three agents loaded from their provisioning bundles, one of them over the password listener.
+four agents loaded from their provisioning bundles: three with their own client certificates,
+one over the password listener.
 
 Meanwhile "mallory", an identity with write access to ``round`` and ``global`` (a stolen or
 misconfigured broker account: the ACL alone no longer protects the fleet), publishes a forged
 global model and round announcement (unsigned, and signed with a key that is not pinned) and
 replays an old signed global model. One agent lies about its sample count (10^9).
 
-Asserted: every round completes with all three devices; every global model is exactly the
+Asserted: every round completes with all four devices; every global model is exactly the
 sample-weighted average of the deltas the devices sent, with the liar's weight clipped to its
 provisioned cap; every forged and replayed message is refused and counted by every agent.
 """
@@ -94,6 +95,7 @@ def test_signed_rounds_over_tls_with_acl_refuse_forgeries_and_cap_a_liar(tmp_pat
     pki = tmp_path / "pki"
     init_fleet(pki, FLEET)
     provision_device(pki, "dev-a", FLEET)
+    provision_device(pki, "dev-b", FLEET)
     provision_device(pki, "dev-p", FLEET, password=True)
     provision_device(pki, "dev-liar", FLEET, max_samples=LIAR_CAP)
     provision_device(pki, "mallory", FLEET)
@@ -102,10 +104,11 @@ def test_signed_rounds_over_tls_with_acl_refuse_forgeries_and_cap_a_liar(tmp_pat
             f"\nuser mallory\ntopic write {T.round}\ntopic write {T.global_model}\n"
             f"topic read {T.updates}\n"  # and read the updates, to check the averages
         )
-    parts, test = digits_partitions(tmp_path, 3, seed=3)
+    parts, test = digits_partitions(tmp_path, 4, seed=3)
     with MosquittoServer.production(pki) as broker:
         urls = {
             "dev-a": f"mqtts://127.0.0.1:{broker.tls_port}",
+            "dev-b": f"mqtts://127.0.0.1:{broker.tls_port}",
             "dev-p": f"mqtts://127.0.0.1:{broker.password_port}",
             "dev-liar": f"mqtts://127.0.0.1:{broker.tls_port}",
         }
@@ -122,7 +125,7 @@ def test_signed_rounds_over_tls_with_acl_refuse_forgeries_and_cap_a_liar(tmp_pat
             model=DIGITS_MODEL,
             state_dir=tmp_path / "agg",
             rounds=ROUNDS,
-            min_devices=3,
+            min_devices=4,
             quorum=1.0,
             round_timeout=60,
             training=TrainingConfig(
@@ -201,7 +204,7 @@ def test_signed_rounds_over_tls_with_acl_refuse_forgeries_and_cap_a_liar(tmp_pat
     rounds = [json.loads(line) for line in agg_cfg.log_path.read_text().splitlines()]
     assert [(r["round"], r["status"]) for r in rounds] == [(i, "done") for i in (1, 2, 3)]
     for r in rounds:
-        assert r["participants"] == ["dev-a", "dev-liar", "dev-p"]
+        assert r["participants"] == ["dev-a", "dev-b", "dev-liar", "dev-p"]
         assert r["weights"]["dev-liar"] == LIAR_CAP
         assert r["samples_clipped"] == {"dev-liar": 10**9}
     # Every global is the weighted average of the deltas sent, the liar weighing LIAR_CAP.
@@ -246,7 +249,7 @@ def forge(mallory: Link, signed_v0: bytes) -> None:
         round_id=2**32 - 1,
         model_version=1,
         deadline=time.time() + 60,
-        selected=("dev-a", "dev-p", "dev-liar"),
+        selected=("dev-a", "dev-b", "dev-p", "dev-liar"),
         config=TrainingConfig(epochs=20),
     )
     mallory.publish(T.round, sign(encode(ann), own, fleet=FLEET, kind="round"), retain=False)
