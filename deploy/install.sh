@@ -373,7 +373,15 @@ else
         run python3 -m venv "$venv"
         changes=$((changes + 1))
     fi
-    run "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "$source_path"
+    # 32-bit Raspberry Pi OS on a 64-bit kernel: uname says aarch64, so pip would evaluate
+    # fedge's LiteRT marker as on a 64-bit system and look for a wheel that a 32-bit Python
+    # cannot use. Under linux32 the machine reads armv8l and LiteRT is left out, as on armv7l.
+    personality=""
+    if [ "$(uname -m)" = aarch64 ] && [ "$("$venv/bin/python" -c 'import struct; print(struct.calcsize("P") * 8)' 2>/dev/null || echo 64)" = 32 ]; then
+        command -v setarch >/dev/null 2>&1 && personality="setarch linux32"
+    fi
+    # shellcheck disable=SC2086 # empty, or two words
+    run $personality "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "$source_path"
 fi
 
 # 3. The models.
