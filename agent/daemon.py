@@ -49,6 +49,7 @@ from fedge.protocol import (
     verify,
 )
 from fedge.protocol.signing import OVERHEAD as SIGNATURE_OVERHEAD
+from fedge.protocol.signing import key_id
 from fedge.protocol.wire import publish_size
 from pydantic import ValidationError
 
@@ -124,6 +125,7 @@ class Agent:
         # The aggregator's public keys: rounds and global models must carry a signature by
         # one of them. Empty: unsigned ones are taken (development only; logged at start).
         self.trusted_keys = tuple(trusted_keys)
+        self._check_trust_root()
         self.anomaly_score: float | None = None  # autoencode: latest window vs global model
         self.heartbeat: Callable[[], None] | None = None  # called during long work
         self.last_update_bytes = 0
@@ -133,6 +135,35 @@ class Agent:
         self.global_weights: dict[str, np.ndarray] | None = None
         self.global_version = -1
         self.pending: RoundAnnouncement | None = None
+
+    def _check_trust_root(self) -> None:
+        """Rounds and versions seen under other keys do not bind this device.
+
+        Under a new trust root (keys pinned for the first time, e.g. after an upgrade from
+        unsigned rounds, or keys none of which were pinned before) a forged round id or model
+        version remembered from before would make it refuse every real round for good.
+        Rotation (old and new key pinned together) keeps what was seen.
+        """
+        if not self.trusted_keys:
+            return
+        ids = sorted(key_id(key).hex() for key in self.trusted_keys)
+        before = set(self.state.trusted_keys or ())
+        if before & set(ids):
+            if before != set(ids):
+                self.state.trusted_keys = ids
+                self._save(self.state)
+            return
+        if self.state.round_seen or self.state.last_round or self.state.model_version >= 0:
+            log.warning(
+                "new aggregator key(s) %s pinned: forgetting round %d and model v%d seen before",
+                ",".join(ids),
+                self.state.round_seen,
+                self.state.model_version,
+            )
+        self.state.last_round = self.state.round_seen = 0
+        self.state.model_version = -1
+        self.state.trusted_keys = ids
+        self._save(self.state)
 
     @staticmethod
     def will(device_id: str, fleet: str) -> Message:

@@ -22,6 +22,8 @@ class AgentState:
     model_version: int = -1  # the last global model applied
     consecutive_skips: int = 0  # rounds in a row the gate held the update back
     upload_budget: dict | None = None  # ByteBudget.to_dict() when a daily budget is set
+    # Key ids (hex) of the aggregator keys pinned when the rounds and versions above were seen.
+    trusted_keys: list[str] | None = None
 
 
 def load_state(path: Path) -> AgentState:
@@ -33,6 +35,7 @@ def load_state(path: Path) -> AgentState:
             model_version=int(raw["model_version"]),
             consecutive_skips=int(raw.get("consecutive_skips", 0)),
             upload_budget=raw.get("upload_budget"),
+            trusted_keys=raw.get("trusted_keys"),
         )
     except FileNotFoundError:
         return AgentState()

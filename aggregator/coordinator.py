@@ -100,6 +100,7 @@ class Aggregator:
         rng: np.random.Generator | None = None,
         signing_key: Ed25519PrivateKey | None = None,
         sample_caps: dict[str, int] | None = None,
+        revoked: set[str] | None = None,
     ) -> None:
         self.cfg = config
         # Signs every round announcement and global model; None: they go out unsigned.
@@ -107,6 +108,9 @@ class Aggregator:
         # Per-device caps on declared sample counts (config and provisioning registry).
         self.sample_caps = dict(sample_caps or {})
         self.samples_clipped = 0  # declared counts clipped so far
+        # Revoked devices: their retained "online" status outlives their access (the ACL no
+        # longer lets their Last Will through), so they are never counted online or selected.
+        self.revoked = frozenset(revoked or ())
         self.topics = Topics(config.fleet)
         self.link = link
         self.store = store
@@ -254,7 +258,10 @@ class Aggregator:
         if topic != self.topics.status(status.device_id):
             self._reject("topic_mismatch", topic, f"status of {status.device_id}")
             return
-        if status.state == "offline":
+        if status.device_id in self.revoked:
+            self._reject("revoked", topic, f"status of revoked device {status.device_id}")
+            self.online.discard(status.device_id)
+        elif status.state == "offline":
             self.online.discard(status.device_id)
         else:
             self.online.add(status.device_id)

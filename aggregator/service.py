@@ -47,20 +47,24 @@ def make_evaluator(cfg: AggregatorConfig) -> Evaluator | None:
     return None if cfg.eval_data is None else HeldOutEvaluator.from_file(cfg.model, cfg.eval_data)
 
 
-def load_sample_caps(cfg: AggregatorConfig) -> dict[str, int]:
-    """Per-device sample caps: the provisioning registry's, overridden by the config's."""
+def load_registry(cfg: AggregatorConfig) -> tuple[dict[str, int], set[str]]:
+    """Per-device sample caps (the provisioning registry's, overridden by the config's) and the
+    revoked devices, which the aggregator neither counts online nor selects."""
     caps: dict[str, int] = {}
+    revoked: set[str] = set()
     registry = cfg.samples.registry
     if registry is not None:
         try:
             devices = json.loads(registry.read_text()).get("devices", {})
             for device, entry in devices.items():
-                if entry.get("max_samples") and not entry.get("revoked"):
+                if entry.get("revoked"):
+                    revoked.add(str(device))
+                elif entry.get("max_samples"):
                     caps[str(device)] = int(entry["max_samples"])
         except (OSError, ValueError, AttributeError, TypeError) as exc:
             raise ConfigError([f"{registry}: not a fedge provisioning registry ({exc})"]) from exc
     caps.update(cfg.samples.caps)
-    return caps
+    return caps, revoked
 
 
 def build_aggregator(
@@ -70,6 +74,7 @@ def build_aggregator(
     if link is None:
         link = broker_link(cfg.broker, cfg.client_id, cfg.tls)
     key = cfg.signing_key
+    caps, revoked = load_registry(cfg)
     return Aggregator(
         cfg,
         link=link,
@@ -78,7 +83,8 @@ def build_aggregator(
         evaluator=make_evaluator(cfg),
         on_round=on_round,
         signing_key=None if key is None else load_private_key(key.read_bytes()),
-        sample_caps=load_sample_caps(cfg),
+        sample_caps=caps,
+        revoked=revoked,
     )
 
 

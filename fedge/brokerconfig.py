@@ -6,11 +6,13 @@ The password and the keys live in files of their own (mode 0600), never in the c
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from fedge.protocol import Link, Message, TlsSettings, make_link
+from fedge.protocol.link import tls_context
 from fedge.protocol.signing import load_private_key, load_public_key
 
 from .configfile import readable_file
@@ -39,7 +41,21 @@ class BrokerTls(BaseModel):
             raise ValueError("cert_file and key_file go together")
         if (self.username is None) != (self.password_file is None):
             raise ValueError("username and password_file go together")
+        try:  # the files' contents, now: later the error could not name the field
+            tls_context(self.settings())
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"{self._which_file(exc)}: {exc}") from exc
         return self
+
+    def _which_file(self, exc: BaseException) -> str:
+        """The field a TLS loading error is about (the CA is loaded first, then the pair)."""
+        try:
+            tls_context(TlsSettings(ca_file=None if self.ca_file is None else str(self.ca_file)))
+        except (ssl.SSLError, OSError):
+            return f"ca_file {self.ca_file} is not a PEM certificate"
+        return (
+            f"cert_file {self.cert_file} and key_file {self.key_file} are not a matching PEM pair"
+        )
 
     @property
     def uses_tls(self) -> bool:
@@ -60,9 +76,14 @@ class BrokerTls(BaseModel):
 
 
 def check_tls_scheme(broker: str, tls: BrokerTls | None) -> None:
-    """A CA or a client certificate over plain ``mqtt://`` would be silently unused."""
-    if tls is not None and tls.uses_tls and not broker.startswith("mqtts://"):
+    """A CA or a client certificate over plain ``mqtt://`` would be silently unused, and a
+    password would go out in clear."""
+    if tls is None or broker.startswith("mqtts://"):
+        return
+    if tls.uses_tls:
         raise ValueError("[tls] has certificate files but broker is not an mqtts:// URL")
+    if tls.password_file is not None:
+        raise ValueError("[tls] password_file over a plain mqtt:// broker would be sent in clear")
 
 
 def broker_link(

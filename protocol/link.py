@@ -8,6 +8,7 @@ received messages over through a ``queue.Queue`` that the owner's loop drains wi
 from __future__ import annotations
 
 import queue
+import ssl
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
@@ -76,6 +77,17 @@ class TlsSettings:
     cert_file: str | None = None
     key_file: str | None = None
     verify_hostname: bool = True
+
+
+def tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    """A client context: TLS 1.2 or newer, the broker checked against ``ca_file`` (or the
+    system's CAs) and, unless turned off, its hostname; a client certificate if given."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = tls.verify_hostname
+    if tls.cert_file is not None:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
 
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}

@@ -136,10 +136,45 @@ def test_an_unreadable_key_file_names_the_field(
     ]
 
 
-def test_certificates_need_an_mqtts_broker(tmp_path: Path, data_file: Path) -> None:
-    (tmp_path / "ca.crt").write_text("x")
-    proc = run_agent(tmp_path, good(data_file) + '[tls]\nca_file = "ca.crt"\n')
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    from fedge.provision import init_fleet, provision_device
+
+    init_fleet(tmp_path / "pki", "f")
+    provision_device(tmp_path / "pki", "pi-1", "f")
+    return tmp_path / "pki"
+
+
+def test_certificates_and_passwords_need_an_mqtts_broker(
+    tmp_path: Path, data_file: Path, pki: Path
+) -> None:
+    proc = run_agent(tmp_path, good(data_file) + f'[tls]\nca_file = "{pki / "ca.crt"}"\n')
     assert proc.returncode == 78 and "not an mqtts:// URL" in proc.stderr, proc.stderr
+    (tmp_path / "pw").write_text("secret")
+    proc = run_agent(tmp_path, good(data_file) + '[tls]\nusername = "u"\npassword_file = "pw"\n')
+    assert proc.returncode == 78 and "would be sent in clear" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("files", "problem"),
+    [
+        ({"ca_file": "junk.pem"}, "ca_file "),
+        ({"cert_file": "junk.pem", "key_file": "devices/pi-1/device.key"}, "cert_file "),
+        ({"cert_file": "devices/pi-1/device.crt", "key_file": "signing.key"}, "cert_file "),
+    ],
+    ids=["ca-not-a-certificate", "cert-not-a-certificate", "key-of-another-pair"],
+)
+def test_tls_files_that_are_not_what_they_say_name_the_field(
+    tmp_path: Path, data_file: Path, pki: Path, files: dict[str, str], problem: str
+) -> None:
+    (pki / "junk.pem").write_text("not a certificate\n")
+    tls = {"ca_file": "ca.crt"} | files
+    body = good(data_file).replace("device_id", 'broker = "mqtts://h:8883"\ndevice_id')
+    body += "[tls]\n" + "".join(f'{k} = "{pki / v}"\n' for k, v in tls.items())
+    proc = run_agent(tmp_path, body)
+    assert proc.returncode == 78, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"fedge: error: {tmp_path / 'agent.toml'}: tls: ") and problem in line
 
 
 def test_data_that_does_not_fit_the_model(tmp_path: Path) -> None:

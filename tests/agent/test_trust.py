@@ -154,3 +154,31 @@ def test_a_rotated_key_is_accepted_beside_the_old_one(tmp_path: Path) -> None:
     fleet.publish(T.global_model, global_payload(1, WEIGHTS, KEY))
     fleet.publish(T.global_model, global_payload(2, WEIGHTS, NEXT_KEY))
     assert fleet.agent.global_version == 2 and not fleet.agent.stats.rejected
+
+
+def test_a_state_poisoned_before_signing_is_forgotten_when_a_key_is_first_pinned(
+    tmp_path: Path,
+) -> None:
+    from fedge.agent.state import AgentState
+
+    # Before signatures a forged round 2^32-1 was obeyed and saved: every real round ignored.
+    save_state(tmp_path / "state.json", AgentState(last_round=2**32 - 1, model_version=7))
+    fleet = Fleet(tmp_path)
+    fleet.publish(T.global_model, global_payload(1, WEIGHTS, KEY))
+    fleet.publish(T.round, round_payload(1, 1, KEY))
+    assert [u.round_id for u in fleet.updates()] == [1]
+    assert load_state(fleet.state_file).trusted_keys is not None
+
+
+def test_rotation_keeps_what_was_seen_but_a_new_trust_root_does_not(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path)
+    fleet.publish(T.global_model, global_payload(3, WEIGHTS, KEY))
+    fleet.publish(T.round, round_payload(5, 3, KEY))
+    fleet.agent.link.close()
+    fleet.keys = (KEY, NEXT_KEY)  # rotation: the old key is still pinned
+    fleet.agent = fleet.start_agent()
+    assert fleet.agent.state.round_seen == 5 and fleet.agent.state.model_version == 3
+    fleet.agent.link.close()
+    fleet.keys = (ATTACKER,)  # a new trust root: nothing seen under the old keys binds
+    fleet.agent = fleet.start_agent()
+    assert fleet.agent.state.round_seen == 0 and fleet.agent.state.model_version == -1

@@ -32,10 +32,21 @@ def test_per_device_and_fleet_caps_apply_and_the_smallest_wins() -> None:
     assert bound_samples({"a": 7}).used == {"a": 7}  # nothing configured: nothing clipped
 
 
+def test_with_two_devices_the_liar_is_clipped_to_the_honest_count() -> None:
+    # The lower median: a liar must be more than half of the round to raise it.
+    assert bound_samples({"a": 100, "liar": 10**9}, median_factor=3.0).used["liar"] == 300
+    out = bound_samples({"a": 100, "b": 100, "x": 10**9, "y": 10**9}, median_factor=3.0)
+    assert out.used == {"a": 100, "b": 100, "x": 300, "y": 300}
+
+
 @given(st.dictionaries(st.text("abc", min_size=1, max_size=3), st.integers(1, 2**32 - 1)))
-def test_bounded_counts_never_grow_and_honest_majorities_are_kept(declared: dict) -> None:
+def test_bounded_counts_never_grow_and_counts_under_the_cap_are_kept(declared: dict) -> None:
+    import statistics
+
     out = bound_samples(declared, median_factor=3.0)
-    assert all(1 <= out.used[d] <= declared[d] for d in declared)
+    cap = int(3.0 * statistics.median_low(declared.values())) if declared else 0
+    for device, count in declared.items():
+        assert out.used[device] == min(count, max(1, cap))
     assert set(out.clipped) == {d for d in declared if out.used[d] < declared[d]}
 
 
@@ -76,14 +87,28 @@ def test_a_device_claiming_a_billion_samples_moves_the_model_only_as_its_cap_all
 
 
 @pytest.mark.link
-def test_a_per_device_cap_from_the_registry(tmp_path: Path) -> None:
+def test_caps_and_revocations_from_the_registry(tmp_path: Path) -> None:
     registry = tmp_path / "devices.json"
-    registry.write_text(json.dumps({"devices": {"a": {"max_samples": 50}}}))
+    devices = {"a": {"max_samples": 50}, "gone": {"max_samples": 9, "revoked": True}}
+    registry.write_text(json.dumps({"fleet": "unit", "devices": devices}))
     from fedge.aggregator.config import AggregatorConfig
-    from fedge.aggregator.service import load_sample_caps
+    from fedge.aggregator.service import load_registry
     from helpers import DIGITS_MODEL
 
-    cfg = AggregatorConfig(
-        model=DIGITS_MODEL, samples=SampleLimits(registry=registry, caps={"b": 7})
-    )
-    assert load_sample_caps(cfg) == {"a": 50, "b": 7}
+    limits = SampleLimits(registry=registry, caps={"b": 7})
+    cfg = AggregatorConfig(model=DIGITS_MODEL, samples=limits)
+    assert load_registry(cfg) == ({"a": 50, "b": 7}, {"gone"})
+
+
+@pytest.mark.link
+def test_a_revoked_device_is_never_online_or_selected(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=2)
+    agg.revoked = frozenset({"gone"})
+    Device(broker, "a")
+    Device(broker, "gone")  # both retain "online"
+    pump(agg)
+    assert agg.online == {"a"} and agg.current is None and agg.rejected["revoked"] == 1
+    Device(broker, "b")
+    pump(agg)
+    assert agg.current is not None and agg.current.selected == ["a", "b"]

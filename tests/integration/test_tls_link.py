@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from fedge.protocol import LinkError, TlsSettings, make_link
-from fedge.protocol.paho_link import tls_context
+from fedge.protocol.link import tls_context
 
 from fedge.provision import init_fleet, provision_device
 
@@ -112,3 +112,27 @@ def test_make_link_refuses_what_it_would_silently_ignore(
 ) -> None:
     with pytest.raises(LinkError, match=re.escape(message)):
         make_link(url, "c", tls=tls)
+
+
+@paho_leaks_failed_handshakes
+def test_a_client_certificate_the_broker_refuses_is_named(pki: Path, broker) -> None:  # type: ignore[no-untyped-def]
+    other = next(pki.parent.glob("other-pki*"))
+    provision_device(other, "dev-1", "elsewhere")
+    bundle = other / "devices" / "dev-1"
+    tls = TlsSettings(
+        ca_file=str(pki / "ca.crt"),  # the right broker, a certificate of another fleet's CA
+        cert_file=str(bundle / "device.crt"),
+        key_file=str(bundle / "device.key"),
+    )
+    link = make_link(f"mqtts://localhost:{broker.tls_port}", "dev-1", tls=tls)
+    with pytest.raises(LinkError) as err:
+        link.connect(timeout=2)
+    assert "TLS: TLSV1_ALERT_UNKNOWN_CA" in str(err.value), err.value  # the broker's alert
+    no_cert = make_link(
+        f"mqtts://localhost:{broker.tls_port}",
+        "dev-1",
+        tls=TlsSettings(ca_file=str(pki / "ca.crt")),
+    )
+    with pytest.raises(LinkError) as err:
+        no_cert.connect(timeout=2)
+    assert "TLS: TLSV13_ALERT_CERTIFICATE_REQUIRED" in str(err.value), err.value
