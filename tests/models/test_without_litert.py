@@ -366,14 +366,25 @@ def test_reader_rejects_damage_with_model_file_error(junk: bytes, cut: int) -> N
 # --- what pip installs where ---------------------------------------------------------------
 
 
-def _requirements_on(machine: str, platform: str) -> set[str]:
-    """Distribution names fedge's installed metadata requires on that platform (no extras)."""
+def _requirements_on(machine: str, platform: str, source: str) -> set[str]:
+    """Distribution names fedge requires on that platform (no extras), as the installed
+    metadata says ("installed") or as pyproject.toml says ("pyproject": an editable install's
+    metadata is only as new as the last install)."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
+    if source == "installed":
+        lines = importlib.metadata.requires("fedge") or []
+    else:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        lines = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
     env = {"platform_machine": machine, "sys_platform": platform, "extra": ""}
     names: set[str] = set()
-    for line in importlib.metadata.requires("fedge") or []:
+    for line in lines:
         req = Requirement(line)
         if req.marker is None or req.marker.evaluate(env):
             names.add(canonicalize_name(req.name))
@@ -391,9 +402,10 @@ def _requirements_on(machine: str, platform: str) -> set[str]:
         ("arm64", "darwin", True),
     ],
 )
+@pytest.mark.parametrize("source", ["installed", "pyproject"])
 def test_litert_is_required_only_where_it_has_wheels(
-    machine: str, platform: str, litert: bool
+    machine: str, platform: str, litert: bool, source: str
 ) -> None:
-    names = _requirements_on(machine, platform)
+    names = _requirements_on(machine, platform, source)
     assert ("ai-edge-litert" in names) is litert
     assert {"numpy", "flatbuffers", "pydantic", "paho-mqtt", "cryptography"} <= names
