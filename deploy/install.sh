@@ -30,6 +30,8 @@
 #      yet, an example ROLE.toml naming a shipped model (an existing config is never replaced
 #      by the example). Modes: configs and *.key files 0640 root:fedge (the service runs as
 #      user fedge and must read them, nobody else may), certificates and public keys 0644.
+#      The agent's training data (data = ..., the device's own) is not installed here: a
+#      warning says when the config names a file that does not exist yet.
 #   5. /etc/systemd/system/fedge-ROLE.service from ../systemd/, then systemctl daemon-reload
 set -eu
 
@@ -229,10 +231,10 @@ put() {
     note "installed $dest"
 }
 
-# toml_model FILE: the top-level model = "..." of a config (before its first [table]).
-toml_model() {
+# toml_top KEY FILE: the top-level KEY = "..." of a config (before its first [table]).
+toml_top() {
     sed -n -e '/^[[:space:]]*\[/q' \
-        -e "s/^[[:space:]]*model[[:space:]]*=[[:space:]]*[\"']\\([^\"']*\\)[\"'].*/\\1/p" "$1" |
+        -e "s/^[[:space:]]*$1[[:space:]]*=[[:space:]]*[\"']\\([^\"']*\\)[\"'].*/\\1/p" "$2" |
         head -n 1
 }
 
@@ -245,9 +247,22 @@ model_source() {
     fi
 }
 
+# check_data CONFIG: does the training data an agent's CONFIG names exist? Prints a problem.
+# It is the device's own (install.sh does not ship it); a config reading a [serial] sensor
+# names none.
+check_data() {
+    data=$(toml_top data "$1")
+    case $data in
+    '') return 0 ;;
+    /*) path=$data ;;
+    *) path=$etc/$data ;; # relative to the config's folder
+    esac
+    [ -f "$root$path" ] || printf 'data %s does not exist\n' "$root$path"
+}
+
 # check_model CONFIG: is the model CONFIG names installed (or about to be)? Prints a problem.
 check_model() {
-    model=$(toml_model "$1")
+    model=$(toml_top model "$1")
     case $model in
     '') printf '%s names no model\n' "$1" ;;
     "$models"/*/*) printf 'model %s: only files directly in %s are managed here\n' "$model" "$models" ;;
@@ -435,6 +450,14 @@ fi
 if [ -f "$root$config" ]; then
     problem=$(check_model "$root$config")
     [ -z "$problem" ] || note "warning: $root$config: $problem; the service will not start"
+fi
+# The installed config, or under --dry-run the bundle's that would be.
+installed=$root$config
+[ -n "$bundle" ] && installed=$bundle/$role.toml
+if [ "$role" = agent ] && [ -f "$installed" ]; then
+    problem=$(check_data "$installed")
+    [ -z "$problem" ] || note "warning: $root$config: $problem; the agent will not start" \
+        "until it does (or until the config reads a [serial] sensor instead)"
 fi
 
 # 5. The unit.

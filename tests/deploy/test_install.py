@@ -20,12 +20,14 @@ import pytest
 from fedge.agent.config import AgentConfig
 
 from fedge.configfile import load_config
+from fedge.provision import init_fleet, provision_device
 
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "deploy" / "install.sh"
 SHIPPED = sorted(p.name for p in (REPO / "models" / "artifacts").glob("*.tflite"))
+DEVICE, FLEET = "pi-test-01", "test"
 
 
 def install(
@@ -60,23 +62,20 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int, int, str]]:
     return tree
 
 
-def make_bundle(folder: Path, model: str = "/opt/fedge/models/digits_mlp.tflite") -> Path:
-    """A bundle as `fedge provision` lays it out. The config uses only AgentConfig's fields as
-    they are without [tls]; the TLS files sit beside it as on a device."""
-    folder.mkdir()
-    (folder / "agent.toml").write_text(
-        'device_id = "pi-test-01"\n'
-        'fleet = "test"\n'
-        'broker = "mqtt://broker.local:1883"\n'
-        f'model = "{model}"\n'
-        'data = "/var/lib/fedge/partition.npz"\n'
-        'state_dir = "/var/lib/fedge"\n'
+def make_bundle(
+    tmp: Path, model: str | None = None, *, password: bool = False, serial: str | None = None
+) -> Path:
+    """A real bundle of DEVICE from `fedge provision` (its PKI in tmp/pki): agent.toml with
+    mqtts://, [tls] and aggregator_keys; a certificate and key the fleet CA signed, the CA
+    certificate, the aggregator's Ed25519 public key, and with ``password`` a password file.
+    ``model`` is a file name in /opt/fedge/models/; ``serial`` a sensor port instead of data."""
+    pki = tmp / "pki"
+    if not pki.exists():
+        init_fleet(pki, FLEET)
+    provision_device(
+        pki, DEVICE, FLEET, force=True, model=model, password=password, serial_port=serial
     )
-    for name in ("device.crt", "ca.crt", "aggregator.pub"):
-        (folder / name).write_text(f"-----BEGIN {name}-----\n")
-    (folder / "device.key").write_text("-----BEGIN PRIVATE KEY-----\n")
-    (folder / "device.key").chmod(0o600)
-    return folder
+    return pki / "devices" / DEVICE
 
 
 def rerooted(config: Path, root: Path) -> Path:
@@ -104,7 +103,7 @@ def device_data(root: Path) -> None:
 
 def test_second_run_changes_nothing(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    bundle = make_bundle(tmp_path / "bundle")
+    bundle = make_bundle(tmp_path)
     first = install("--destdir", root, "--bundle", bundle)
     before = snapshot(root)
     second = install("--destdir", root, "--bundle", bundle)
@@ -120,7 +119,7 @@ def test_second_run_changes_nothing(tmp_path: Path) -> None:
 
 def test_installs_models_unit_and_bundle(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    bundle = make_bundle(tmp_path / "bundle")
+    bundle = make_bundle(tmp_path)
     install("--destdir", root, "--bundle", bundle)
     models = root / "opt/fedge/models"
     assert sorted(p.name for p in models.iterdir()) == SHIPPED
@@ -145,20 +144,79 @@ def test_installs_models_unit_and_bundle(tmp_path: Path) -> None:
     assert stat.S_IMODE(unit.stat().st_mode) == 0o644
 
 
-def test_bundle_config_loads_with_its_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["certificate", "password", "serial sensor"])
+def test_installed_bundle_config_loads(tmp_path: Path, kind: str) -> None:
+    """A provisioned bundle, installed twice, is a config the agent accepts: its [tls] files,
+    aggregator key and model are where it says, with the bundle's bytes."""
+    root, etc = tmp_path / "root", tmp_path / "root/etc/fedge"
+    bundle = make_bundle(
+        tmp_path,
+        password=kind == "password",
+        serial="/dev/ttyACM0" if kind == "serial sensor" else None,
+    )
+    install("--destdir", root, "--bundle", bundle)
+    before = snapshot(root)
+    again = install("--destdir", root, "--bundle", bundle)
+    assert snapshot(root) == before
+    assert again.stdout.splitlines()[-1] == "install.sh: nothing changed"
+    if kind != "serial sensor":
+        device_data(root)
+
+    cfg = load_config(rerooted(etc / "agent.toml", root), AgentConfig)
+
+    model = "machine_forecaster.tflite" if kind == "serial sensor" else "digits_mlp.tflite"
+    assert cfg.model == root / "opt/fedge/models" / model
+    assert cfg.model.read_bytes() == (REPO / "models/artifacts" / model).read_bytes()
+    assert cfg.device_id == DEVICE and cfg.fleet == FLEET
+    assert cfg.state_dir == root / "var/lib/fedge"
+    assert cfg.broker.startswith("mqtts://localhost:")
+    assert cfg.aggregator_keys == (etc / "aggregator.pub",)
+    assert cfg.tls is not None and cfg.tls.ca_file == etc / "ca.crt"
+    if kind == "password":
+        assert cfg.tls.password_file == etc / "password" and cfg.tls.cert_file is None
+        assert stat.S_IMODE((etc / "password").stat().st_mode) == 0o640
+    else:
+        assert (cfg.tls.cert_file, cfg.tls.key_file) == (etc / "device.crt", etc / "device.key")
+    for path in (cfg.tls.ca_file, cfg.tls.cert_file, cfg.tls.password_file, *cfg.aggregator_keys):
+        if path is not None:
+            assert path.read_bytes() == (bundle / path.name).read_bytes()
+    assert (cfg.data is None) == (kind == "serial sensor")
+
+
+DATA_WARNING = (
+    "install.sh: warning: {root}/etc/fedge/agent.toml: data {root}/var/lib/fedge/partition.npz"
+    " does not exist; the agent will not start until it does (or until the config reads a"
+    " [serial] sensor instead)"
+)
+
+
+def test_missing_device_data_is_a_warning(tmp_path: Path) -> None:
+    """A bundle names the device's own training data, which install.sh does not provide: the
+    install goes on and says, in one line, that the agent will not start without it."""
     root = tmp_path / "root"
-    install("--destdir", root, "--bundle", make_bundle(tmp_path / "bundle"))
+    bundle = make_bundle(tmp_path)
+    proc = install("--destdir", root, "--bundle", bundle)
+    warnings = [line for line in proc.stdout.splitlines() if ": warning: " in line]
+    assert warnings == [DATA_WARNING.format(root=root)]
+    assert (root / "etc/fedge/agent.toml").read_bytes() == (bundle / "agent.toml").read_bytes()
     device_data(root)
-    cfg = load_config(rerooted(root / "etc/fedge/agent.toml", root), AgentConfig)
-    assert cfg.model == root / "opt/fedge/models/digits_mlp.tflite"
-    assert cfg.model.read_bytes() == (REPO / "models/artifacts/digits_mlp.tflite").read_bytes()
-    assert cfg.device_id == "pi-test-01" and cfg.state_dir == root / "var/lib/fedge"
+    proc = install("--destdir", root, "--bundle", bundle)
+    assert ": warning: " not in proc.stdout + proc.stderr
+
+
+def test_no_data_warning_for_a_serial_sensor(tmp_path: Path) -> None:
+    proc = install("--destdir", tmp_path / "root", "--bundle", make_bundle(tmp_path, serial="COM"))
+    assert ": warning: " not in proc.stdout + proc.stderr
 
 
 def test_example_config_names_an_installed_model(tmp_path: Path) -> None:
     root = tmp_path / "root"
     out = install(env={"DESTDIR": str(root)}).stdout  # the environment variable works too
-    assert "wrote an example" in out and "warning" not in out
+    assert "wrote an example" in out
+    # The model is in place; the example's data is the device's own, not there yet.
+    assert [line for line in out.splitlines() if ": warning: " in line] == [
+        DATA_WARNING.format(root=root)
+    ]
     device_data(root)
     cfg = load_config(rerooted(root / "etc/fedge/agent.toml", root), AgentConfig)
     assert cfg.model.is_file() and cfg.model.parent == root / "opt/fedge/models"
@@ -172,7 +230,7 @@ def test_only_a_bundle_replaces_a_config(tmp_path: Path) -> None:
     edited = config.read_text()
     install("--destdir", root)  # the example never replaces an existing config
     assert config.read_text() == edited
-    bundle = make_bundle(tmp_path / "bundle")
+    bundle = make_bundle(tmp_path)
     out = install("--destdir", root, "--bundle", bundle).stdout
     assert "replacing" in out
     assert config.read_bytes() == (bundle / "agent.toml").read_bytes()
@@ -181,7 +239,7 @@ def test_only_a_bundle_replaces_a_config(tmp_path: Path) -> None:
 
 def test_bundle_may_carry_its_model(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    bundle = make_bundle(tmp_path / "bundle", model="/opt/fedge/models/custom.tflite")
+    bundle = make_bundle(tmp_path, model="custom.tflite")
     (bundle / "custom.tflite").write_bytes(b"TFL3 custom")
     install("--destdir", root, "--bundle", bundle)
     assert (root / "opt/fedge/models/custom.tflite").read_bytes() == b"TFL3 custom"
@@ -190,7 +248,7 @@ def test_bundle_may_carry_its_model(tmp_path: Path) -> None:
 
 def test_bundle_naming_a_missing_model_changes_nothing(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    bundle = make_bundle(tmp_path / "bundle", model="/opt/fedge/models/nope.tflite")
+    bundle = make_bundle(tmp_path, model="nope.tflite")
     proc = install("--destdir", root, "--bundle", bundle, ok=False)
     assert proc.returncode == 1
     assert "model /opt/fedge/models/nope.tflite is neither shipped" in proc.stderr
@@ -210,9 +268,10 @@ def test_models_from_a_wheel(tmp_path: Path) -> None:
 
 def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    out = install("--dry-run", "--destdir", root, "--bundle", make_bundle(tmp_path / "b")).stdout
+    bundle = make_bundle(tmp_path)
+    out = install("--dry-run", "--destdir", root, "--bundle", bundle).stdout
     assert not root.exists()
-    assert f"+ install -m 0640 {tmp_path}/b/device.key {root}/etc/fedge/device.key" in out
+    assert f"+ install -m 0640 {bundle}/device.key {root}/etc/fedge/device.key" in out
 
 
 @pytest.mark.parametrize(

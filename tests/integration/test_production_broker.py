@@ -209,21 +209,36 @@ def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return other
 
 
+# What each refusal looks like to a client, as seen with Mosquitto 2.0 (TLS 1.3): the broker
+# checks a client certificate after the client's side of the handshake is done, so a missing or
+# foreign one shows as the connection dropped before any CONNACK (paho: "Unspecified error");
+# a client that does not trust the broker stops in the handshake; the password listener
+# answers with a CONNACK refusal. Neither "no answer" nor a refused TCP connection is any of them.
+DROPPED = "disconnect Unspecified error"
+UNTRUSTED_BROKER = f"failed {ssl.SSLCertVerificationError.__name__}"
+NOT_AUTHORIZED = "connack Not authorized"
+
+
 @pytest.mark.parametrize(
-    "who",
+    ("who", "outcome"),
     [
-        "certificate from another CA",
-        "aggregator certificate from another CA",
-        "no client certificate",
-        "client does not trust the server's CA",
-        "password listener: wrong password",
-        "password listener: no credentials",
-        "password listener: a certificate but no password",
-        "password listener: a certificate user's name",
+        ("certificate from another CA", DROPPED),
+        ("aggregator certificate from another CA", DROPPED),
+        ("no client certificate", DROPPED),
+        ("client does not trust the server's CA", UNTRUSTED_BROKER),
+        ("password listener: wrong password", NOT_AUTHORIZED),
+        ("password listener: no credentials", NOT_AUTHORIZED),
+        ("password listener: a certificate but no password", NOT_AUTHORIZED),
+        ("password listener: a certificate user's name", NOT_AUTHORIZED),
     ],
 )
 def test_strangers_cannot_connect(
-    who: str, pki: Path, other_pki: Path, broker: ProductionMosquitto, clients: list[Client]
+    who: str,
+    outcome: str,
+    pki: Path,
+    other_pki: Path,
+    broker: ProductionMosquitto,
+    clients: list[Client],
 ) -> None:
     ca, bundle = pki / "ca.crt", pki / "devices" / "dev-a"
     port, username, password = broker.tls_port, None, None
@@ -248,7 +263,7 @@ def test_strangers_cannot_connect(
     client = Client("dev-a", ctx)
     clients.append(client)
 
-    assert client.connect(port, username, password) != "connack Success"
+    assert client.connect(port, username, password) == outcome
 
 
 def test_a_revoked_device_is_refused_once_the_broker_reloads(
@@ -274,10 +289,10 @@ def test_a_revoked_device_is_refused_once_the_broker_reloads(
 
     again = Client("dev-r-again", saved["dev-r"])
     clients.append(again)
-    assert again.connect(broker.tls_port).startswith(("failed", "disconnect"))
+    assert again.connect(broker.tls_port) == DROPPED  # the CRL now names its certificate
     by_password = Client("dev-q", context(pki / "ca.crt"))
     clients.append(by_password)
-    assert by_password.connect(broker.password_port, "dev-q", password) != "connack Success"
+    assert by_password.connect(broker.password_port, "dev-q", password) == NOT_AUTHORIZED
     # Still connected from before, the revoked device has no topics left: its ACL block is gone.
     connect("aggregator").publish_and_wait(f"{BASE}/round", b"after revocation")
     assert dev_b.received_until(b"after revocation")[-1] == (f"{BASE}/round", b"after revocation")
