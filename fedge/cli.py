@@ -208,6 +208,7 @@ def _cmd_bridge_simulate(args: argparse.Namespace) -> int:
 
 def _cmd_provision(args: argparse.Namespace) -> int:
     from fedge.provision import (
+        DEFAULT_SERVER_NAMES,
         ProvisionError,
         init_fleet,
         provision_device,
@@ -216,11 +217,17 @@ def _cmd_provision(args: argparse.Namespace) -> int:
     )
 
     pki = Path(args.dir)
+    warning = ""
     try:
         if args.init:
             if args.device_id or args.revoke or not args.fleet:
                 raise UserError("use: fedge provision --init --fleet FLEET [--dir PKI]")
-            names = args.server_names or ["localhost", "127.0.0.1"]
+            names = args.server_names or list(DEFAULT_SERVER_NAMES)
+            if not args.server_names:
+                warning = (
+                    f"the broker certificate names only {' and '.join(names)}; devices on"
+                    " other machines need --init --server-name BROKER_HOST"
+                )
             changes = init_fleet(pki, args.fleet, names, args.days, force=args.force)
             done = f"fleet {args.fleet}: a CA, and a broker certificate for {', '.join(names)}"
         elif not args.device_id:
@@ -258,6 +265,8 @@ def _cmd_provision(args: argparse.Namespace) -> int:
     for change in changes:
         print(change)
     print(done)
+    if warning:
+        print(f"fedge: warning: {warning}", file=sys.stderr)
     return 0
 
 

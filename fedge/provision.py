@@ -60,6 +60,8 @@ RESERVED_IDS = frozenset({AGGREGATOR, ".", ".."})
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HOST = re.compile(r"[A-Za-z0-9.-]{1,253}")
 _FILE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+# The broker certificate's names when none are given: good for one machine only.
+DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1")
 DEVICE_DATA = "/var/lib/fedge/partition.npz"
 MODELS_DIR = "/opt/fedge/models"
 STATE_DIR = "/var/lib/fedge"
@@ -543,7 +545,7 @@ def _set_password(pki: Path, user: str, hashed: str | None) -> Change | None:
 def init_fleet(
     pki_dir: str | Path,
     fleet: str,
-    server_names: Sequence[str] = ("localhost", "127.0.0.1"),
+    server_names: Sequence[str] = DEFAULT_SERVER_NAMES,
     days: int = LEAF_DAYS,
     *,
     force: bool = False,

@@ -429,6 +429,21 @@ def test_cli_init_provision_revoke(
     assert "already revoked" in capsys.readouterr().out
 
 
+def test_cli_init_without_server_name_warns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker certificate for localhost only: every bundle would name mqtts://localhost."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["provision", "--init", "--fleet", "home"]) == 0
+    assert capsys.readouterr().err == (
+        "fedge: warning: the broker certificate names only localhost and 127.0.0.1; devices"
+        " on other machines need --init --server-name BROKER_HOST\n"
+    )
+    argv = ["provision", "--init", "--fleet", "home", "--server-name", "broker.lan", "--force"]
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -86,13 +86,35 @@ def test_syntax_check_fails_on_a_broken_playbook(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "nosuchmodule" in proc.stdout + proc.stderr
 
 
-@pytest.mark.slow
-def test_playbook_provisions_and_stages_a_device(tmp_path: Path) -> None:
-    """The whole playbook against this machine (a local connection, no become), with
-    install.sh staging into a folder and a stand-in for `fedge provision`; run twice."""
+def fake_cli(tmp_path: Path) -> Path:
     cli = tmp_path / "fedge"
     cli.write_text(FAKE_PROVISION)
     cli.chmod(0o755)
+    return cli
+
+
+def test_the_broker_host_is_required(tmp_path: Path) -> None:
+    """Without fedge_broker_host the broker certificate and every bundle would name localhost:
+    the playbook stops at its first task, before provisioning anything."""
+    cli = fake_cli(tmp_path)
+    inventory = tmp_path / "inventory.ini"
+    inventory.write_text("[fedge_devices]\nbench-01 ansible_connection=local\n")
+    extra = {"ansible_python_interpreter": sys.executable, "fedge_cli": str(cli)}
+    args = ("-i", inventory, "-e", json.dumps(extra), PLAYBOOK)
+    proc = ansible("ansible-playbook", *args, tmp=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "set fedge_broker_host to the name (or IPv4 address) devices reach the broker" in (
+        proc.stdout
+    )
+    assert not (cli.parent / "provision.log").exists()
+
+
+@pytest.mark.slow
+def test_playbook_provisions_and_stages_a_device(tmp_path: Path) -> None:
+    """The whole playbook against this machine (a local connection, no become), with
+    install.sh staging into a folder and a stand-in for `fedge provision`; run twice, then
+    once more with a file in the staged bundle that the bundle no longer has."""
+    cli = fake_cli(tmp_path)
     source = tmp_path / "src"  # a still copy of the source: the checkout may change meanwhile
     for part in ("pyproject.toml", "models/artifacts"):  # what install.sh reads there
         dest = source / part
@@ -107,6 +129,7 @@ def test_playbook_provisions_and_stages_a_device(tmp_path: Path) -> None:
         "ansible_python_interpreter": sys.executable,
         "fedge_cli": str(cli),
         "fedge_fleet": "bench",
+        "fedge_broker_host": "broker.test",
         "fedge_pki_dir": str(pki),
         "fedge_source": str(source),
         "fedge_stage_dir": str(stage),
@@ -123,9 +146,19 @@ def test_playbook_provisions_and_stages_a_device(tmp_path: Path) -> None:
     assert (root / "etc/systemd/system/fedge-agent.service").is_file()
     assert (stage / "src/pyproject.toml").is_file() and not (stage / "src/secrets/pki").exists()
     assert (cli.parent / "provision.log").read_text().splitlines() == [
-        f"--init --fleet bench --dir {pki}",
-        f"bench-01 --fleet bench --dir {pki}",
+        f"--init --fleet bench --dir {pki} --server-name broker.test",
+        f"bench-01 --fleet bench --dir {pki} --broker-host broker.test",
     ]
     second = ansible("ansible-playbook", *args, tmp=tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "changed=0" in second.stdout, second.stdout  # provisioned once; nothing to redo
+
+    # An earlier bundle had a password; the re-provisioned one (--force) has none.
+    stale = stage / "bundle" / "password"
+    stale.write_text("old secret")
+    third = ansible("ansible-playbook", *args, tmp=tmp_path)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert not stale.exists() and not (root / "etc/fedge/password").exists()
+    assert sorted(p.name for p in (stage / "bundle").iterdir()) == sorted(
+        p.name for p in bundle.iterdir()
+    )
