@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from fedge.models.runtime import load_runtime
+from fedge.models.selftest import load_proven_runtime
 from fedge.protocol import Link
 from fedge.protocol.signing import load_public_key
 
@@ -26,8 +26,12 @@ log = logging.getLogger("fedge.agent")
 def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
     import numpy as np
 
-    runtime = load_runtime(
-        cfg.model, prefer=cfg.runtime, delegates=cfg.delegates, num_threads=cfg.num_threads
+    runtime = load_proven_runtime(  # each backend proven in a child first, verdicts cached
+        cfg.model,
+        prefer=cfg.runtime,
+        delegates=cfg.delegates,
+        num_threads=cfg.num_threads,
+        cache_dir=cfg.state_dir,
     )
     sensor = None
     data: Dataset | Callable[[], Dataset]

@@ -12,10 +12,16 @@ the resource-variable ops of the ``train`` signature. External delegate librarie
 named in the config are used for inference only; one that cannot be loaded costs
 one warning and inference stays on the CPU. :attr:`Runtime.delegate` says which is
 active.
+
+A backend that crashes the process (a segfault is not an exception) cannot be caught
+here: the agent loads through :func:`fedge.models.selftest.load_proven_runtime`, which
+proves each backend in a child process first.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -34,6 +40,11 @@ from .tflite_schema import ModelFileError
 log = logging.getLogger("fedge.models")
 
 BACKENDS = ("litert", "tflite_runtime", "numpy")
+# Interpreter backends: the module imported and the distribution that installs it.
+_PACKAGES = {
+    "litert": ("ai_edge_litert", "ai-edge-litert"),
+    "tflite_runtime": ("tflite_runtime", "tflite-runtime"),
+}
 CONTRACT = ("train", "infer", "evaluate", "get_weights", "set_weights")
 
 
@@ -87,9 +98,13 @@ class Runtime(ABC):
         return f"{self.backend} (training on cpu, inference on {self.delegate})"
 
 
-def _spec_from_model(data: bytes) -> ModelSpec | None:
-    raw = read_metadata(data, SPEC_METADATA_KEY)
-    return None if raw is None else ModelSpec.model_validate(json.loads(raw))
+def embedded_spec(data: bytes) -> ModelSpec | None:
+    """The spec a fedge-built model carries in its metadata; None for other models."""
+    try:
+        raw = read_metadata(data, SPEC_METADATA_KEY)
+        return None if raw is None else ModelSpec.model_validate(json.loads(raw))
+    except (ModelFileError, ValueError) as exc:
+        raise ModelLoadError(f"embedded spec unreadable: {exc}") from exc
 
 
 class NumpyRuntime(Runtime):
@@ -149,6 +164,25 @@ def _import_backend(backend: str) -> ModuleType:
     return mod
 
 
+def backend_version(backend: str) -> str | None:
+    """The installed version of an interpreter backend, found without importing it.
+
+    None when the backend is not installed; "unknown" when it imports but no package
+    metadata names its version.
+    """
+    module, distribution = _PACKAGES[backend]
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        return None
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 class InterpreterRuntime(Runtime):
     """A ``.tflite`` driven through its signatures by LiteRT or tflite-runtime."""
 
@@ -186,6 +220,16 @@ class InterpreterRuntime(Runtime):
         self._shapes = {k: v.shape for k, v in self.get_weights().items()}
         self._infer_interp = self._load_delegated(delegates)
         self._infer_stale = True
+
+    def example_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype]:
+        """The shapes of one example's ``x`` and ``y`` (batch axis dropped), and y's dtype."""
+        details = self._run["train"].get_input_details()
+
+        def shape(name: str) -> tuple[int, ...]:
+            dims = details[name].get("shape_signature", details[name]["shape"])
+            return tuple(int(d) for d in dims[1:])
+
+        return shape("x"), shape("y"), self._y_dtype
 
     def _load_delegated(self, libraries: Sequence[str]):  # type: ignore[no-untyped-def]
         """An inference-only interpreter on the first external delegate that loads."""
@@ -284,6 +328,21 @@ def read_model(path: str | Path) -> bytes:
         raise ModelLoadError(f"{path}: cannot read model file ({exc.strerror})") from exc
 
 
+def model_bytes(model: str | Path | bytes) -> bytes:
+    """The model's bytes, read from a path if need be, checked to be a TFLite flatbuffer."""
+    data = model if isinstance(model, bytes) else read_model(model)
+    if data[4:8] != b"TFL3":
+        raise ModelLoadError("not a TFLite model (missing TFL3 identifier)")
+    return data
+
+
+def check_backends(prefer: Sequence[str]) -> None:
+    """Raise ValueError naming any backend in ``prefer`` that fedge does not know."""
+    unknown = [b for b in prefer if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown runtime backend(s) {unknown}; choose from {list(BACKENDS)}")
+
+
 def available_backends() -> list[str]:
     found = []
     for backend in BACKENDS[:-1]:
@@ -305,21 +364,15 @@ def load_runtime(
     """Load ``model`` on the first backend of ``prefer`` that is installed.
 
     The numpy backend rebuilds the model from the spec embedded in the file; it is
-    chosen only when asked for or when neither interpreter is installed.
+    chosen only when asked for or when neither interpreter is installed. No backend is
+    proven here (see :func:`fedge.models.selftest.load_proven_runtime`).
     """
-    data = model if isinstance(model, bytes) else read_model(model)
-    if data[4:8] != b"TFL3":
-        raise ModelLoadError("not a TFLite model (missing TFL3 identifier)")
-    unknown = [b for b in prefer if b not in BACKENDS]
-    if unknown:
-        raise ValueError(f"unknown runtime backend(s) {unknown}; choose from {list(BACKENDS)}")
+    data = model_bytes(model)
+    check_backends(prefer)
     tried = []
     for backend in prefer:
         if backend == "numpy":
-            try:
-                spec = _spec_from_model(data)
-            except (ModelFileError, ValueError) as exc:
-                raise ModelLoadError(f"embedded spec unreadable: {exc}") from exc
+            spec = embedded_spec(data)
             if spec is None:
                 raise ModelLoadError(
                     "the numpy runtime needs a model built by fedge (no embedded spec)"
