@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from fedge.brokerconfig import BrokerTls, check_private_key, check_tls_scheme
 from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN, existing_file, resolve_path
 
-from .strategy import StrategyConfig
+from .strategies.config import StrategyConfig
 
 
 class SampleLimits(BaseModel):

@@ -56,7 +56,7 @@ from fedge.protocol.wire import PUBACK_SIZE, publish_size
 from .config import AggregatorConfig
 from .sample_limits import bound_samples
 from .store import Store
-from .strategy import make_strategy
+from .strategies.factory import make_strategy
 
 log = logging.getLogger("fedge.aggregator")
 

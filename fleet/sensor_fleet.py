@@ -24,7 +24,7 @@ from fedge.agent.service import build_agent
 from fedge.agent.tasks import forecast, last_value_baseline
 from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.service import build_aggregator
-from fedge.aggregator.strategy import StrategyConfig
+from fedge.aggregator.strategies.config import StrategyConfig
 from fedge.firmware_bridge.binary_frames import encode_frame
 from fedge.firmware_bridge.simulator import CHANNELS, Machine, open_pty, serve_pty
 from fedge.protocol import TrainingConfig

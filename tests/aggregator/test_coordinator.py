@@ -11,7 +11,7 @@ import pytest
 from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.coordinator import Aggregator
 from fedge.aggregator.store import Store
-from fedge.aggregator.strategy import StrategyConfig
+from fedge.aggregator.strategies.config import StrategyConfig
 from fedge.protocol import (
     GlobalModelHeader,
     MemoryBroker,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fedge.aggregator.fedavg import fedavg, weighted_mean
+from fedge.aggregator.strategies.fedavg import FedAvg
+from fedge.aggregator.strategies.robust import weighted_mean
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -44,7 +45,7 @@ def test_identical_updates_average_to_themselves(seed: int, counts: list[int]) -
 
 def test_weights_by_sample_count() -> None:
     g = {"w": np.zeros(2, np.float32)}
-    out = fedavg(
+    out = FedAvg().step(
         g,
         [{"w": np.array([1.0, 0.0], np.float32)}, {"w": np.array([0.0, 1.0], np.float32)}],
         [3, 1],
@@ -55,7 +56,7 @@ def test_weights_by_sample_count() -> None:
 
 def test_adds_the_mean_delta_to_the_global_model() -> None:
     g = {"w": np.array([10.0, -10.0], np.float32)}
-    out = fedavg(g, [{"w": np.array([1.0, 1.0], np.float32)}], [5])
+    out = FedAvg().step(g, [{"w": np.array([1.0, 1.0], np.float32)}], [5])
     np.testing.assert_array_equal(out["w"], [11.0, -9.0])
 
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedge.aggregator.fedadam import FedAdam, fedadam_step
-from fedge.aggregator.fedavg import FedAvg
-from fedge.aggregator.fedavgm import FedAvgM
-from fedge.aggregator.strategy import StrategyConfig, make_strategy
+from fedge.aggregator.strategies.config import StrategyConfig
+from fedge.aggregator.strategies.factory import make_strategy
+from fedge.aggregator.strategies.fedadam import FedAdam, fedadam_step
+from fedge.aggregator.strategies.fedavg import FedAvg
+from fedge.aggregator.strategies.fedavgm import FedAvgM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -17,7 +17,7 @@ from fedge.agent.config import AgentConfig
 from fedge.agent.service import build_agent
 from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.service import build_aggregator
-from fedge.aggregator.strategy import StrategyConfig
+from fedge.aggregator.strategies.config import StrategyConfig
 from fedge.protocol import (
     GateSettings,
     GlobalModelHeader,

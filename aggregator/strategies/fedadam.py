@@ -1,7 +1,8 @@
-"""FedAdam: Adam on the server with the mean delta as pseudo-gradient (Reddi et al. 2021).
+"""FedAdam: Adam on the server with the combined delta as pseudo-gradient (Reddi et al. 2021).
 
-Algorithm 2 of "Adaptive Federated Optimization", with ``Delta_t`` the sample-weighted
-mean of the devices' deltas::
+Algorithm 2 of "Adaptive Federated Optimization", with ``Delta_t`` the round's deltas
+combined: the sample-weighted mean of the paper unless configured otherwise (a robust
+combiner, ``robust.py``)::
 
     m <- beta1 * m + (1 - beta1) * Delta
     v <- beta2 * v + (1 - beta2) * Delta^2
@@ -10,7 +11,7 @@ mean of the devices' deltas::
 As in the paper there is no bias correction; ``tau`` sets how adaptive the step is.
 
 Lazy, as LazyAdam is for sparse gradients: the moments and the weights change only where
-the mean delta is non-zero. Under top-k uploads most coordinates are absent in a round; an
+the combined delta is non-zero. Under top-k uploads most coordinates are absent in a round; an
 eager update would let their second moment decay and then give a coordinate that reappears a
 full ``server_lr`` step however small its change (it cost 3 points on IID digits). Where every
 coordinate is sent, lazy and eager are the same.
@@ -22,13 +23,16 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .fedavg import weighted_mean
-from .strategy import Strategy, Weights
+from .base import Combiner, Strategy, Weights
+from .robust import MEAN
+
+# Server step of FedAdam unless configured: tuned on digits over 0.003-0.1 (bench/README.md).
+FEDADAM_SERVER_LR = 0.05
 
 
 def fedadam_step(
     weights: Weights,
-    mean_delta: Mapping[str, np.ndarray],
+    combined: Mapping[str, np.ndarray],
     m: Mapping[str, np.ndarray] | None,
     v: Mapping[str, np.ndarray] | None,
     *,
@@ -42,7 +46,7 @@ def fedadam_step(
     new_v: dict[str, np.ndarray] = {}
     new_w: dict[str, np.ndarray] = {}
     for k, w in weights.items():
-        d = np.asarray(mean_delta[k], np.float64)
+        d = np.asarray(combined[k], np.float64)
         seen = d != 0  # lazy: only coordinates some device sent move (see the module doc)
         prev_m = m[k] if m is not None else np.zeros_like(d)
         prev_v = v[k] if v is not None else np.zeros_like(d)
@@ -57,12 +61,18 @@ class FedAdam(Strategy):
     name = "fedadam"
 
     def __init__(
-        self, server_lr: float = 0.05, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
+        self,
+        server_lr: float = FEDADAM_SERVER_LR,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        combiner: Combiner = MEAN,
     ) -> None:
         self.server_lr = server_lr
         self.beta1 = beta1
         self.beta2 = beta2
         self.tau = tau
+        self.combiner = combiner
         self.m: dict[str, np.ndarray] | None = None
         self.v: dict[str, np.ndarray] | None = None
 
@@ -71,7 +81,7 @@ class FedAdam(Strategy):
     ) -> dict[str, np.ndarray]:
         new_w, self.m, self.v = fedadam_step(
             weights,
-            weighted_mean(deltas, counts),
+            self.combiner(deltas, counts),
             self.m,
             self.v,
             server_lr=self.server_lr,
@@ -91,7 +101,7 @@ class FedAdam(Strategy):
         v = {k[2:]: np.asarray(a, np.float64) for k, a in state.items() if k.startswith("v/")}
         self.m, self.v = (m, v) if m and v else (None, None)
 
-    def describe(self) -> str:
+    def optimiser(self) -> str:
         return (
             f"fedadam(server_lr={self.server_lr:g}, beta1={self.beta1:g}, "
             f"beta2={self.beta2:g}, tau={self.tau:g})"

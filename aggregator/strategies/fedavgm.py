@@ -1,7 +1,8 @@
 """FedAvgM: federated averaging with server momentum (Hsu, Qi and Brown 2019).
 
-``v <- momentum * v + mean_delta``;  ``w <- w + server_lr * v``. With ``momentum = 0`` and
-``server_lr = 1`` it is FedAvg.
+``v <- momentum * v + combined``;  ``w <- w + server_lr * v``, with ``combined`` the round's
+deltas combined (the sample-weighted mean unless configured otherwise). With ``momentum = 0``
+and ``server_lr = 1`` it is FedAvg.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .fedavg import weighted_mean
-from .strategy import Strategy, Weights
+from .base import Combiner, Strategy, Weights
+from .robust import MEAN
 
 
 def fedavgm_step(
     weights: Weights,
-    mean_delta: Mapping[str, np.ndarray],
+    combined: Mapping[str, np.ndarray],
     velocity: Mapping[str, np.ndarray] | None,
     *,
     server_lr: float,
@@ -25,7 +26,7 @@ def fedavgm_step(
     """(next weights as float32, next velocity as float64)."""
     new_v = {
         k: momentum * (velocity[k] if velocity is not None else 0.0) + np.asarray(d, np.float64)
-        for k, d in mean_delta.items()
+        for k, d in combined.items()
     }
     new_w = {
         k: (np.asarray(w, np.float64) + server_lr * new_v[k]).astype(np.float32)
@@ -37,9 +38,12 @@ def fedavgm_step(
 class FedAvgM(Strategy):
     name = "fedavgm"
 
-    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
+    def __init__(
+        self, server_lr: float = 1.0, momentum: float = 0.9, combiner: Combiner = MEAN
+    ) -> None:
         self.server_lr = server_lr
         self.momentum = momentum
+        self.combiner = combiner
         self.velocity: dict[str, np.ndarray] | None = None
 
     def step(
@@ -47,7 +51,7 @@ class FedAvgM(Strategy):
     ) -> dict[str, np.ndarray]:
         new_w, self.velocity = fedavgm_step(
             weights,
-            weighted_mean(deltas, counts),
+            self.combiner(deltas, counts),
             self.velocity,
             server_lr=self.server_lr,
             momentum=self.momentum,
@@ -63,5 +67,5 @@ class FedAvgM(Strategy):
         }
         self.velocity = velocity or None
 
-    def describe(self) -> str:
+    def optimiser(self) -> str:
         return f"fedavgm(server_lr={self.server_lr:g}, momentum={self.momentum:g})"
