@@ -33,7 +33,7 @@ from pydantic import (
 )
 
 from fedge.brokerconfig import BrokerTls, check_public_key, check_tls_scheme
-from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN, existing_file, resolve_path
+from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN, existing_file, state_folder
 
 from .eligibility import EligibilityConfig
 
@@ -128,4 +128,4 @@ class AgentConfig(BaseModel):
     @field_validator("state_dir", mode="after")
     @classmethod
     def _state_dir(cls, value: Path, info: ValidationInfo) -> Path:
-        return resolve_path(value, info)
+        return state_folder(value, info)

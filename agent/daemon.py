@@ -58,6 +58,7 @@ from .dataset import Dataset
 from .eligibility import ByteBudget, Decision
 from .gate import GateDecision
 from .gate import decide as decide_gate
+from .outbox import Outbox, Pending
 from .residual import ResidualStore
 from .state import AgentState
 from .tasks import TaskError
@@ -98,6 +99,7 @@ class Agent:
         max_payload: int = 0,
         sensor: Any = None,
         trusted_keys: Sequence[Ed25519PublicKey] = (),
+        outbox: Outbox | None = None,
     ) -> None:
         self.device_id = device_id
         self.topics = Topics(fleet)
@@ -126,6 +128,7 @@ class Agent:
         # one of them. Empty: unsigned ones are taken (development only; logged at start).
         self.trusted_keys = tuple(trusted_keys)
         self._check_trust_root()
+        self.outbox = outbox  # an update on its way; sent again after a crash
         self.anomaly_score: float | None = None  # autoencode: latest window vs global model
         self.heartbeat: Callable[[], None] | None = None  # called during long work
         self.last_update_bytes = 0
@@ -171,13 +174,19 @@ class Agent:
         payload = encode(Status(device_id=device_id, state="offline", timestamp=0.0))
         return Message(Topics(fleet).status(device_id), payload, retain=True)
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, *, keep_trying: bool = False) -> None:
+        """Connect and subscribe; with ``keep_trying`` a broker that is not up yet is waited
+        for in the background (the service's case) instead of raising."""
         if self.sensor is not None:
             self.sensor.start()
-        self.link.connect(timeout=timeout)
+        if keep_trying:
+            self.link.connect(timeout=timeout, keep_trying=True)
+        else:
+            self.link.connect(timeout=timeout)
         self.link.subscribe(self.topics.global_model, qos=1)
         self.link.subscribe(self.topics.round, qos=1)
         self._status("online")
+        self.resend_interrupted()
         if not self.trusted_keys:
             log.warning(
                 "no aggregator key pinned (aggregator_keys): rounds and global models are not"
@@ -211,12 +220,17 @@ class Agent:
         self.handle(msg)
         return True
 
-    def _status(self, state: str) -> None:
+    def _status(self, state: str, *, behind: bool = False) -> None:
         status = Status(
             device_id=self.device_id,
             state=state,
             timestamp=self.clock(),
             anomaly_score=self.anomaly_score,
+            # Only when a round names a model this device lacks: the aggregator then sends it
+            # again. Not otherwise: at start the retained copy is on its way, and after an
+            # upload the aggregator may already have moved on; either would make it resend
+            # the model to every device.
+            model_version=self.global_version if behind else None,
         )
         payload = encode(status)
         self.link.publish(self.topics.status(self.device_id), payload, qos=1, retain=True)
@@ -320,7 +334,11 @@ class Agent:
             log.info("round %d: deadline already passed, sitting out", ann.round_id)
             return
         if self.global_version < ann.model_version:
-            self.pending = ann  # the global model it names has not arrived yet
+            # The global model it names has not arrived yet: wait for it, and say which
+            # version this device has, so the aggregator sends it again if it was lost.
+            if self.pending is None or self.pending.round_id != ann.round_id:
+                self._status("idle", behind=True)
+            self.pending = ann
             return
         if self.global_version > ann.model_version or self.global_weights is None:
             log.info(
@@ -456,16 +474,17 @@ class Agent:
         assert spec is not None and encoded is not None
         self.last_update_bytes = self._wire_size(parts)
         topic = self.topics.update(self.device_id)
+        lossless = str(spec) == "float32"
+        kept = None if lossless else residual.subtract(update, encoded.decoded)
+        # Outbox first: a crash from here until it is cleared sends these same parts again
+        # at the next start (the aggregator applies an update id once) and keeps ``kept``;
+        # never the old residual, which still holds what is being sent.
+        if self.outbox is not None:
+            self.outbox.put(Pending(ann.round_id, update_id, topic, parts, kept))
         for part in parts:
             self.link.publish(topic, part, qos=1)
         self._sent(self.last_update_bytes)
-        # After the publish (queued at QoS 1): a crash before this line resends the round
-        # from the old residual; one after it cannot send the same update twice.
-        lossless = str(spec) == "float32"
-        self._hold(None if lossless else residual.subtract(update, encoded.decoded))
-        self.state.last_round = ann.round_id
-        self.state.consecutive_skips = 0
-        self._save(self.state)
+        self._commit_upload(ann.round_id, kept)
         self.stats.rounds_trained += 1
         self._status("idle")
         log.info(
@@ -479,6 +498,29 @@ class Agent:
             spec,
             gate.reason,
         )
+
+    def _commit_upload(self, round_id: int, kept: dict[str, np.ndarray] | None) -> None:
+        self._hold(kept)
+        self.state.last_round = max(self.state.last_round, round_id)
+        self.state.consecutive_skips = 0
+        self._save(self.state)
+        if self.outbox is not None:
+            self.outbox.clear()
+
+    def resend_interrupted(self) -> bool:
+        """Send again what a crash interrupted (see ``fedge.agent.outbox``)."""
+        pending = None if self.outbox is None else self.outbox.take()
+        if pending is None:
+            return False
+        log.warning(
+            "sending again the update %s for round %d that a restart interrupted",
+            pending.update_id,
+            pending.round_id,
+        )
+        for part in pending.parts:
+            self.link.publish(pending.topic, part, qos=1)
+        self._commit_upload(pending.round_id, pending.kept)
+        return True
 
     def _hold(self, kept: dict[str, np.ndarray] | None) -> None:
         self.residual = kept

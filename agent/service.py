@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from fedge.models.selftest import load_proven_runtime
 from fedge.protocol import Link
@@ -16,11 +18,16 @@ from .config import AgentConfig
 from .daemon import Agent
 from .dataset import Dataset, DatasetError, load_npz
 from .eligibility import ByteBudget, Decision, EligibilityConfig, ReadingLog, decide, read_readings
+from .outbox import Outbox
 from .residual import ResidualStore
 from .sensor_source import SensorSource
-from .state import load_state, save_state
+from .state import load_state, reset_state, save_state
 
 log = logging.getLogger("fedge.agent")
+
+
+def state_file(cfg: AgentConfig) -> Path:
+    return cfg.state_dir / f"agent-{cfg.device_id}.json"
 
 
 def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
@@ -49,8 +56,8 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
                 f"{cfg.data}: {data.x.shape[1]} features per sample,"
                 f" the model takes {first.shape[0]}"
             )
-    state_file = cfg.state_dir / f"agent-{cfg.device_id}.json"
-    state = load_state(state_file)
+    state_path = state_file(cfg)
+    state = load_state(state_path)
     if link is None:
         will = Agent.will(cfg.device_id, cfg.fleet)
         link = broker_link(cfg.broker, cfg.device_id, cfg.tls, will)
@@ -64,9 +71,10 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
         runtime=runtime,
         data=data,
         state=state,
-        save_state=lambda s: save_state(state_file, s),
+        save_state=lambda s: save_state(state_path, s),
         rng=np.random.default_rng(cfg.seed),
         residual_store=ResidualStore(cfg.state_dir / f"agent-{cfg.device_id}.residual.npz"),
+        outbox=Outbox(cfg.state_dir / f"agent-{cfg.device_id}.outbox.npz"),
         eligibility=eligibility,
         budget=budget,
         max_payload=cfg.max_payload,
@@ -92,11 +100,13 @@ def _eligibility(
     return budget, check
 
 
-def serve(cfg: AgentConfig) -> int:
+def serve(cfg: AgentConfig, *, reset: bool = False) -> int:
     """Run until SIGTERM/SIGINT. Tells systemd when ready and pets its watchdog."""
+    if reset:
+        reset_state(state_file(cfg), time.strftime("%Y%m%dT%H%M%S", time.gmtime()))
     agent = build_agent(cfg)
     agent.heartbeat = watchdog_petter()
-    agent.start()
+    agent.start(keep_trying=True)
     try:
         serve_until_stopped(agent.step, poll=0.5)
     finally:

@@ -1,7 +1,9 @@
 """What the agent remembers across restarts, kept as one small JSON file.
 
 Replaced atomically (write, fsync, rename) so a power cut leaves the old or the new
-file, never half of one.
+file, never half of one; a second copy (``.bak``) follows each save. A missing file starts
+fresh; one that exists but cannot be read is refused (``StateCorrupt``), never silently
+replaced: starting fresh would forget which rounds were answered and which models applied.
 """
 
 from __future__ import annotations
@@ -26,9 +28,20 @@ class AgentState:
     trusted_keys: list[str] | None = None
 
 
+class StateCorrupt(RuntimeError):
+    """The state file exists but cannot be trusted; the message says what to do."""
+
+
 def load_state(path: Path) -> AgentState:
     try:
-        raw = json.loads(path.read_text())
+        text = path.read_text()
+    except FileNotFoundError:
+        log.info("no state file %s yet: starting fresh", path)
+        return AgentState()
+    except OSError as exc:
+        raise _corrupt(path, f"cannot be read ({exc.strerror})") from exc
+    try:
+        raw = json.loads(text)
         return AgentState(
             last_round=int(raw["last_round"]),
             round_seen=int(raw.get("round_seen", raw["last_round"])),
@@ -37,18 +50,45 @@ def load_state(path: Path) -> AgentState:
             upload_budget=raw.get("upload_budget"),
             trusted_keys=raw.get("trusted_keys"),
         )
-    except FileNotFoundError:
-        return AgentState()
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("state file %s unreadable (%s); starting fresh", path, exc)
-        return AgentState()
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        what = "is empty" if not text.strip() else f"is not a fedge agent state ({exc})"
+        raise _corrupt(path, what) from exc
+
+
+def _corrupt(path: Path, what: str) -> StateCorrupt:
+    backup = backup_path(path)
+    restore = f"restore {backup} (copy it over it)" if backup.is_file() else "restore it"
+    return StateCorrupt(
+        f"agent state {path} {what}: {restore}, or start afresh with"
+        " `fedge agent --config CONFIG --reset-state`"
+    )
+
+
+def backup_path(path: Path) -> Path:
+    return path.with_name(path.name + ".bak")
+
+
+def _write(path: Path, data: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def save_state(path: Path, state: AgentState) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(asdict(state), fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    data = json.dumps(asdict(state))
+    _write(path, data)
+    _write(backup_path(path), data)
+
+
+def reset_state(path: Path, stamp: str) -> Path | None:
+    """Move the state file aside (``--reset-state``); the device starts fresh."""
+    if not path.exists():
+        return None
+    aside = path.with_name(f"{path.name}.reset-{stamp}")
+    os.replace(path, aside)
+    log.warning("--reset-state: moved %s to %s", path, aside)
+    return aside

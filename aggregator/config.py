@@ -8,7 +8,13 @@ from fedge.protocol import TrainingConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from fedge.brokerconfig import BrokerTls, check_private_key, check_tls_scheme
-from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN, existing_file, resolve_path
+from fedge.configfile import (
+    BROKER_URL_PATTERN,
+    ID_PATTERN,
+    existing_file,
+    resolve_path,
+    state_folder,
+)
 
 from .strategies.config import StrategyConfig
 
@@ -66,6 +72,11 @@ class AggregatorConfig(BaseModel):
     log: Path | None = None  # rounds.jsonl; default: state_dir/rounds.jsonl
     seed: int = 0
     chunk_timeout: float = Field(default=60.0, gt=0)  # seconds to wait for a missing chunk
+    # Send the global model again when a device reports an older one or a round fails,
+    # at most once per this many seconds.
+    republish_interval: float = Field(default=10.0, ge=0)
+    wait_log_interval: float = Field(default=60.0, gt=0)  # WARNING while a round cannot start
+    backup_every: int = Field(default=10, ge=0)  # rounds between state backups; 0: never
 
     @field_validator("model", "eval_data", mode="after")
     @classmethod
@@ -82,9 +93,14 @@ class AggregatorConfig(BaseModel):
         check_tls_scheme(self.broker, self.tls)
         return self
 
-    @field_validator("state_dir", "log", mode="after")
+    @field_validator("state_dir", mode="after")
     @classmethod
-    def _paths(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+    def _state_dir(cls, value: Path, info: ValidationInfo) -> Path:
+        return state_folder(value, info)
+
+    @field_validator("log", mode="after")
+    @classmethod
+    def _log(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         return None if value is None else resolve_path(value, info)
 
     @property

@@ -101,6 +101,7 @@ class Aggregator:
         signing_key: Ed25519PrivateKey | None = None,
         sample_caps: dict[str, int] | None = None,
         revoked: set[str] | None = None,
+        floor: tuple[int, int] | None = None,
     ) -> None:
         self.cfg = config
         # Signs every round announcement and global model; None: they go out unsigned.
@@ -108,6 +109,7 @@ class Aggregator:
         # Per-device caps on declared sample counts (config and provisioning registry).
         self.sample_caps = dict(sample_caps or {})
         self.samples_clipped = 0  # declared counts clipped so far
+        self.republished = 0  # times the global model was sent again
         # Revoked devices: their retained "online" status outlives their access (the ACL no
         # longer lets their Last Will through), so they are never counted online or selected.
         self.revoked = frozenset(revoked or ())
@@ -133,28 +135,90 @@ class Aggregator:
         self._global_wire_size = 0
         self._chunk_wire: dict[tuple[str, bytes], int] = {}  # bytes of incomplete messages
         self.stray_bytes = 0  # update bytes that no open round could be credited with
+        self._last_republish = -float("inf")  # when the global was last sent again
+        self._last_wait_log = -float("inf")
         resumed = store.latest_model()
         if resumed is None:
-            self.version, self.weights = (
-                0,
-                {k: np.asarray(v, np.float32) for k, v in initial_weights.items()},
-            )
-            store.save_model(0, 0, self.weights)
+            # After --reset-state, ``floor`` is the last (round, model version) the fleet saw:
+            # numbering goes on above it, or agents would refuse the rounds as replays.
+            last_round, last_version = floor or (0, -1)
+            self.version = last_version + 1
+            self.weights = {k: np.asarray(v, np.float32) for k, v in initial_weights.items()}
+            with store.transaction():
+                store.save_model(self.version, 0, self.weights)
+                if last_round:
+                    store.set_meta("round_floor", str(last_round))
         else:
             self.version, _, self.weights = resumed
             self.strategy.load_state(store.strategy_state(self.version))
-            abandoned = store.abandon_open_rounds()
-            log.info("resumed at model v%d (%d open round(s) abandoned)", self.version, abandoned)
         self.completed = store.completed_rounds()
         self.next_round_id = store.last_round_id() + 1
+        self._resume_open_round()
         self._check_done()
 
+    def _resume_open_round(self) -> None:
+        """Take up the round that was open when the process stopped, with what it accepted.
+
+        Older open rounds, and one on another model version (cannot happen: a round's model
+        and its record commit together), are marked abandoned.
+        """
+        rounds = self.store.open_rounds()
+        if not rounds:
+            return
+        round_id, version, started, deadline, selected = rounds[-1]
+        if version != self.version or len(rounds) > 1:
+            with self.store.transaction():
+                self.store.abandon_open_rounds()
+            if version != self.version:
+                log.warning(
+                    "round %d was for model v%d, have v%d: abandoned",
+                    round_id,
+                    version,
+                    self.version,
+                )
+                return
+            self.store.open_round(round_id, version, started, deadline, selected)
+        now = self.clock()
+        rnd = OpenRound(
+            round_id, selected, started, max(deadline, now + self.cfg.round_timeout / 2)
+        )
+        for answer in self.store.answers(round_id):
+            if answer.kind == "skip":
+                rnd.skipped[answer.device_id] = SkipNotice(
+                    device_id=answer.device_id,
+                    round_id=round_id,
+                    update_id=answer.update_id,
+                    reason="resumed",
+                    trained=answer.trained,
+                    num_samples=answer.num_samples,
+                )
+            elif answer.delta is not None:
+                rnd.deltas[answer.device_id] = answer.delta
+                rnd.counts[answer.device_id] = answer.num_samples
+                if answer.train_loss is not None:
+                    rnd.losses[answer.device_id] = answer.train_loss
+            rnd.wire_up[answer.device_id] += answer.nbytes
+        self.current = rnd
+        log.warning(
+            "resumed round %d at model v%d with %d of %d answer(s) kept; deadline in %.0f s",
+            round_id,
+            self.version,
+            len(rnd.answered),
+            len(selected),
+            rnd.deadline - now,
+        )
+
     # -- lifecycle -----------------------------------------------------------------
-    def start(self, timeout: float = 30.0) -> None:
-        self.link.connect(timeout=timeout)
+    def start(self, timeout: float = 30.0, *, keep_trying: bool = False) -> None:
+        if keep_trying:
+            self.link.connect(timeout=timeout, keep_trying=True)
+        else:
+            self.link.connect(timeout=timeout)
         self.link.subscribe(self.topics.updates, qos=1)
         self.link.subscribe(self.topics.statuses, qos=1)
         self._publish_global(round_id=0)
+        if self.current is not None:  # a resumed round: its retained announcement may be lost
+            self._publish_announcement(self.current)
         if self.signing_key is None:
             log.warning(
                 "no signing_key: rounds and global models go out unsigned; agents that pin"
@@ -265,6 +329,8 @@ class Aggregator:
             self.online.discard(status.device_id)
         else:
             self.online.add(status.device_id)
+            if status.model_version is not None and status.model_version < self.version:
+                self._republish_global(f"{status.device_id} has v{status.model_version}")
 
     def _on_update(
         self,
@@ -282,28 +348,32 @@ class Aggregator:
                 delta = decode_delta(tensors, {"codec": header.codec, "shapes": shapes})
             except CodecError as exc:
                 reason = exc.reason
-        if reason == "duplicate":
-            self._reject(reason, topic, f"update {header.update_id} seen before")
-            return
-        self.store.record_update(
-            update_id=header.update_id,
-            round_id=header.round_id,
-            device_id=header.device_id,
-            kind=header.kind,
-            num_samples=getattr(header, "num_samples", None),
-            accepted=reason is None,
-            reason=reason,
-            nbytes=nbytes,
-            received=self.clock(),
-        )
         if reason is not None:
+            # Counted and logged, never stored: a device that was not selected, or garbage,
+            # must not grow the state.
             self._reject(
                 reason,
                 topic,
-                f"{header.kind} from {header.device_id} for round {header.round_id}",
+                f"{header.kind} {header.update_id} from {header.device_id}"
+                f" for round {header.round_id}",
             )
             return
         assert rnd is not None
+        is_update = isinstance(header, UpdateHeader)
+        # Kept with its delta before it counts: a crash after this line resumes the round
+        # with it, one before it loses nothing the device will not send again.
+        self.store.record_answer(
+            device_id=header.device_id,
+            update_id=header.update_id,
+            round_id=header.round_id,
+            kind=header.kind,
+            num_samples=header.num_samples,
+            trained=bool(getattr(header, "trained", True)),
+            train_loss=getattr(header, "train_loss", None),
+            nbytes=nbytes,
+            received=self.clock(),
+            delta=delta if is_update else None,
+        )
         if isinstance(header, SkipNotice):
             rnd.skipped[header.device_id] = header
             return
@@ -316,7 +386,7 @@ class Aggregator:
         rnd = self.current
         if topic != self.topics.update(header.device_id):
             return "topic_mismatch"
-        if self.store.seen_update(header.update_id):
+        if self.store.seen_update(header.device_id, header.update_id):
             return "duplicate"
         if rnd is None or header.round_id != rnd.round_id:
             return "wrong_round"
@@ -355,8 +425,18 @@ class Aggregator:
                     self._finish(now)
                 else:
                     self._fail(now, needed)
-        if self.current is None and not self.done and len(self.online) >= self.cfg.min_devices:
-            self._announce(now)
+        if self.current is None and not self.done:
+            if len(self.online) >= self.cfg.min_devices:
+                self._announce(now)
+            elif now - self._last_wait_log >= self.cfg.wait_log_interval:
+                self._last_wait_log = now
+                log.warning(
+                    "round %d cannot start: %d of the %d device(s) it needs are online (%s)",
+                    self.next_round_id,
+                    len(self.online),
+                    self.cfg.min_devices,
+                    ", ".join(sorted(self.online)) or "none",
+                )
 
     def _select(self) -> list[str]:
         online = sorted(self.online)
@@ -371,12 +451,21 @@ class Aggregator:
         self.next_round_id += 1
         self.current = rnd
         self.store.open_round(rnd.round_id, self.version, now, rnd.deadline, selected)
+        self._publish_announcement(rnd)
+        log.info(
+            "round %d announced to %d device(s) on model v%d",
+            rnd.round_id,
+            len(selected),
+            self.version,
+        )
+
+    def _publish_announcement(self, rnd: OpenRound) -> None:
         ann = RoundAnnouncement(
             fleet=self.cfg.fleet,
             round_id=rnd.round_id,
             model_version=self.version,
             deadline=rnd.deadline,
-            selected=tuple(selected),
+            selected=tuple(rnd.selected),
             config=self.cfg.training,
         )
         payload = self._signed(encode(ann), "round")
@@ -388,12 +477,19 @@ class Aggregator:
             + self._global_wire_size
             + 2 * PUBACK_SIZE
         )
-        log.info(
-            "round %d announced to %d device(s) on model v%d",
-            rnd.round_id,
-            len(selected),
-            self.version,
-        )
+
+    def _republish_global(self, why: str) -> None:
+        """Send the current global again (retained): a device lacks it, or a round failed.
+
+        At most once per ``republish_interval`` seconds, however many devices ask.
+        """
+        now = self.clock()
+        if now - self._last_republish < self.cfg.republish_interval:
+            return
+        self._last_republish = now
+        self._publish_global(round_id=0)
+        self.republished += 1
+        log.warning("sent global model v%d again: %s", self.version, why)
 
     def _publish_global(self, round_id: int) -> None:
         header = GlobalModelHeader(
@@ -489,7 +585,17 @@ class Aggregator:
             self._publish_global(rnd.round_id)
         self._close(rnd, "done", now, summary, stored=True)
         self.completed += 1
+        if self.cfg.backup_every and self.completed % self.cfg.backup_every == 0:
+            self._backup()
         self._check_done()
+
+    def _backup(self) -> None:
+        try:
+            path = self.store.backup()
+        except (OSError, sqlite3.Error) as exc:
+            log.error("cannot back up the state to %s: %s", self.store.backup_path, exc)
+            return
+        log.info("state backed up to %s", path)
 
     def _fail(self, now: float, needed: int) -> None:
         rnd = self.current
@@ -515,6 +621,9 @@ class Aggregator:
             "duration_s": round(now - rnd.started, 3),
         }
         self._close(rnd, "failed", now, summary)
+        # Devices that missed the round may lack the model it was for (a new device, a lost
+        # retained copy): send it again before the next announcement.
+        self._republish_global(f"round {rnd.round_id} failed")
 
     def _close(
         self, rnd: OpenRound, status: str, now: float, summary: dict, *, stored: bool = False

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,7 +70,10 @@ def load_registry(cfg: AggregatorConfig) -> tuple[dict[str, int], set[str]]:
 
 
 def build_aggregator(
-    cfg: AggregatorConfig, link: Link | None = None, on_round: Callable[[dict], None] | None = None
+    cfg: AggregatorConfig,
+    link: Link | None = None,
+    on_round: Callable[[dict], None] | None = None,
+    floor: tuple[int, int] | None = None,
 ) -> Aggregator:
     initial = load_runtime(cfg.model).get_weights()
     if link is None:
@@ -78,8 +83,46 @@ def build_aggregator(
     return Aggregator(
         cfg,
         link=link,
-        store=Store(cfg.state_dir / "aggregator.sqlite"),
+        store=Store(cfg.state_dir / STATE_FILE),
         initial_weights=initial,
+STATE_FILE = "aggregator.sqlite"
+
+
+def reset_state(cfg: AggregatorConfig, now: float | None = None) -> tuple[int, int] | None:
+    """Move the state database aside and return the last (round, model version) that
+    rounds.jsonl recorded, so the new state numbers on above it (None: nothing recorded)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    for suffix in ("", "-wal", "-shm"):
+        path = cfg.state_dir / f"{STATE_FILE}{suffix}"
+        if path.exists():
+            aside = path.with_name(f"{path.name}.reset-{stamp}")
+            os.replace(path, aside)
+            log.warning("--reset-state: moved %s to %s", path, aside)
+    floor = None
+    try:
+        lines = cfg.log_path.read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+            floor = (int(record["round"]), int(record["model_version"]))
+            break
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the crash
+    if floor is None:
+        log.warning("--reset-state: %s names no round; starting at round 1, v0", cfg.log_path)
+    else:
+        log.warning(
+            "--reset-state: fresh state after round %d and model v%d (from %s); the model"
+            " starts again from %s",
+            *floor,
+            cfg.log_path,
+            cfg.model,
+        )
+    return floor
+
+
         evaluator=make_evaluator(cfg),
         on_round=on_round,
         signing_key=None if key is None else load_private_key(key.read_bytes()),
@@ -88,15 +131,17 @@ def build_aggregator(
     )
 
 
-def serve(cfg: AggregatorConfig) -> int:
+def serve(cfg: AggregatorConfig, *, reset: bool = False) -> int:
     """Run until SIGTERM/SIGINT or the configured rounds are done."""
-    agg = build_aggregator(cfg)
-    agg.start()
+    floor = reset_state(cfg) if reset else None
+    agg = build_aggregator(cfg, floor=floor)
+    agg.start(keep_trying=True)
     try:
         serve_until_stopped(agg.step, poll=0.2, done=lambda: agg.done)
     finally:
         agg.link.close()
         agg.store.close()
     if agg.done:
+        floor=floor,
         log.info("finished %d round(s)", agg.completed)
     return 0

@@ -1,16 +1,21 @@
 """The aggregator's memory: rounds, updates and global models in SQLite (WAL).
 
-A restart resumes from the newest global model; a round that was open when the
-process died is marked abandoned and a new one is announced.
+A restart resumes from the newest global model, and a round that was open when the process
+died resumes with the updates it had accepted (their deltas are kept with them). A state file
+that exists but cannot be trusted (empty, truncated, not a database, failing SQLite's
+integrity check, without a global model) is refused with ``StoreCorrupt``, never silently
+replaced: the message says to restore the rotating backup (``backup()``) or to start afresh.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,22 +41,49 @@ CREATE TABLE IF NOT EXISTS rounds (
     selected      TEXT NOT NULL,      -- JSON list of device ids
     summary       TEXT                -- JSON: the line written to rounds.jsonl
 );
-CREATE TABLE IF NOT EXISTS updates (
-    update_id   TEXT PRIMARY KEY,
-    round_id    INTEGER NOT NULL,
+-- Accepted answers only (what a device that was not selected sends is counted, not kept).
+CREATE TABLE IF NOT EXISTS answers (
     device_id   TEXT NOT NULL,
+    update_id   TEXT NOT NULL,        -- unique per device: a resent update is applied once
+    round_id    INTEGER NOT NULL,
     kind        TEXT NOT NULL,        -- update | skip
-    num_samples INTEGER,
-    accepted    INTEGER NOT NULL,
-    reason      TEXT,
+    num_samples INTEGER NOT NULL,     -- as declared (the average clips it)
+    trained     INTEGER NOT NULL,     -- skip notices: the device trained, its update is held back
+    train_loss  REAL,
     nbytes      INTEGER NOT NULL,
-    received    REAL NOT NULL
+    received    REAL NOT NULL,
+    delta       BLOB,                 -- np.savez of the decoded delta (updates only)
+    PRIMARY KEY (device_id, update_id)
+);
+CREATE INDEX IF NOT EXISTS answers_by_round ON answers(round_id);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 """
+BACKUPS = 2  # aggregator.sqlite.bak (newest) and aggregator.sqlite.bak.1
 
 
 class StoreError(RuntimeError):
     """SQLite failed; the message names the database file."""
+
+
+class StoreCorrupt(StoreError):
+    """The state file exists but cannot be trusted; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An accepted update or skip notice of a round, as kept for a resumed round."""
+
+    device_id: str
+    update_id: str
+    kind: str
+    num_samples: int
+    trained: bool
+    train_loss: float | None
+    nbytes: int
+    delta: dict[str, np.ndarray] | None
 
 
 def _pack(weights: dict[str, np.ndarray]) -> bytes:
@@ -72,16 +104,76 @@ def _unpack(blob: bytes) -> dict[str, np.ndarray]:
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
+        if path.parent.exists() and not path.parent.is_dir():
+            raise StoreError(f"state_dir {path.parent} is a file, not a folder")
+        if path.exists() and not path.is_file():
+            raise StoreError(f"{path} is not a file")
+        existed = path.is_file()
+        if existed and path.stat().st_size == 0:
+            raise self._corrupt("is empty")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             # One loop owns the store, but it may be built in another thread than the
             # one that runs it (fedge sim, tests): never used from two threads at once.
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: {exc}") from exc
+        try:
+            if existed:
+                verdict = self.db.execute("PRAGMA quick_check").fetchone()[0]
+                if verdict != "ok":
+                    raise self._corrupt(f"fails SQLite's integrity check ({verdict})")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreError(f"{path}: {exc}") from exc
+            if existed and self._has_history() and self.latest_model() is None:
+                raise self._corrupt("has rounds but no global model")
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise self._corrupt(f"is not a readable SQLite database ({exc})") from exc
+        except StoreError:
+            self.db.close()
+            raise
+
+    @property
+    def backup_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".bak")
+
+    def _corrupt(self, what: str) -> StoreCorrupt:
+        backup = self.backup_path
+        restore = (
+            f"restore the backup {backup} (copy it over {self.path.name})"
+            if backup.is_file()
+            else "restore it from a backup"
+        )
+        return StoreCorrupt(
+            f"aggregator state {self.path} {what}: {restore}, or start afresh with"
+            " `fedge aggregator --config CONFIG --reset-state`"
+        )
+
+    def _has_history(self) -> bool:
+        return self.db.execute("SELECT 1 FROM rounds LIMIT 1").fetchone() is not None
+
+    def backup(self) -> Path:
+        """A consistent copy (SQLite's online backup) as ``.bak``; the previous one moves to
+        ``.bak.1``. Written beside it and renamed, so a crash leaves the old backup whole."""
+        target = self.backup_path
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        dest = sqlite3.connect(tmp)
+        try:
+            self.db.backup(dest)
+        finally:
+            dest.close()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        for i in range(BACKUPS - 1, 0, -1):
+            older = target.with_name(f"{target.name}.{i}")
+            newer = target if i == 1 else target.with_name(f"{target.name}.{i - 1}")
+            if newer.exists():
+                os.replace(newer, older)
+        os.replace(tmp, target)
+        return target
 
     def close(self) -> None:
         self.db.close()
@@ -122,8 +214,9 @@ class Store:
         return {} if row is None else _unpack(row[0])
 
     def last_round_id(self) -> int:
+        """The newest round id used, by this state or (after a reset) by the one before it."""
         row = self.db.execute("SELECT MAX(round_id) FROM rounds").fetchone()
-        return int(row[0] or 0)
+        return max(int(row[0] or 0), int(self.meta("round_floor") or 0))
 
     def completed_rounds(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM rounds WHERE status='done'").fetchone()[0])
@@ -133,6 +226,41 @@ class Store:
             "UPDATE rounds SET status='abandoned', finished=? WHERE status='open'", (time.time(),)
         )
         return cur.rowcount
+
+    def open_rounds(self) -> list[tuple[int, int, float, float, list[str]]]:
+        """Rounds still open: (round id, model version, started, deadline, selected)."""
+        rows = self.db.execute(
+            "SELECT round_id, model_version, started, deadline, selected FROM rounds"
+            " WHERE status='open' ORDER BY round_id"
+        ).fetchall()
+        return [(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+
+    def answers(self, round_id: int) -> list[Answer]:
+        rows = self.db.execute(
+            "SELECT device_id, update_id, kind, num_samples, trained, train_loss, nbytes, delta"
+            " FROM answers WHERE round_id=? ORDER BY received",
+            (round_id,),
+        ).fetchall()
+        return [
+            Answer(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                bool(r[4]),
+                r[5],
+                r[6],
+                None if r[7] is None else _unpack(r[7]),
+            )
+            for r in rows
+        ]
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
 
     def open_round(
         self,
@@ -154,34 +282,39 @@ class Store:
             (status, finished, json.dumps(summary), round_id),
         )
 
-    def seen_update(self, update_id: str) -> bool:
-        row = self.db.execute("SELECT 1 FROM updates WHERE update_id=?", (update_id,)).fetchone()
+    def seen_update(self, device_id: str, update_id: str) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM answers WHERE device_id=? AND update_id=?", (device_id, update_id)
+        ).fetchone()
         return row is not None
 
-    def record_update(
+    def record_answer(
         self,
         *,
+        device_id: str,
         update_id: str,
         round_id: int,
-        device_id: str,
         kind: str,
-        num_samples: int | None,
-        accepted: bool,
-        reason: str | None,
+        num_samples: int,
+        trained: bool,
+        train_loss: float | None,
         nbytes: int,
         received: float,
+        delta: dict[str, np.ndarray] | None,
     ) -> None:
+        """Keep an accepted update (with its decoded delta) or skip notice of the open round."""
         self.db.execute(
-            "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
+                device_id,
                 update_id,
                 round_id,
-                device_id,
                 kind,
                 num_samples,
-                int(accepted),
-                reason,
+                int(trained),
+                train_loss,
                 nbytes,
                 received,
+                None if delta is None else _pack(delta),
             ),
         )

@@ -34,6 +34,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         ("fedge.agent.dataset", "DatasetError"),
         # A broker that cannot be reached or refuses us: systemd restarts the service.
         ("fedge.protocol.errors", "LinkError"),
+        ("fedge.aggregator.store", "StoreError"),
     )
     errors: list[type[BaseException]] = [UserError]
     for module_name, name in wanted:
@@ -43,12 +44,25 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _state_errors() -> tuple[type[BaseException], ...]:
+    """State files that exist but cannot be trusted (exit 78, like a bad config)."""
+    found = []
+    for module_name, name in (
+        ("fedge.aggregator.store", "StoreCorrupt"),
+        ("fedge.agent.state", "StateCorrupt"),
+    ):
+        module = sys.modules.get(module_name)
+        if module is not None:
+            found.append(getattr(module, name))
+    return tuple(found)
+
+
 def _cmd_agent(args: argparse.Namespace) -> int:
     from fedge.agent.config import AgentConfig
     from fedge.agent.service import serve
     from fedge.configfile import load_config
 
-    return serve(load_config(args.config, AgentConfig))
+    return serve(load_config(args.config, AgentConfig), reset=args.reset_state)
 
 
 def _cmd_aggregator(args: argparse.Namespace) -> int:
@@ -56,7 +70,7 @@ def _cmd_aggregator(args: argparse.Namespace) -> int:
     from fedge.aggregator.service import serve
     from fedge.configfile import load_config
 
-    return serve(load_config(args.config, AggregatorConfig))
+    return serve(load_config(args.config, AggregatorConfig), reset=args.reset_state)
 
 
 def _cmd_models_build(args: argparse.Namespace) -> int:
@@ -285,10 +299,21 @@ def parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="build and inspect models").add_subparsers(
         dest="models_command", required=True
+    a.add_argument(
+        "--reset-state",
+        action="store_true",
+        help="move the state file aside and start afresh (prefer restoring its .bak)",
+    )
     )
     b = m.add_parser("build", help="build a .tflite from a spec (needs fedge[build])")
     b.add_argument("spec")
     b.add_argument("-o", "--output", required=True)
+    g.add_argument(
+        "--reset-state",
+        action="store_true",
+        help="move the state database aside and start afresh from the config's model,"
+        " numbering rounds and versions on from rounds.jsonl (prefer restoring the backup)",
+    )
     b.set_defaults(func=_cmd_models_build, log_level=logging.WARNING)
     i = m.add_parser("inspect", help="show a model's weights, ops and runtime")
     i.add_argument("model")
@@ -414,3 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+    except _state_errors() as exc:
+        # A state file that cannot be trusted needs a person too: no restart loop.
+        print(f"fedge: error: {exc}", file=sys.stderr)
+        return EX_CONFIG

@@ -76,6 +76,14 @@ def resolve_path(value: Path, info: ValidationInfo) -> Path:
     return value if value.is_absolute() or base is None else Path(base) / value
 
 
+def state_folder(value: Path, info: ValidationInfo) -> Path:
+    """``resolve_path``, and it is a folder or does not exist yet."""
+    path = resolve_path(value, info)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file, not a folder")
+    return path
+
+
 def readable_file(value: Path | None, info: ValidationInfo) -> Path | None:
     """``existing_file``, and this process can read it (a key file of the wrong owner)."""
     path = existing_file(value, info)

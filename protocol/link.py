@@ -41,8 +41,10 @@ class Link(Protocol):
     @property
     def connected(self) -> bool: ...
 
-    def connect(self, timeout: float = 10.0) -> None:
-        """Block until connected; raise LinkError after ``timeout`` seconds."""
+    def connect(self, timeout: float = 10.0, *, keep_trying: bool = False) -> None:
+        """Block until connected; raise LinkError after ``timeout`` seconds, or with
+        ``keep_trying`` log a WARNING and go on trying in the background (a device service
+        must not exit because the broker is not up yet). A broker's refusal always raises."""
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now if connected (and wait for the broker's ack), and on every reconnect."""

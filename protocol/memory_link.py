@@ -76,7 +76,7 @@ class MemoryLink:
         self.connected = False
         self._inbox: queue.Queue[Message] = queue.Queue()
 
-    def connect(self, timeout: float = 10.0) -> None:
+    def connect(self, timeout: float = 10.0, *, keep_trying: bool = False) -> None:
         self.broker.attach(self)
         self.connected = True
 

@@ -122,6 +122,9 @@ class Status(_Message):
     # autoencode task: reconstruction error of the device's latest window under the global
     # model (an anomaly score; the readings themselves never leave the device)
     anomaly_score: float | None = None
+    # The global model version the device holds (-1: none yet); an aggregator that has a newer
+    # one sends it again, so a device whose retained copy was lost catches up.
+    model_version: int | None = Field(default=None, ge=-1, le=U32)
 
 
 Header = Annotated[

@@ -13,6 +13,7 @@ import queue
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -26,6 +27,7 @@ from .wire import PUBACK_SIZE, publish_size
 log = logging.getLogger("fedge.protocol")
 
 SUBACK_TIMEOUT = 10.0  # seconds subscribe() waits for the broker's ack
+FAIL_LOG_INTERVAL = 60.0  # seconds between WARNINGs while the broker cannot be reached
 
 
 class PahoLink:
@@ -67,6 +69,8 @@ class PahoLink:
         self._connack: str | None = None  # "ok" or the broker's refusal, per connect()
         self._started = False
         self._closing = False
+        self._failed_attempts = 0
+        self._last_fail_log = time.monotonic()  # the first WARNING is connect()'s
         try:
             client = mqtt.Client(
                 CallbackAPIVersion.VERSION2,
@@ -97,7 +101,7 @@ class PahoLink:
     def connected(self) -> bool:
         return self._client.is_connected()
 
-    def connect(self, timeout: float = 10.0) -> None:
+    def connect(self, timeout: float = 10.0, *, keep_trying: bool = False) -> None:
         if self._started:
             raise self._error("connect() called twice")
         with self._cond:
@@ -112,6 +116,16 @@ class PahoLink:
         with self._cond:
             self._cond.wait_for(lambda: self._connack is not None, timeout)
             outcome = self._connack
+        if outcome is None and keep_trying:
+            log.warning(
+                "no connection to %s:%s as %s after %g s (%s); trying on in the background",
+                self.host,
+                self.port,
+                self.client_id,
+                timeout,
+                self._diagnose(),
+            )
+            return
         if outcome != "ok":
             self._stop()
             if outcome:
@@ -241,7 +255,17 @@ class PahoLink:
         )
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        log.debug("cannot reach %s:%s as %s, retrying", self.host, self.port, self.client_id)
+        self._failed_attempts += 1
+        now = time.monotonic()
+        if now - self._last_fail_log >= FAIL_LOG_INTERVAL:
+            self._last_fail_log = now
+            log.warning(
+                "still cannot reach %s:%s as %s (%d attempts so far), retrying",
+                self.host,
+                self.port,
+                self.client_id,
+                self._failed_attempts,
+            )
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any

@@ -212,3 +212,49 @@ def test_budget_check_uses_the_real_upload_size(tmp_path: Path) -> None:
     [msg] = f.round(1, codec="topk:0.02+int8", topk_min_entries=0)
     assert isinstance(decode(msg.payload).msg, UpdateHeader)
     assert 0 < budget.used() < 2_000
+
+
+def test_a_crash_between_publish_and_state_save_sends_nothing_twice(tmp_path: Path) -> None:
+    from fedge.agent.outbox import Outbox
+
+    f = Fleet(tmp_path, outbox=Outbox(tmp_path / "outbox.npz"))
+
+    def power_cut(kept: object) -> None:  # right after the publish, before anything is saved
+        raise KeyboardInterrupt
+
+    f.agent._residual_store.save = power_cut  # type: ignore[method-assign,union-attr]
+    g = f.g
+    header = GlobalModelHeader(fleet=FLEET, model_version=0, round_id=0)
+    f.server.publish(T.global_model, encode(header, g), retain=True)
+    ann = RoundAnnouncement(
+        fleet=FLEET,
+        round_id=1,
+        model_version=0,
+        deadline=2e9,
+        selected=("d1",),
+        config=TrainingConfig(
+            epochs=1, batch_size=8, lr=0.1, codec="topk:0.05", gate=GateSettings(threshold=0)
+        ),
+    )
+    f.server.publish(T.round, encode(ann), retain=True)
+    with pytest.raises(KeyboardInterrupt):
+        while f.agent.step(0):
+            pass
+    first = [m for m in iter(lambda: f.server.get(0), None) if m.topic == T.update("d1")]
+    assert len(first) == 1 and (tmp_path / "outbox.npz").exists()
+    sent = decode(first[0].payload)
+    shapes = {k: list(v.shape) for k, v in g.items()}
+    sent_delta = decode_delta(sent.tensors, {"codec": sent.msg.codec, "shapes": shapes})  # type: ignore[union-attr]
+    full = {k: f.agent.runtime.get_weights()[k] - g[k] for k in g}
+    f.agent.link.close()
+    f.agent = f.make_agent()  # restart: residual.npz still holds the pre-round residual
+    again = [m for m in iter(lambda: f.server.get(0), None) if m.topic == T.update("d1")]
+    assert [decode(m.payload).msg.update_id for m in again] == [sent.msg.update_id]  # type: ignore[union-attr]
+    assert not (tmp_path / "outbox.npz").exists()
+    assert load_state(tmp_path / "state.json").last_round == 1
+    # What is kept is the full delta minus what was sent: nothing will be sent twice.
+    for k in g:
+        np.testing.assert_allclose(f.agent.residual[k] + sent_delta[k], full[k], atol=1e-6)  # type: ignore[index]
+    while f.agent.step(0):  # the retained round 1 again: already answered
+        pass
+    assert [m for m in iter(lambda: f.server.get(0), None) if m.topic == T.update("d1")] == []

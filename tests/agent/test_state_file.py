@@ -1,0 +1,78 @@
+"""The agent's state file: a missing one starts fresh, a damaged one is refused with what to
+do, a backup follows every save, and --reset-state moves it aside."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedge.agent.state import AgentState, StateCorrupt, load_state, reset_state, save_state
+from helpers import DIGITS_MODEL
+
+pytestmark = pytest.mark.unit
+
+
+def test_missing_starts_fresh_and_each_save_keeps_a_backup(tmp_path: Path) -> None:
+    path = tmp_path / "agent.json"
+    assert load_state(path) == AgentState()
+    save_state(path, AgentState(last_round=4, round_seen=5, model_version=3))
+    assert load_state(Path(f"{path}.bak")) == load_state(path)
+    assert load_state(path).round_seen == 5
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [("", "is empty"), ('{"last_round": 3', "not a fedge agent state"), ("[]", "not a fedge")],
+    ids=["empty", "truncated", "wrong-shape"],
+)
+def test_a_damaged_file_is_refused_naming_the_backup(tmp_path: Path, body: str, says: str) -> None:
+    path = tmp_path / "agent.json"
+    save_state(path, AgentState(last_round=2))
+    path.write_text(body)
+    with pytest.raises(StateCorrupt) as err:
+        load_state(path)
+    assert says in str(err.value) and f"restore {path}.bak" in str(err.value)
+    assert reset_state(path, "now") == tmp_path / "agent.json.reset-now"
+    assert load_state(path) == AgentState()
+
+
+def test_fedge_agent_with_a_damaged_state_exits_78_then_reset_state_starts(tmp_path: Path) -> None:
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int32))
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        f'device_id = "pi-1"\nmodel = "{DIGITS_MODEL}"\ndata = "{data}"\n'
+        f'state_dir = "{tmp_path}"\nbroker = "mqtt://127.0.0.1:9"\n'  # nothing listens there
+    )
+    (tmp_path / "agent-pi-1.json").write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedge.cli", "agent", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    ours = [line for line in proc.stderr.splitlines() if not line.startswith("INFO: ")]
+    assert proc.returncode == 78 and len(ours) == 1, proc.stderr
+    assert ours[0].startswith("fedge: error: agent state ") and "--reset-state" in ours[0]
+    # With --reset-state it gets past the state (and then waits for its broker: stop it).
+    child = subprocess.Popen(
+        [sys.executable, "-m", "fedge.cli", "agent", "--config", str(cfg), "--reset-state"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stderr is not None
+        for line in child.stderr:
+            if "trying on in the background" in line:
+                break
+        else:
+            pytest.fail("the agent did not get to its broker")
+    finally:
+        child.terminate()
+        child.wait(30)
+        if child.stderr is not None:
+            child.stderr.close()
+    assert list(tmp_path.glob("agent-pi-1.json.reset-*"))

@@ -1,0 +1,249 @@
+"""The aggregator through crashes, lost models and bad state: nothing lost, nothing twice."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedge.aggregator.coordinator import Aggregator
+from fedge.aggregator.store import Store, StoreCorrupt, StoreError
+from fedge.protocol import GlobalModelHeader, MemoryBroker, RoundAnnouncement, Status, encode
+from test_coordinator import (  # noqa: F401
+    FLEET,
+    STORES,
+    Clock,
+    Device,
+    T,
+    close_stores,
+    delta,
+    make,
+    pump,
+    weights,
+)
+
+pytestmark = pytest.mark.link
+
+
+def restart(agg: Aggregator, tmp_path: Path, broker: MemoryBroker, clock: Clock) -> Aggregator:
+    """Kill ``agg`` (no clean shutdown: its store is simply dropped) and start another."""
+    agg.store.db.close()
+    return make(tmp_path, broker, clock, min_devices=3, rounds=1)
+
+
+def test_a_killed_aggregator_resumes_its_round_with_what_it_accepted(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=3, rounds=1)
+    a, b, c = Device(broker, "a"), Device(broker, "b"), Device(broker, "c")
+    pump(agg)
+    a.send(1, delta(1.0), 10)
+    b.send(1, delta(2.0), 30)
+    pump(agg)
+    assert agg.current is not None and len(agg.current.deltas) == 2
+    agg = restart(agg, tmp_path, broker, clock)
+    assert agg.current is not None and agg.current.round_id == 1
+    assert sorted(agg.current.deltas) == ["a", "b"]
+    b.send(1, delta(2.0), 30, update_id="b-1")  # the same update again (a lost PUBACK)
+    c.send(1, delta(4.0), 60)
+    pump(agg)
+    assert agg.done and agg.version == 1 and agg.rejected["duplicate"] == 1
+    # Exactly the three accepted updates, each once: (10*1 + 30*2 + 60*4) / 100.
+    np.testing.assert_allclose(agg.weights["w"], 3.1, rtol=1e-6)
+    ann = c.last(RoundAnnouncement)
+    assert ann is not None and ann.msg.round_id == 1  # type: ignore[union-attr]
+
+
+def test_update_ids_are_per_device(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=2, rounds=1)
+    a, b = Device(broker, "a"), Device(broker, "b")
+    pump(agg)
+    a.send(1, delta(1.0), 10, update_id="same")
+    b.send(1, delta(3.0), 10, update_id="same")
+    pump(agg)
+    assert agg.done and not agg.rejected
+    np.testing.assert_allclose(agg.weights["w"], 2.0)
+
+
+def test_what_a_device_that_was_not_selected_sends_is_not_stored(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1)
+    Device(broker, "a")
+    pump(agg)
+    stranger = Device(broker, "zz")  # online after the selection
+    for i in range(200):
+        stranger.send(1, delta(1.0), 5, update_id=f"u{i}")
+    pump(agg)
+    assert agg.rejected["not_selected"] == 200
+    assert agg.store.db.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == 0
+
+
+def test_a_device_without_the_current_model_gets_it_again(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1, republish_interval=5.0)
+    a = Device(broker, "a")
+    pump(agg)
+    a.send(1, delta(1.0), 10)
+    pump(agg)
+    assert agg.version == 1
+    a.link.publish(T.global_model, b"", retain=True)  # the retained copy is lost
+    late = Device(broker, "late")
+    assert late.last(GlobalModelHeader) is None
+    behind = Status(device_id="late", state="idle", timestamp=1.0, model_version=-1)
+    late.link.publish(T.status("late"), encode(behind), retain=True)
+    pump(agg)
+    got = late.last(GlobalModelHeader)
+    assert got is not None and got.msg.model_version == 1  # type: ignore[union-attr]
+    late.link.publish(T.status("late"), encode(behind), retain=True)  # asks again at once
+    pump(agg)
+    assert late.last(GlobalModelHeader) is None and agg.republished == 1  # rate-limited
+    clock.now += 6
+    late.link.publish(T.status("late"), encode(behind), retain=True)
+    pump(agg)
+    assert late.last(GlobalModelHeader) is not None and agg.republished == 2
+
+
+def test_a_failed_round_sends_the_global_again(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=2, quorum=1.0)
+    a, _b = Device(broker, "a"), Device(broker, "b")
+    pump(agg)
+    a.last(GlobalModelHeader)
+    clock.now += 11
+    pump(agg)
+    assert agg.republished == 1 and a.last(GlobalModelHeader) is not None
+
+
+def test_a_round_that_cannot_start_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=3, wait_log_interval=60.0)
+    Device(broker, "a")
+    with caplog.at_level(logging.WARNING, logger="fedge.aggregator"):
+        pump(agg)
+        pump(agg)  # not again within the interval
+        clock.now += 61
+        pump(agg)
+    waits = [r.getMessage() for r in caplog.records if "cannot start" in r.getMessage()]
+    assert waits == ["round 1 cannot start: 1 of the 3 device(s) it needs are online (a)"] * 2
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (lambda p: p.write_bytes(b""), "is empty"),
+        (lambda p: p.write_bytes(b"\0" * 8192), "not a readable SQLite database"),
+        (lambda p: p.write_bytes(p.read_bytes()[:2048]), "SQLite"),
+    ],
+    ids=["empty", "zeroed", "truncated"],
+)
+def test_a_damaged_state_file_is_refused_with_what_to_do(
+    tmp_path: Path,
+    damage,
+    says: str,  # type: ignore[no-untyped-def]
+) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1)
+    Device(broker, "a").send(1, delta(1.0), 10)
+    pump(agg)
+    agg.store.backup()
+    agg.store.close()
+    STORES.remove(agg.store)
+    db = tmp_path / "agg.sqlite"
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    damage(db)
+    with pytest.raises(StoreCorrupt) as err:
+        Store(db)
+    message = str(err.value)
+    assert says in message and f"restore the backup {db}.bak" in message
+    assert "--reset-state" in message and "\n" not in message
+
+
+def test_the_backup_is_a_working_copy_and_rotates(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1)
+    a = Device(broker, "a")
+    pump(agg)
+    a.send(1, delta(1.0), 10)
+    pump(agg)
+    first = agg.store.backup()
+    a.send(2, delta(1.0), 10, base=1)
+    pump(agg)
+    agg.store.backup()
+    older = Path(f"{first}.1")
+    assert older.is_file()
+    copy = Store(first)
+    STORES.append(copy)
+    version, _, restored = copy.latest_model()  # type: ignore[misc]
+    assert version == 2 and np.allclose(restored["w"], agg.weights["w"])
+    assert sqlite3.connect(older).execute("SELECT MAX(version) FROM models").fetchone()[0] == 1
+
+
+def test_a_state_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "state").write_text("")
+    with pytest.raises(StoreError, match=r"state_dir .* is a file, not a folder"):
+        Store(tmp_path / "state" / "aggregator.sqlite")
+
+
+def test_reset_state_numbers_on_from_the_round_log(tmp_path: Path) -> None:
+    from fedge.aggregator.service import build_aggregator, reset_state
+    from fedge.protocol import MemoryLink
+
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1)
+    a = Device(broker, "a")
+    pump(agg)
+    a.send(1, delta(1.0), 10)
+    pump(agg)
+    a.send(2, delta(1.0), 10, base=1)
+    pump(agg)
+    assert agg.version == 2
+    agg.store.close()
+    STORES.remove(agg.store)
+    cfg = agg.cfg.model_copy(update={"log": tmp_path / "rounds.jsonl"})
+    (tmp_path / "aggregator.sqlite").write_bytes(b"")  # what a full disk left behind
+    with open(cfg.log_path, "a") as fh:
+        fh.write('{"round": 3, "model_ver')  # the crash cut the last line short
+    floor = reset_state(cfg, now=0.0)
+    assert floor == (2, 2)
+    assert (tmp_path / "aggregator.sqlite.reset-19700101T000000").is_file()
+    fresh = build_aggregator(cfg, link=MemoryLink(broker, "agg-fresh"), floor=floor)
+    STORES.append(fresh.store)
+    assert fresh.version == 3 and fresh.next_round_id == 3
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "state_dir_is_a_file"])
+def test_fedge_aggregator_on_damaged_state_is_one_line_and_exit_78(
+    tmp_path: Path, damage: str
+) -> None:
+    import subprocess
+    import sys
+
+    from helpers import DIGITS_MODEL
+
+    state = tmp_path / "state"
+    if damage == "state_dir_is_a_file":
+        state.write_text("")
+    else:
+        state.mkdir()
+        (state / "aggregator.sqlite").write_bytes(b"" if damage == "empty" else b"junk" * 999)
+    cfg = tmp_path / "aggregator.toml"
+    cfg.write_text(f'model = "{DIGITS_MODEL}"\nstate_dir = "{state}"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedge.cli", "aggregator", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    ours = [line for line in proc.stderr.splitlines() if not line.startswith("INFO: ")]
+    assert len(ours) == 1 and ours[0].startswith("fedge: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 78
+    if damage == "state_dir_is_a_file":
+        assert f"state_dir: Value error, {state} is a file, not a folder" in ours[0]
+    else:
+        assert "--reset-state" in ours[0]
