@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from fedge.models.checks import DataError, ModelIO, check_data, read_npz
 
 
 class DatasetError(ValueError):
-    """The local data file is unreadable or has the wrong shape for the model."""
+    """The local data file is unreadable or does not fit the model (one line naming it)."""
 
 
 @dataclass(frozen=True)
@@ -22,18 +22,21 @@ class Dataset:
         return int(self.y.shape[0])
 
 
-def load_npz(path: str | Path) -> Dataset:
+def load_npz(path: str | Path, model: ModelIO | None = None) -> Dataset:
+    """Read ``path`` and check it against ``model``: shapes, label range, finiteness.
+
+    Without ``model`` only the form is checked: x (n, features) and y (n,) class labels.
+    """
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if "x" not in npz or "y" not in npz:
-                raise DatasetError(f"{path}: needs arrays 'x' and 'y', has {sorted(npz.files)}")
-            x = np.asarray(npz["x"], dtype=np.float32)
-            y = np.asarray(npz["y"], dtype=np.int32)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        if isinstance(exc, DatasetError):
-            raise
-        raise DatasetError(f"{path}: not a readable .npz ({exc})") from exc
+        x, y = read_npz(path)
+        if model is not None:
+            return Dataset(*check_data(model, x, y, name=str(path)))
+    except DataError as exc:
+        raise DatasetError(str(exc)) from exc
     if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
         raise DatasetError(f"{path}: want x (n, features) and y (n,), got {x.shape} and {y.shape}")
-    return Dataset(x, y)
+    try:
+        return Dataset(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int32))
+    except (TypeError, ValueError) as exc:
+        raise DatasetError(f"{path}: x and y must be numbers ({exc})") from exc

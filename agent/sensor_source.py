@@ -4,6 +4,11 @@ A reader thread owns the port and the writing side of the store (a SQLite connec
 in the thread that made it); the agent's loop opens its own reading connection (WAL lets
 both work at once) and, when a round starts, turns the latest samples into examples with
 the configured task. The samples never leave the device.
+
+Samples with a NaN or infinite value never reach the store (it drops and counts them:
+:attr:`counters`), and the examples of every round are checked against the model
+(:mod:`fedge.models.checks`): windows that do not fit it are not trained on, and the round
+is sat out with the reason logged once at WARNING.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 from fedge.firmware_bridge.binary_frames import BinaryDecoder
 from fedge.firmware_bridge.reader import SerialReader
 from fedge.firmware_bridge.text_frames import TextDecoder
+from fedge.models.checks import DataError, ModelIO, check_data
 
 from . import tasks
 from .config import SerialConfig, TaskConfig
@@ -28,10 +34,19 @@ log = logging.getLogger("fedge.agent")
 
 
 class SensorSource:
-    def __init__(self, serial: SerialConfig, task: TaskConfig, store_path: Path) -> None:
+    def __init__(
+        self,
+        serial: SerialConfig,
+        task: TaskConfig,
+        store_path: Path,
+        *,
+        model: ModelIO | None = None,
+    ) -> None:
         self.serial = serial
         self.task = task
         self.store_path = store_path
+        self.model = model  # what the examples must fit; None: not checked
+        self._misfit = False  # the last examples did not fit the model (and that was logged)
         self.decoder: Any = (
             BinaryDecoder() if serial.format == "binary" else TextDecoder(serial.channels)
         )
@@ -59,6 +74,15 @@ class SensorSource:
         if self._writer is None:
             self._writer = self._open()
         self._writer.append(samples)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """What the serial path saw: bytes, samples, port faults, frame faults by kind, and
+        ``non_finite_dropped`` (samples with a NaN or inf value, never stored)."""
+        counts = dict(self.reader.counters) | dict(self.decoder.faults)
+        writer = self._writer
+        counts["non_finite_dropped"] = 0 if writer is None else writer.non_finite_dropped
+        return counts
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -119,10 +143,29 @@ class SensorSource:
             raw = store.latest(self.task.history)
         if raw.size == 0:
             raise tasks.TaskError("no samples yet")
+        finite = np.isfinite(raw).all(axis=1)  # a store written before they were dropped
+        if not finite.all():
+            raw = raw[finite]
+            labels = None if labels is None else labels[finite]
         values = self.scaled(raw)
         x, y = tasks.examples(
             self.task.kind, values, self.task.window, labels=labels, targets=self.task.targets
         )
         if len(x) < self.task.min_examples:
             raise tasks.TaskError(f"{len(x)} examples, want at least {self.task.min_examples}")
-        return Dataset(x, y)
+        if self.model is None:
+            return Dataset(x, y)
+        return Dataset(*self._fit(x, y))
+
+    def _fit(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        name = f"{self.serial.port} ({self.task.kind}, window {self.task.window})"
+        assert self.model is not None
+        try:
+            fitted = check_data(self.model, x, y, name=name)
+        except DataError as exc:
+            if not self._misfit:  # once until they fit again, not every round
+                log.warning("sensor examples do not fit the model: %s", exc)
+            self._misfit = True
+            raise tasks.TaskError(str(exc)) from exc
+        self._misfit = False
+        return fitted

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fedge.models.checks import model_io
 from fedge.models.selftest import load_proven_runtime
 from fedge.protocol import Link
 from fedge.protocol.signing import load_public_key
@@ -16,7 +17,7 @@ from fedge.systemd import serve_until_stopped, watchdog_petter
 
 from .config import AgentConfig
 from .daemon import Agent
-from .dataset import Dataset, DatasetError, load_npz
+from .dataset import Dataset, load_npz
 from .eligibility import ByteBudget, Decision, EligibilityConfig, ReadingLog, decide, read_readings
 from .outbox import Outbox
 from .residual import ResidualStore
@@ -42,20 +43,15 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
     )
     sensor = None
     data: Dataset | Callable[[], Dataset]
+    fits = model_io(cfg.model)  # what the model takes: the data is checked against it
     if cfg.serial is not None and cfg.task is not None:
         sensor = SensorSource(
-            cfg.serial, cfg.task, cfg.state_dir / f"samples-{cfg.device_id}.sqlite"
+            cfg.serial, cfg.task, cfg.state_dir / f"samples-{cfg.device_id}.sqlite", model=fits
         )
         data = sensor.dataset
     else:
         assert cfg.data is not None
-        data = load_npz(cfg.data)
-        first = runtime.get_weights().get("dense0_kernel")  # fedge-built models only
-        if first is not None and first.shape[0] != data.x.shape[1]:
-            raise DatasetError(
-                f"{cfg.data}: {data.x.shape[1]} features per sample,"
-                f" the model takes {first.shape[0]}"
-            )
+        data = load_npz(cfg.data, fits)
     state_path = state_file(cfg)
     state = load_state(state_path)
     if link is None:

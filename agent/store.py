@@ -4,7 +4,10 @@ Samples arrive from the firmware bridge and stay on the device; the trainer turn
 them into examples. One loop owns a ``SampleStore`` (one writer, one connection).
 
 Schema: ``samples(id, sensor_id, seq, ts_ms, values, label)`` with an index on ``ts_ms``.
-``values`` is a float32 little-endian array, stored as sent (NaN included: the task decides).
+``values`` is a float32 little-endian array. A sample with a non-finite value (NaN, inf, or a
+number beyond float32) is dropped before it is stored, never trained on: it is counted in
+``non_finite_dropped`` and logged at WARNING for the first and then every
+``NON_FINITE_LOG_EVERY``-th (a sensor that sends NaN sends many).
 ``ts_ms`` is the device receive time in Unix milliseconds, read from the store's injected
 ``clock`` when ``append`` is called: every sample of a batch gets the same ``ts_ms`` and keeps
 its arrival order through ``id``. The sample's own ``timestamp_ms`` is the MCU's ``millis()``
@@ -83,6 +86,7 @@ _AUTO_VACUUM_INCREMENTAL = 2
 _VACUUM_FREE_FRACTION = 0.25  # shrink the file when more than this share of it is free pages
 _VACUUM_MIN_FREE_PAGES = 64  # ... and at least this many (do not churn over a few pages)
 MIN_MAX_BYTES = 64 * 1024  # an empty store is a few pages; below this a bound is meaningless
+NON_FINITE_LOG_EVERY = 1000  # after the first, log every this many non-finite samples dropped
 
 
 class StoreError(RuntimeError):
@@ -105,13 +109,18 @@ class SampleLike(Protocol):
 Row = tuple[int, int | None, int, bytes, int | None]
 
 
-def _row(sample: SampleLike, ts_ms: int) -> Row:
-    values = np.asarray(sample.values, dtype=_VALUE_DTYPE)
+def _values(sample: SampleLike) -> np.ndarray:
+    with np.errstate(over="ignore"):  # a number beyond float32 becomes inf: dropped as such
+        values = np.asarray(sample.values, dtype=_VALUE_DTYPE)
     if values.ndim != 1 or values.size == 0:
         raise ValueError(
             f"sample from sensor {sample.sensor_id}: values must be a non-empty 1-D array, "
             f"got shape {values.shape}"
         )
+    return values
+
+
+def _row(sample: SampleLike, values: np.ndarray, ts_ms: int) -> Row:
     seq = None if sample.seq is None else int(sample.seq)
     label = None if sample.label is None else int(sample.label)
     return (int(sample.sensor_id), seq, ts_ms, values.tobytes(), label)
@@ -149,6 +158,7 @@ class SampleStore:
         self._clock = clock
         self._enforce_every = enforce_every
         self._appends = 0
+        self.non_finite_dropped = 0  # samples with a NaN or inf value, never stored
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db: sqlite3.Connection | None = None
         with self._boundary("open"):
@@ -211,9 +221,15 @@ class SampleStore:
 
         All or nothing: a SIGKILL during the call loses at most this batch, never an
         earlier one. Every ``enforce_every`` calls the bounds are enforced afterwards.
+        Samples with a non-finite value are dropped and counted (module docstring).
         """
         now_ms = int(self._clock() * 1000)
-        rows = [_row(s, now_ms) for s in samples]
+        rows = []
+        for sample, values in [(s, _values(s)) for s in samples]:
+            if np.isfinite(values).all():
+                rows.append(_row(sample, values, now_ms))
+            else:
+                self._drop_non_finite(sample, values)
         if not rows:
             return 0
         with self._boundary(f"append of {len(rows)} samples"), self._transaction() as db:
@@ -227,6 +243,22 @@ class SampleStore:
         if self._appends % self._enforce_every == 0:
             self.enforce_bounds()
         return len(rows)
+
+    def _drop_non_finite(self, sample: SampleLike, values: np.ndarray) -> None:
+        self.non_finite_dropped += 1
+        n = self.non_finite_dropped
+        if n == 1 or n % NON_FINITE_LOG_EVERY == 0:
+            channels = np.flatnonzero(~np.isfinite(values)).tolist()
+            log.warning(
+                "%s: dropped a sample of sensor %d with non-finite values %s in channel(s) %s;"
+                " %d dropped so far (logged every %d)",
+                self.path,
+                sample.sensor_id,
+                [float(values[c]) for c in channels[:4]],
+                channels[:4],
+                n,
+                NON_FINITE_LOG_EVERY,
+            )
 
     def _cutoff_ms(self) -> int:
         assert self.retention_s is not None

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from fedge.models.checks import DataError, check_data, model_io, read_npz
 from fedge.models.runtime import load_runtime
 from fedge.protocol import Link
 from fedge.protocol.signing import load_private_key
@@ -26,19 +27,25 @@ log = logging.getLogger("fedge.aggregator")
 
 
 class HeldOutEvaluator:
-    """Scores a global model on the held-out set: (loss, metric)."""
+    """Scores a global model on the held-out set: (loss, metric).
 
-    def __init__(self, model: Path, x: np.ndarray, y: np.ndarray) -> None:
+    The set is checked against the model when the evaluator is made (shapes, label range,
+    finiteness): :class:`fedge.models.checks.DataError` names ``name``.
+    """
+
+    def __init__(
+        self, model: Path, x: np.ndarray, y: np.ndarray, *, name: str = "held-out data"
+    ) -> None:
+        fits = model_io(model)
+        self.x, self.y = check_data(fits, x, y, name=name)
         self.runtime = load_runtime(model)
-        self.x = np.asarray(x, np.float32)
-        self.regression = np.asarray(y).dtype.kind == "f"
-        self.y = np.asarray(y, np.float32 if self.regression else np.int32)
+        self.regression = fits.task == "regress"
         self.metric_name = "mae" if self.regression else "accuracy"
 
     @classmethod
     def from_file(cls, model: Path, data: Path) -> HeldOutEvaluator:
-        with np.load(data, allow_pickle=False) as npz:
-            return cls(model, npz["x"], npz["y"])
+        x, y = read_npz(data)
+        return cls(model, x, y, name=str(data))
 
     def __call__(self, weights: dict) -> tuple[float, float]:
         self.runtime.set_weights(weights)
@@ -46,7 +53,13 @@ class HeldOutEvaluator:
 
 
 def make_evaluator(cfg: AggregatorConfig) -> Evaluator | None:
-    return None if cfg.eval_data is None else HeldOutEvaluator.from_file(cfg.model, cfg.eval_data)
+    """The held-out evaluator of ``eval_data``, checked now: before anything connects."""
+    if cfg.eval_data is None:
+        return None
+    try:
+        return HeldOutEvaluator.from_file(cfg.model, cfg.eval_data)
+    except DataError as exc:  # a file the config names that cannot serve: restarting won't help
+        raise ConfigError([f"eval_data {exc}"]) from exc
 
 
 def load_registry(cfg: AggregatorConfig) -> tuple[dict[str, int], set[str]]:
@@ -69,22 +82,6 @@ def load_registry(cfg: AggregatorConfig) -> tuple[dict[str, int], set[str]]:
     return caps, revoked
 
 
-def build_aggregator(
-    cfg: AggregatorConfig,
-    link: Link | None = None,
-    on_round: Callable[[dict], None] | None = None,
-    floor: tuple[int, int] | None = None,
-) -> Aggregator:
-    initial = load_runtime(cfg.model).get_weights()
-    if link is None:
-        link = broker_link(cfg.broker, cfg.client_id, cfg.tls)
-    key = cfg.signing_key
-    caps, revoked = load_registry(cfg)
-    return Aggregator(
-        cfg,
-        link=link,
-        store=Store(cfg.state_dir / STATE_FILE),
-        initial_weights=initial,
 STATE_FILE = "aggregator.sqlite"
 
 
@@ -123,11 +120,28 @@ def reset_state(cfg: AggregatorConfig, now: float | None = None) -> tuple[int, i
     return floor
 
 
+def build_aggregator(
+    cfg: AggregatorConfig,
+    link: Link | None = None,
+    on_round: Callable[[dict], None] | None = None,
+    floor: tuple[int, int] | None = None,
+) -> Aggregator:
+    initial = load_runtime(cfg.model).get_weights()
+    if link is None:
+        link = broker_link(cfg.broker, cfg.client_id, cfg.tls)
+    key = cfg.signing_key
+    caps, revoked = load_registry(cfg)
+    return Aggregator(
+        cfg,
+        link=link,
+        store=Store(cfg.state_dir / STATE_FILE),
+        initial_weights=initial,
         evaluator=make_evaluator(cfg),
         on_round=on_round,
         signing_key=None if key is None else load_private_key(key.read_bytes()),
         sample_caps=caps,
         revoked=revoked,
+        floor=floor,
     )
 
 
@@ -142,6 +156,5 @@ def serve(cfg: AggregatorConfig, *, reset: bool = False) -> int:
         agg.link.close()
         agg.store.close()
     if agg.done:
-        floor=floor,
         log.info("finished %d round(s)", agg.completed)
     return 0

@@ -8,6 +8,8 @@ by the seed.
 ``load_user_dataset`` reads a ``.npz`` (arrays ``x`` (samples, features) and
 ``y`` (samples,)) or a ``.csv`` (header row; one label column, every other
 column a numeric feature), maps the labels to ``0..K-1`` and splits it.
+``check_split`` checks a split against the model that will train on it
+(:mod:`fedge.models.checks`: features per sample, classes, finiteness).
 
 Errors::
 
@@ -164,6 +166,8 @@ def _read_npz(path: Path) -> Table:
         raise DatasetError(f"{path}: x must be numeric, got dtype {x.dtype.str!r}")
     if y.dtype.kind == "f" and np.isnan(y).any():
         raise DatasetError(f"{path}: y has {int(np.isnan(y).sum())} NaN labels")
+    if y.dtype.kind == "f" and np.isinf(y).any():
+        raise DatasetError(f"{path}: y has {int(np.isinf(y).sum())} infinite labels")
     return x.astype(np.float64), y, [str(j) for j in range(x.shape[1])], None
 
 
@@ -213,6 +217,8 @@ def _read_csv(path: Path, label_column: str) -> Table:
         label = row[li].strip()
         if not label:
             raise DatasetError(f"{path}: line {line} has an empty label in {label_column!r}")
+        if _number(label) is None and _is_number(label):  # nan, inf: a missing value
+            raise DatasetError(f"{path}: line {line} has label {label!r} in {label_column!r}")
         labels.append(label)
         for k, j in enumerate(features):
             try:
@@ -266,12 +272,42 @@ def _encode_labels(path: Path, raw: np.ndarray) -> tuple[np.ndarray, tuple[str, 
     return y.astype(np.int32).reshape(-1), tuple(names)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _number(text: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
         return None
     return value if math.isfinite(value) else None
+
+
+def check_split(path: Path, split: Split, model: Path) -> None:
+    """Does ``split`` (read from ``path``) fit ``model``? DatasetError naming ``path`` if not."""
+    from fedge.models.checks import DataError, check_data, model_io
+    from fedge.models.runtime import RuntimeError_
+    from fedge.models.tflite_schema import ModelFileError
+
+    try:
+        fits = model_io(model)
+    except (RuntimeError_, ModelFileError) as exc:
+        raise DatasetError(f"{model}: {exc}") from exc
+    if fits.task != "classify":
+        raise DatasetError(
+            f"{path}: the model {model.name} is a regression model; a data set for"
+            " fedge sim has class labels"
+        )
+    try:
+        for x, y in ((split.x_train, split.y_train), (split.x_test, split.y_test)):
+            check_data(fits, x, y, name=str(path))
+    except DataError as exc:
+        raise DatasetError(str(exc)) from exc
 
 
 # -- splitting ----------------------------------------------------------------------------
