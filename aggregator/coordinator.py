@@ -166,18 +166,13 @@ class Aggregator:
         if not rounds:
             return
         round_id, version, started, deadline, selected = rounds[-1]
-        if version != self.version or len(rounds) > 1:
-            with self.store.transaction():
-                self.store.abandon_open_rounds()
-            if version != self.version:
-                log.warning(
-                    "round %d was for model v%d, have v%d: abandoned",
-                    round_id,
-                    version,
-                    self.version,
-                )
-                return
-            self.store.open_round(round_id, version, started, deadline, selected)
+        if version != self.version:
+            self.store.abandon_open_rounds()
+            log.warning(
+                "round %d was for model v%d, have v%d: abandoned", round_id, version, self.version
+            )
+            return
+        self.store.abandon_open_rounds(except_round=round_id)  # older ones, if any
         now = self.clock()
         rnd = OpenRound(
             round_id, selected, started, max(deadline, now + self.cfg.round_timeout / 2)

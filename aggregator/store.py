@@ -221,9 +221,11 @@ class Store:
     def completed_rounds(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM rounds WHERE status='done'").fetchone()[0])
 
-    def abandon_open_rounds(self) -> int:
+    def abandon_open_rounds(self, except_round: int | None = None) -> int:
         cur = self.db.execute(
-            "UPDATE rounds SET status='abandoned', finished=? WHERE status='open'", (time.time(),)
+            "UPDATE rounds SET status='abandoned', finished=?"
+            " WHERE status='open' AND round_id IS NOT ?",
+            (time.time(), except_round),
         )
         return cur.rowcount
 

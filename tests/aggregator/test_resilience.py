@@ -247,3 +247,16 @@ def test_fedge_aggregator_on_damaged_state_is_one_line_and_exit_78(
         assert f"state_dir: Value error, {state} is a file, not a folder" in ours[0]
     else:
         assert "--reset-state" in ours[0]
+
+
+def test_of_two_open_rounds_the_newest_resumes_and_the_older_is_abandoned(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1)
+    Device(broker, "a")
+    pump(agg)
+    assert agg.current is not None and agg.current.round_id == 1
+    agg.store.open_round(2, 0, clock.now, clock.now + 10, ["a"])  # what a bug could leave
+    agg = restart(agg, tmp_path, broker, clock)
+    assert agg.current is not None and agg.current.round_id == 2
+    status = dict(agg.store.db.execute("SELECT round_id, status FROM rounds").fetchall())
+    assert status == {1: "abandoned", 2: "open"}
