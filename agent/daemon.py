@@ -11,7 +11,6 @@ global model named by the announcement and publishes the weight delta::
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import struct
 import threading
@@ -25,7 +24,6 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedge.models.runtime import Runtime
 from fedge.protocol import (
-    CodecSpec,
     DecodeError,
     EncodeError,
     GlobalModelHeader,
@@ -41,7 +39,6 @@ from fedge.protocol import (
     UpdateHeader,
     decode,
     encode,
-    encode_delta,
     encode_skip,
     is_signed,
     parse_codec,
@@ -53,11 +50,10 @@ from fedge.protocol.signing import key_id
 from fedge.protocol.wire import publish_size
 from pydantic import ValidationError
 
-from . import residual
+from . import update as steps
 from .dataset import Dataset
 from .eligibility import ByteBudget, Decision
 from .gate import GateDecision
-from .gate import decide as decide_gate
 from .outbox import Outbox, Pending
 from .residual import ResidualStore
 from .state import AgentState
@@ -425,41 +421,36 @@ class Agent:
             on_step=self.heartbeat,
         )
         local = self.runtime.get_weights()
-        delta = {k: (local[k] - self.global_weights[k]).astype(np.float32) for k in local}
-        if not np.isfinite(result.loss) or not all(np.isfinite(d).all() for d in delta.values()):
-            raise ValueError(f"training diverged (loss {result.loss}); the update is dropped")
+        delta = steps.local_delta(local, self.global_weights)
+        steps.check_trained(result.loss, delta)
         if self.on_trained is not None:
             self.on_trained(ann.round_id, local)
-        update = residual.add(delta, self.residual)  # error feedback: what was held back
-        gate = decide_gate(
-            cfg.gate,
-            delta,  # this round's own change: the residual is large by design under top-k
+        update = steps.with_residual(delta, self.residual)
+        gate = steps.gate(
+            cfg,
+            delta,
             self.global_weights,
             consecutive_skips=self.state.consecutive_skips,
             last_global_update=self.last_global_update,
-            lr=cfg.lr,
+            late=self.clock() > ann.deadline,
         )
         self.last_gate = gate
-        if gate.upload and self.clock() > ann.deadline:
-            gate = replace(gate, upload=False, reason="other")  # too late to count: keep it
         payload = b""
         parts: list[bytes] = []
-        spec = None
-        encoded = None
+        encoding = None
         update_id = secrets.token_hex(8)
         if gate.upload:
-            spec = _with_min_entries(parse_codec(cfg.codec), update, cfg.topk_min_entries)
-            encoded = encode_delta(update, spec, self.rng)
+            encoding = steps.encode(update, cfg, self.rng)
             header = UpdateHeader(
                 device_id=self.device_id,
                 round_id=ann.round_id,
                 update_id=update_id,
                 base_version=ann.model_version,
                 num_samples=result.samples,
-                codec=str(spec),
+                codec=str(encoding.spec),
                 train_loss=result.loss,
             )
-            payload = encode(header, encoded.tensors)
+            payload = encode(header, encoding.encoded.tensors)
             parts = self._parts(payload, update_id)
             if self.eligibility is not None:
                 decision = self.eligibility(self._wire_size(parts))
@@ -471,11 +462,10 @@ class Agent:
             self._status("idle")
             self._skip(ann, gate.reason, trained=True)
             return
-        assert spec is not None and encoded is not None
+        assert encoding is not None
         self.last_update_bytes = self._wire_size(parts)
         topic = self.topics.update(self.device_id)
-        lossless = str(spec) == "float32"
-        kept = None if lossless else residual.subtract(update, encoded.decoded)
+        kept = steps.remaining(update, encoding)
         # Outbox first: a crash from here until it is cleared sends these same parts again
         # at the next start (the aggregator applies an update id once) and keeps ``kept``;
         # never the old residual, which still holds what is being sent.
@@ -495,7 +485,7 @@ class Agent:
             time.perf_counter() - started,
             result.loss,
             len(payload),
-            spec,
+            encoding.spec,
             gate.reason,
         )
 
@@ -539,15 +529,3 @@ class Agent:
         # top-k: a value and about one index byte per kept entry, plus the header
         kept = max(spec.topk_count(size), min(cfg.topk_min_entries, size))
         return kept * (2 if spec.quantizer == "int8" else 5) + 1024
-
-
-def _with_min_entries(spec: CodecSpec, update: dict[str, np.ndarray], minimum: int) -> CodecSpec:
-    """Raise a top-k fraction so that at least ``minimum`` entries are kept.
-
-    The fraction is rounded up at four decimals; the codec string in the update header
-    says what was used, so the aggregator decodes it as sent.
-    """
-    size = sum(int(v.size) for v in update.values())
-    if spec.fraction is None or not minimum or not size or spec.topk_count(size) >= minimum:
-        return spec
-    return replace(spec, fraction=min(1.0, math.ceil(minimum / size * 10_000) / 10_000))
