@@ -44,15 +44,13 @@ from fedge.protocol import (
     Topics,
     UpdateHeader,
     decode,
-    decode_delta,
-    decode_skip,
     encode,
     is_chunk,
-    is_skip,
     sign,
 )
 from fedge.protocol.wire import PUBACK_SIZE, publish_size
 
+from . import intake
 from .config import AggregatorConfig
 from .sample_limits import bound_samples
 from .store import Store
@@ -287,27 +285,19 @@ class Aggregator:
                 return
             payload = full
             wire = self._chunk_wire.pop(key, wire)
-        tensors: dict[str, np.ndarray] = {}
-        header: UpdateHeader | SkipNotice
         try:
-            if is_skip(payload):
-                header = decode_skip(payload, device)
-            else:
-                decoded = decode(payload)
-                if not isinstance(decoded.msg, UpdateHeader):
-                    self._reject("unexpected", msg.topic, f"{decoded.msg.kind} message")
-                    return
-                header, tensors = decoded.msg, decoded.tensors
+            parsed = intake.parse(payload, device)
         except DecodeError as exc:
             self._reject(exc.reason, msg.topic, str(exc))
             self.stray_bytes += wire
             return
+        header, tensors = parsed.header, parsed.tensors
         rnd = self.current
         if rnd is not None and header.round_id == rnd.round_id:
             rnd.wire_up[device] += wire  # this round's bytes, accepted or not
         else:
             self.stray_bytes += wire  # for a closed or unknown round: counted apart
-        self._on_update(msg.topic, len(payload), header, tensors)
+        self._on_update(msg.topic, device, len(payload), header, tensors)
 
     def _reject(self, reason: str, topic: str, detail: str) -> None:
         self.rejected[reason] += 1
@@ -330,17 +320,26 @@ class Aggregator:
     def _on_update(
         self,
         topic: str,
+        device: str,
         nbytes: int,
         header: UpdateHeader | SkipNotice,
         tensors: dict[str, np.ndarray],
     ) -> None:
         rnd = self.current
-        reason = self._validate(topic, header)
+        reason = intake.validate(
+            header,
+            topic_device=device,
+            round_=None
+            if rnd is None
+            else intake.OpenRoundView(rnd.round_id, rnd.selected, rnd.answered),
+            model_version=self.version,
+            seen=self.store.seen_update(header.device_id, header.update_id),
+        )
         delta: dict[str, np.ndarray] = {}
         if reason is None and isinstance(header, UpdateHeader):
             shapes = {k: list(w.shape) for k, w in self.weights.items()}
             try:
-                delta = decode_delta(tensors, {"codec": header.codec, "shapes": shapes})
+                delta = intake.decode(header, tensors, shapes)
             except CodecError as exc:
                 reason = exc.reason
         if reason is not None:
@@ -376,24 +375,6 @@ class Aggregator:
         rnd.counts[header.device_id] = header.num_samples
         if header.train_loss is not None:
             rnd.losses[header.device_id] = header.train_loss
-
-    def _validate(self, topic: str, header: UpdateHeader | SkipNotice) -> str | None:
-        rnd = self.current
-        if topic != self.topics.update(header.device_id):
-            return "topic_mismatch"
-        if self.store.seen_update(header.device_id, header.update_id):
-            return "duplicate"
-        if rnd is None or header.round_id != rnd.round_id:
-            return "wrong_round"
-        if header.device_id not in rnd.selected:
-            return "not_selected"
-        if header.device_id in rnd.answered:
-            return "already_answered"
-        if isinstance(header, SkipNotice):
-            return None
-        if header.base_version != self.version:
-            return "stale_base"
-        return None
 
     # -- rounds --------------------------------------------------------------------
     def tick(self) -> None:

@@ -1,0 +1,89 @@
+"""The aggregator's intake as named pure steps (no I/O), in the order they run::
+
+    parse -> validate -> decode -> (the round keeps the delta; the strategy folds them)
+
+``fedge.aggregator.coordinator`` calls them for every message on ``update/{device}`` once its
+chunks are whole. Each step turns untrusted bytes or values into the next stage's input or a
+short reason (counted by the coordinator); a new mechanism (unmasking, a clip) is one step
+added here and tested alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import numpy as np
+from fedge.protocol import (
+    DecodeError,
+    SkipNotice,
+    UpdateHeader,
+    decode_delta,
+    decode_skip,
+    is_skip,
+)
+from fedge.protocol import decode as decode_envelope
+
+Answer: TypeAlias = UpdateHeader | SkipNotice
+
+
+@dataclass(frozen=True)
+class Parsed:
+    header: Answer
+    tensors: dict[str, np.ndarray]
+
+
+def parse(payload: bytes, device: str) -> Parsed:
+    """A whole update or skip notice from ``device`` (the topic's last level); DecodeError
+    (with a counted reason) for anything else, including other message kinds."""
+    if is_skip(payload):
+        return Parsed(decode_skip(payload, device), {})
+    decoded = decode_envelope(payload)
+    if not isinstance(decoded.msg, UpdateHeader):
+        raise DecodeError("schema", f"{decoded.msg.kind} message on an update topic")
+    return Parsed(decoded.msg, decoded.tensors)
+
+
+@dataclass(frozen=True)
+class OpenRoundView:
+    """What validation needs to know of the round that is open."""
+
+    round_id: int
+    selected: Collection[str]
+    answered: Collection[str]
+
+
+def validate(
+    header: Answer,
+    *,
+    topic_device: str,
+    round_: OpenRoundView | None,
+    model_version: int,
+    seen: bool,
+) -> str | None:
+    """None if the answer counts in the open round, else the reason it does not.
+
+    ``topic_device`` is the device the broker delivered it for (the topic, which the ACL
+    binds to the sender); ``seen``: this device sent this update id before.
+    """
+    if header.device_id != topic_device:
+        return "topic_mismatch"
+    if seen:
+        return "duplicate"
+    if round_ is None or header.round_id != round_.round_id:
+        return "wrong_round"
+    if header.device_id not in round_.selected:
+        return "not_selected"
+    if header.device_id in round_.answered:
+        return "already_answered"
+    if isinstance(header, UpdateHeader) and header.base_version != model_version:
+        return "stale_base"
+    return None
+
+
+def decode(
+    header: UpdateHeader, tensors: Mapping[str, np.ndarray], shapes: Mapping[str, list[int]]
+) -> dict[str, np.ndarray]:
+    """The dense float32 delta, checked against the model's shapes (CodecError otherwise)."""
+    return decode_delta(dict(tensors), {"codec": header.codec, "shapes": dict(shapes)})
