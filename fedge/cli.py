@@ -129,6 +129,14 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         gate_min_agreement=args.gate_min_agreement,
         max_payload=args.max_payload,
         baselines=not args.no_baselines,
+        robust=args.robust,
+        trim_fraction=args.trim_fraction,
+        norm_bound=args.norm_bound,
+        drop_rate=args.drop_rate,
+        stragglers=args.stragglers,
+        link_flaps=args.link_flaps,
+        broker_restarts=args.broker_restarts,
+        poison=args.poison,
     )
     if args.source == "serial":
         return _sim_serial(args)
@@ -291,29 +299,29 @@ def parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("agent", help="run the device daemon")
     a.add_argument("--config", required=True, help="agent config (TOML)")
-    a.set_defaults(func=_cmd_agent, log_level=logging.INFO)
-
-    g = sub.add_parser("aggregator", help="run the round coordinator")
-    g.add_argument("--config", required=True, help="aggregator config (TOML)")
-    g.set_defaults(func=_cmd_aggregator, log_level=logging.INFO)
-
-    m = sub.add_parser("models", help="build and inspect models").add_subparsers(
-        dest="models_command", required=True
     a.add_argument(
         "--reset-state",
         action="store_true",
         help="move the state file aside and start afresh (prefer restoring its .bak)",
     )
-    )
-    b = m.add_parser("build", help="build a .tflite from a spec (needs fedge[build])")
-    b.add_argument("spec")
-    b.add_argument("-o", "--output", required=True)
+    a.set_defaults(func=_cmd_agent, log_level=logging.INFO)
+
+    g = sub.add_parser("aggregator", help="run the round coordinator")
+    g.add_argument("--config", required=True, help="aggregator config (TOML)")
     g.add_argument(
         "--reset-state",
         action="store_true",
         help="move the state database aside and start afresh from the config's model,"
         " numbering rounds and versions on from rounds.jsonl (prefer restoring the backup)",
     )
+    g.set_defaults(func=_cmd_aggregator, log_level=logging.INFO)
+
+    m = sub.add_parser("models", help="build and inspect models").add_subparsers(
+        dest="models_command", required=True
+    )
+    b = m.add_parser("build", help="build a .tflite from a spec (needs fedge[build])")
+    b.add_argument("spec")
+    b.add_argument("-o", "--output", required=True)
     b.set_defaults(func=_cmd_models_build, log_level=logging.WARNING)
     i = m.add_parser("inspect", help="show a model's weights, ops and runtime")
     i.add_argument("model")
@@ -332,7 +340,11 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="runs/sim", help="output folder")
-    s.add_argument("--broker", default=None, help="mqtt://host:port (default: embedded broker)")
+    s.add_argument(
+        "--broker",
+        default=None,
+        help="mqtt://host:port, or mosquitto: start one on a free port (default: embedded broker)",
+    )
     s.add_argument(
         "--model", default=None, help="FILE.tflite or a spec .json (default: the digits model)"
     )
@@ -362,6 +374,54 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--runtime", default="litert", choices=["litert", "tflite_runtime", "numpy"])
     s.add_argument("--round-timeout", type=float, default=60.0, help="seconds")
+    s.add_argument(
+        "--robust",
+        default="mean",
+        choices=["mean", "median", "trimmed_mean"],
+        help="how the round's deltas are combined",
+    )
+    s.add_argument(
+        "--trim-fraction", type=float, default=0.2, help="trimmed_mean: share cut at each end"
+    )
+    s.add_argument(
+        "--norm-bound",
+        type=float,
+        default=0.0,
+        help="scale each delta to at most this many times the round's median norm; 0: off",
+    )
+    f = s.add_argument_group("faults (seeded by --seed; counted in summary.json)")
+    f.add_argument(
+        "--drop-rate",
+        type=float,
+        default=0.0,
+        help="per selected device and round: it trains, its answer never arrives",
+    )
+    f.add_argument(
+        "--stragglers",
+        default=None,
+        metavar="SPEC",
+        help="training time: lognormal:MEAN_S:SIGMA or exp:MEAN_S; late is a dropout",
+    )
+    f.add_argument(
+        "--link-flaps",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="per device and round: its connection is cut once at a random moment",
+    )
+    f.add_argument(
+        "--broker-restarts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="restart the broker N times (needs --broker mosquitto)",
+    )
+    f.add_argument(
+        "--poison",
+        default=None,
+        metavar="K:MODE",
+        help="K devices send poisoned updates: K:sign-flip or K:scale:F",
+    )
     s.set_defaults(func=_cmd_sim, log_level=logging.WARNING)
 
     br = sub.add_parser("bridge", help="serial sensor tools").add_subparsers(
@@ -430,6 +490,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.problems:
             print(f"fedge: error: {line}", file=sys.stderr)
         return EX_CONFIG
+    except _state_errors() as exc:
+        # A state file that cannot be trusted needs a person too: no restart loop.
+        print(f"fedge: error: {exc}", file=sys.stderr)
+        return EX_CONFIG
     except _expected_errors() as exc:
         print(f"fedge: error: {exc}", file=sys.stderr)
         return 2
@@ -439,7 +503,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-    except _state_errors() as exc:
-        # A state file that cannot be trusted needs a person too: no restart loop.
-        print(f"fedge: error: {exc}", file=sys.stderr)
-        return EX_CONFIG

@@ -9,6 +9,12 @@ one folder each (``OUT/iid/``, ``OUT/single/``) and an ``OUT/summary.json`` nami
 A run folder holds ``rounds.jsonl`` (the aggregator's line per round),
 ``baselines.jsonl`` (centralised, non-participant and device-local scores per round),
 ``summary.json``, and the partitions and state it generated.
+
+Faults (``fleet.faults``): devices that vanish mid-round (``drop_rate``), a training-time
+distribution (``stragglers``), link flaps, restarts of the sim's own Mosquitto
+(``broker="mosquitto"``) and poisoned devices; ``summary.json`` counts them under ``faults``.
+A run whose next round cannot start for a whole round timeout stops there, and says why
+under ``stalled``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import shutil
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,10 +40,15 @@ from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategies.config import StrategyConfig
 from fedge.protocol import GateSettings, TrainingConfig
+from pydantic import ValidationError
+
+from fedge.brokerconfig import broker_link
 
 from .baselines import LocalModels, Scorer, SoloTrainer
 from .datasets import Split, digits, load_user_dataset
 from .embedded_broker import EmbeddedBroker
+from .faults import FaultInjector, FaultSettings, FaultSpecError, Ledger, fault_settings
+from .mosquitto import LocalMosquitto, MosquittoError
 from .partition import parse_scheme, partition
 from .signing_keys import write_signing_pair
 
@@ -57,7 +69,7 @@ class SimOptions:
     partition: str = "iid"  # one scheme, or several separated by commas
     seed: int = 0
     out: Path = Path("runs/sim")
-    broker: str | None = None
+    broker: str | None = None  # mqtt://host:port, "mosquitto" (one of its own), None: embedded
     model: Path | None = None  # .tflite, or a spec (.json) to build; default: digits model
     dataset: Path | None = None  # .npz (x, y) or .csv; default: scikit-learn's digits
     label_column: str | None = None  # for a CSV data set
@@ -75,6 +87,39 @@ class SimOptions:
     max_payload: int = 0  # chunk updates above this many bytes; 0: never
     baselines: bool = True
     show_progress: bool = True
+    # How the round's deltas are combined (aggregator [strategy]: robust, trim_fraction,
+    # norm_bound); the defaults are the plain sample-weighted mean.
+    robust: str = "mean"
+    trim_fraction: float = 0.2
+    norm_bound: float = 0.0
+    # Faults (fleet.faults): all off by default.
+    drop_rate: float = 0.0
+    stragglers: str | None = None  # lognormal:MEAN_S:SIGMA or exp:MEAN_S
+    link_flaps: float = 0.0
+    broker_restarts: int = 0
+    poison: str | None = None  # K:sign-flip or K:scale:F
+
+    def faults(self) -> FaultSettings:
+        try:
+            settings = fault_settings(
+                drop_rate=self.drop_rate,
+                stragglers=self.stragglers,
+                link_flaps=self.link_flaps,
+                broker_restarts=self.broker_restarts,
+                poison=self.poison,
+                devices=self.devices,
+                seed=self.seed,
+            )
+        except FaultSpecError as exc:
+            raise SimError(str(exc)) from exc
+        if settings.broker_restarts and self.broker != "mosquitto":
+            raise SimError(
+                "--broker-restarts needs --broker mosquitto (a broker the sim starts, and so"
+                " can restart)"
+            )
+        if settings.poison is not None and self.max_payload:
+            raise SimError("--poison cannot be combined with --max-payload (chunked updates)")
+        return settings
 
 
 def bundled_model() -> Path:
@@ -158,6 +203,8 @@ def run_sim(opts: SimOptions) -> dict[str, Any]:
         raise SimError(str(exc)) from exc
     if not parsed:
         raise SimError("--partition names no scheme")
+    opts.faults()  # refuse bad fault options before any data is loaded
+    _strategy_table(opts)
     if len({p.slug for p in parsed}) != len(parsed):
         raise SimError(f"--partition names a scheme twice: {opts.partition}")
     split = load_data(opts)
@@ -179,13 +226,54 @@ def run_sim(opts: SimOptions) -> dict[str, Any]:
 def _run_with_broker(
     opts: SimOptions, scheme: str, split: Split, model: Path, out: Path, fleet: str
 ) -> dict[str, Any]:
-    """One scheme, on an embedded broker of its own unless ``--broker`` names one."""
-    broker = None if opts.broker is not None else EmbeddedBroker().start()
+    """One scheme, on a broker of its own (embedded, or ``mosquitto``) unless ``--broker``
+    names one."""
+    embedded: EmbeddedBroker | None = None
+    mosquitto: LocalMosquitto | None = None
+    broker_for: Callable[[str], str]
+    if opts.broker is None:
+        embedded = EmbeddedBroker().start()
+        broker_for = embedded.url_for
+        upstream = embedded.url
+    elif opts.broker == "mosquitto":
+        try:
+            # A fresh folder: a retained round signed by last run's key would be refused.
+            mosquitto = LocalMosquitto(_fresh_dir(out / "broker")).start()
+        except MosquittoError as exc:
+            raise SimError(str(exc)) from exc
+        upstream = mosquitto.url
+        broker_for = _same_for_all(upstream)
+    else:
+        upstream = opts.broker
+        broker_for = _same_for_all(upstream)
     try:
-        return _run_one(opts, scheme, split, model, out, fleet, broker)
+        return _run_one(opts, scheme, split, model, out, fleet, broker_for, upstream, mosquitto)
     finally:
-        if broker is not None:
-            broker.stop()
+        if embedded is not None:
+            embedded.stop()
+        if mosquitto is not None:
+            mosquitto.stop()
+
+
+def _strategy_table(opts: SimOptions) -> StrategyConfig:
+    """The aggregator's ``[strategy]`` table, or a SimError naming the bad option."""
+    try:
+        return StrategyConfig(
+            name=opts.strategy,  # type: ignore[arg-type]
+            server_lr=opts.server_lr,
+            momentum=opts.momentum,
+            robust=opts.robust,  # type: ignore[arg-type]
+            trim_fraction=opts.trim_fraction,
+            norm_bound=opts.norm_bound,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "strategy"
+        raise SimError(f"--{where.replace('_', '-')}: {first['msg']}") from exc
+
+
+def _same_for_all(url: str) -> Callable[[str], str]:
+    return lambda client_id: url
 
 
 def _configs(
@@ -195,17 +283,12 @@ def _configs(
     model: Path,
     out: Path,
     fleet: str,
-    embedded: EmbeddedBroker | None,
+    broker_for: Callable[[str], str],
 ) -> tuple[list[AgentConfig], AggregatorConfig, list[np.ndarray]]:
     data_dir = _fresh_dir(out / "data")
     state_dir = _fresh_dir(out / "state")
     for name in ("rounds.jsonl", "baselines.jsonl", "summary.json"):
         (out / name).unlink(missing_ok=True)
-
-    def broker_for(client_id: str) -> str:
-        if embedded is not None:
-            return embedded.url_for(client_id)
-        return opts.broker or "mqtt://127.0.0.1:1883"
 
     try:
         parts = partition(scheme, split.y_train, opts.devices, np.random.default_rng(opts.seed))
@@ -254,11 +337,7 @@ def _configs(
                 max_skips=opts.gate_max_skips,
             ),
         ),
-        strategy=StrategyConfig(
-            name=opts.strategy,  # type: ignore[arg-type]
-            server_lr=opts.server_lr,
-            momentum=opts.momentum,
-        ),
+        strategy=_strategy_table(opts),
         eval_data=test,
         log=out / "rounds.jsonl",
         seed=opts.seed,
@@ -273,12 +352,14 @@ def _run_one(
     model: Path,
     out: Path,
     fleet: str,
-    embedded: EmbeddedBroker | None,
+    broker_for: Callable[[str], str],
+    upstream: str,
+    mosquitto: LocalMosquitto | None,
 ) -> dict[str, Any]:
     from .progress import RoundDisplay
 
     out.mkdir(parents=True, exist_ok=True)
-    agent_cfgs, agg_cfg, parts = _configs(opts, scheme, split, model, out, fleet, embedded)
+    agent_cfgs, agg_cfg, parts = _configs(opts, scheme, split, model, out, fleet, broker_for)
     display = RoundDisplay(opts.rounds, enabled=opts.show_progress)
     tracker = (
         _Baselines(opts, split, model, parts, out / "baselines.jsonl") if opts.baselines else None
@@ -292,12 +373,29 @@ def _run_one(
             tracker.locals.pop(summary["round"])  # a failed round's local models go unscored
         display.round_done(summary, extra)
 
-    aggregator = build_aggregator(agg_cfg, on_round=on_round)
-    agents = [build_agent(cfg) for cfg in agent_cfgs]
+    stop = threading.Event()
+    settings = opts.faults()
+    injector = None
+    if settings.active:
+        injector = FaultInjector(
+            settings,
+            [cfg.device_id for cfg in agent_cfgs],
+            fleet=fleet,
+            rounds=opts.rounds,
+            round_timeout=opts.round_timeout,
+            stop=stop,
+            broker=mosquitto,
+        ).start(upstream)
+    try:
+        aggregator = build_aggregator(agg_cfg, on_round=on_round)
+        agents = [_build_device(cfg, injector) for cfg in agent_cfgs]
+    except BaseException:
+        if injector is not None:
+            injector.close()
+        raise
     if tracker is not None:
         for agent in agents:
             agent.on_trained = tracker.locals.hook(agent.device_id)
-    stop = threading.Event()
     threads: list[threading.Thread] = []
     crashed: list[str] = []
 
@@ -309,6 +407,9 @@ def _run_one(
             crashed.append(agent.device_id)
             stop.set()
 
+    # Failed rounds are announced again: with faults, allow as many again as were asked for.
+    budget = opts.round_timeout * ((2 * opts.rounds if injector else opts.rounds) + 2)
+    stalled = None
     started = time.perf_counter()
     try:
         aggregator.start()
@@ -318,11 +419,32 @@ def _run_one(
             t.start()
             threads.append(t)
         with display:
-            deadline = time.monotonic() + opts.round_timeout * (opts.rounds + 2)
+            deadline = time.monotonic() + budget
+            idle_since = time.monotonic()  # no round open since
             while not aggregator.done and not stop.is_set() and time.monotonic() < deadline:
                 aggregator.step(0.1)
+                current = aggregator.current
+                if current is not None:
+                    idle_since = time.monotonic()
+                    if injector is not None:
+                        injector.watch(
+                            current.round_id, len(current.answered), len(current.selected)
+                        )
+                elif time.monotonic() - idle_since > opts.round_timeout:
+                    # Every device runs here: a round that cannot start for a whole round
+                    # timeout never will. Say so now instead of waiting out the budget.
+                    stalled = (
+                        f"round {aggregator.next_round_id} could not start in"
+                        f" {opts.round_timeout:g} s: {len(aggregator.online)} of the"
+                        f" {agg_cfg.min_devices} devices it needs are online"
+                        f" ({', '.join(sorted(aggregator.online)) or 'none'})"
+                    )
+                    log.warning("run stopped: %s", stalled)
+                    break
     finally:
         stop.set()
+        if injector is not None:
+            injector.stop_timers()
         for t in threads:
             t.join(30)
         for agent in agents:
@@ -332,10 +454,35 @@ def _run_one(
                 log.warning("agent %s did not stop cleanly: %s", agent.device_id, exc)
         aggregator.link.close()
         aggregator.store.close()
+        if injector is not None:
+            injector.close()
     if crashed:
         raise SimError(f"agent(s) {', '.join(crashed)} crashed; see the log above")
+    if injector is not None and injector.errors:
+        raise SimError(f"fault injection failed: {injector.errors[0]}")
     elapsed = time.perf_counter() - started
-    return _summarise(opts, scheme, out, agents, aggregator.strategy.describe(), elapsed)
+    return _summarise(
+        opts,
+        scheme,
+        out,
+        agents,
+        aggregator.strategy.describe(),
+        elapsed,
+        injector.ledger if injector is not None else None,
+        stalled,
+    )
+
+
+def _build_device(cfg: AgentConfig, injector: FaultInjector | None) -> Agent:
+    """The device of ``cfg``; with faults, on a link that injects them."""
+    if injector is None:
+        return build_agent(cfg)
+    url = injector.device_url(cfg.device_id, cfg.broker)
+    will = Agent.will(cfg.device_id, cfg.fleet)
+    link = injector.wrap(broker_link(url, cfg.device_id, cfg.tls, will), cfg.device_id)
+    agent = build_agent(cfg, link=link)
+    link.shapes = {name: list(w.shape) for name, w in agent.runtime.get_weights().items()}
+    return agent
 
 
 class _Baselines:
@@ -406,7 +553,14 @@ def _last5(values: list[float]) -> float | None:
 
 
 def _summarise(
-    opts: SimOptions, scheme: str, out: Path, agents: list, strategy: str, elapsed: float
+    opts: SimOptions,
+    scheme: str,
+    out: Path,
+    agents: list,
+    strategy: str,
+    elapsed: float,
+    faults: Ledger | None = None,
+    stalled: str | None = None,
 ) -> dict[str, Any]:
     log_path = out / "rounds.jsonl"
     rounds = (
@@ -440,11 +594,18 @@ def _summarise(
         "energy_j_per_device_round": _energy(rounds),
         "partition": scheme,
         "strategy": strategy,
+        "robust": opts.robust,
+        "trim_fraction": opts.trim_fraction,
+        "norm_bound": opts.norm_bound,
         "dataset": str(opts.dataset) if opts.dataset else "digits",
         "seed": opts.seed,
         "runtime": opts.runtime,
         "wall_time_s": round(elapsed, 2),
     }
+    if stalled is not None:
+        summary["stalled"] = stalled
+    if faults is not None:
+        summary["faults"] = faults.summary(rounds)
     base_path = out / "baselines.jsonl"
     if base_path.exists():
         lines = [json.loads(line) for line in base_path.read_text().splitlines()]
