@@ -296,6 +296,9 @@ class Agent:
             return
         if header.model_version == self.global_version:
             return  # the retained copy again (a reconnect)
+        if not all(np.isfinite(t).all() for t in tensors.values()):
+            self._refuse("not_finite", self.topics.global_model, f"model v{header.model_version}")
+            return
         try:
             self.runtime.set_weights(tensors)
         except ValueError as exc:
@@ -410,18 +413,20 @@ class Agent:
         self._status("training")
         started = time.perf_counter()
         self.runtime.set_weights(self.global_weights)
-        result = train_local(
-            self.runtime,
-            self._round_data,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            rng=self.rng,
-            mu=cfg.mu,
-            on_step=self.heartbeat,
-        )
-        local = self.runtime.get_weights()
-        delta = steps.local_delta(local, self.global_weights)
+        # Overflow on the way is not an error here: a diverged result is (check_trained).
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            result = train_local(
+                self.runtime,
+                self._round_data,
+                epochs=cfg.epochs,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr,
+                rng=self.rng,
+                mu=cfg.mu,
+                on_step=self.heartbeat,
+            )
+            local = self.runtime.get_weights()
+            delta = steps.local_delta(local, self.global_weights)
         steps.check_trained(result.loss, delta)
         if self.on_trained is not None:
             self.on_trained(ann.round_id, local)

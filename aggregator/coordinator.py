@@ -59,6 +59,7 @@ from .strategies.factory import make_strategy
 log = logging.getLogger("fedge.aggregator")
 
 Weights = dict[str, np.ndarray]
+KEEP_MODELS = 3  # global models (and strategy states) kept in the state database
 Evaluator = Callable[[Weights], tuple[float, float]]
 
 
@@ -300,8 +301,11 @@ class Aggregator:
         self._on_update(msg.topic, device, len(payload), header, tensors)
 
     def _reject(self, reason: str, topic: str, detail: str) -> None:
+        """Count a rejected message; log the first of each reason, then every 100th."""
         self.rejected[reason] += 1
-        log.warning("rejected message on %s: %s (%s)", topic, reason, detail)
+        count = self.rejected[reason]
+        if count == 1 or count % 100 == 0:
+            log.warning("rejected message on %s: %s (%s; %d so far)", topic, reason, detail, count)
 
     def _on_status(self, topic: str, status: Status) -> None:
         if topic != self.topics.status(status.device_id):
@@ -557,6 +561,7 @@ class Aggregator:
                 self.store.save_model(self.version, rnd.round_id, self.weights)
                 self.store.save_strategy_state(self.version, self.strategy.state())
             self.store.close_round(rnd.round_id, "done", now, summary)
+            self.store.compact(rnd.round_id, keep_from_version=self.version - KEEP_MODELS + 1)
         if new_model:
             self._publish_global(rnd.round_id)
         self._close(rnd, "done", now, summary, stored=True)

@@ -257,6 +257,14 @@ class Store:
             for r in rows
         ]
 
+    def compact(self, closed_round: int, keep_from_version: int) -> None:
+        """Drop what a closed round no longer needs: its answers' deltas (the model holds
+        them now) and models and strategy states older than ``keep_from_version``. Keeps the
+        database, and its backups, from growing with every round."""
+        self.db.execute("UPDATE answers SET delta=NULL WHERE round_id<=?", (closed_round,))
+        self.db.execute("DELETE FROM models WHERE version<?", (keep_from_version,))
+        self.db.execute("DELETE FROM strategy_state WHERE version<?", (keep_from_version,))
+
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 

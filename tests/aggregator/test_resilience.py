@@ -260,3 +260,18 @@ def test_of_two_open_rounds_the_newest_resumes_and_the_older_is_abandoned(tmp_pa
     assert agg.current is not None and agg.current.round_id == 2
     status = dict(agg.store.db.execute("SELECT round_id, status FROM rounds").fetchall())
     assert status == {1: "abandoned", 2: "open"}
+
+
+def test_the_state_does_not_grow_with_every_round(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1)
+    a = Device(broker, "a")
+    pump(agg)
+    for r in range(1, 7):
+        a.send(r, delta(0.1), 10, base=r - 1)
+        pump(agg)
+    db = agg.store.db
+    assert agg.version == 6
+    assert [v for (v,) in db.execute("SELECT version FROM models ORDER BY version")] == [4, 5, 6]
+    assert db.execute("SELECT COUNT(*) FROM answers WHERE delta IS NOT NULL").fetchone()[0] == 0
+    assert db.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == 6  # the record stays
