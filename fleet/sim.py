@@ -45,7 +45,7 @@ from pydantic import ValidationError
 from fedge.brokerconfig import broker_link
 
 from .baselines import LocalModels, Scorer, SoloTrainer
-from .datasets import Split, digits, load_user_dataset
+from .datasets import Split, check_split, digits, load_user_dataset
 from .embedded_broker import EmbeddedBroker
 from .faults import FaultInjector, FaultSettings, FaultSpecError, Ledger, fault_settings
 from .mosquitto import LocalMosquitto, MosquittoError
@@ -180,17 +180,9 @@ def resolve_model(opts: SimOptions, split: Split) -> Path:
                 f"{exc} (or pass --model FILE.tflite built for {features} inputs and"
                 f" {split.classes} classes)"
             ) from exc
-    from fedge.models.runtime import RuntimeError_, load_runtime
-
-    try:
-        rt = load_runtime(path)
-        outputs = rt.infer(split.x_test[:1]).shape[-1]
-    except RuntimeError_ as exc:
-        raise SimError(str(exc)) from exc
-    except ValueError as exc:
-        raise SimError(f"{path}: does not take {features} features per sample ({exc})") from exc
-    if outputs < split.classes:
-        raise SimError(f"{path}: model has {outputs} outputs, the data has {split.classes} classes")
+    # Features, label range and finiteness against what the model's signatures say, in one
+    # line naming the data set (before any training could fail on it).
+    check_split(opts.dataset or Path("digits"), split, path)
     return path
 
 

@@ -184,3 +184,33 @@ def test_a_sim_data_set_is_checked_against_a_given_model(tmp_path: Path) -> None
     wide = tmp_path / "wide.npz"
     np.savez(wide, x=x, y=y % 3)
     check_split(wide, load_user_dataset(wide), DIGITS_MODEL)  # 3 classes fit a 10-class model
+
+
+def test_fedge_sim_with_a_model_that_does_not_fit_the_data_is_one_line(tmp_path: Path) -> None:
+    data = csv_file(tmp_path / "two.csv", "none")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedge.cli",
+            "sim",
+            "--dataset",
+            str(data),
+            "--label-column",
+            "label",
+            "--model",
+            str(DIGITS_MODEL),
+            "--rounds",
+            "1",
+            "--devices",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    ours = [line for line in proc.stderr.splitlines() if not line.startswith("INFO: ")]
+    assert proc.returncode == 2 and len(ours) == 1, proc.stderr
+    assert "two.csv: 2 features per sample, the model takes 64" in ours[0]
