@@ -165,6 +165,12 @@ class Agent:
         self._save(self.state)
 
     @staticmethod
+    def birth(device_id: str, fleet: str) -> Message:
+        """What the link publishes on every reconnect, replacing the Will's "offline"."""
+        payload = encode(Status(device_id=device_id, state="online", timestamp=0.0))
+        return Message(Topics(fleet).status(device_id), payload, retain=True)
+
+    @staticmethod
     def will(device_id: str, fleet: str) -> Message:
         """The Last Will the broker publishes if this device vanishes."""
         payload = encode(Status(device_id=device_id, state="offline", timestamp=0.0))

@@ -56,7 +56,8 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
     state = load_state(state_path)
     if link is None:
         will = Agent.will(cfg.device_id, cfg.fleet)
-        link = broker_link(cfg.broker, cfg.device_id, cfg.tls, will)
+        birth = Agent.birth(cfg.device_id, cfg.fleet)
+        link = broker_link(cfg.broker, cfg.device_id, cfg.tls, will, birth)
     budget = eligibility = None
     if cfg.eligibility is not None:
         budget, eligibility = _eligibility(cfg.eligibility, state.upload_budget)

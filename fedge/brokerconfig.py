@@ -87,14 +87,19 @@ def check_tls_scheme(broker: str, tls: BrokerTls | None) -> None:
 
 
 def broker_link(
-    broker: str, client_id: str, tls: BrokerTls | None, will: Message | None = None
+    broker: str,
+    client_id: str,
+    tls: BrokerTls | None,
+    will: Message | None = None,
+    birth: Message | None = None,
 ) -> Link:
-    """The link a config describes."""
+    """The link a config describes (``birth``: published on every connect)."""
     settings = tls.settings() if tls is not None and broker.startswith("mqtts://") else None
     return make_link(
         broker,
         client_id,
         will,
+        birth=birth,
         tls=settings,
         username=None if tls is None else tls.username,
         password=None if tls is None else tls.password(),

@@ -471,7 +471,8 @@ def _build_device(cfg: AgentConfig, injector: FaultInjector | None) -> Agent:
         return build_agent(cfg)
     url = injector.device_url(cfg.device_id, cfg.broker)
     will = Agent.will(cfg.device_id, cfg.fleet)
-    link = injector.wrap(broker_link(url, cfg.device_id, cfg.tls, will), cfg.device_id)
+    birth = Agent.birth(cfg.device_id, cfg.fleet)
+    link = injector.wrap(broker_link(url, cfg.device_id, cfg.tls, will, birth), cfg.device_id)
     agent = build_agent(cfg, link=link)
     link.shapes = {name: list(w.shape) for name, w in agent.runtime.get_weights().items()}
     return agent

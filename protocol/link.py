@@ -100,12 +100,14 @@ def make_link(
     client_id: str,
     will: Message | None = None,
     *,
+    birth: Message | None = None,
     tls: TlsSettings | None = None,
     username: str | None = None,
     password: str | None = None,
 ) -> Link:
     """A PahoLink for ``mqtt[s]://[user[:password]@]host[:port]`` (ports 1883 and 8883).
 
+    ``birth`` is published on every (re)connect, the counterpart of the Last Will ``will``.
     ``mqtts`` always uses TLS (``tls`` None: the system's CAs, no client certificate);
     ``mqtt`` never does, and refuses ``tls`` rather than ignore it. ``username`` and
     ``password`` override those in the URL.
@@ -129,5 +131,12 @@ def make_link(
         username = unquote(parts.username)
         password = unquote(parts.password) if parts.password is not None else None
     return PahoLink(
-        parts.hostname, port, client_id, will=will, username=username, password=password, tls=tls
+        parts.hostname,
+        port,
+        client_id,
+        will=will,
+        birth=birth,
+        username=username,
+        password=password,
+        tls=tls,
     )

@@ -44,6 +44,7 @@ class PahoLink:
         client_id: str,
         *,
         will: Message | None = None,
+        birth: Message | None = None,
         keepalive: int = 30,
         clean_session: bool = False,
         username: str | None = None,
@@ -57,6 +58,9 @@ class PahoLink:
         self.client_id = client_id
         self.keepalive = keepalive
         self.close_timeout = close_timeout
+        # Published on every (re)connect: after a dropped link the broker has published the
+        # Will ("offline", retained), and only this tells the fleet the client is back.
+        self.birth = birth
         self.bytes_up = 0
         self.bytes_down = 0
         self._inbox: queue.Queue[Message] = queue.Queue()
@@ -241,6 +245,8 @@ class PahoLink:
             rc, mid = client.subscribe(filters)
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 mids.add(mid)
+        if self.birth is not None:
+            client.publish(self.birth.topic, self.birth.payload, qos=1, retain=self.birth.retain)
         with self._cond:
             self._resubscribe_mids |= mids
             self._connack = "ok"

@@ -196,3 +196,27 @@ def test_connect_failure_is_a_link_error(client_id: str) -> None:
 def test_make_link_rejects_bad_urls(url: str) -> None:
     with pytest.raises(LinkError):
         make_link(url, "c")
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_the_birth_message_follows_every_reconnect(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A dropped link leaves the Will ("offline", retained); the birth message replaces it."""
+    from mosquitto import MosquittoServer
+
+    with MosquittoServer(persistence=True, workdir=tmp_path) as broker:
+        will = Message("fleet/status/dev", b"offline", retain=True)
+        birth = Message("fleet/status/dev", b"online", retain=True)
+        dev = make_link(broker.url, "dev", will, birth=birth)
+        dev.connect(timeout=5)
+        broker.restart()  # the broker drops every client; dev reconnects by itself
+        deadline = time.monotonic() + 15
+        while not dev.connected:
+            assert time.monotonic() < deadline, "no reconnect"
+            time.sleep(0.05)
+        watcher = make_link(broker.url, "watcher")
+        watcher.connect(timeout=5)
+        watcher.subscribe("fleet/status/dev")
+        msg = watcher.get(5.0)
+        assert msg is not None and msg.payload == b"online" and msg.retain
+        watcher.close()
+        dev.close()
