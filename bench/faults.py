@@ -13,8 +13,8 @@ deadline, so the round timeout is 10 s here instead of the sim's 60 (it changes 
 run takes, not what is averaged). Goals: at least 95% of rounds complete, final accuracy
 within 1 point of the fault-free run on the same seed.
 
-poison: 2 of the 10 devices send their honest delta sign-flipped, or scaled x10, under plain
-FedAvg (the sample-weighted mean) and under the robust combinations (coordinate-wise median,
+poison: 2 of the 10 devices send their honest delta sign-flipped, scaled x10, or both
+(x -10), under plain FedAvg (the sample-weighted mean) and under the robust combinations (coordinate-wise median,
 trimmed mean cutting 20% at each end, and the mean with each delta bounded to the round's
 median norm). Goals: plain FedAvg degrades, the robust ones stay within 2 points of the clean
 run.
@@ -46,6 +46,7 @@ ATTACKS: dict[str, str | None] = {
     "clean": None,
     "sign-flip": "2:sign-flip",
     "scale x10": "2:scale:10",
+    "sign-flip x10": "2:scale:-10",
 }
 
 
@@ -97,12 +98,14 @@ def drops(args: argparse.Namespace) -> None:
             seed,
             args.rounds,
             round_timeout=args.round_timeout,
+            quorum=args.quorum,
         )
         faulty = sim(
             Path(args.out, "drops", "faulty", f"seed{seed}"),
             seed,
             args.rounds,
             round_timeout=args.round_timeout,
+            quorum=args.quorum,
             drop_rate=args.drop_rate,
             stragglers=args.stragglers,
         )
@@ -132,7 +135,8 @@ def drops(args: argparse.Namespace) -> None:
         )
     print(
         f"\n## drops: --drop-rate {args.drop_rate} --stragglers {args.stragglers}"
-        f" --round-timeout {args.round_timeout:g}; strategy {SimOptions().strategy},"
+        f" --round-timeout {args.round_timeout:g} --quorum {args.quorum:g};"
+        f" strategy {SimOptions().strategy},"
         f" codec {SimOptions().codec}, gate {SimOptions().gate_threshold}\n"
     )
     print(
@@ -224,6 +228,7 @@ def main() -> None:
     p.add_argument("--drop-rate", type=float, default=0.3)
     p.add_argument("--stragglers", default="lognormal:2:1")
     p.add_argument("--round-timeout", type=float, default=10.0)
+    p.add_argument("--quorum", type=float, default=0.5, help="drops: the aggregator's quorum")
     p.add_argument("--rounds", type=int, default=20, help="20 for the figures; fewer to try")
     p.add_argument("--out", default="runs/bench-faults")
     args = p.parse_args()

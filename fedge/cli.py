@@ -119,6 +119,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         label_column=args.label_column,
         runtime=args.runtime,
         round_timeout=args.round_timeout,
+        quorum=args.quorum,
         strategy=args.strategy,
         server_lr=args.server_lr,
         momentum=args.momentum,
@@ -374,6 +375,12 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--runtime", default="litert", choices=["litert", "tflite_runtime", "numpy"])
     s.add_argument("--round-timeout", type=float, default=60.0, help="seconds")
+    s.add_argument(
+        "--quorum",
+        type=float,
+        default=0.5,
+        help="share of the selected devices whose answers close a round at its deadline",
+    )
     s.add_argument(
         "--robust",
         default="mean",

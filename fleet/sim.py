@@ -75,6 +75,7 @@ class SimOptions:
     label_column: str | None = None  # for a CSV data set
     runtime: str = "litert"
     round_timeout: float = 60.0
+    quorum: float = 0.5  # share of the selected devices whose answers close a round at its deadline
     fleet: str = "sim"
     strategy: str = "fedadam"
     server_lr: float | None = None
@@ -315,7 +316,7 @@ def _configs(
         state_dir=state_dir,
         rounds=opts.rounds,
         min_devices=opts.devices,
-        quorum=0.5,
+        quorum=opts.quorum,
         round_timeout=opts.round_timeout,
         training=TrainingConfig(
             epochs=opts.epochs,
