@@ -14,10 +14,10 @@ run takes, not what is averaged). Goals: at least 95% of rounds complete, final 
 within 1 point of the fault-free run on the same seed.
 
 poison: 2 of the 10 devices send their honest delta sign-flipped, scaled x10, or both
-(x -10), under plain FedAvg (the sample-weighted mean) and under the robust combinations (coordinate-wise median,
-trimmed mean cutting 20% at each end, and the mean with each delta bounded to the round's
-median norm). Goals: plain FedAvg degrades, the robust ones stay within 2 points of the clean
-run.
+(x -10), under plain FedAvg (the sample-weighted mean) and under the robust combinations
+(coordinate-wise median, trimmed mean cutting 20% at each end, and the mean with each delta
+bounded to the round's median norm). Goals: plain FedAvg degrades, the robust ones stay within
+2 points of the clean run.
 
     .venv/bin/python bench/faults.py                  # seeds 0 1 2, both parts, ~15 minutes
     .venv/bin/python bench/faults.py --part poison --seeds 0
