@@ -122,7 +122,9 @@ def configs(tmp_path: Path, url: str, fleet: str, devices: int, **agg: object): 
 
 
 def test_an_aggregator_killed_mid_round_resumes_with_what_it_had_accepted(
-    tmp_path: Path, mosquitto, fleet_id: str  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    mosquitto,
+    fleet_id: str,  # type: ignore[no-untyped-def]
 ) -> None:
     agg_cfg, agent_cfgs = configs(tmp_path, mosquitto.url, fleet_id, 3, rounds=1)
     observer = Observer(mosquitto.url, fleet_id)
@@ -157,7 +159,9 @@ def test_an_aggregator_killed_mid_round_resumes_with_what_it_had_accepted(
 
 
 def test_a_fleet_whose_retained_global_went_stale_heals(
-    tmp_path: Path, mosquitto, fleet_id: str  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    mosquitto,
+    fleet_id: str,  # type: ignore[no-untyped-def]
 ) -> None:
     agg_cfg, agent_cfgs = configs(tmp_path, mosquitto.url, fleet_id, 2, rounds=2)
     observer = Observer(mosquitto.url, fleet_id)
