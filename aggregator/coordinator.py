@@ -53,7 +53,7 @@ from fedge.protocol.wire import PUBACK_SIZE, publish_size
 from . import intake
 from .config import AggregatorConfig
 from .sample_limits import bound_samples
-from .store import Store
+from .store import Store, StoreError
 from .strategies.factory import make_strategy
 
 log = logging.getLogger("fedge.aggregator")
@@ -118,7 +118,6 @@ class Aggregator:
         self.evaluator = evaluator
         self.on_round = on_round or (lambda summary: None)
         self.clock = clock
-        self.rng = rng or np.random.default_rng(config.seed)
         self.online: set[str] = set()
         self.rejected: Counter[str] = Counter()
         self.current: OpenRound | None = None
@@ -135,7 +134,7 @@ class Aggregator:
         self._chunk_wire: dict[tuple[str, bytes], int] = {}  # bytes of incomplete messages
         self.stray_bytes = 0  # update bytes that no open round could be credited with
         self._last_republish = -float("inf")  # when the global was last sent again
-        self._last_wait_log = -float("inf")
+        self._last_wait_log = clock()  # statuses come in just after start: give them time
         resumed = store.latest_model()
         if resumed is None:
             # After --reset-state, ``floor`` is the last (round, model version) the fleet saw:
@@ -149,9 +148,19 @@ class Aggregator:
                     store.set_meta("round_floor", str(last_round))
         else:
             self.version, _, self.weights = resumed
+            ours = {k: tuple(v.shape) for k, v in self.weights.items()}
+            theirs = {k: tuple(np.shape(v)) for k, v in initial_weights.items()}
+            if ours != theirs:
+                raise StoreError(
+                    f"the global model in {store.path} (v{self.version}) does not fit the"
+                    f" configured model ({_shape_difference(ours, theirs)}): to train the new"
+                    " model, start afresh with `fedge aggregator --config CONFIG --reset-state`"
+                )
             self.strategy.load_state(store.strategy_state(self.version))
         self.completed = store.completed_rounds()
         self.next_round_id = store.last_round_id() + 1
+        # Selection draws go on where they were, not from the seed again after a restart.
+        self.rng = rng or np.random.default_rng([config.seed, self.next_round_id])
         self._resume_open_round()
         self._check_done()
 
@@ -280,6 +289,8 @@ class Aggregator:
             try:
                 full = self.reassembler.add(payload)
             except ChunkError as exc:
+                self._chunk_wire.pop(key, None)
+                self.stray_bytes += wire
                 self._reject(f"chunk_{exc.reason}", msg.topic, str(exc))
                 return
             if full is None:
@@ -404,18 +415,26 @@ class Aggregator:
                 if rnd.deltas and len(rnd.deltas) + held >= needed:
                     self._finish(now)
                 else:
-                    self._fail(now, needed)
+                    self._fail(
+                        now,
+                        f"{len(rnd.deltas)} of {len(rnd.selected)} update(s) by the deadline,"
+                        f" quorum {needed}",
+                    )
         if self.current is None and not self.done:
             if len(self.online) >= self.cfg.min_devices:
                 self._announce(now)
             elif now - self._last_wait_log >= self.cfg.wait_log_interval:
                 self._last_wait_log = now
+                names = sorted(self.online)
+                shown = ", ".join(names[:10]) + (
+                    f" and {len(names) - 10} more" if len(names) > 10 else ""
+                )
                 log.warning(
                     "round %d cannot start: %d of the %d device(s) it needs are online (%s)",
                     self.next_round_id,
                     len(self.online),
                     self.cfg.min_devices,
-                    ", ".join(sorted(self.online)) or "none",
+                    shown or "none",
                 )
 
     def _select(self) -> list[str]:
@@ -512,11 +531,20 @@ class Aggregator:
         counts = [bounded.used[d] for d in participants]
         if participants:
             zeros = {k: np.zeros_like(w) for k, w in self.weights.items()}
-            self.weights = self.strategy.step(
-                self.weights,
-                [rnd.deltas[d] for d in participants] + [zeros] * len(held),
-                counts + [bounded.used[d] for d in held],
-            )
+            before = self.strategy.state()
+            with np.errstate(over="ignore", invalid="ignore"):
+                candidate = self.strategy.step(
+                    self.weights,
+                    [rnd.deltas[d] for d in participants] + [zeros] * len(held),
+                    counts + [bounded.used[d] for d in held],
+                )
+            if not all(np.isfinite(w).all() for w in candidate.values()):
+                # Finite updates can still add up to infinity: publishing that would leave
+                # every agent refusing the model for good. The round fails; nothing changes.
+                self.strategy.load_state(before)
+                self._fail(now, "the average of its updates is not finite")
+                return
+            self.weights = candidate
             self.version += 1
             new_model = True
         summary: dict = {
@@ -578,19 +606,14 @@ class Aggregator:
             return
         log.info("state backed up to %s", path)
 
-    def _fail(self, now: float, needed: int) -> None:
+    def _fail(self, now: float, why: str) -> None:
         rnd = self.current
         assert rnd is not None
-        log.warning(
-            "round %d failed: %d of %d update(s) by the deadline, quorum %d",
-            rnd.round_id,
-            len(rnd.deltas),
-            len(rnd.selected),
-            needed,
-        )
+        log.warning("round %d failed: %s", rnd.round_id, why)
         summary = {
             "round": rnd.round_id,
             "status": "failed",
+            "why": why,
             "model_version": self.version,
             "selected": len(rnd.selected),
             "participants": sorted(rnd.deltas),
@@ -621,3 +644,11 @@ def _append_jsonl(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
+
+
+def _shape_difference(ours: dict[str, tuple], theirs: dict[str, tuple]) -> str:
+    for name in sorted(set(ours) | set(theirs)):
+        if ours.get(name) != theirs.get(name):
+            state, model = ours.get(name, "absent"), theirs.get(name, "absent")
+            return f"tensor {name}: {state} in the state, {model} in the model"
+    return "the same tensors"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +23,7 @@ from fedge.systemd import serve_until_stopped
 
 from .config import AggregatorConfig
 from .coordinator import Aggregator, Evaluator
-from .store import Store
+from .store import Store, StoreCorrupt
 
 log = logging.getLogger("fedge.aggregator")
 
@@ -86,8 +88,10 @@ STATE_FILE = "aggregator.sqlite"
 
 
 def reset_state(cfg: AggregatorConfig, now: float | None = None) -> tuple[int, int] | None:
-    """Move the state database aside and return the last (round, model version) that
-    rounds.jsonl recorded, so the new state numbers on above it (None: nothing recorded)."""
+    """Move the state database aside and return the last (round, model version) the fleet
+    can have seen, from rounds.jsonl and the backup, so the new state numbers on above it
+    (None: no history)."""
+    floor = history(cfg)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
     for suffix in ("", "-wal", "-shm"):
         path = cfg.state_dir / f"{STATE_FILE}{suffix}"
@@ -95,29 +99,44 @@ def reset_state(cfg: AggregatorConfig, now: float | None = None) -> tuple[int, i
             aside = path.with_name(f"{path.name}.reset-{stamp}")
             os.replace(path, aside)
             log.warning("--reset-state: moved %s to %s", path, aside)
-    floor = None
+    if floor is None:
+        log.warning("--reset-state: no history found; starting at round 1 with model v0")
+    else:
+        log.warning(
+            "--reset-state: fresh state after round %d and model v%d; the model starts again"
+            " from %s",
+            *floor,
+            cfg.model,
+        )
+    return floor
+
+
+def history(cfg: AggregatorConfig) -> tuple[int, int] | None:
+    """The highest (round, model version) that rounds.jsonl or the state's backup records."""
+    found: list[tuple[int, int]] = []
     try:
         lines = cfg.log_path.read_text().splitlines()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         lines = []
     for line in reversed(lines):
         try:
             record = json.loads(line)
-            floor = (int(record["round"]), int(record["model_version"]))
+            found.append((int(record["round"]), int(record["model_version"])))
             break
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by the crash
-    if floor is None:
-        log.warning("--reset-state: %s names no round; starting at round 1, v0", cfg.log_path)
-    else:
-        log.warning(
-            "--reset-state: fresh state after round %d and model v%d (from %s); the model"
-            " starts again from %s",
-            *floor,
-            cfg.log_path,
-            cfg.model,
-        )
-    return floor
+    backup = cfg.state_dir / f"{STATE_FILE}.bak"
+    if backup.is_file():
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{backup}?mode=ro", uri=True)) as db:
+                last_round = db.execute("SELECT MAX(round_id) FROM rounds").fetchone()[0]
+                last_version = db.execute("SELECT MAX(version) FROM models").fetchone()[0]
+            found.append((int(last_round or 0), int(last_version or 0)))
+        except sqlite3.Error as exc:
+            log.warning("cannot read the backup %s (%s)", backup, exc)
+    if not found:
+        return None
+    return max(r for r, _ in found), max(v for _, v in found)
 
 
 def build_aggregator(
@@ -126,6 +145,17 @@ def build_aggregator(
     on_round: Callable[[dict], None] | None = None,
     floor: tuple[int, int] | None = None,
 ) -> Aggregator:
+    db = cfg.state_dir / STATE_FILE
+    if floor is None and not db.exists():
+        seen = history(cfg)
+        if seen is not None:
+            raise StoreCorrupt(
+                f"aggregator state {db} is missing, but {cfg.log_path.name} or the backup"
+                f" shows round {seen[0]} and model v{seen[1]}: restore the backup"
+                f" {db.name}.bak, or start afresh with"
+                " `fedge aggregator --config CONFIG --reset-state`"
+            )
+        log.info("no aggregator state yet (%s): starting at round 1 with model v0", db)
     initial = load_runtime(cfg.model).get_weights()
     if link is None:
         link = broker_link(cfg.broker, cfg.client_id, cfg.tls)
@@ -134,7 +164,7 @@ def build_aggregator(
     return Aggregator(
         cfg,
         link=link,
-        store=Store(cfg.state_dir / STATE_FILE),
+        store=Store(db),
         initial_weights=initial,
         evaluator=make_evaluator(cfg),
         on_round=on_round,

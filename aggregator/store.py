@@ -111,7 +111,10 @@ class Store:
         existed = path.is_file()
         if existed and path.stat().st_size == 0:
             raise self._corrupt("is empty")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot make the state folder {path.parent}: {exc.strerror}") from exc
         try:
             # One loop owns the store, but it may be built in another thread than the
             # one that runs it (fedge sim, tests): never used from two threads at once.
@@ -142,7 +145,8 @@ class Store:
     def _corrupt(self, what: str) -> StoreCorrupt:
         backup = self.backup_path
         restore = (
-            f"restore the backup {backup} (copy it over {self.path.name})"
+            f"restore the backup {backup} (move {self.path.name}-wal and -shm aside, if any,"
+            f" and copy it over {self.path.name})"
             if backup.is_file()
             else "restore it from a backup"
         )
@@ -258,10 +262,11 @@ class Store:
         ]
 
     def compact(self, closed_round: int, keep_from_version: int) -> None:
-        """Drop what a closed round no longer needs: its answers' deltas (the model holds
-        them now) and models and strategy states older than ``keep_from_version``. Keeps the
+        """Drop what a closed round no longer needs: its answers (the model holds them now)
+        and models and strategy states older than ``keep_from_version``. Keeps the
         database, and its backups, from growing with every round."""
-        self.db.execute("UPDATE answers SET delta=NULL WHERE round_id<=?", (closed_round,))
+        # A closed round's answers are in its model; a late copy is refused as wrong_round.
+        self.db.execute("DELETE FROM answers WHERE round_id<=?", (closed_round,))
         self.db.execute("DELETE FROM models WHERE version<?", (keep_from_version,))
         self.db.execute("DELETE FROM strategy_state WHERE version<?", (keep_from_version,))
 

@@ -34,7 +34,6 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         ("fedge.agent.dataset", "DatasetError"),
         # A broker that cannot be reached or refuses us: systemd restarts the service.
         ("fedge.protocol.errors", "LinkError"),
-        ("fedge.aggregator.store", "StoreError"),
     )
     errors: list[type[BaseException]] = [UserError]
     for module_name, name in wanted:
@@ -45,10 +44,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def _state_errors() -> tuple[type[BaseException], ...]:
-    """State files that exist but cannot be trusted (exit 78, like a bad config)."""
+    """State that cannot be used as it is (exit 78, like a bad config: restarting would
+    not help)."""
     found = []
     for module_name, name in (
-        ("fedge.aggregator.store", "StoreCorrupt"),
+        ("fedge.aggregator.store", "StoreError"),
         ("fedge.agent.state", "StateCorrupt"),
     ):
         module = sys.modules.get(module_name)

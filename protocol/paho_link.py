@@ -207,7 +207,11 @@ class PahoLink:
     def _diagnose(self, timeout: float = 5.0) -> str:
         """Why the broker cannot be reached: paho's reconnect loop does not say."""
         try:
-            with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+            sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        except OSError as exc:  # TimeoutError included: nothing answered
+            return exc.strerror or str(exc) or type(exc).__name__
+        try:
+            with sock:
                 if self._ssl_context is None:
                     return "the port accepts TCP connections"
                 with self._ssl_context.wrap_socket(sock, server_hostname=self.host) as tls:

@@ -123,6 +123,8 @@ def test_a_round_that_cannot_start_says_why(
     agg = make(tmp_path, broker, clock, min_devices=3, wait_log_interval=60.0)
     Device(broker, "a")
     with caplog.at_level(logging.WARNING, logger="fedge.aggregator"):
+        pump(agg)  # not at once: statuses are still coming in after a start
+        clock.now += 61
         pump(agg)
         pump(agg)  # not again within the interval
         clock.now += 61
@@ -159,7 +161,7 @@ def test_a_damaged_state_file_is_refused_with_what_to_do(
     with pytest.raises(StoreCorrupt) as err:
         Store(db)
     message = str(err.value)
-    assert says in message and f"restore the backup {db}.bak" in message
+    assert says in message and f"restore the backup {db}.bak (move agg.sqlite-wal" in message
     assert "--reset-state" in message and "\n" not in message
 
 
@@ -262,6 +264,26 @@ def test_of_two_open_rounds_the_newest_resumes_and_the_older_is_abandoned(tmp_pa
     assert status == {1: "abandoned", 2: "open"}
 
 
+def test_an_average_that_is_not_finite_fails_the_round_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=2, rounds=2)
+    a, b = Device(broker, "a"), Device(broker, "b")
+    pump(agg)
+    a.send(1, delta(3e38), 10)  # finite, and so is the model it makes...
+    b.send(1, delta(3e38), 10)
+    pump(agg)
+    assert agg.version == 1
+    a.send(2, delta(3e38), 10, base=1)  # ...but not the next one (6e38 is past float32)
+    b.send(2, delta(3e38), 10, base=1)
+    pump(agg)
+    assert agg.version == 1 and np.all(agg.weights["w"] == np.float32(3e38))
+    lines = (tmp_path / "rounds.jsonl").read_text().splitlines()
+    assert '"status": "failed"' in lines[1] and "not finite" in lines[1]
+    assert agg.store.latest_model()[0] == 1  # type: ignore[index]
+
+
 def test_the_state_does_not_grow_with_every_round(tmp_path: Path) -> None:
     broker, clock = MemoryBroker(), Clock()
     agg = make(tmp_path, broker, clock, min_devices=1)
@@ -273,5 +295,38 @@ def test_the_state_does_not_grow_with_every_round(tmp_path: Path) -> None:
     db = agg.store.db
     assert agg.version == 6
     assert [v for (v,) in db.execute("SELECT version FROM models ORDER BY version")] == [4, 5, 6]
-    assert db.execute("SELECT COUNT(*) FROM answers WHERE delta IS NOT NULL").fetchone()[0] == 0
-    assert db.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == 6  # the record stays
+    assert db.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == 0
+
+
+def test_a_missing_state_with_history_is_refused_not_restarted_at_v0(tmp_path: Path) -> None:
+    from fedge.aggregator.service import build_aggregator
+    from fedge.protocol import MemoryLink
+
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1)
+    a = Device(broker, "a")
+    pump(agg)
+    a.send(1, delta(1.0), 10)
+    pump(agg)
+    cfg = agg.cfg.model_copy(update={"log": tmp_path / "rounds.jsonl"})
+    agg.store.close()
+    STORES.remove(agg.store)
+    with pytest.raises(StoreCorrupt, match=r"is missing, but rounds.jsonl .* round 1 and model v1"):
+        build_aggregator(cfg, link=MemoryLink(broker, "agg-2"))
+
+
+def test_a_state_for_another_model_is_refused(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1)
+    agg.store.close()
+    STORES.remove(agg.store)
+    store = Store(tmp_path / "agg.sqlite")
+    STORES.append(store)
+    with pytest.raises(StoreError, match=r"does not fit the configured model \(tensor b"):
+        Aggregator(
+            agg.cfg,
+            link=agg.link,
+            store=store,
+            initial_weights={"w": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)},
+            clock=clock,
+        )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ class Observer:
         self.updates: dict[int, dict[str, tuple[int, dict[str, np.ndarray]]]] = {}
         self.globals: dict[int, dict[str, np.ndarray]] = {}
         self.raw_globals: dict[int, bytes] = {}
+        self.sends: Counter[tuple[int, str]] = Counter()  # (round, device) -> updates seen
 
     def drain(self, seconds: float = 0.2) -> None:
         while (msg := self.link.get(seconds)) is not None:
@@ -63,6 +65,7 @@ class Observer:
                 continue
             d = decode(msg.payload)
             if isinstance(d.msg, UpdateHeader):
+                self.sends[(d.msg.round_id, d.msg.device_id)] += 1
                 self.updates.setdefault(d.msg.round_id, {})[d.msg.device_id] = (
                     d.msg.num_samples,
                     d.tensors,
@@ -154,7 +157,8 @@ def test_an_aggregator_killed_mid_round_resumes_with_what_it_had_accepted(
     observer.drain(0.5)
     observer.link.close()
     accepted = sorted(c.device_id for c in agent_cfgs)
-    assert sorted(observer.updates[1]) == accepted  # each device sent once
+    assert sorted(observer.updates[1]) == accepted
+    assert all(observer.sends[(1, d)] == 1 for d in accepted), observer.sends  # once each
     observer.assert_exact_average(round_id=1, version=1, accepted=accepted)
 
 
