@@ -365,7 +365,16 @@ class Agent:
         topic = self.topics.update(self.device_id)
         return sum(publish_size(topic, len(part), 1) for part in parts)
 
-    def _skip(self, ann: RoundAnnouncement, reason: str, *, trained: bool) -> None:
+    def _skip(
+        self,
+        ann: RoundAnnouncement,
+        reason: str,
+        *,
+        trained: bool,
+        held: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """Send a skip notice; ``held``: the update a device that trained holds back (it
+        becomes the residual, through the outbox like an upload)."""
         notice = SkipNotice(
             device_id=self.device_id,
             round_id=ann.round_id,
@@ -375,11 +384,17 @@ class Agent:
             num_samples=len(self._round_data) if trained and self._round_data is not None else 0,
         )
         payload = encode_skip(notice)
-        self.link.publish(self.topics.update(self.device_id), payload, qos=1)
-        self._sent(publish_size(self.topics.update(self.device_id), len(payload), 1))
+        topic = self.topics.update(self.device_id)
+        if held is not None and self.outbox is not None:
+            self.outbox.put(Pending(ann.round_id, notice.update_id, topic, [payload], held, "skip"))
+        self.link.publish(topic, payload, qos=1)
+        self._sent(publish_size(topic, len(payload), 1))
         self.stats.skipped[reason] += 1
-        self.state.last_round = ann.round_id
-        self._save(self.state)
+        if held is not None:
+            self._commit(ann.round_id, held, kind="skip")
+        else:
+            self.state.last_round = max(self.state.last_round, ann.round_id)
+            self._save(self.state)
         log.info("round %d: sat out (%s); skip notice sent", ann.round_id, reason)
 
     def _sent(self, nbytes: int) -> None:
@@ -468,10 +483,8 @@ class Agent:
                 if not decision.upload:  # e.g. the daily budget is spent: keep it all for later
                     gate = replace(gate, upload=False, reason=decision.reason)
         if not gate.upload:
-            self._hold(update)
-            self.state.consecutive_skips += 1
             self._status("idle")
-            self._skip(ann, gate.reason, trained=True)
+            self._skip(ann, gate.reason, trained=True, held=update)
             return
         assert encoding is not None
         self.last_update_bytes = self._wire_size(parts)
@@ -485,7 +498,7 @@ class Agent:
         for part in parts:
             self.link.publish(topic, part, qos=1)
         self._sent(self.last_update_bytes)
-        self._commit_upload(ann.round_id, kept)
+        self._commit(ann.round_id, kept, kind="update")
         self.stats.rounds_trained += 1
         self._status("idle")
         log.info(
@@ -500,27 +513,35 @@ class Agent:
             gate.reason,
         )
 
-    def _commit_upload(self, round_id: int, kept: dict[str, np.ndarray] | None) -> None:
+    def _commit(self, round_id: int, kept: dict[str, np.ndarray] | None, *, kind: str) -> None:
+        """Residual, then state: the outbox written before the publish covers the gap."""
         self._hold(kept)
         self.state.last_round = max(self.state.last_round, round_id)
-        self.state.consecutive_skips = 0
+        if kind == "skip":
+            self.state.consecutive_skips += 1
+        else:
+            self.state.consecutive_skips = 0
         self._save(self.state)
-        if self.outbox is not None:
-            self.outbox.clear()
 
     def resend_interrupted(self) -> bool:
-        """Send again what a crash interrupted (see ``fedge.agent.outbox``)."""
+        """Send the outbox again after a restart (see ``fedge.agent.outbox``)."""
         pending = None if self.outbox is None else self.outbox.take()
         if pending is None:
             return False
+        assert self.outbox is not None
+        committed = self.state.last_round >= pending.round_id
         log.warning(
-            "sending again the update %s for round %d that a restart interrupted",
+            "sending the %s %s for round %d again after a restart%s",
+            pending.kind,
             pending.update_id,
             pending.round_id,
+            "" if committed else "; it was not saved as sent",
         )
         for part in pending.parts:
             self.link.publish(pending.topic, part, qos=1)
-        self._commit_upload(pending.round_id, pending.kept)
+        if not committed:
+            self._commit(pending.round_id, pending.kept, kind=pending.kind)
+        self.outbox.clear()
         return True
 
     def _hold(self, kept: dict[str, np.ndarray] | None) -> None:

@@ -1,11 +1,14 @@
-"""The outbox: an update on its way, kept until the agent's state says it was sent.
+"""The outbox: the latest answer that changed the residual, kept until the next one.
 
-Without it, a crash between publishing an update and saving the residual that remains would
-leave the old residual on disk: what was just sent would be sent again in a later round and
-counted twice. So the agent first writes the outbox (the publishes, and the residual that
-remains once they are out), then publishes, then saves residual and state, then clears the
-outbox. After a crash, a non-empty outbox is sent again with the same update id (the
-aggregator applies an update id once per device) and its residual is kept.
+An answer (an update, or a skip notice of a device that trained and holds its update back)
+changes two files: the residual (what is still to be sent) and the state (which round was
+answered). A crash between them would either send what was just sent again (counted twice)
+or lose it. So the agent first writes the outbox (the publishes, and the residual that
+remains once they are out), then publishes, then saves residual and state. After a restart
+the outbox is sent again with the same update id (the aggregator applies an update id once
+per device): that also covers a publish still unacknowledged when the power went. If the
+state does not yet say the round was answered, the outbox's residual and round are saved
+then. The outbox is removed after that one resend, or replaced by the next answer.
 
 One ``.npz`` file, replaced atomically (write, fsync, rename).
 """
@@ -35,6 +38,7 @@ class Pending:
     topic: str
     parts: list[bytes]
     kept: dict[str, np.ndarray] | None  # the residual once the parts are out
+    kind: str = "update"  # or "skip": a trained device holding its update back
 
 
 class Outbox:
@@ -48,6 +52,7 @@ class Outbox:
             "topic": pending.topic,
             "parts": len(pending.parts),
             "kept": pending.kept is not None,
+            "kind": pending.kind,
         }
         arrays: dict[str, np.ndarray] = {_META: np.frombuffer(json.dumps(meta).encode(), np.uint8)}
         for i, part in enumerate(pending.parts):
@@ -80,6 +85,7 @@ class Outbox:
                 topic=str(meta["topic"]),
                 parts=parts,
                 kept=kept if meta["kept"] else None,
+                kind=str(meta.get("kind", "update")),
             )
         except FileNotFoundError:
             return None

@@ -31,6 +31,14 @@ def state_file(cfg: AgentConfig) -> Path:
     return cfg.state_dir / f"agent-{cfg.device_id}.json"
 
 
+def residual_file(cfg: AgentConfig) -> Path:
+    return cfg.state_dir / f"agent-{cfg.device_id}.residual.npz"
+
+
+def outbox_file(cfg: AgentConfig) -> Path:
+    return cfg.state_dir / f"agent-{cfg.device_id}.outbox.npz"
+
+
 def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
     import numpy as np
 
@@ -70,8 +78,8 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
         state=state,
         save_state=lambda s: save_state(state_path, s),
         rng=np.random.default_rng(cfg.seed),
-        residual_store=ResidualStore(cfg.state_dir / f"agent-{cfg.device_id}.residual.npz"),
-        outbox=Outbox(cfg.state_dir / f"agent-{cfg.device_id}.outbox.npz"),
+        residual_store=ResidualStore(residual_file(cfg)),
+        outbox=Outbox(outbox_file(cfg)),
         eligibility=eligibility,
         budget=budget,
         max_payload=cfg.max_payload,
@@ -99,8 +107,10 @@ def _eligibility(
 
 def serve(cfg: AgentConfig, *, reset: bool = False) -> int:
     """Run until SIGTERM/SIGINT. Tells systemd when ready and pets its watchdog."""
-    if reset:
-        reset_state(state_file(cfg), time.strftime("%Y%m%dT%H%M%S", time.gmtime()))
+    if reset:  # the state, and what it vouches for: the residual and the outbox
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        for path in (state_file(cfg), residual_file(cfg), outbox_file(cfg)):
+            reset_state(path, stamp)
     agent = build_agent(cfg)
     agent.heartbeat = watchdog_petter()
     agent.start(keep_trying=True)

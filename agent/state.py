@@ -85,7 +85,7 @@ def save_state(path: Path, state: AgentState) -> None:
 
 
 def reset_state(path: Path, stamp: str) -> Path | None:
-    """Move the state file aside (``--reset-state``); the device starts fresh."""
+    """Move a state file aside (``--reset-state``); the device starts fresh."""
     if not path.exists():
         return None
     aside = path.with_name(f"{path.name}.reset-{stamp}")

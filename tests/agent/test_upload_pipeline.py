@@ -10,7 +10,7 @@ from fedge.agent.daemon import Agent
 from fedge.agent.dataset import Dataset
 from fedge.agent.eligibility import Decision
 from fedge.agent.residual import ResidualStore
-from fedge.agent.state import load_state, save_state
+from fedge.agent.state import AgentState, load_state, save_state
 from fedge.models.runtime import load_runtime
 from fedge.protocol import (
     GateSettings,
@@ -258,3 +258,28 @@ def test_a_crash_between_publish_and_state_save_sends_nothing_twice(tmp_path: Pa
     while f.agent.step(0):  # the retained round 1 again: already answered
         pass
     assert [m for m in iter(lambda: f.server.get(0), None) if m.topic == T.update("d1")] == []
+
+
+def test_a_crash_after_holding_an_update_back_does_not_hold_it_twice(tmp_path: Path) -> None:
+    from fedge.agent.outbox import Outbox
+
+    f = Fleet(tmp_path, outbox=Outbox(tmp_path / "outbox.npz"))
+    save = f.agent._save
+
+    def power_cut_at_state_save(state: AgentState) -> None:  # residual saved, state not
+        if state.last_round >= 1:
+            raise KeyboardInterrupt
+        save(state)
+
+    f.agent._save = power_cut_at_state_save  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        f.round(1, gate_threshold=1000, gate_max_skips=5)  # every update is "small": held back
+    held = {k: v.copy() for k, v in f.agent.residual.items()}  # type: ignore[union-attr]
+    f.agent.link.close()
+    f.agent = f.make_agent()
+    assert load_state(tmp_path / "state.json").last_round == 1
+    assert load_state(tmp_path / "state.json").consecutive_skips == 1
+    for k, v in held.items():  # not trained again: the residual holds round 1 once
+        np.testing.assert_array_equal(f.agent.residual[k], v)  # type: ignore[index]
+    resent = [m for m in iter(lambda: f.server.get(0), None) if m.topic == T.update("d1")]
+    assert len(resent) == 2 and resent[0].payload == resent[1].payload  # the same notice again
