@@ -242,6 +242,7 @@ class Aggregator:
         msg = self.link.get(timeout)
         if msg is not None:
             self.handle(msg)
+            self.link.ack(msg)  # kept (or refused) now: the broker may forget it
         self.tick()
 
     def _check_done(self) -> None:

@@ -158,7 +158,8 @@ def build_aggregator(
         log.info("no aggregator state yet (%s): starting at round 1 with model v0", db)
     initial = load_runtime(cfg.model).get_weights()
     if link is None:
-        link = broker_link(cfg.broker, cfg.client_id, cfg.tls)
+        # Acknowledged only once handled: what a crash interrupts, the broker sends again.
+        link = broker_link(cfg.broker, cfg.client_id, cfg.tls, manual_ack=True)
     key = cfg.signing_key
     caps, revoked = load_registry(cfg)
     return Aggregator(

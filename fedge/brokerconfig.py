@@ -92,6 +92,8 @@ def broker_link(
     tls: BrokerTls | None,
     will: Message | None = None,
     birth: Message | None = None,
+    *,
+    manual_ack: bool = False,
 ) -> Link:
     """The link a config describes (``birth``: published on every connect)."""
     settings = tls.settings() if tls is not None and broker.startswith("mqtts://") else None
@@ -100,6 +102,7 @@ def broker_link(
         client_id,
         will,
         birth=birth,
+        manual_ack=manual_ack,
         tls=settings,
         username=None if tls is None else tls.username,
         password=None if tls is None else tls.password(),

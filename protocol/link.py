@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -18,11 +18,14 @@ from .errors import LinkError
 
 @dataclass(frozen=True)
 class Message:
-    """An application message as published or received."""
+    """An application message as published or received (``mid`` and ``qos``: as received,
+    for ``Link.ack``)."""
 
     topic: str
     payload: bytes
     retain: bool = False
+    mid: int = field(default=0, compare=False)
+    qos: int = field(default=0, compare=False)
 
 
 class Link(Protocol):
@@ -54,6 +57,11 @@ class Link(Protocol):
 
     def get(self, timeout: float | None) -> Message | None:
         """The next received message, or None after ``timeout`` seconds (None: wait forever)."""
+
+    def ack(self, message: Message) -> None:
+        """Acknowledge a received message once it is processed. Only a link made with
+        ``manual_ack`` waits for this: until then the broker keeps the message for its
+        session and delivers it again after a crash; other links acknowledge on receipt."""
 
     def close(self) -> None:
         """Disconnect cleanly: the broker does not send the Will."""
@@ -101,6 +109,7 @@ def make_link(
     will: Message | None = None,
     *,
     birth: Message | None = None,
+    manual_ack: bool = False,
     tls: TlsSettings | None = None,
     username: str | None = None,
     password: str | None = None,
@@ -136,6 +145,7 @@ def make_link(
         client_id,
         will=will,
         birth=birth,
+        manual_ack=manual_ack,
         username=username,
         password=password,
         tls=tls,

@@ -80,6 +80,9 @@ class MemoryLink:
         self.broker.attach(self)
         self.connected = True
 
+    def ack(self, message: Message) -> None:
+        """The in-memory broker keeps nothing for a session: nothing to acknowledge."""
+
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         validate_filter(topic_filter)
         self._check(qos)

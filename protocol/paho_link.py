@@ -45,6 +45,7 @@ class PahoLink:
         *,
         will: Message | None = None,
         birth: Message | None = None,
+        manual_ack: bool = False,
         keepalive: int = 30,
         clean_session: bool = False,
         username: str | None = None,
@@ -83,6 +84,7 @@ class PahoLink:
                 protocol=mqtt.MQTTv311,
             )
             client.max_inflight_messages_set(max_inflight)
+            client.manual_ack_set(manual_ack)
             client.reconnect_delay_set(min_delay=1, max_delay=30)
             if will is not None:
                 client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
@@ -179,6 +181,10 @@ class PahoLink:
 
     def get(self, timeout: float | None) -> Message | None:
         return next_message(self._inbox, timeout)
+
+    def ack(self, message: Message) -> None:
+        if message.qos > 0:
+            self._client.ack(message.mid, message.qos)  # a no-op unless manual_ack
 
     def close(self) -> None:
         if not self._started:
@@ -303,7 +309,9 @@ class PahoLink:
         payload = bytes(message.payload)
         self.bytes_down += publish_size(topic, len(payload), message.qos)
         self.bytes_up += PUBACK_SIZE if message.qos == 1 else 0
-        self._inbox.put_nowait(Message(topic, payload, bool(message.retain)))
+        self._inbox.put_nowait(
+            Message(topic, payload, bool(message.retain), mid=message.mid, qos=message.qos)
+        )
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any], props: Any

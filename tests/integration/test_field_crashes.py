@@ -208,3 +208,49 @@ def test_a_fleet_whose_retained_global_went_stale_heals(
     assert all(a.stats.rejected["old_version"] >= 1 for a in agents)  # v0 refused, not applied
     accepted = sorted(c.device_id for c in agent_cfgs)
     observer.assert_exact_average(round_id=2, version=2, accepted=accepted)
+
+
+def test_an_update_the_aggregator_received_but_had_not_handled_is_delivered_again(
+    tmp_path: Path,
+    mosquitto,
+    fleet_id: str,  # type: ignore[no-untyped-def]
+) -> None:
+    agg_cfg, agent_cfgs = configs(tmp_path, mosquitto.url, fleet_id, 2, rounds=1)
+    observer = Observer(mosquitto.url, fleet_id)
+    agg = build_aggregator(agg_cfg)
+    agents = [build_agent(c) for c in agent_cfgs]
+    agg.start()
+    for a in agents:
+        a.start()
+    loops = [Loop(a) for a in agents]
+    deadline = time.monotonic() + 60
+    while agg.current is None or agg.current.answered:  # announce, but handle no answer
+        assert time.monotonic() < deadline
+        msg = agg.link.get(0.2)
+        if msg is not None and "/update/" not in msg.topic:
+            agg.handle(msg)
+            agg.link.ack(msg)
+        agg.tick()
+    observer.wait_for(lambda: len(observer.updates.get(1, {})) == 2)
+    time.sleep(0.5)  # both updates are in the aggregator's inbox, received, not handled
+    # The process dies: no DISCONNECT, nothing acknowledged, the database as it is.
+    agg.link._client._sock_close()  # type: ignore[attr-defined]
+    agg.link._client.loop_stop()  # type: ignore[attr-defined]
+    agg.store.db.close()
+    again = build_aggregator(agg_cfg)
+    assert again.current is not None and not again.current.answered
+    again.start()
+    loop = Loop(again)
+    observer.wait_for(lambda: again.done and 1 in observer.globals)
+    loop.halt()
+    for one in loops:
+        one.halt()
+    for a in agents:
+        a.stop()
+    again.link.close()
+    again.store.close()
+    observer.drain(0.5)
+    observer.link.close()
+    accepted = sorted(c.device_id for c in agent_cfgs)
+    assert all(observer.sends[(1, d)] == 1 for d in accepted)  # not sent again: redelivered
+    observer.assert_exact_average(round_id=1, version=1, accepted=accepted)
