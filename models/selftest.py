@@ -400,6 +400,8 @@ def load_proven_runtime(
             continue
         key = SelfTestKey(backend=backend, backend_version=version, **here)
         verdict = None if cache is None else cache.get(key)
+        if verdict is not None and _worth_retrying(verdict):
+            verdict = None  # a hang or a failed fork may have been the moment, not the backend
         remembered = verdict is not None
         if verdict is None:
             started = time.monotonic()
@@ -432,3 +434,17 @@ def load_proven_runtime(
 
 if __name__ == "__main__":
     sys.exit(_child(Path(sys.argv[1])))
+
+
+RETRY_TRANSIENT_AFTER_S = 24 * 3600  # a timeout or a failed fork is tested again after this
+_TRANSIENT = ("self-test did not finish", "self-test could not start")
+
+
+def _worth_retrying(verdict: Verdict) -> bool:
+    if verdict.ok or not verdict.reason.startswith(_TRANSIENT):
+        return False
+    try:
+        tested = datetime.fromisoformat(verdict.tested_at)
+    except ValueError:
+        return True
+    return (datetime.now(timezone.utc) - tested).total_seconds() > RETRY_TRANSIENT_AFTER_S

@@ -179,3 +179,22 @@ def test_a_damaged_model_is_the_models_fault_not_the_backends(
     with pytest.raises(ModelLoadError, match="litert cannot load the model"):
         load_proven_runtime(digits_model.read_bytes()[:4000], cache_dir=tmp_path)
     assert not (tmp_path / CACHE_FILE).exists()  # no verdict on the backend to remember
+
+
+def test_a_timeout_is_tested_again_a_day_later_a_crash_is_not() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from fedge.models.selftest import Verdict, _worth_retrying
+
+    key = None  # not looked at
+
+    def verdict(reason: str, hours: float) -> Verdict:
+        when = datetime.now(timezone.utc) - timedelta(hours=hours)
+        return Verdict.model_construct(
+            key=key, ok=False, reason=reason, seconds=1.0, tested_at=when.isoformat()
+        )
+
+    hang = "self-test did not finish within 60 s"
+    assert not _worth_retrying(verdict(hang, 1))
+    assert _worth_retrying(verdict(hang, 25))
+    assert not _worth_retrying(verdict("self-test died of signal 11 (SIGSEGV)", 25))
