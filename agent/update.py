@@ -9,7 +9,6 @@ what the codec or the gate held back; ``remaining`` is what stays in it once an 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -73,7 +72,8 @@ class Encoding:
 
 
 def encode(update: Weights, cfg: TrainingConfig, rng: np.random.Generator) -> Encoding:
-    spec = with_min_entries(parse_codec(cfg.codec), update, cfg.topk_min_entries)
+    size = sum(int(v.size) for v in update.values())
+    spec = parse_codec(cfg.codec).with_min_entries(size, cfg.topk_min_entries)
     return Encoding(spec, encode_delta(update, spec, rng))
 
 
@@ -82,15 +82,3 @@ def remaining(update: Weights, encoding: Encoding) -> dict[str, np.ndarray] | No
     if str(encoding.spec) == "float32":
         return None
     return residual.subtract(update, encoding.encoded.decoded)
-
-
-def with_min_entries(spec: CodecSpec, update: Weights, minimum: int) -> CodecSpec:
-    """Raise a top-k fraction so that at least ``minimum`` entries are kept.
-
-    The fraction is rounded up at four decimals; the codec string in the update header
-    says what was used, so the aggregator decodes it as sent.
-    """
-    size = sum(int(v.size) for v in update.values())
-    if spec.fraction is None or not minimum or not size or spec.topk_count(size) >= minimum:
-        return spec
-    return replace(spec, fraction=min(1.0, math.ceil(minimum / size * 10_000) / 10_000))

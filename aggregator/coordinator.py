@@ -159,6 +159,9 @@ class Aggregator:
             self.strategy.load_state(store.strategy_state(self.version))
         self.completed = store.completed_rounds()
         self.next_round_id = store.last_round_id() + 1
+        t = config.training
+        size = sum(int(np.size(w)) for w in self.weights.values())
+        self._expected_codec = intake.expected_codec(t.codec, t.topk_min_entries, size)
         # Selection draws go on where they were, not from the seed again after a restart.
         self.rng = rng or np.random.default_rng([config.seed, self.next_round_id])
         self._resume_open_round()
@@ -350,6 +353,7 @@ class Aggregator:
             else intake.OpenRoundView(rnd.round_id, rnd.selected, rnd.answered),
             model_version=self.version,
             seen=self.store.seen_update(header.device_id, header.update_id),
+            codec=self._expected_codec,
         )
         delta: dict[str, np.ndarray] = {}
         if reason is None and isinstance(header, UpdateHeader):

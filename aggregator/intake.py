@@ -22,6 +22,7 @@ from fedge.protocol import (
     decode_delta,
     decode_skip,
     is_skip,
+    parse_codec,
 )
 from fedge.protocol import decode as decode_envelope
 
@@ -61,11 +62,13 @@ def validate(
     round_: OpenRoundView | None,
     model_version: int,
     seen: bool,
+    codec: str | None = None,
 ) -> str | None:
     """None if the answer counts in the open round, else the reason it does not.
 
     ``topic_device`` is the device the broker delivered it for (the topic, which the ACL
-    binds to the sender); ``seen``: this device sent this update id before.
+    binds to the sender); ``seen``: this device sent this update id before; ``codec``: the
+    codec the round expects (``expected_codec``), None to take any.
     """
     if header.device_id != topic_device:
         return "topic_mismatch"
@@ -79,7 +82,15 @@ def validate(
         return "already_answered"
     if isinstance(header, UpdateHeader) and header.base_version != model_version:
         return "stale_base"
+    if isinstance(header, UpdateHeader) and codec is not None and header.codec != codec:
+        return "codec_mismatch"  # e.g. dense where the round asked for top-k
     return None
+
+
+def expected_codec(announced: str, min_entries: int, size: int) -> str:
+    """The codec every device of a round uses: the announced one, its top-k fraction raised
+    to keep ``min_entries`` of the model's ``size`` entries."""
+    return str(parse_codec(announced).with_min_entries(size, min_entries))
 
 
 def decode(

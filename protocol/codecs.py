@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Literal, cast, get_args
 
@@ -133,6 +133,14 @@ class CodecSpec:
             return self.quantizer
         tail = "" if self.quantizer == "float32" else f"+{self.quantizer}"
         return f"topk:{self.fraction!r}{tail}"
+
+    def with_min_entries(self, size: int, minimum: int) -> CodecSpec:
+        """This codec with its top-k fraction raised so that at least ``minimum`` of ``size``
+        entries are kept (rounded up at four decimals): what a device uses, and what the
+        aggregator expects, for a round that announces this codec and minimum."""
+        if self.fraction is None or not minimum or not size or self.topk_count(size) >= minimum:
+            return self
+        return replace(self, fraction=min(1.0, math.ceil(minimum / size * 10_000) / 10_000))
 
     def topk_count(self, size: int) -> int:
         """Entries top-k keeps out of ``size``: max(1, ceil(F * size)), capped at ``size``.

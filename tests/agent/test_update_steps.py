@@ -43,9 +43,9 @@ def test_what_is_sent_plus_what_remains_is_the_update() -> None:
 def test_top_k_keeps_at_least_the_minimum_entries() -> None:
     update = delta(0.1)
     size = sum(v.size for v in update.values())  # 630
-    spec = steps.with_min_entries(parse_codec("topk:0.02"), update, 100)
+    spec = parse_codec("topk:0.02").with_min_entries(size, 100)
     assert spec.topk_count(size) >= 100 and spec.fraction == pytest.approx(0.1588)
-    assert steps.with_min_entries(parse_codec("int8"), update, 100) == parse_codec("int8")
+    assert parse_codec("int8").with_min_entries(size, 100) == parse_codec("int8")
 
 
 def test_a_late_update_is_held_back_whole() -> None:

@@ -62,7 +62,7 @@ def make(tmp_path: Path, broker: MemoryBroker, clock: Clock, **cfg: object) -> A
         model=DIGITS_MODEL,
         state_dir=tmp_path,
         round_timeout=10.0,
-        training=TrainingConfig(epochs=1, batch_size=4, lr=0.1),
+        training=TrainingConfig(epochs=1, batch_size=4, lr=0.1, codec="float32"),
         strategy=StrategyConfig(name="fedavg"),
         **cfg,  # type: ignore[arg-type]
     )

@@ -60,3 +60,14 @@ def test_decode_checks_the_model_shapes() -> None:
     np.testing.assert_allclose(out["w"], enc.decoded["w"])
     with pytest.raises(CodecError):
         intake.decode(header, enc.tensors, {"w": [5, 4]})
+
+
+def test_an_update_must_use_the_codec_the_round_announced() -> None:
+    expected = intake.expected_codec("topk:0.02+int8", 512, 4810)  # raised to keep 512
+    assert expected == "topk:0.1065+int8"
+    topk = HEADER.model_copy(update={"codec": expected})
+    dense = HEADER.model_copy(update={"codec": "float32"})
+    kwargs = {"topic_device": "a", "round_": OPEN, "model_version": 2, "seen": False}
+    assert intake.validate(topk, codec=expected, **kwargs) is None
+    assert intake.validate(dense, codec=expected, **kwargs) == "codec_mismatch"
+    assert intake.validate(dense, codec=None, **kwargs) is None
