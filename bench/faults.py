@@ -41,6 +41,8 @@ AGGREGATIONS: dict[str, dict[str, Any]] = {
     "median": {"robust": "median"},
     "trimmed_mean": {"robust": "trimmed_mean", "trim_fraction": 0.2},
     "norm_bound": {"norm_bound": 1.0},
+    "median+norm_bound": {"robust": "median", "norm_bound": 1.0},
+    "trimmed+norm_bound": {"robust": "trimmed_mean", "trim_fraction": 0.2, "norm_bound": 1.0},
 }
 ATTACKS: dict[str, str | None] = {
     "clean": None,
@@ -180,7 +182,7 @@ def poison(args: argparse.Namespace) -> None:
                 last5.setdefault((agg, attack), []).append(s["last5_accuracy"])
                 accepted = s["faults"]["poisoned_accepted"] if "faults" in s else 0
                 print(
-                    f"poison seed {seed} {agg:12s} {attack:9s}: final {_pct(s['final_accuracy'])}"
+                    f"poison seed {seed} {agg:18s} {attack:13s}: final {_pct(s['final_accuracy'])}"
                     f" ({s['strategy']}; {accepted} poisoned updates accepted;"
                     f" {s['bench_s']:.0f} s)",
                     flush=True,
@@ -191,10 +193,9 @@ def poison(args: argparse.Namespace) -> None:
         f" median over seeds {args.seeds} [last 5 rounds]\n"
     )
     print(
-        "| aggregation | clean | sign-flip | scale x10 | worst vs own clean"
-        " | worst vs clean FedAvg |"
+        "| aggregation | " + " | ".join(ATTACKS) + " | worst vs own clean | worst vs clean FedAvg |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---" * (len(ATTACKS) + 3) + "|")
     base = _med(final[("fedavg", "clean")])
     verdicts = []
     for agg in AGGREGATIONS:
