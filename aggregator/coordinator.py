@@ -236,6 +236,14 @@ class Aggregator:
             self.version,
             self.strategy.describe(),
         )
+        s = self.cfg.strategy
+        if s.robust != "mean" and not s.norm_bound and "topk" in self.cfg.training.codec:
+            log.warning(
+                "[strategy] robust = %s without norm_bound under top-k uploads: a coordinate"
+                " only an attacker sends keeps its value (bench/README.md, Faults); set"
+                " norm_bound = 1",
+                s.robust,
+            )
 
     def run(self, stop: threading.Event, poll: float = 0.2) -> None:
         while not stop.is_set() and not self.done:
