@@ -165,7 +165,16 @@ class Aggregator:
         # Selection draws go on where they were, not from the seed again after a restart.
         self.rng = rng or np.random.default_rng([config.seed, self.next_round_id])
         self._resume_open_round()
+        self._resume_chunks()
         self._check_done()
+
+    def _resume_chunks(self) -> None:
+        """Feed the chunks of messages that were not whole at the crash in again."""
+        kept = self.store.chunks()
+        for device, payload in kept:
+            self._on_update_payload(Message(self.topics.update(device), payload))
+        if kept:
+            log.info("took up %d chunk(s) of update(s) that were not whole yet", len(kept))
 
     def _resume_open_round(self) -> None:
         """Take up the round that was open when the process stopped, with what it accepted.
@@ -306,7 +315,12 @@ class Aggregator:
                 self._reject(f"chunk_{exc.reason}", msg.topic, str(exc))
                 return
             if full is None:
+                # Kept before it is acknowledged: after a crash it is fed in again.
+                self.store.save_chunk(
+                    device, key[1], int.from_bytes(payload[12:14], "big"), payload
+                )
                 return
+            self.store.forget_chunks(key[1], device)
             payload = full
             wire = self._chunk_wire.pop(key, wire)
         try:
@@ -410,6 +424,7 @@ class Aggregator:
             return
         now = self.clock()
         for gone in self.reassembler.expire():
+            self.store.forget_chunks(gone.message_id)
             for key in [k for k in self._chunk_wire if k[1] == gone.message_id]:
                 self.stray_bytes += self._chunk_wire.pop(key)
             self._reject(

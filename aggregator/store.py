@@ -56,6 +56,15 @@ CREATE TABLE IF NOT EXISTS answers (
     PRIMARY KEY (device_id, update_id)
 );
 CREATE INDEX IF NOT EXISTS answers_by_round ON answers(round_id);
+-- Chunks of updates not yet whole: a crash must not lose what the broker no longer holds.
+CREATE TABLE IF NOT EXISTS chunks (
+    device_id  TEXT NOT NULL,
+    message_id BLOB NOT NULL,
+    idx        INTEGER NOT NULL,
+    payload    BLOB NOT NULL,
+    received   REAL NOT NULL,
+    PRIMARY KEY (device_id, message_id, idx)
+);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -269,6 +278,25 @@ class Store:
         self.db.execute("DELETE FROM answers WHERE round_id<=?", (closed_round,))
         self.db.execute("DELETE FROM models WHERE version<?", (keep_from_version,))
         self.db.execute("DELETE FROM strategy_state WHERE version<?", (keep_from_version,))
+
+    def save_chunk(self, device_id: str, message_id: bytes, idx: int, payload: bytes) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?)",
+            (device_id, message_id, idx, payload, time.time()),
+        )
+
+    def forget_chunks(self, message_id: bytes, device_id: str | None = None) -> None:
+        if device_id is None:
+            self.db.execute("DELETE FROM chunks WHERE message_id=?", (message_id,))
+        else:
+            self.db.execute(
+                "DELETE FROM chunks WHERE message_id=? AND device_id=?", (message_id, device_id)
+            )
+
+    def chunks(self) -> list[tuple[str, bytes]]:
+        """Chunks of messages that were not whole yet: (device, chunk), in arrival order."""
+        rows = self.db.execute("SELECT device_id, payload FROM chunks ORDER BY received").fetchall()
+        return [(str(r[0]), bytes(r[1])) for r in rows]
 
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))

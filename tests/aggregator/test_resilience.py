@@ -27,10 +27,12 @@ from test_coordinator import (  # noqa: F401
 pytestmark = pytest.mark.link
 
 
-def restart(agg: Aggregator, tmp_path: Path, broker: MemoryBroker, clock: Clock) -> Aggregator:
+def restart(
+    agg: Aggregator, tmp_path: Path, broker: MemoryBroker, clock: Clock, **cfg: object
+) -> Aggregator:
     """Kill ``agg`` (no clean shutdown: its store is simply dropped) and start another."""
     agg.store.db.close()
-    return make(tmp_path, broker, clock, min_devices=3, rounds=1)
+    return make(tmp_path, broker, clock, **({"min_devices": 3, "rounds": 1} | cfg))
 
 
 def test_a_killed_aggregator_resumes_its_round_with_what_it_accepted(tmp_path: Path) -> None:
@@ -330,3 +332,24 @@ def test_a_state_for_another_model_is_refused(tmp_path: Path) -> None:
             initial_weights={"w": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)},
             clock=clock,
         )
+
+
+def test_chunks_of_an_update_survive_a_crash_before_it_is_whole(tmp_path: Path) -> None:
+    from fedge.protocol import UpdateHeader, split
+
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1, rounds=1)
+    a = Device(broker, "a")
+    pump(agg)
+    header = UpdateHeader(device_id="a", round_id=1, update_id="big", base_version=0, num_samples=7)
+    parts = split(encode(header, delta(2.0)), 64, b"12345678")
+    assert len(parts) > 2
+    for part in parts[:-1]:
+        a.link.publish(T.update("a"), part)
+    pump(agg)  # received, kept, acknowledged: the broker holds them no more
+    agg = restart(agg, tmp_path, broker, clock)
+    a.link.publish(T.update("a"), parts[-1])
+    pump(agg)
+    assert agg.done and agg.version == 1
+    np.testing.assert_allclose(agg.weights["w"], 2.0)
+    assert agg.store.chunks() == []
