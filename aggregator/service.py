@@ -145,6 +145,8 @@ def build_aggregator(
     on_round: Callable[[dict], None] | None = None,
     floor: tuple[int, int] | None = None,
 ) -> Aggregator:
+    evaluator = make_evaluator(cfg)  # the files the config names first: one clear line
+    caps, revoked = load_registry(cfg)
     db = cfg.state_dir / STATE_FILE
     if floor is None and not db.exists():
         seen = history(cfg)
@@ -161,13 +163,12 @@ def build_aggregator(
         # Acknowledged only once handled: what a crash interrupts, the broker sends again.
         link = broker_link(cfg.broker, cfg.client_id, cfg.tls, manual_ack=True)
     key = cfg.signing_key
-    caps, revoked = load_registry(cfg)
     return Aggregator(
         cfg,
         link=link,
         store=Store(db),
         initial_weights=initial,
-        evaluator=make_evaluator(cfg),
+        evaluator=evaluator,
         on_round=on_round,
         signing_key=None if key is None else load_private_key(key.read_bytes()),
         sample_caps=caps,
