@@ -55,17 +55,18 @@ LOG_TAIL_LINES = 30
 
 
 def find_mosquitto() -> str:
-    """Path of the mosquitto binary: on PATH, else /usr/sbin/mosquitto (Debian puts it there)."""
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    raise RuntimeError(
-        "mosquitto is not installed, and the broker tests need a real broker: run `make test` "
-        "(it installs it when run as root) or `sudo apt-get install mosquitto`"
-    )
+    """Path of the mosquitto binary (fedge.fleet.mosquitto's search), or RuntimeError saying
+    how the tests get one."""
+    from fedge.fleet.mosquitto import MosquittoError
+    from fedge.fleet.mosquitto import find_mosquitto as find
+
+    try:
+        return find()
+    except MosquittoError as exc:
+        raise RuntimeError(
+            "mosquitto is not installed, and the broker tests need a real broker: run `make"
+            " test` (it installs it when run as root) or `sudo apt-get install mosquitto`"
+        ) from exc
 
 
 def free_port(host: str = HOST) -> int:

@@ -124,18 +124,35 @@ def configs(tmp_path: Path, url: str, fleet: str, devices: int, **agg: object): 
     return agg_cfg, agents
 
 
-def test_an_aggregator_killed_mid_round_resumes_with_what_it_had_accepted(
-    tmp_path: Path,
-    mosquitto,
-    fleet_id: str,  # type: ignore[no-untyped-def]
-) -> None:
-    agg_cfg, agent_cfgs = configs(tmp_path, mosquitto.url, fleet_id, 3, rounds=1)
-    observer = Observer(mosquitto.url, fleet_id)
+def start(tmp_path: Path, url: str, fleet: str, devices: int, rounds: int):  # type: ignore[no-untyped-def]
+    """An aggregator and its devices, started (loops not yet running), and an observer."""
+    agg_cfg, agent_cfgs = configs(tmp_path, url, fleet, devices, rounds=rounds)
+    observer = Observer(url, fleet)
     agg = build_aggregator(agg_cfg)
     agents = [build_agent(c) for c in agent_cfgs]
     agg.start()
     for a in agents:
         a.start()
+    return agg_cfg, agent_cfgs, observer, agg, agents
+
+
+def stop(loops: list[Loop], agents: list[Agent], agg: Aggregator, observer: Observer) -> None:
+    for loop in loops:
+        loop.halt()
+    for a in agents:
+        a.stop()
+    agg.link.close()
+    agg.store.close()
+    observer.drain(0.5)
+    observer.link.close()
+
+
+def test_an_aggregator_killed_mid_round_resumes_with_what_it_had_accepted(
+    tmp_path: Path,
+    mosquitto,
+    fleet_id: str,  # type: ignore[no-untyped-def]
+) -> None:
+    agg_cfg, agent_cfgs, observer, agg, agents = start(tmp_path, mosquitto.url, fleet_id, 3, 1)
     loops = [Loop(agg), Loop(agents[0]), Loop(agents[1])]  # the third is slow to answer
     rnd = lambda: agg.current  # noqa: E731
     observer.wait_for(lambda: rnd() is not None and len(rnd().deltas) == 2)  # type: ignore[union-attr]
@@ -148,14 +165,7 @@ def test_an_aggregator_killed_mid_round_resumes_with_what_it_had_accepted(
     loops[0] = Loop(again)
     loops.append(Loop(agents[2]))
     observer.wait_for(lambda: again.done and 1 in observer.globals)
-    for loop in loops:
-        loop.halt()
-    for a in agents:
-        a.stop()
-    again.link.close()
-    again.store.close()
-    observer.drain(0.5)
-    observer.link.close()
+    stop(loops, agents, again, observer)
     accepted = sorted(c.device_id for c in agent_cfgs)
     assert sorted(observer.updates[1]) == accepted
     assert all(observer.sends[(1, d)] == 1 for d in accepted), observer.sends  # once each
@@ -167,13 +177,7 @@ def test_a_fleet_whose_retained_global_went_stale_heals(
     mosquitto,
     fleet_id: str,  # type: ignore[no-untyped-def]
 ) -> None:
-    agg_cfg, agent_cfgs = configs(tmp_path, mosquitto.url, fleet_id, 2, rounds=2)
-    observer = Observer(mosquitto.url, fleet_id)
-    agg = build_aggregator(agg_cfg)
-    agents = [build_agent(c) for c in agent_cfgs]
-    agg.start()
-    for a in agents:
-        a.start()
+    _, agent_cfgs, observer, agg, agents = start(tmp_path, mosquitto.url, fleet_id, 2, 2)
     agg_loop = Loop(agg)
     deadline = time.monotonic() + 60
     while any(a.global_version < 1 for a in agents):  # round 1 and its model, no further
@@ -195,15 +199,7 @@ def test_a_fleet_whose_retained_global_went_stale_heals(
         a.start()
     loops = [Loop(a) for a in agents]
     observer.wait_for(lambda: agg.done and 2 in observer.globals, timeout=90)
-    agg_loop.halt()
-    for loop in loops:
-        loop.halt()
-    for a in agents:
-        a.stop()
-    agg.link.close()
-    agg.store.close()
-    observer.drain(0.5)
-    observer.link.close()
+    stop([agg_loop, *loops], agents, agg, observer)
     assert agg.republished >= 1
     assert all(a.stats.rejected["old_version"] >= 1 for a in agents)  # v0 refused, not applied
     accepted = sorted(c.device_id for c in agent_cfgs)
@@ -215,13 +211,7 @@ def test_an_update_the_aggregator_received_but_had_not_handled_is_delivered_agai
     mosquitto,
     fleet_id: str,  # type: ignore[no-untyped-def]
 ) -> None:
-    agg_cfg, agent_cfgs = configs(tmp_path, mosquitto.url, fleet_id, 2, rounds=1)
-    observer = Observer(mosquitto.url, fleet_id)
-    agg = build_aggregator(agg_cfg)
-    agents = [build_agent(c) for c in agent_cfgs]
-    agg.start()
-    for a in agents:
-        a.start()
+    agg_cfg, agent_cfgs, observer, agg, agents = start(tmp_path, mosquitto.url, fleet_id, 2, 1)
     loops = [Loop(a) for a in agents]
     deadline = time.monotonic() + 60
     while agg.current is None or agg.current.answered:  # announce, but handle no answer
@@ -242,15 +232,7 @@ def test_an_update_the_aggregator_received_but_had_not_handled_is_delivered_agai
     again.start()
     loop = Loop(again)
     observer.wait_for(lambda: again.done and 1 in observer.globals)
-    loop.halt()
-    for one in loops:
-        one.halt()
-    for a in agents:
-        a.stop()
-    again.link.close()
-    again.store.close()
-    observer.drain(0.5)
-    observer.link.close()
+    stop([loop, *loops], agents, again, observer)
     accepted = sorted(c.device_id for c in agent_cfgs)
     assert all(observer.sends[(1, d)] == 1 for d in accepted)  # not sent again: redelivered
     observer.assert_exact_average(round_id=1, version=1, accepted=accepted)
