@@ -119,6 +119,7 @@ class Aggregator:
         self.on_round = on_round or (lambda summary: None)
         self.clock = clock
         self.online: set[str] = set()
+        self.known: set[str] = set()  # every device whose status was heard, online or not
         self.rejected: Counter[str] = Counter()
         self.current: OpenRound | None = None
         self.done = False
@@ -353,8 +354,10 @@ class Aggregator:
             self.online.discard(status.device_id)
         elif status.state == "offline":
             self.online.discard(status.device_id)
+            self.known.add(status.device_id)
         else:
             self.online.add(status.device_id)
+            self.known.add(status.device_id)
             if status.model_version is not None and status.model_version < self.version:
                 self._republish_global(f"{status.device_id} has v{status.model_version}")
 
@@ -453,16 +456,14 @@ class Aggregator:
                 self._announce(now)
             elif now - self._last_wait_log >= self.cfg.wait_log_interval:
                 self._last_wait_log = now
-                names = sorted(self.online)
-                shown = ", ".join(names[:10]) + (
-                    f" and {len(names) - 10} more" if len(names) > 10 else ""
-                )
+                away = sorted(self.known - self.online)
                 log.warning(
-                    "round %d cannot start: %d of the %d device(s) it needs are online (%s)",
+                    "round %d cannot start: %d of the %d device(s) it needs are online (%s)%s",
                     self.next_round_id,
                     len(self.online),
                     self.cfg.min_devices,
-                    shown or "none",
+                    _names(sorted(self.online)) or "none",
+                    f"; offline: {_names(away)}" if away else "",
                 )
 
     def _select(self) -> list[str]:
@@ -664,7 +665,8 @@ class Aggregator:
             self.store.close_round(rnd.round_id, status, now, summary)
         self.current = None
         _append_jsonl(self.cfg.log_path, summary)
-        log.info("round %d %s: %s", rnd.round_id, status, json.dumps(summary))
+        log.info("%s", describe_round(summary))
+        log.debug("round %d: %s", rnd.round_id, json.dumps(summary))
         self.on_round(summary)
 
 
@@ -680,3 +682,45 @@ def _shape_difference(ours: dict[str, tuple], theirs: dict[str, tuple]) -> str:
             state, model = ours.get(name, "absent"), theirs.get(name, "absent")
             return f"tensor {name}: {state} in the state, {model} in the model"
     return "the same tensors"
+
+
+def _names(names: list[str], most: int = 10) -> str:
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def _kb(nbytes: float) -> str:
+    return f"{nbytes / 1000:.1f} kB"
+
+
+def describe_round(summary: dict) -> str:
+    """One line an operator reads: what a round did (rounds.jsonl has everything)."""
+    selected = summary.get("selected", 0)
+    trained = len(summary.get("participants", []))
+    reasons = summary.get("skip_reasons") or {}
+    skipped = len(summary.get("skipped", []))
+    missing = summary.get("missing", [])
+    head = f"round {summary['round']} {summary['status']}"
+    if summary.get("why"):
+        head += f" ({summary['why']})"
+    parts = [f"{trained} of {selected} trained"]
+    if skipped:
+        why = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
+        parts.append(f"{skipped} skipped" + (f" ({why})" if why else ""))
+    parts.append(f"{len(missing)} missing" + (f" ({_names(missing, 5)})" if missing else ""))
+    line = f"{head}: " + ", ".join(parts)
+    scores = []
+    if summary.get("accuracy") is not None:
+        scores.append(f"accuracy {100 * summary['accuracy']:.2f}%")
+    if summary.get("mae") is not None:
+        scores.append(f"MAE {summary['mae']:.4f}")
+    if summary.get("loss") is not None:
+        scores.append(f"loss {summary['loss']:.4f}")
+    if scores:
+        line += "; " + ", ".join(scores)
+    line += (
+        f"; up {_kb(summary.get('bytes_received', 0))},"
+        f" down {_kb(summary.get('bytes_down_per_device', 0))} per device"
+        f"; {summary.get('duration_s', 0):.1f} s; model v{summary.get('model_version')}"
+    )
+    return line

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -294,8 +294,11 @@ def _cmd_provision(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedge", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="fedge", description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    p.add_argument("--version", action="version", version=f"fedge {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("agent", help="run the device daemon")
@@ -477,7 +480,49 @@ def parser() -> argparse.ArgumentParser:
     pv.add_argument("--task", default="forecast", choices=["forecast", "autoencode", "classify"])
     pv.add_argument("--days", type=int, default=825, help="certificate validity (default: 825)")
     pv.set_defaults(func=_cmd_provision, log_level=logging.WARNING)
+    _every_parser(p, _show_defaults)
     return p
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = HelpWithDefaults
+    for action in parser._actions:
+        no_help = action.help is None and action.option_strings
+        if no_help and action.default not in (None, False, argparse.SUPPRESS):
+            action.help = "(default: %(default)s)"  # argparse shows nothing for help=None
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or "default" in text
+            or action.default in (None, False, argparse.SUPPRESS)
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _every_parser(
+    parser: argparse.ArgumentParser, do: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    do(parser)
+    for action in parser._actions:  # argparse keeps subcommands only here
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _every_parser(sub, do)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedge")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,8 +24,12 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import os
+import sys
+import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -154,6 +158,32 @@ def _check_weights(
             )
 
 
+@contextmanager
+def native_stderr(what: str) -> Iterator[None]:
+    """Catch what the native runtime prints on stderr (file descriptor 2) meanwhile, e.g.
+    LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.": its INFO lines go to
+    the log at DEBUG (``fedge -v`` shows them), anything else at WARNING."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to take over (a daemon with fd 2 closed)
+        yield
+        return
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for line in caught.read().decode("utf-8", "replace").splitlines():
+                if line.strip():
+                    level = logging.DEBUG if line.startswith("INFO:") else logging.WARNING
+                    log.log(level, "%s said: %s", what, line)
+
+
 def _import_backend(backend: str) -> ModuleType:
     if backend == "litert":
         from ai_edge_litert import interpreter as mod
@@ -198,6 +228,13 @@ class InterpreterRuntime(Runtime):
         self._mod = _import_backend(backend)
         self._data = data
         self._num_threads = num_threads
+        with native_stderr(backend):
+            self._open(data, num_threads)
+        self._infer_interp = self._load_delegated(delegates)
+        self._infer_stale = True
+
+    def _open(self, data: bytes, num_threads: int) -> None:
+        backend = self.backend
         try:
             self._interp = self._mod.Interpreter(model_content=data, num_threads=num_threads)
         except (ValueError, RuntimeError) as exc:
@@ -218,8 +255,6 @@ class InterpreterRuntime(Runtime):
         y_details = self._run["train"].get_input_details()["y"]
         self._y_dtype = np.dtype(y_details["dtype"])
         self._shapes = {k: v.shape for k, v in self.get_weights().items()}
-        self._infer_interp = self._load_delegated(delegates)
-        self._infer_stale = True
 
     def example_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype]:
         """The shapes of one example's ``x`` and ``y`` (batch axis dropped), and y's dtype."""
@@ -241,12 +276,13 @@ class InterpreterRuntime(Runtime):
                 )
                 continue
             try:
-                delegate = self._mod.load_delegate(lib)
-                interp = self._mod.Interpreter(
-                    model_content=self._data,
-                    experimental_delegates=[delegate],
-                    num_threads=self._num_threads,
-                )
+                with native_stderr(f"{self.backend} with {lib}"):
+                    delegate = self._mod.load_delegate(lib)
+                    interp = self._mod.Interpreter(
+                        model_content=self._data,
+                        experimental_delegates=[delegate],
+                        num_threads=self._num_threads,
+                    )
             except (ValueError, OSError, RuntimeError) as exc:
                 log.warning(
                     "delegate %s could not be loaded (%s); inference runs on the CPU", lib, exc

@@ -358,3 +358,45 @@ def test_bytes_are_credited_to_the_round_they_are_for(tmp_path: Path) -> None:
     assert line["bytes_up_by_device"] == {"a": line["bytes_received"]}
     assert agg.stray_bytes == stray  # the round's own update went to the round
     assert line["bytes_received"] < stray  # the straggler and the garbage were not counted
+
+
+def test_each_round_is_one_short_line_an_operator_reads() -> None:
+    from fedge.aggregator.coordinator import describe_round
+
+    done = {
+        "round": 12,
+        "status": "done",
+        "model_version": 12,
+        "selected": 10,
+        "participants": [f"d{i}" for i in range(8)],
+        "skipped": ["d8"],
+        "skip_reasons": {"small_update": 1},
+        "missing": ["d9"],
+        "accuracy": 0.9621,
+        "loss": 0.3105,
+        "bytes_received": 24130,
+        "bytes_down_per_device": 20117,
+        "duration_s": 4.12,
+    }
+    assert describe_round(done) == (
+        "round 12 done: 8 of 10 trained, 1 skipped (small_update 1), 1 missing (d9);"
+        " accuracy 96.21%, loss 0.3105; up 24.1 kB, down 20.1 kB per device; 4.1 s; model v12"
+    )
+    failed = {
+        "round": 3,
+        "status": "failed",
+        "why": "1 of 3 update(s) by the deadline, quorum 2",
+        "model_version": 2,
+        "selected": 3,
+        "participants": ["a"],
+        "skipped": [],
+        "missing": ["b", "c"],
+        "bytes_received": 900,
+        "bytes_down_per_device": 20117,
+        "duration_s": 60.0,
+    }
+    assert describe_round(failed) == (
+        "round 3 failed (1 of 3 update(s) by the deadline, quorum 2): 1 of 3 trained,"
+        " 2 missing (b, c); up 0.9 kB, down 20.1 kB per device; 60.0 s; model v2"
+    )
+    assert len(describe_round(done)) < 200

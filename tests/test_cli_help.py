@@ -1,0 +1,39 @@
+"""The command line explains itself: a version, and every option's default in its help."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+
+def fedge(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedge.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_version() -> None:
+    proc = fedge("--version")
+    assert proc.returncode == 0 and re.fullmatch(r"fedge \S+\n", proc.stdout)
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "default"),
+    [
+        (("sim",), "--devices", "10"),
+        (("sim",), "--quorum", "0.5"),
+        (("sim",), "--codec", "topk:0.02+int8"),
+        (("bridge", "simulate"), "--rate", "100.0"),
+        (("provision",), "--dir", "fleet-pki"),
+    ],
+)
+def test_every_option_says_its_default(command: tuple[str, ...], option: str, default: str) -> None:
+    proc = fedge(*command, "--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())  # argparse wraps help lines
+    assert re.search(rf"{re.escape(option)} \S+ .*?\(default: {re.escape(default)}\)", text), text
