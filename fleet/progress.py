@@ -28,6 +28,14 @@ class RoundDisplay:
         ("s", 5),
     )
 
+    LEGEND = (
+        "devices: uploaded of selected (the rest held back or missed it); accuracy, loss: the"
+        " global model on held-out data;"
+        " central: one model trained on all the data; alone: device 0's data only, never"
+        " federated; local: median of each device's own model; KB up: update bytes received;"
+        " s: round time"
+    )
+
     def __init__(
         self, rounds: int, *, enabled: bool = True, console: Console | None = None
     ) -> None:
@@ -58,6 +66,7 @@ class RoundDisplay:
         if not self.enabled:
             return
         if not self._header_done:
+            self.progress.console.print(self.LEGEND, style="dim", highlight=False)
             self.progress.console.print(
                 " ".join(f"{name:>{width}}" for name, width in self.COLUMNS)
             )
