@@ -101,6 +101,9 @@ class AgentConfig(BaseModel):
     # When to sit out: power, temperature, load, daily upload bytes. None: always take part.
     eligibility: EligibilityConfig | None = None
     seed: int = 0
+    # Prometheus /metrics on metrics_addr:metrics_port (fedge.metrics); 0: off.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_addr: str = "127.0.0.1"
 
     @field_validator("aggregator_keys", mode="after")
     @classmethod

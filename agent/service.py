@@ -13,6 +13,7 @@ from fedge.protocol import Link
 from fedge.protocol.signing import load_public_key
 
 from fedge.brokerconfig import broker_link
+from fedge.metrics import AgentCollector, serve_metrics
 from fedge.systemd import serve_until_stopped, watchdog_petter
 
 from .config import AgentConfig
@@ -113,9 +114,12 @@ def serve(cfg: AgentConfig, *, reset: bool = False) -> int:
             reset_state(path, stamp)
     agent = build_agent(cfg)
     agent.heartbeat = watchdog_petter()
+    metrics = serve_metrics([AgentCollector(agent)], cfg.metrics_port, cfg.metrics_addr)
     agent.start(keep_trying=True)
     try:
         serve_until_stopped(agent.step, poll=0.5)
     finally:
         agent.stop()
+        if metrics is not None:
+            metrics.close()
     return 0

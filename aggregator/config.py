@@ -77,6 +77,9 @@ class AggregatorConfig(BaseModel):
     republish_interval: float = Field(default=10.0, ge=0)
     wait_log_interval: float = Field(default=60.0, gt=0)  # WARNING while a round cannot start
     backup_every: int = Field(default=10, ge=0)  # rounds between state backups; 0: never
+    # Prometheus /metrics on metrics_addr:metrics_port (fedge.metrics); 0: off.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_addr: str = "127.0.0.1"
 
     @field_validator("model", "eval_data", mode="after")
     @classmethod

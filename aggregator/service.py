@@ -19,6 +19,7 @@ from fedge.protocol.signing import load_private_key
 
 from fedge.brokerconfig import broker_link
 from fedge.configfile import ConfigError
+from fedge.metrics import AggregatorCollector, RoundRecorder, serve_metrics
 from fedge.systemd import serve_until_stopped
 
 from .config import AggregatorConfig
@@ -180,13 +181,17 @@ def build_aggregator(
 def serve(cfg: AggregatorConfig, *, reset: bool = False) -> int:
     """Run until SIGTERM/SIGINT or the configured rounds are done."""
     floor = reset_state(cfg) if reset else None
-    agg = build_aggregator(cfg, floor=floor)
+    rounds = RoundRecorder()  # the last round's summary, for the metrics
+    agg = build_aggregator(cfg, on_round=rounds, floor=floor)
+    metrics = serve_metrics([AggregatorCollector(agg, rounds)], cfg.metrics_port, cfg.metrics_addr)
     agg.start(keep_trying=True)
     try:
         serve_until_stopped(agg.step, poll=0.2, done=lambda: agg.done)
     finally:
         agg.link.close()
         agg.store.close()
+        if metrics is not None:
+            metrics.close()
     if agg.done:
         log.info("finished %d round(s)", agg.completed)
     return 0

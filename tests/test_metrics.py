@@ -1,0 +1,242 @@
+"""Prometheus metrics: the collectors read a real agent and aggregator; over Mosquitto, both
+``/metrics`` endpoints are scraped during a run and after it, and the counters move."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedge.agent.config import AgentConfig
+from fedge.agent.daemon import Agent
+from fedge.agent.dataset import Dataset
+from fedge.agent.service import build_agent
+from fedge.aggregator.config import AggregatorConfig
+from fedge.aggregator.coordinator import Aggregator
+from fedge.aggregator.service import build_aggregator
+from fedge.aggregator.strategies.config import StrategyConfig
+from fedge.models.runtime import load_runtime
+from fedge.protocol import GateSettings, MemoryBroker, MemoryLink, TrainingConfig
+from helpers import DIGITS_MODEL, digits_partitions
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from fedge.metrics import AgentCollector, AggregatorCollector, RoundRecorder, serve_metrics
+
+TRAINING = TrainingConfig(
+    epochs=1, batch_size=16, lr=0.1, codec="float32", gate=GateSettings(threshold=0)
+)
+
+
+def registry(*collectors: Collector) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    for c in collectors:
+        reg.register(c)
+    return reg
+
+
+def value(reg: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return reg.get_sample_value(name, labels)
+
+
+def memory_round(tmp_path: Path) -> Iterator[tuple[Aggregator, RoundRecorder, list[Agent]]]:
+    """An aggregator and two agents on the in-memory link, after one round (a generator: the
+    aggregator's store is closed when it resumes)."""
+    parts, test = digits_partitions(tmp_path, 2, seed=3)
+    broker = MemoryBroker()
+    rounds = RoundRecorder()
+    cfg = AggregatorConfig(
+        fleet="metrics",
+        model=DIGITS_MODEL,
+        state_dir=tmp_path / "agg",
+        rounds=1,
+        min_devices=2,
+        quorum=1.0,
+        round_timeout=30,
+        training=TRAINING,
+        strategy=StrategyConfig(name="fedavg"),
+        eval_data=test,
+    )
+    agg = build_aggregator(cfg, link=MemoryLink(broker, "aggregator"), on_round=rounds)
+    agents = []
+    for i, part in enumerate(parts):
+        with np.load(part) as npz:
+            data = Dataset(npz["x"], npz["y"])
+        agent = Agent(
+            device_id=f"d{i}",
+            fleet="metrics",
+            link=MemoryLink(broker, f"d{i}", will=Agent.will(f"d{i}", "metrics")),
+            runtime=load_runtime(DIGITS_MODEL),
+            data=data,
+            rng=np.random.default_rng(i),
+        )
+        agent.start()
+        agents.append(agent)
+    agg.start()
+    try:
+        for _ in range(200):
+            agg.step(0)
+            for agent in agents:
+                while agent.step(0):
+                    pass
+            if agg.done:
+                break
+        for agent in agents:  # the new global model
+            while agent.step(0):
+                pass
+        assert agg.done
+        yield agg, rounds, agents
+    finally:
+        agg.store.close()
+
+
+@pytest.mark.link
+def test_collectors_read_a_real_agent_and_aggregator(tmp_path: Path) -> None:
+    for agg, rounds, agents in memory_round(tmp_path):
+        reg = registry(AggregatorCollector(agg, rounds), AgentCollector(agents[0]))
+        assert value(reg, "fedge_aggregator_rounds_total", status="done") == 1
+        assert value(reg, "fedge_aggregator_rounds_total", status="failed") == 0
+        assert value(reg, "fedge_aggregator_model_version") == agg.version == 1
+        assert value(reg, "fedge_aggregator_devices_online") == 2
+        assert value(reg, "fedge_aggregator_round_participants") == 2
+        assert value(reg, "fedge_aggregator_round_missing") == 0
+        assert 0 <= (value(reg, "fedge_aggregator_accuracy_ratio") or -1) <= 1
+        assert (value(reg, "fedge_aggregator_round_duration_seconds") or -1) >= 0
+        assert (value(reg, "fedge_aggregator_round_received_bytes") or 0) > 0
+        assert value(reg, "fedge_aggregator_mqtt_bytes_received_total") == agg.link.bytes_down > 0
+        assert value(reg, "fedge_agent_rounds_trained_total") == 1
+        assert value(reg, "fedge_agent_model_version") == 1
+        assert value(reg, "fedge_agent_last_round") == 1
+        assert value(reg, "fedge_agent_update_bytes_sent_total") == agents[0].stats.bytes_sent > 0
+        assert value(reg, "fedge_agent_mqtt_bytes_sent_total") == agents[0].link.bytes_up
+        assert value(reg, "fedge_agent_mqtt_bytes_received_total") == agents[0].link.bytes_down
+        assert value(reg, "fedge_agent_anomaly_score") is None  # a classifier: no score
+        # Counts by reason show up as the loop counts them, with no call of its own.
+        agents[0].stats.skipped["battery_low"] += 2
+        agg.rejected["bad_signature"] += 1
+        assert value(reg, "fedge_agent_updates_skipped_total", reason="battery_low") == 2
+        assert value(reg, "fedge_aggregator_messages_rejected_total", reason="bad_signature") == 1
+
+
+@pytest.mark.unit
+def test_off_unless_a_port_is_set() -> None:
+    assert serve_metrics([], 0) is None and serve_metrics([], None) is None
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every sample of ``http://127.0.0.1:port/metrics``, by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+DONE = "fedge_aggregator_rounds_total{status=done}"
+
+
+def wait_for(port: int, name: str, above: float, deadline: float) -> dict[str, float]:
+    while time.monotonic() < deadline:
+        seen = scrape(port)
+        if seen.get(name, 0) > above:
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"{name} stayed at or below {above}")
+
+
+@pytest.mark.broker
+def test_both_endpoints_move_during_a_run_over_mosquitto(
+    tmp_path: Path,
+    mosquitto,  # type: ignore[no-untyped-def]
+    fleet_id: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    from mosquitto import free_port
+
+    parts, _ = digits_partitions(tmp_path, 2, seed=5)
+    rounds = RoundRecorder()
+    agg = build_aggregator(
+        AggregatorConfig(
+            fleet=fleet_id,
+            broker=mosquitto.url,
+            client_id="agg-" + fleet_id[-8:],
+            model=DIGITS_MODEL,
+            state_dir=tmp_path / "agg",
+            min_devices=2,
+            quorum=1.0,
+            round_timeout=30,
+            training=TRAINING,
+            strategy=StrategyConfig(name="fedavg"),
+        ),
+        on_round=rounds,
+    )
+    agents = [
+        build_agent(
+            AgentConfig(
+                device_id=f"m{i}-{fleet_id[-8:]}",
+                fleet=fleet_id,
+                broker=mosquitto.url,
+                model=DIGITS_MODEL,
+                data=p,
+                state_dir=tmp_path / "agents",
+                seed=i,
+            )
+        )
+        for i, p in enumerate(parts)
+    ]
+    agg_port, agent_port = free_port(), free_port()
+    for server in (
+        serve_metrics([AggregatorCollector(agg, rounds)], agg_port),
+        serve_metrics([AgentCollector(agents[0])], agent_port),
+    ):
+        assert server is not None
+        request.addfinalizer(server.close)
+    stop = threading.Event()
+    agg.start()
+    for a in agents:
+        a.start()
+    threads = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
+    threads.append(threading.Thread(target=agg.run, args=(stop,), daemon=True))
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 60
+        first = wait_for(agg_port, DONE, 0, deadline)
+        dev_first = scrape(agent_port)
+        later = wait_for(agg_port, DONE, first[DONE], deadline)  # still running: it moves
+        assert (
+            later["fedge_aggregator_mqtt_bytes_received_total"]
+            > first["fedge_aggregator_mqtt_bytes_received_total"]
+        )
+        assert later["fedge_aggregator_model_version"] > first["fedge_aggregator_model_version"]
+        assert later["fedge_aggregator_round_participants"] == 2
+        dev_later = wait_for(
+            agent_port,
+            "fedge_agent_rounds_trained_total",
+            dev_first["fedge_agent_rounds_trained_total"],
+            deadline,
+        )
+        assert (
+            dev_later["fedge_agent_mqtt_bytes_sent_total"]
+            > dev_first["fedge_agent_mqtt_bytes_sent_total"]
+        )
+        assert dev_later["fedge_agent_update_bytes_sent_total"] > 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        for a in agents:
+            a.stop()
+        agg.link.close()
+        agg.store.close()
+    after = scrape(agg_port)  # after the run: the last values stay readable
+    assert after[DONE] >= later[DONE] and after[DONE] == agg.completed
+    assert scrape(agent_port)["fedge_agent_rounds_trained_total"] >= 2
