@@ -63,6 +63,9 @@ class AggregatorConfig(BaseModel):
     rounds: int = Field(default=0, ge=0)  # 0: run until stopped
     min_devices: int = Field(default=1, ge=1)  # online devices needed before round 1
     devices_per_round: int = Field(default=0, ge=0)  # 0: every online device
+    # With devices_per_round: select this many times more (reliable devices first) and close
+    # the round once devices_per_round have answered.
+    overselect: float = Field(default=1.3, ge=1.0, le=10.0)
     quorum: float = Field(default=0.5, gt=0, le=1)  # share of selected updates after deadline
     round_timeout: float = Field(default=120.0, gt=0)  # seconds
     training: TrainingConfig = TrainingConfig()  # announced with every round

@@ -120,6 +120,8 @@ class Aggregator:
         self.clock = clock
         self.online: set[str] = set()
         self.known: set[str] = set()  # every device whose status was heard, online or not
+        self.misses: dict[str, int] = {}  # rounds in a row a device was selected and missed
+        self.retry_at: dict[str, int] = {}  # the round from which such a device is tried again
         self.rejected: Counter[str] = Counter()
         self.current: OpenRound | None = None
         self.done = False
@@ -438,7 +440,8 @@ class Aggregator:
             )
         rnd = self.current
         if rnd is not None:
-            if rnd.answered >= set(rnd.selected):
+            target = self.cfg.devices_per_round
+            if rnd.answered >= set(rnd.selected) or (target and len(rnd.answered) >= target):
                 self._finish(now)
             elif now >= rnd.deadline:
                 needed = max(1, math.ceil(self.cfg.quorum * len(rnd.selected)))
@@ -467,11 +470,32 @@ class Aggregator:
                 )
 
     def _select(self) -> list[str]:
+        """Online devices, the unreliable ones on probation: a device that missed its last
+        rounds is left out for 2, 4, 8, then 16 rounds before it is tried again, so a hung
+        device does not make every round wait for its deadline. With ``devices_per_round``,
+        reliable devices first, over-selected by ``overselect`` (the round closes once the
+        target has answered)."""
         online = sorted(self.online)
+        nxt = self.next_round_id
+        ready = [d for d in online if nxt >= self.retry_at.get(d, 0)] or online
         k = self.cfg.devices_per_round
-        if not k or k >= len(online):
-            return online
-        return sorted(self.rng.choice(online, size=k, replace=False).tolist())
+        if not k:
+            return ready
+        want = min(len(ready), math.ceil(k * self.cfg.overselect))
+        order = self.rng.permutation(len(ready))
+        ranked = sorted((self.misses.get(ready[i], 0), j, ready[i]) for j, i in enumerate(order))
+        return sorted(d for _, _, d in ranked[:want])
+
+    def _note_outcomes(self, rnd: OpenRound) -> None:
+        """Remember who answered: each miss in a row doubles the rounds a device sits out."""
+        for device in rnd.selected:
+            if device in rnd.answered:
+                self.misses.pop(device, None)
+                self.retry_at.pop(device, None)
+            else:
+                misses = self.misses.get(device, 0) + 1
+                self.misses[device] = misses
+                self.retry_at[device] = rnd.round_id + 1 + min(2**misses, 16)
 
     def _announce(self, now: float) -> None:
         selected = self._select()
@@ -663,6 +687,7 @@ class Aggregator:
     ) -> None:
         if not stored:
             self.store.close_round(rnd.round_id, status, now, summary)
+        self._note_outcomes(rnd)
         self.current = None
         _append_jsonl(self.cfg.log_path, summary)
         log.info("%s", describe_round(summary))

@@ -353,3 +353,46 @@ def test_chunks_of_an_update_survive_a_crash_before_it_is_whole(tmp_path: Path) 
     assert agg.done and agg.version == 1
     np.testing.assert_allclose(agg.weights["w"], 2.0)
     assert agg.store.chunks() == []
+
+
+def test_a_hung_device_is_left_out_for_a_while_so_rounds_do_not_wait_for_it(
+    tmp_path: Path,
+) -> None:
+    from fedge.protocol import RoundAnnouncement
+
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=3, quorum=0.5)
+    a, b, hung = Device(broker, "a"), Device(broker, "b"), Device(broker, "hung")
+    pump(agg)
+    waits = []
+    for r in range(1, 8):
+        rnd = agg.current
+        assert rnd is not None and rnd.round_id == r
+        started = clock.now
+        a.send(r, delta(0.1), 10, base=agg.version)
+        b.send(r, delta(0.1), 10, base=agg.version)
+        pump(agg)
+        if agg.current is rnd:  # still waiting for the hung device: its deadline passes
+            clock.now += 11
+            pump(agg)
+        waits.append((sorted(rnd.selected), clock.now - started))
+        clock.now += 1
+    assert waits[0] == (["a", "b", "hung"], 11)  # round 1 waits for it
+    assert waits[1] == (["a", "b"], 0) and waits[2] == (["a", "b"], 0)  # then it sits out
+    assert waits[3] == (["a", "b", "hung"], 11)  # tried again after 2 rounds...
+    assert [w for _, w in waits[4:]] == [0, 0, 0]  # ...and left out for 4 now
+    assert hung.last(RoundAnnouncement) is not None
+
+
+def test_over_selection_closes_the_round_once_the_target_answered(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=4, devices_per_round=3, overselect=1.3)
+    devices = [Device(broker, d) for d in "abcd"]
+    pump(agg)
+    rnd = agg.current
+    assert rnd is not None and len(rnd.selected) == 4  # ceil(3 * 1.3)
+    for d in devices[:3]:
+        if d.id in rnd.selected:
+            d.send(1, delta(0.1), 10)
+    pump(agg)
+    assert agg.version == 1 and agg.current is not rnd  # 3 answered: done without the 4th
