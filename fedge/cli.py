@@ -448,8 +448,12 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--fault-rate", type=float, default=0.001, help="faults per sample")
     bs.set_defaults(func=_cmd_bridge_simulate, log_level=logging.WARNING)
 
-    r = sub.add_parser("report", help="render a sim run as a PNG and an HTML page")
-    r.add_argument("run_dir", help="the --out folder of fedge sim")
+    r = sub.add_parser(
+        "report",
+        help="render a run as a PNG and an HTML page: a fedge sim --out folder, or an"
+        " aggregator's state directory (a field run, with a per-device view)",
+    )
+    r.add_argument("run_dir", help="the --out folder of fedge sim, or an aggregator's state_dir")
     r.add_argument("--png", default=None, help="default: RUN_DIR/report.png")
     r.add_argument("--html", default=None, help="default: RUN_DIR/report.html")
     r.set_defaults(func=_cmd_report, log_level=logging.WARNING)

@@ -1,9 +1,16 @@
-"""``fedge report RUN_DIR``: a PNG and a self-contained HTML page from a ``fedge sim`` run.
+"""``fedge report RUN_DIR``: a PNG and a self-contained HTML page from a run of fedge.
 
-A run directory is either a single run (``summary.json``, ``rounds.jsonl`` and optionally
-``baselines.jsonl``) or a set of runs, one per partition scheme: ``summary.json`` with
-``"runs": [folder, ...]`` and one sub-folder per scheme, each a single run. Every single run is
-one panel (a column) of the picture; the rows are listed in ``_ROWS``.
+A run directory is one of:
+
+- a field run: an aggregator's state directory (``rounds.jsonl``, ``aggregator.sqlite``; no
+  ``summary.json``), with accuracy (or MAE) and loss only when the aggregator had held-out data;
+- a single ``fedge sim`` run (``summary.json``, ``rounds.jsonl``, optionally ``baselines.jsonl``);
+- a set of sim runs, one per partition scheme: ``summary.json`` with ``"runs": [folder, ...]``
+  and one sub-folder per scheme, each a single run.
+
+Every single run is one panel (a column) of the picture; the rows are listed in ``_ROWS`` and
+drawn only when a run has their data. A report on one run whose lines name devices adds the
+per-device view of ``fedge.fleet.report_devices`` below the curves.
 
 Errors::
 
@@ -25,19 +32,28 @@ import math
 import statistics
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedge.fleet.report_devices import (
+    DEVICE_CSS,
+    device_grid,
+    device_table_html,
+    draw_device_view,
+    view_height,
+)
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure, FigureBase
 
 log = logging.getLogger("fedge.fleet")
 
 SUMMARY = "summary.json"
 ROUNDS = "rounds.jsonl"
 BASELINES = "baselines.jsonl"
+AGGREGATOR_STATE = "aggregator.sqlite"  # marks an aggregator's state directory
 LAST_N = 5  # summary_table averages this many last values of each curve
 DPI = 120
 
@@ -48,6 +64,18 @@ CENTRALISED = "black"
 LOCAL = "0.35"
 FAILED = "#d62728"
 BYTES = "#6f9fcf"
+BYTES_DOWN = "0.3"
+BYTES_UP_LABEL = "uploaded: updates the aggregator received"
+BYTES_DOWN_LABEL = "downloaded: model + announcement, times devices selected"
+
+# What each kind of line means, for a reader new to federated learning (picture and page).
+EXPLAINED = {
+    "federated global model": "the model the fleet trains together (FedAvg of device updates)",
+    "centralised baseline": "one model trained on all the devices' data pooled (the ceiling)",
+    "non-participant": "device 0's data only, never federated (\"alone\" in the sim's table)",
+    "device-local models": 'each device\'s own model, trained on its data only ("local")',
+    "failed round (no new model)": "the round ended without a new global model",
+}
 
 
 class ReportError(ValueError):
@@ -58,6 +86,7 @@ class ReportError(ValueError):
 class Metric:
     accuracy: float | None
     loss: float | None
+    mae: float | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +100,26 @@ class Round:
     participants: tuple[str, ...]
     bytes_received: int | None
     duration_s: float | None
+    mae: float | None = None  # a forecaster's held-out mean absolute error, instead of accuracy
+    why: str | None = None  # a failed round: what went wrong
+    selected: int | None = None
+    skipped: tuple[str, ...] = ()
+    skip_reasons: dict[str, int] = field(default_factory=dict)  # reason -> how many devices
+    skip_reason_by_device: dict[str, str] = field(default_factory=dict)
+    missing: tuple[str, ...] = ()
+    weights: dict[str, int] = field(default_factory=dict)  # device -> its weight in the average
+    bytes_up_by_device: dict[str, int] = field(default_factory=dict)
+    bytes_down_per_device: int | None = None  # what each selected device had to receive
+
+    @property
+    def bytes_down(self) -> int | None:
+        """MQTT bytes all the round's selected devices had to receive."""
+        if self.bytes_down_per_device is None:
+            return None
+        count = self.selected
+        if count is None:
+            count = len(set(self.participants) | set(self.skipped) | set(self.missing))
+        return self.bytes_down_per_device * count
 
     @property
     def done(self) -> bool:
@@ -95,6 +144,16 @@ class Run:
     summary: dict[str, Any]
     rounds: tuple[Round, ...]
     baselines: tuple[Baseline, ...]
+
+    @property
+    def is_field(self) -> bool:
+        """An aggregator's state directory rather than a ``fedge sim`` output folder."""
+        return not self.summary
+
+    @property
+    def has_devices(self) -> bool:
+        """Whether the lines say what each device did (the aggregator's lines do)."""
+        return any(r.skipped or r.missing or r.bytes_up_by_device or r.weights for r in self.rounds)
 
     @property
     def scheme(self) -> str:
@@ -141,7 +200,8 @@ def load_runs(run_dir: Path) -> list[Run]:
     _check_dir(run_dir)
     if (run_dir / ROUNDS).is_file():
         return [load_run(run_dir)]
-    summary = _read_summary(run_dir / SUMMARY)
+    # A set of runs lists them in its summary; without one (an empty folder) say only that.
+    summary = _read_summary(run_dir / SUMMARY) if (run_dir / SUMMARY).is_file() else {}
     listed = summary.get("runs", [])
     if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
         raise ReportError(f"{run_dir / SUMMARY}: 'runs' must be a list of folder names")
@@ -170,7 +230,8 @@ def _sub_runs(run_dir: Path) -> set[str]:
 def _read_summary(path: Path) -> dict[str, Any]:
     """``summary.json``, or ``{}`` when it is missing (a sim that stopped early)."""
     if not path.is_file():
-        log.warning("%s is missing; the report will lack the run's settings", path)
+        if not (path.parent / AGGREGATOR_STATE).exists():
+            log.warning("%s is missing; the report will lack the run's settings", path)
         return {}
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -204,6 +265,7 @@ def _parse_round(obj: dict[str, Any], at: str) -> Round:
     participants = obj.get("participants") or []
     if not isinstance(participants, list):
         raise ReportError(f"{at}: 'participants' must be a list")
+    why = obj.get("why")
     return Round(
         round=_round_number(obj, at),
         status=status,
@@ -212,7 +274,39 @@ def _parse_round(obj: dict[str, Any], at: str) -> Round:
         participants=tuple(str(p) for p in participants),
         bytes_received=_int(obj, "bytes_received", at),
         duration_s=_number(obj, "duration_s", at),
+        mae=_number(obj, "mae", at),
+        why=str(why) if why is not None else None,
+        selected=_int(obj, "selected", at),
+        skipped=_names(obj, "skipped", at),
+        skip_reasons=_ints(obj, "skip_reasons", at),
+        skip_reason_by_device={
+            str(k): str(v) for k, v in _mapping(obj, "skip_reason_by_device", at).items()
+        },
+        missing=_names(obj, "missing", at),
+        weights=_ints(obj, "weights", at),
+        bytes_up_by_device=_ints(obj, "bytes_up_by_device", at),
+        bytes_down_per_device=_int(obj, "bytes_down_per_device", at),
     )
+
+
+def _names(obj: dict[str, Any], key: str, at: str) -> tuple[str, ...]:
+    value = obj.get(key) or []
+    if not isinstance(value, list):
+        raise ReportError(f"{at}: {key!r} must be a list")
+    return tuple(str(v) for v in value)
+
+
+def _mapping(obj: dict[str, Any], key: str, at: str) -> dict[str, Any]:
+    value = obj.get(key) or {}
+    if not isinstance(value, dict):
+        raise ReportError(f"{at}: {key!r} must be an object")
+    return value
+
+
+def _ints(obj: dict[str, Any], key: str, at: str) -> dict[str, int]:
+    value = _mapping(obj, key, at)
+    where = f"{at}: {key!r}"
+    return {str(k): n for k, v in value.items() if (n := _int({k: v}, k, where)) is not None}
 
 
 def _parse_baseline(obj: dict[str, Any], at: str) -> Baseline:
@@ -236,7 +330,11 @@ def _metric(value: object, where: str) -> Metric | None:
         return None
     if not isinstance(value, dict):
         raise ReportError(f"{where} must be an object with accuracy and loss")
-    return Metric(accuracy=_number(value, "accuracy", where), loss=_number(value, "loss", where))
+    return Metric(
+        accuracy=_number(value, "accuracy", where),
+        loss=_number(value, "loss", where),
+        mae=_number(value, "mae", where),
+    )
 
 
 def _round_number(obj: dict[str, Any], at: str) -> int:
@@ -420,12 +518,18 @@ def _finish_loss(axes: Sequence[Axes]) -> None:
 
 def _draw_bytes(ax: Axes, run: Run) -> None:
     points = [(r.round, r.bytes_received / 1000, r.done) for r in run.rounds if r.bytes_received]
-    if not points:
+    down = [(r.round, r.bytes_down / 1000) for r in run.rounds if r.bytes_down]
+    if not points and not down:
         ax.text(0.5, 0.5, "no bytes recorded", transform=ax.transAxes, ha="center", color="0.4")
         return
-    xs, kb, done = zip(*points, strict=True)
-    colours = [BYTES if d else FAILED for d in done]
-    ax.bar(xs, kb, width=0.8, color=colours, label="bytes received (round)")
+    width, shift = (0.4, 0.2) if down else (0.8, 0.0)
+    if points:
+        xs, kb, done = zip(*points, strict=True)
+        colours = [BYTES if d else FAILED for d in done]
+        ax.bar([x - shift for x in xs], kb, width=width, color=colours, label=BYTES_UP_LABEL)
+    if down:
+        xs, kb = zip(*down, strict=True)
+        ax.bar([x + shift for x in xs], kb, width=width, color=BYTES_DOWN, label=BYTES_DOWN_LABEL)
 
 
 def _finish_bytes(axes: Sequence[Axes]) -> None:
@@ -449,9 +553,16 @@ _ROWS: tuple[_Row, ...] = (
         finish=_finish_loss,
     ),
     _Row(
-        ylabel="uploaded, MQTT\n(kB, all devices)",
+        ylabel="mean abs. error",
+        height=2.6,
+        has_data=_has_metric("mae"),
+        draw=lambda ax, run: _draw_metric(ax, run, "mae", 1.0),
+        finish=_finish_bytes,
+    ),
+    _Row(
+        ylabel="MQTT traffic\n(kB, all devices)",
         height=1.5,
-        has_data=lambda run: any(r.bytes_received for r in run.rounds),
+        has_data=lambda run: any(r.bytes_received or r.bytes_down for r in run.rounds),
         draw=_draw_bytes,
         finish=_finish_bytes,
     ),
@@ -459,7 +570,17 @@ _ROWS: tuple[_Row, ...] = (
 
 
 def figure_title(runs: Sequence[Run]) -> str:
-    """E.g. ``fedge sim: 10 devices, E=1 local epochs, 50 rounds, strategy fedavg``."""
+    """E.g. ``fedge sim: 10 devices, E=1 local epochs, 50 rounds, strategy fedavg``.
+
+    A field run: ``field run DIR: 20 devices, 10 rounds (1 failed)``.
+    """
+    if len(runs) == 1 and runs[0].is_field:
+        run = runs[0]
+        name = run.path.resolve().name or str(run.path)
+        failed = len(failed_rounds(run))
+        seen = len(device_grid(run.rounds).devices)
+        made = f"{len(run.rounds)} rounds" + (f" ({failed} failed)" if failed else "")
+        return f"field run {name}: {seen} devices, {made}"
 
     def values(key: str) -> str | None:
         found = [str(run.summary[key]) for run in runs if run.summary.get(key) is not None]
@@ -485,19 +606,63 @@ def figure_title(runs: Sequence[Run]) -> str:
 
 def _panel_title(run: Run) -> str:
     final = run.final_accuracy
-    shown = f"{final:.1%}" if final is not None else "n/a"
-    return f"{run.scheme}  ·  final federated accuracy {shown}"
+    if final is not None:
+        return f"{run.scheme}  ·  final federated accuracy {final:.1%}"
+    maes = federated_series(run, "mae")[1]
+    if maes:
+        return f"{run.scheme}  ·  final federated MAE {maes[-1]:.4g}"
+    if run.is_field:
+        return "no held-out data: no accuracy"
+    return f"{run.scheme}  ·  final federated accuracy n/a"
 
 
 def draw_figure(runs: Sequence[Run]) -> Figure:
-    """The report's picture: one column per run, one row per entry of ``_ROWS`` with data."""
+    """The report's picture: one column per run, one row per entry of ``_ROWS`` with data.
+
+    One run whose lines name devices gets the per-device view below.
+    """
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     rows = [row for row in _ROWS if any(row.has_data(run) for run in runs)] or list(_ROWS[:1])
+    explained = _explained(runs)
     width = max(8.0, 1.2 + 4.6 * len(runs))
-    height = 1.5 + sum(row.height for row in rows)
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    curves = 1.5 + sum(row.height for row in rows) + 0.2 * len(explained)
+    devices = device_grid(runs[0].rounds) if len(runs) == 1 and runs[0].has_devices else None
+    if devices is None:
+        fig = Figure(figsize=(width, curves), dpi=DPI, layout="constrained")
+        _draw_curves(fig, runs, rows, width)
+    else:
+        width = max(10.0, width, 3.5 + 0.45 * len(devices.rounds))
+        below = view_height(devices)
+        fig = Figure(figsize=(width, curves + below), dpi=DPI, layout="constrained")
+        spec = fig.add_gridspec(2, 1, height_ratios=[curves, below])
+        _draw_curves(fig.add_subfigure(spec[0]), runs, rows, width)
+        draw_device_view(fig.add_subfigure(spec[1]), devices)
+    # About 9 bold characters per inch at 13 pt: wrap a long title instead of clipping it.
+    width_chars = max(40, int(fig.get_figwidth() * 9))
+    fig.suptitle(textwrap.fill(figure_title(runs), width_chars), fontsize=13, fontweight="bold")
+    return fig
+
+
+def _explained(runs: Sequence[Run]) -> list[str]:
+    """The kinds of line the runs have, in legend order."""
+    has = {
+        "federated global model": any(
+            federated_series(run, key)[0] for run in runs for key in ("accuracy", "loss", "mae")
+        ),
+        "centralised baseline": any(
+            run.baselines and any(b.centralised for b in run.baselines) for run in runs
+        ),
+        "non-participant": any(any(b.non_participant for b in run.baselines) for run in runs),
+        "device-local models": any(any(b.local for b in run.baselines) for run in runs),
+        "failed round (no new model)": any(failed_rounds(run) for run in runs),
+    }
+    return [label for label in EXPLAINED if has[label]]
+
+
+def _draw_curves(fig: FigureBase, runs: Sequence[Run], rows: Sequence[_Row], width: float) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     grid = fig.subplots(
         len(rows),
         len(runs),
@@ -526,29 +691,25 @@ def draw_figure(runs: Sequence[Run]) -> Figure:
     handles: dict[str, Any] = {}
     for ax in grid.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            if label not in handles and label != "bytes received (round)":
+            if label not in handles:
                 handles[label] = handle
-    order = [
-        "federated global model",
-        "centralised baseline",
-        "non-participant",
-        "device-local models",
-        "failed round (no new model)",
-    ]
-    labels = [label for label in order if label in handles]
+    # A label with its explanation; the bytes bars explain themselves.
+    labels = [label for label in EXPLAINED if label in handles]
+    texts = [f"{label}: {EXPLAINED[label]}" for label in labels]
+    labels += [label for label in (BYTES_UP_LABEL, BYTES_DOWN_LABEL) if label in handles]
+    texts += [label for label in (BYTES_UP_LABEL, BYTES_DOWN_LABEL) if label in handles]
+    if not labels:  # nothing drawn at all (an empty run): no key to show
+        return
     legend = fig.legend(
         [handles[label] for label in labels],
-        labels,
+        texts,
         loc="outside lower center",
-        ncol=min(len(labels), max(1, int(width / 2.4))),  # about 2.4 inches per entry
+        ncol=1 if width < 13 else 2,
         frameon=False,
+        fontsize=9,
     )
     for line in legend.get_lines():  # the grey device lines are faint; make the key readable
         line.set_alpha(1.0)
-    # About 9 bold characters per inch at 13 pt: wrap a long title instead of clipping it.
-    width_chars = max(40, int(fig.get_figwidth() * 9))
-    fig.suptitle(textwrap.fill(figure_title(runs), width_chars), fontsize=13, fontweight="bold")
-    return fig
 
 
 def render_png(runs: Sequence[Run]) -> bytes:
@@ -570,6 +731,9 @@ th, td { padding: 0.3em 0.8em; border-bottom: 1px solid #ddd; text-align: right;
 th:first-child, td:first-child { text-align: left; }
 caption { text-align: left; color: #555; padding-bottom: 0.4em; }
 img { max-width: 100%; height: auto; }
+dl.explained { color: #444; font-size: 0.9em; }
+dl.explained dt { font-weight: bold; float: left; clear: left; margin-right: 0.5em; }
+dl.explained dd { margin: 0 0 0.2em 0; }
 """
 
 
@@ -590,7 +754,13 @@ def render_html(runs: Sequence[Run], png: bytes) -> str:
     )
     body = []
     for run in runs:
-        s, table = run.summary, summary_table(run)
+        s, table = dict(run.summary), summary_table(run)
+        if run.is_field:  # what the aggregator's lines say instead of the sim's summary
+            s["devices"] = len(device_grid(run.rounds).devices)
+            s["rounds_completed"] = sum(r.done for r in run.rounds)
+            s["rounds_requested"] = len(run.rounds)
+            s["bytes_up"] = sum(r.bytes_received or 0 for r in run.rounds)
+            s["bytes_down"] = sum(r.bytes_down or 0 for r in run.rounds)
         requested = s.get("rounds_requested")
         rounds = _text(s.get("rounds_completed")) + (f" / {requested}" if requested else "")
         cells = (
@@ -610,6 +780,23 @@ def render_html(runs: Sequence[Run], png: bytes) -> str:
     head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
     caption = f"Accuracy: mean of the last {LAST_N} rounds of each curve."
     image = base64.b64encode(png).decode("ascii")
+    columns = {
+        "federated": EXPLAINED["federated global model"],
+        "centralised": EXPLAINED["centralised baseline"],
+        "non-participant": EXPLAINED["non-participant"],
+        "device-local (median)": "the median over devices of "
+        + EXPLAINED["device-local models"].replace(' ("local")', ""),
+        "bytes up / down": "MQTT bytes of the updates received / of what the selected devices "
+        "had to download (the global model and the round's announcement)",
+    }
+    legend = "\n".join(
+        f"<dt>{html.escape(name)}</dt><dd>{html.escape(text)}</dd>"
+        for name, text in columns.items()
+    )
+    devices = ""
+    if len(runs) == 1 and runs[0].has_devices:
+        why = {r.round: r.why for r in runs[0].rounds if r.why}
+        devices = device_table_html(device_grid(runs[0].rounds), why)
     return "\n".join(
         [
             "<!DOCTYPE html>",
@@ -617,7 +804,7 @@ def render_html(runs: Sequence[Run], png: bytes) -> str:
             "<head>",
             '<meta charset="utf-8">',
             f"<title>{html.escape(title)}</title>",
-            f"<style>{_CSS}</style>",
+            f"<style>{_CSS}{DEVICE_CSS}</style>",
             "</head>",
             "<body>",
             f"<h1>{html.escape(title)}</h1>",
@@ -626,8 +813,10 @@ def render_html(runs: Sequence[Run], png: bytes) -> str:
             "<tbody>",
             *body,
             "</tbody>\n</table>",
+            f'<dl class="explained">\n{legend}\n</dl>',
             f'<img src="data:image/png;base64,{image}" alt="{html.escape(title)}: accuracy, '
             'loss and bytes per round">',
+            devices,
             "</body>",
             "</html>",
             "",

@@ -8,17 +8,20 @@ import math
 import struct
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fedge.fleet.report import (
     ReportError,
+    figure_title,
     load_run,
     load_runs,
     render_report,
     summary_table,
 )
+from fedge.fleet.report_devices import MISSING, NOT_SELECTED, SKIPPED, TRAINED, device_grid
 
 pytestmark = pytest.mark.unit
 
@@ -336,3 +339,151 @@ def test_realistic_run_renders(tmp_path: Path) -> None:
     width, height = png_size(png)
     assert width > 1500 and height > 800
     assert page_path.stat().st_size > png.stat().st_size
+
+
+# --- field runs: an aggregator's state directory ----------------------------------------------
+
+REASONS = ("battery_low", "budget_exhausted", "busy")
+
+
+def write_field_run(
+    path: Path, *, devices: int = 20, rounds: int = 10, accuracy: bool = True, seed: int = 0
+) -> Path:
+    """Lines as ``aggregator.coordinator`` writes them: skips with reasons, a device that is
+    always missing (the last), round 4 failed; no summary.json, an aggregator.sqlite."""
+    rng = np.random.default_rng(seed)
+    ids = [f"pi-{i:02d}" for i in range(devices)]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "aggregator.sqlite").write_bytes(b"")
+    rows = []
+    for n in range(1, rounds + 1):
+        selected = sorted(rng.choice(ids[:-1], size=int(devices * 0.7), replace=False))
+        selected = sorted([*selected, ids[-1]])
+        skipped = sorted(d for d in selected[:-1] if rng.random() < 0.15)
+        reasons = {d: REASONS[int(rng.integers(len(REASONS)))] for d in skipped}
+        missing = [ids[-1]] + ([selected[0]] if n == 6 and selected[0] not in skipped else [])
+        participants = [d for d in selected if d not in skipped and d not in missing]
+        up = {d: 19_700 for d in participants} | {d: 60 for d in skipped}
+        row: dict[str, object] = {
+            "round": n,
+            "status": "failed" if n == 4 else "done",
+            "model_version": n - (n > 4),
+            "selected": len(selected),
+            "participants": participants,
+            "skipped": skipped,
+            "missing": sorted(missing),
+            "bytes_received": sum(up.values()),
+            "bytes_up_by_device": dict(sorted(up.items())),
+            "bytes_down_per_device": 196_000,
+            "duration_s": 30.0,
+        }
+        if n == 4:
+            row["why"] = "only 2 of 14 devices answered (quorum 8)"
+        else:
+            weights = {d: int(rng.integers(80, 400)) for d in participants}
+            row |= {
+                "skip_reasons": dict(Counter(reasons.values())),
+                "num_samples": sum(weights.values()),
+                "weights": dict(sorted(weights.items())),
+                "samples_clipped": {},
+                "train_loss": 1.5 / n,
+            }
+            if accuracy:
+                row |= {"accuracy": 0.3 + 0.06 * n, "loss": 2.0 / n}
+        rows.append(row)
+    _write_jsonl(path / "rounds.jsonl", rows)
+    return path
+
+
+def test_grid_cells_are_what_the_lines_say(tmp_path: Path) -> None:
+    run_dir = tmp_path / "field"
+    run_dir.mkdir()
+    lines = [
+        {"round": 1, "status": "done", "selected": 4, "participants": ["a", "b"],
+         "skipped": ["c"], "skip_reasons": {"battery_low": 1}, "missing": ["d"],
+         "weights": {"a": 100, "b": 50}, "bytes_up_by_device": {"a": 900, "b": 800, "c": 40},
+         "bytes_down_per_device": 5000},
+        {"round": 2, "status": "failed", "why": "no quorum", "selected": 3,
+         "participants": ["a"], "skipped": ["b", "e"], "missing": ["c"],
+         "bytes_up_by_device": {"a": 700}, "bytes_down_per_device": 5000},
+        {"round": 3, "status": "done", "selected": 2, "participants": [], "skipped": ["a", "b"],
+         "skip_reasons": {"busy": 1, "battery_low": 1}, "missing": [],
+         "bytes_down_per_device": 6000},
+    ]  # fmt: skip
+    _write_jsonl(run_dir / "rounds.jsonl", lines)
+    grid = device_grid(load_run(run_dir).rounds)
+    assert grid.devices == ("a", "b", "c", "d", "e")
+    assert grid.rounds == (1, 2, 3) and grid.failed == (2,)
+    assert grid.cell("a", 1).kind == TRAINED and grid.cell("a", 1).weight == 100
+    assert grid.cell("a", 1).bytes_up == 900
+    assert (grid.cell("c", 1).kind, grid.cell("c", 1).reason) == (SKIPPED, "battery_low")
+    assert grid.cell("d", 1).kind == MISSING
+    assert grid.cell("e", 1).kind == NOT_SELECTED and grid.cell("d", 2).kind == NOT_SELECTED
+    assert grid.cell("a", 2).kind == TRAINED and grid.cell("a", 2).weight is None
+    assert (grid.cell("b", 2).kind, grid.cell("b", 2).reason) == (SKIPPED, None)
+    assert grid.cell("c", 2).kind == MISSING
+    # Two reasons among two skips: the line does not say whose is whose.
+    assert grid.cell("a", 3).reason == "battery_low or busy"
+    assert grid.bytes_up == {"a": 1600, "b": 800, "c": 40, "d": 0, "e": 0}
+    # Every selected device receives the model, missing ones included.
+    assert grid.bytes_down == {"a": 16000, "b": 16000, "c": 10000, "d": 5000, "e": 5000}
+
+
+def test_field_run_with_accuracy(tmp_path: Path) -> None:
+    run_dir = write_field_run(tmp_path / "state")
+    runs = load_runs(run_dir)
+    assert len(runs) == 1 and runs[0].is_field and runs[0].has_devices
+    assert figure_title(runs) == "field run state: 20 devices, 10 rounds (1 failed)"
+    png, page_path = render_report(run_dir)
+    width, height = png_size(png)
+    assert width >= 1000 and height > 1400  # the curves and the per-device view below
+    page = page_path.read_text()
+    assert _embedded_png(page) == png.read_bytes()
+    assert "<title>field run state: 20 devices, 10 rounds (1 failed)</title>" in page
+    assert "fedge sim" not in page
+    assert page.count("<tr><td>pi-") == 20  # the per-device table
+    assert "skip: " in page and ">missing<" in page and "4<br>failed" in page
+    assert "one model trained on all the devices" in page  # the columns are explained
+
+
+def test_field_run_without_held_out_data(tmp_path: Path) -> None:
+    run_dir = write_field_run(tmp_path / "state", accuracy=False)
+    run = load_run(run_dir)
+    assert summary_table(run)["federated"] is None
+    png, page_path = render_report(run_dir)
+    _, height = png_size(png)
+    with_acc, _ = render_report(
+        write_field_run(tmp_path / "acc"), png=tmp_path / "a.png", html=tmp_path / "a.html"
+    )
+    assert height < png_size(with_acc)[1]  # no accuracy or loss rows
+    assert "<tr><td>pi-00</td>" in page_path.read_text()
+
+
+def test_sim_run_has_no_device_view_without_device_lines(tmp_path: Path) -> None:
+    run = load_run(small_run(tmp_path / "r"))
+    assert not run.is_field and not run.has_devices
+    assert "fedge sim" in figure_title([run])
+    _, page_path = render_report(tmp_path / "r")
+    assert 'class="devices"' not in page_path.read_text()
+
+
+def _fedge(*args: object) -> subprocess.CompletedProcess[str]:
+    code = "import sys; from fedge.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=False
+    )
+
+
+def test_cli_report_exit_codes(tmp_path: Path) -> None:
+    for accuracy in (True, False):
+        run_dir = write_field_run(tmp_path / f"acc-{accuracy}", accuracy=accuracy)
+        done = _fedge("report", run_dir)
+        assert done.returncode == 0, done.stderr
+        assert (run_dir / "report.png").is_file() and (run_dir / "report.html").is_file()
+    small_run(tmp_path / "sim")
+    assert _fedge("report", tmp_path / "sim").returncode == 0
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "empty", tmp_path / "nope"):
+        done = _fedge("report", bad)
+        assert done.returncode == 2
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
