@@ -608,6 +608,7 @@ class Aggregator:
             "participants": participants,
             "skipped": sorted(rnd.skipped),
             "skip_reasons": dict(Counter(s.reason for s in rnd.skipped.values())),
+            "skip_reason_by_device": {d: s.reason for d, s in sorted(rnd.skipped.items())},
             "bytes_up_by_device": dict(sorted(rnd.wire_up.items())),
             "bytes_down_per_device": rnd.wire_down,
             "missing": sorted(set(rnd.selected) - rnd.answered),
