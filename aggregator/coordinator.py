@@ -60,6 +60,7 @@ log = logging.getLogger("fedge.aggregator")
 
 Weights = dict[str, np.ndarray]
 KEEP_MODELS = 3  # global models (and strategy states) kept in the state database
+PROBATION_AFTER = 2  # rounds in a row a device must miss before it sits rounds out
 Evaluator = Callable[[Weights], tuple[float, float]]
 
 
@@ -470,8 +471,8 @@ class Aggregator:
                 )
 
     def _select(self) -> list[str]:
-        """Online devices, the unreliable ones on probation: a device that missed its last
-        rounds is left out for 2, 4, 8, then 16 rounds before it is tried again, so a hung
+        """Online devices, the unreliable ones on probation: a device that missed its last two
+        rounds is left out for 2, then 4, 8 and 16 rounds before it is tried again, so a hung
         device does not make every round wait for its deadline. With ``devices_per_round``,
         reliable devices first, over-selected by ``overselect`` (the round closes once the
         target has answered)."""
@@ -487,7 +488,8 @@ class Aggregator:
         return sorted(d for _, _, d in ranked[:want])
 
     def _note_outcomes(self, rnd: OpenRound) -> None:
-        """Remember who answered: each miss in a row doubles the rounds a device sits out."""
+        """Remember who answered: from the second miss in a row, each doubles the rounds a
+        device sits out."""
         for device in rnd.selected:
             if device in rnd.answered:
                 self.misses.pop(device, None)
@@ -495,7 +497,8 @@ class Aggregator:
             else:
                 misses = self.misses.get(device, 0) + 1
                 self.misses[device] = misses
-                self.retry_at[device] = rnd.round_id + 1 + min(2**misses, 16)
+                if misses >= PROBATION_AFTER:  # one miss is bad luck (a dropout), two a pattern
+                    self.retry_at[device] = rnd.round_id + 1 + min(2 ** (misses - 1), 16)
 
     def _announce(self, now: float) -> None:
         selected = self._select()

@@ -377,10 +377,10 @@ def test_a_hung_device_is_left_out_for_a_while_so_rounds_do_not_wait_for_it(
             pump(agg)
         waits.append((sorted(rnd.selected), clock.now - started))
         clock.now += 1
-    assert waits[0] == (["a", "b", "hung"], 11)  # round 1 waits for it
-    assert waits[1] == (["a", "b"], 0) and waits[2] == (["a", "b"], 0)  # then it sits out
-    assert waits[3] == (["a", "b", "hung"], 11)  # tried again after 2 rounds...
-    assert [w for _, w in waits[4:]] == [0, 0, 0]  # ...and left out for 4 now
+    assert waits[0] == waits[1] == (["a", "b", "hung"], 11)  # one miss may be bad luck
+    assert waits[2] == waits[3] == (["a", "b"], 0)  # two in a row: it sits out 2 rounds
+    assert waits[4] == (["a", "b", "hung"], 11)  # tried again...
+    assert [w for _, w in waits[5:]] == [0, 0]  # ...and left out for 4 now
     assert hung.last(RoundAnnouncement) is not None
 
 
