@@ -60,7 +60,7 @@ log = logging.getLogger("fedge.aggregator")
 
 Weights = dict[str, np.ndarray]
 KEEP_MODELS = 3  # global models (and strategy states) kept in the state database
-PROBATION_AFTER = 2  # rounds in a row a device must miss before it sits rounds out
+PROBATION_AFTER = 2  # rounds in a row a device must miss before rounds stop waiting for it
 Evaluator = Callable[[Weights], tuple[float, float]]
 
 
@@ -122,7 +122,6 @@ class Aggregator:
         self.online: set[str] = set()
         self.known: set[str] = set()  # every device whose status was heard, online or not
         self.misses: dict[str, int] = {}  # rounds in a row a device was selected and missed
-        self.retry_at: dict[str, int] = {}  # the round from which such a device is tried again
         self.rejected: Counter[str] = Counter()
         self.current: OpenRound | None = None
         self.done = False
@@ -442,12 +441,18 @@ class Aggregator:
         rnd = self.current
         if rnd is not None:
             target = self.cfg.devices_per_round
-            if rnd.answered >= set(rnd.selected) or (target and len(rnd.answered) >= target):
+            waiting = set(rnd.selected) - rnd.answered
+            needed = max(1, math.ceil(self.cfg.quorum * len(rnd.selected)))
+            held = sum(1 for s in rnd.skipped.values() if s.trained)
+            quorum = bool(rnd.deltas) and len(rnd.deltas) + held >= needed
+            if (
+                not waiting
+                or (target and len(rnd.answered) >= target)
+                or (quorum and waiting <= self._suspects(rnd))
+            ):
                 self._finish(now)
             elif now >= rnd.deadline:
-                needed = max(1, math.ceil(self.cfg.quorum * len(rnd.selected)))
-                held = sum(1 for s in rnd.skipped.values() if s.trained)
-                if rnd.deltas and len(rnd.deltas) + held >= needed:
+                if quorum:
                     self._finish(now)
                 else:
                     self._fail(
@@ -471,34 +476,31 @@ class Aggregator:
                 )
 
     def _select(self) -> list[str]:
-        """Online devices, the unreliable ones on probation: a device that missed its last two
-        rounds is left out for 2, then 4, 8 and 16 rounds before it is tried again, so a hung
-        device does not make every round wait for its deadline. With ``devices_per_round``,
-        reliable devices first, over-selected by ``overselect`` (the round closes once the
-        target has answered)."""
+        """Online devices. With ``devices_per_round``, reliable devices first (fewest misses
+        in a row), over-selected by ``overselect``: the round closes once the target has
+        answered."""
         online = sorted(self.online)
-        nxt = self.next_round_id
-        ready = [d for d in online if nxt >= self.retry_at.get(d, 0)] or online
         k = self.cfg.devices_per_round
         if not k:
-            return ready
-        want = min(len(ready), math.ceil(k * self.cfg.overselect))
-        order = self.rng.permutation(len(ready))
-        ranked = sorted((self.misses.get(ready[i], 0), j, ready[i]) for j, i in enumerate(order))
+            return online
+        want = min(len(online), math.ceil(k * self.cfg.overselect))
+        order = self.rng.permutation(len(online))
+        ranked = sorted((self.misses.get(online[i], 0), j, online[i]) for j, i in enumerate(order))
         return sorted(d for _, _, d in ranked[:want])
 
+    def _suspects(self, rnd: OpenRound) -> set[str]:
+        """Selected devices that missed their last rounds: not waited for once everyone
+        else has answered and the quorum is met (a hung device must not hold every round up
+        to its deadline; one that answers in time still counts)."""
+        return {d for d in rnd.selected if self.misses.get(d, 0) >= PROBATION_AFTER}
+
     def _note_outcomes(self, rnd: OpenRound) -> None:
-        """Remember who answered: from the second miss in a row, each doubles the rounds a
-        device sits out."""
+        """Remember who answered: misses in a row per device."""
         for device in rnd.selected:
             if device in rnd.answered:
                 self.misses.pop(device, None)
-                self.retry_at.pop(device, None)
             else:
-                misses = self.misses.get(device, 0) + 1
-                self.misses[device] = misses
-                if misses >= PROBATION_AFTER:  # one miss is bad luck (a dropout), two a pattern
-                    self.retry_at[device] = rnd.round_id + 1 + min(2 ** (misses - 1), 16)
+                self.misses[device] = self.misses.get(device, 0) + 1
 
     def _announce(self, now: float) -> None:
         selected = self._select()
