@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .configfile import ConfigError
+
 log = logging.getLogger("fedge.metrics")
 
 
@@ -46,7 +48,8 @@ class MetricsServer:
 def serve_metrics(
     collectors: Iterable[Collector], port: int | None, addr: str = "127.0.0.1"
 ) -> MetricsServer | None:
-    """Serve the collectors on ``addr:port`` (None or 0: off, and None is returned)."""
+    """Serve the collectors on ``addr:port`` (None or 0: off, and None is returned).
+    A port that cannot be served is a ``ConfigError`` naming ``metrics_port``."""
     if not port:
         return None
     registry = CollectorRegistry(auto_describe=False)
@@ -54,8 +57,10 @@ def serve_metrics(
         registry.register(collector)
     try:
         server, thread = start_http_server(port, addr=addr, registry=registry)
-    except OSError as exc:
-        raise OSError(f"cannot serve metrics on {addr}:{port}: {exc}") from exc
+    except OSError as exc:  # a port in use or not ours to take: the setting is wrong
+        raise ConfigError(
+            [f"metrics_port: cannot serve metrics on {addr}:{port} ({exc.strerror or exc})"]
+        ) from exc
     log.info("metrics on http://%s:%d/metrics", addr, port)
     return MetricsServer(server, thread)
 

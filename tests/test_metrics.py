@@ -128,6 +128,21 @@ def test_off_unless_a_port_is_set() -> None:
     assert serve_metrics([], 0) is None and serve_metrics([], None) is None
 
 
+def test_a_port_in_use_is_a_config_error_naming_the_setting() -> None:
+    import socket
+
+    from fedge.configfile import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError) as err:
+            serve_metrics([], port)
+    [line] = err.value.problems
+    assert line.startswith(f"metrics_port: cannot serve metrics on 127.0.0.1:{port}")
+
+
 def scrape(port: int) -> dict[str, float]:
     """Every sample of ``http://127.0.0.1:port/metrics``, by name and labels."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
