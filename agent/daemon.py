@@ -11,6 +11,7 @@ global model named by the announcement and publishes the weight delta::
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import struct
 import threading
@@ -45,10 +46,14 @@ from fedge.protocol import (
     split,
     verify,
 )
+from fedge.protocol.messages import MAX_READINGS
 from fedge.protocol.signing import OVERHEAD as SIGNATURE_OVERHEAD
 from fedge.protocol.signing import key_id
+from fedge.protocol.status import encode_status
 from fedge.protocol.wire import publish_size
 from pydantic import ValidationError
+
+from fedge import __version__
 
 from . import update as steps
 from .dataset import Dataset
@@ -71,6 +76,27 @@ class AgentStats:
     bytes_sent: int = 0  # MQTT bytes of updates and skip notices
     rejected: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)  # rounds sat out, by reason
+
+
+def _label(key: object) -> str:
+    """A counter's name as a status label: [a-z0-9_], at most 32 characters."""
+    return re.sub(r"[^a-z0-9_]", "_", str(key).lower())[:32] or "_"
+
+
+class DayCounter:
+    """Bytes since local midnight (or since the start, on the first day), from running totals."""
+
+    def __init__(self) -> None:
+        self._day: tuple[int, int, int] | None = None
+        self._base = (0, 0)
+
+    def today(self, now: float, up: int, down: int) -> tuple[int, int]:
+        day = time.localtime(now)[:3]
+        if self._day is None:
+            self._day = day
+        elif day != self._day:
+            self._day, self._base = day, (up, down)
+        return up - self._base[0], down - self._base[1]
 
 
 class Agent:
@@ -96,6 +122,7 @@ class Agent:
         sensor: Any = None,
         trusted_keys: Sequence[Ed25519PublicKey] = (),
         outbox: Outbox | None = None,
+        readings: Callable[[], dict[str, float]] | None = None,
     ) -> None:
         self.device_id = device_id
         self.topics = Topics(fleet)
@@ -125,6 +152,14 @@ class Agent:
         self.trusted_keys = tuple(trusted_keys)
         self._check_trust_root()
         self.outbox = outbox  # an update on its way; sent again after a crash
+        # What the device reads about itself (battery, temperature, load), for the status.
+        self.readings = readings
+        # Called with each status published (the service shows it to systemd).
+        self.on_status: Callable[[Status], None] | None = None
+        self.outcome: tuple[str, str | None] | None = None  # last round: sent/skipped/failed
+        self.last_train_loss: float | None = None
+        self._started = time.monotonic()
+        self._day = DayCounter()
         self.anomaly_score: float | None = None  # autoencode: latest window vs global model
         self.heartbeat: Callable[[], None] | None = None  # called during long work
         self.last_update_bytes = 0
@@ -167,13 +202,13 @@ class Agent:
     @staticmethod
     def birth(device_id: str, fleet: str) -> Message:
         """What the link publishes on every reconnect, replacing the Will's "offline"."""
-        payload = encode(Status(device_id=device_id, state="online", timestamp=0.0))
+        payload = encode_status(Status(device_id=device_id, state="online", timestamp=0.0))
         return Message(Topics(fleet).status(device_id), payload, retain=True)
 
     @staticmethod
     def will(device_id: str, fleet: str) -> Message:
         """The Last Will the broker publishes if this device vanishes."""
-        payload = encode(Status(device_id=device_id, state="offline", timestamp=0.0))
+        payload = encode_status(Status(device_id=device_id, state="offline", timestamp=0.0))
         return Message(Topics(fleet).status(device_id), payload, retain=True)
 
     def start(self, timeout: float = 30.0, *, keep_trying: bool = False) -> None:
@@ -223,19 +258,48 @@ class Agent:
         return True
 
     def _status(self, state: str, *, behind: bool = False) -> None:
+        now = self.clock()
+        up, down = self._day.today(now, self.link.bytes_up, self.link.bytes_down)
+        outcome, reason = self.outcome or (None, None)
         status = Status(
             device_id=self.device_id,
             state=state,
-            timestamp=self.clock(),
+            timestamp=now,
             anomaly_score=self.anomaly_score,
+            model_version=self.global_version,
             # Only when a round names a model this device lacks: the aggregator then sends it
             # again. Not otherwise: at start the retained copy is on its way, and after an
             # upload the aggregator may already have moved on; either would make it resend
             # the model to every device.
-            model_version=self.global_version if behind else None,
+            wants_model=behind,
+            last_round=self.state.last_round or None,
+            outcome=outcome,
+            skip_reason=reason,
+            train_loss=self.last_train_loss,
+            readings=self._readings(),
+            bytes_up_today=up,
+            bytes_down_today=down,
+            sensor=self._sensor_counters(),
+            store_bytes=getattr(self.sensor, "store_bytes", None),
+            agent_version=__version__,
+            uptime_s=round(time.monotonic() - self._started, 1),
         )
-        payload = encode(status)
-        self.link.publish(self.topics.status(self.device_id), payload, qos=1, retain=True)
+        self.link.publish(
+            self.topics.status(self.device_id), encode_status(status), qos=1, retain=True
+        )
+        if self.on_status is not None:
+            self.on_status(status)
+
+    def _readings(self) -> dict[str, float]:
+        if self.readings is None:
+            return {}
+        return {k: v for k, v in self.readings().items() if np.isfinite(v)}
+
+    def _sensor_counters(self) -> dict[str, int]:
+        if self.sensor is None:
+            return {}
+        counts = {_label(k): int(v) for k, v in self.sensor.counters.items()}
+        return dict(sorted(counts.items())[:MAX_READINGS])
 
     def handle(self, msg: Message) -> None:
         if not msg.payload:  # a cleared retained message
@@ -327,7 +391,7 @@ class Agent:
             if score is not None and np.isfinite(score):
                 self.anomaly_score = score
                 log.info("anomaly score %.4f under model v%d", score, header.model_version)
-                self._status("idle")
+        self._status("idle")  # the model it holds now (and the score under it)
         if self.pending is not None:
             pending, self.pending = self.pending, None
             self._on_round(pending)
@@ -372,9 +436,10 @@ class Agent:
         *,
         trained: bool,
         held: dict[str, np.ndarray] | None = None,
+        outcome: str = "skipped",
     ) -> None:
         """Send a skip notice; ``held``: the update a device that trained holds back (it
-        becomes the residual, through the outbox like an upload)."""
+        becomes the residual, through the outbox like an upload). Then the status says so."""
         notice = SkipNotice(
             device_id=self.device_id,
             round_id=ann.round_id,
@@ -390,12 +455,14 @@ class Agent:
         self.link.publish(topic, payload, qos=1)
         self._sent(publish_size(topic, len(payload), 1))
         self.stats.skipped[reason] += 1
+        self.outcome = (outcome, reason)
         if held is not None:
             self._commit(ann.round_id, held, kind="skip")
         else:
             self.state.last_round = max(self.state.last_round, ann.round_id)
             self._save(self.state)
         log.info("round %d: sat out (%s); skip notice sent", ann.round_id, reason)
+        self._status("idle")
 
     def _sent(self, nbytes: int) -> None:
         self.stats.bytes_sent += nbytes
@@ -411,8 +478,7 @@ class Agent:
             # retained announcement would bring the same failure back after a restart.
             log.error("round %d: %s: %s; sitting it out", ann.round_id, type(exc).__name__, exc)
             self.stats.failed += 1
-            self._status("idle")
-            self._skip(ann, "other", trained=False)
+            self._skip(ann, "other", trained=False, outcome="failed")
 
     def _round(self, ann: RoundAnnouncement) -> None:
         assert self.global_weights is not None
@@ -449,6 +515,7 @@ class Agent:
             local = self.runtime.get_weights()
             delta = steps.local_delta(local, self.global_weights)
         steps.check_trained(result.loss, delta)
+        self.last_train_loss = result.loss
         if self.on_trained is not None:
             self.on_trained(ann.round_id, local)
         update = steps.with_residual(delta, self.residual)
@@ -483,7 +550,6 @@ class Agent:
                 if not decision.upload:  # e.g. the daily budget is spent: keep it all for later
                     gate = replace(gate, upload=False, reason=decision.reason)
         if not gate.upload:
-            self._status("idle")
             self._skip(ann, gate.reason, trained=True, held=update)
             return
         assert encoding is not None
@@ -500,6 +566,7 @@ class Agent:
         self._sent(self.last_update_bytes)
         self._commit(ann.round_id, kept, kind="update")
         self.stats.rounds_trained += 1
+        self.outcome = ("sent", None)
         self._status("idle")
         log.info(
             "round %d: trained %d steps on %d samples in %.2fs, loss %.4f; sent %d bytes (%s, %s)",

@@ -13,7 +13,9 @@ is sat out with the reason logged once at WARNING.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,6 +85,15 @@ class SensorSource:
         writer = self._writer
         counts["non_finite_dropped"] = 0 if writer is None else writer.non_finite_dropped
         return counts
+
+    @property
+    def store_bytes(self) -> int:
+        """The sample store's size on disk (the database and its write-ahead log)."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):  # not written yet
+                total += os.stat(f"{self.store_path}{suffix}").st_size
+        return total
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()

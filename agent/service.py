@@ -9,17 +9,25 @@ from pathlib import Path
 
 from fedge.models.checks import model_io
 from fedge.models.selftest import load_proven_runtime
-from fedge.protocol import Link
+from fedge.protocol import Link, Status
 from fedge.protocol.signing import load_public_key
 
 from fedge.brokerconfig import broker_link
 from fedge.metrics import AgentCollector, serve_metrics
-from fedge.systemd import serve_until_stopped, watchdog_petter
+from fedge.systemd import notify, serve_until_stopped, watchdog_petter
 
 from .config import AgentConfig
 from .daemon import Agent
 from .dataset import Dataset, load_npz
-from .eligibility import ByteBudget, Decision, EligibilityConfig, ReadingLog, decide, read_readings
+from .eligibility import (
+    ByteBudget,
+    Decision,
+    EligibilityConfig,
+    ReadingLog,
+    Readings,
+    decide,
+    read_readings,
+)
 from .outbox import Outbox
 from .residual import ResidualStore
 from .sensor_source import SensorSource
@@ -68,8 +76,9 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
         birth = Agent.birth(cfg.device_id, cfg.fleet)
         link = broker_link(cfg.broker, cfg.device_id, cfg.tls, will, birth)
     budget = eligibility = None
+    problems = ReadingLog()  # unreadable sysfs values, logged once per kind
     if cfg.eligibility is not None:
-        budget, eligibility = _eligibility(cfg.eligibility, state.upload_budget)
+        budget, eligibility = _eligibility(cfg.eligibility, state.upload_budget, problems)
     return Agent(
         device_id=cfg.device_id,
         fleet=cfg.fleet,
@@ -86,11 +95,40 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
         max_payload=cfg.max_payload,
         sensor=sensor,
         trusted_keys=[load_public_key(path.read_bytes()) for path in cfg.aggregator_keys],
+        readings=lambda: readings_dict(read_readings(problems=problems)),
     )
 
 
+def readings_dict(readings: Readings) -> dict[str, float]:
+    """The readings a status carries: the known ones, ``on_mains`` as 0 or 1."""
+    values = {
+        "on_mains": None if readings.on_mains is None else float(readings.on_mains),
+        "battery_percent": readings.battery_percent,
+        "cpu_temp_c": readings.cpu_temp_c,
+        "load_per_cpu": readings.load_per_cpu,
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def status_line(status: Status, update_bytes: int) -> str:
+    """What ``systemctl status`` shows, e.g. "idle; round 12: sent 1.9 kB; model v12"."""
+    parts = [status.state]
+    if status.last_round:
+        outcome = status.outcome or "answered"
+        if outcome == "sent":
+            outcome += f" {update_bytes / 1000:.1f} kB"
+        elif status.skip_reason:
+            outcome += f" ({status.skip_reason})"
+        parts.append(f"round {status.last_round}: {outcome}")
+    version = status.model_version
+    parts.append("no model yet" if version is None or version < 0 else f"model v{version}")
+    if status.anomaly_score is not None:
+        parts.append(f"anomaly {status.anomaly_score:.4g}")
+    return "; ".join(parts)
+
+
 def _eligibility(
-    cfg: EligibilityConfig, saved: dict | None
+    cfg: EligibilityConfig, saved: dict | None, problems: ReadingLog
 ) -> tuple[ByteBudget, Callable[[int], Decision]]:
     budget = ByteBudget()
     if saved:
@@ -98,7 +136,6 @@ def _eligibility(
             budget = ByteBudget.from_dict(saved)
         except ValueError as exc:
             log.warning("upload budget in the state file unreadable (%s); starting afresh", exc)
-    problems = ReadingLog()
 
     def check(upload_bytes: int) -> Decision:
         return decide(cfg, read_readings(problems=problems), budget, upload_bytes)
@@ -114,6 +151,11 @@ def serve(cfg: AgentConfig, *, reset: bool = False) -> int:
             reset_state(path, stamp)
     agent = build_agent(cfg)
     agent.heartbeat = watchdog_petter()
+
+    def show(status: Status) -> None:  # `systemctl status` shows the latest
+        notify("STATUS=" + status_line(status, agent.last_update_bytes))
+
+    agent.on_status = show
     metrics = serve_metrics([AgentCollector(agent)], cfg.metrics_port, cfg.metrics_addr)
     agent.start(keep_trying=True)
     try:

@@ -43,11 +43,11 @@ from fedge.protocol import (
     Status,
     Topics,
     UpdateHeader,
-    decode,
     encode,
     is_chunk,
     sign,
 )
+from fedge.protocol.status import decode_status
 from fedge.protocol.wire import PUBACK_SIZE, publish_size
 
 from . import intake
@@ -288,14 +288,11 @@ class Aggregator:
                 self._reject("internal", msg.topic, f"{type(exc).__name__}: {exc}")
             return
         try:
-            decoded = decode(msg.payload)
+            status, legacy = decode_status(msg.payload)
         except DecodeError as exc:
             self._reject(exc.reason, msg.topic, str(exc))
             return
-        if isinstance(decoded.msg, Status):
-            self._on_status(msg.topic, decoded.msg)
-        else:
-            self._reject("unexpected", msg.topic, f"{decoded.msg.kind} message")
+        self._on_status(msg.topic, status, legacy=legacy)
 
     def _on_update_payload(self, msg: Message) -> None:
         """An update, a chunk of one, or a skip notice, on ``update/{device}``."""
@@ -347,7 +344,7 @@ class Aggregator:
         if count == 1 or count % 100 == 0:
             log.warning("rejected message on %s: %s (%s; %d so far)", topic, reason, detail, count)
 
-    def _on_status(self, topic: str, status: Status) -> None:
+    def _on_status(self, topic: str, status: Status, *, legacy: bool = False) -> None:
         if topic != self.topics.status(status.device_id):
             self._reject("topic_mismatch", topic, f"status of {status.device_id}")
             return
@@ -360,7 +357,9 @@ class Aggregator:
         else:
             self.online.add(status.device_id)
             self.known.add(status.device_id)
-            if status.model_version is not None and status.model_version < self.version:
+            # Agents of the envelope status set model_version only when they lacked a model.
+            wants = status.wants_model or (legacy and status.model_version is not None)
+            if wants and status.model_version is not None and status.model_version < self.version:
                 self._republish_global(f"{status.device_id} has v{status.model_version}")
 
     def _on_update(

@@ -20,10 +20,10 @@ from fedge.protocol.signing import load_private_key
 from fedge.brokerconfig import broker_link
 from fedge.configfile import ConfigError
 from fedge.metrics import AggregatorCollector, RoundRecorder, serve_metrics
-from fedge.systemd import serve_until_stopped
+from fedge.systemd import notify, serve_until_stopped
 
 from .config import AggregatorConfig
-from .coordinator import Aggregator, Evaluator
+from .coordinator import Aggregator, Evaluator, describe_round
 from .store import Store, StoreCorrupt
 
 log = logging.getLogger("fedge.aggregator")
@@ -181,7 +181,11 @@ def build_aggregator(
 def serve(cfg: AggregatorConfig, *, reset: bool = False) -> int:
     """Run until SIGTERM/SIGINT or the configured rounds are done."""
     floor = reset_state(cfg) if reset else None
-    rounds = RoundRecorder()  # the last round's summary, for the metrics
+
+    def show(summary: dict) -> None:  # `systemctl status` shows the last round's line
+        notify("STATUS=" + describe_round(summary))
+
+    rounds = RoundRecorder(then=show)  # and the metrics its gauges
     agg = build_aggregator(cfg, on_round=rounds, floor=floor)
     metrics = serve_metrics([AggregatorCollector(agg, rounds)], cfg.metrics_port, cfg.metrics_addr)
     agg.start(keep_trying=True)

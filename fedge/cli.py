@@ -194,6 +194,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from fedge.status import load, run
+
+    cfg = load(Path(args.config) if args.config else None, args.broker, args.fleet)
+    return run(
+        cfg,
+        wait=args.wait,
+        watch=args.interval if args.watch else None,
+        json_out=args.json,
+        legend=args.legend,
+    )
+
+
 def _cmd_bridge_simulate(args: argparse.Namespace) -> int:
     import os
     import signal
@@ -271,6 +284,7 @@ def _cmd_provision(args: argparse.Namespace) -> int:
                 force=args.force,
                 password=args.password,
                 gateway=args.gateway,
+                operator=args.operator,
                 model=args.model,
                 data=args.data,
                 serial_port=args.serial,
@@ -448,6 +462,26 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--fault-rate", type=float, default=0.001, help="faults per sample")
     bs.set_defaults(func=_cmd_bridge_simulate, log_level=logging.WARNING)
 
+    st = sub.add_parser(
+        "status",
+        help="the fleet as a table: each device's state, model, last round, bytes (from the"
+        " retained status messages on the broker)",
+    )
+    st.add_argument("--broker", default=None, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    st.add_argument("--fleet", default=None, help="fleet id")
+    st.add_argument(
+        "--config",
+        default=None,
+        help="take broker, fleet and [tls] from this TOML (an operator bundle's watch.toml,"
+        " or an agent or aggregator config); --broker and --fleet override it",
+    )
+    st.add_argument("--wait", type=float, default=3.0, help="seconds to wait for statuses")
+    st.add_argument("--watch", action="store_true", help="keep redrawing until Ctrl-C")
+    st.add_argument("--interval", type=float, default=2.0, help="--watch: seconds per redraw")
+    st.add_argument("--json", action="store_true", help="JSON instead of a table")
+    st.add_argument("--legend", action="store_true", help="explain the columns")
+    st.set_defaults(func=_cmd_status, log_level=logging.WARNING)
+
     r = sub.add_parser(
         "report",
         help="render a run as a PNG and an HTML page: a fedge sim --out folder, or an"
@@ -476,6 +510,11 @@ def parser() -> argparse.ArgumentParser:
     pv.add_argument("--force", action="store_true", help="replace an existing CA or device")
     pv.add_argument("--password", action="store_true", help="also a broker password (port 8884)")
     pv.add_argument("--gateway", action="store_true", help="a bridge identity, not a device")
+    pv.add_argument(
+        "--operator",
+        action="store_true",
+        help="a read-only identity for `fedge status` from a workstation (bundle: watch.toml)",
+    )
     pv.add_argument("--max-samples", type=int, default=None, help="cap on its claimed samples")
     pv.add_argument("--broker-host", default=None, help="default: the first --server-name")
     pv.add_argument("--model", default=None, help="model file name in /opt/fedge/models/")

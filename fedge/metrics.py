@@ -143,9 +143,36 @@ class AgentCollector(Collector):
                 "Latest window's reconstruction error under the global model.",
                 a.anomaly_score,
             )
+        if a.last_train_loss is not None:
+            yield _gauge(
+                "fedge_agent_train_loss",
+                "Training loss of the last local round.",
+                a.last_train_loss,
+            )
+        if a.readings is not None:
+            yield from _readings(a.readings())
         sensor = getattr(a, "sensor", None)
         if sensor is not None:
             yield from _serial(sensor)
+            yield _gauge(
+                "fedge_agent_store_size_bytes", "The sample store on disk.", sensor.store_bytes
+            )
+
+
+# What the eligibility check reads (fedge.agent.eligibility), in base units.
+_READINGS = {
+    "on_mains": ("fedge_agent_on_mains", "1 on mains power, 0 on battery.", 1.0),
+    "battery_percent": ("fedge_agent_battery_ratio", "Battery charge (0-1).", 0.01),
+    "cpu_temp_c": ("fedge_agent_cpu_temperature_celsius", "CPU temperature.", 1.0),
+    "load_per_cpu": ("fedge_agent_load_per_cpu", "1-minute load average per core.", 1.0),
+}
+
+
+def _readings(values: Mapping[str, float]) -> Iterator[Metric]:
+    """The eligibility readings the device could read (unknown ones are left out)."""
+    for key, (name, doc, scale) in _READINGS.items():
+        if values.get(key) is not None:
+            yield _gauge(name, doc, values[key] * scale)
 
 
 def _serial(sensor: Any) -> Iterator[Metric]:

@@ -68,7 +68,7 @@ STATE_DIR = "/var/lib/fedge"
 DATA_MODEL = "digits_mlp.tflite"
 SERIAL_MODEL = "machine_forecaster.tflite"
 TASK_KINDS = ("forecast", "autoencode", "classify")
-ROLES = ("device", "gateway")
+ROLES = ("device", "gateway", "operator")
 # mosquitto_passwd (2.0): PBKDF2-HMAC-SHA512, 12-byte salt, 101 iterations, base64 fields.
 PASSWD_ITERATIONS = 101
 PASSWD_SALT_BYTES = 12
@@ -347,6 +347,15 @@ def acl_text(fleet: str, identities: Mapping[str, str]) -> str:
     ]
     for ident, role in sorted(identities.items()):
         check_id("identity", ident)
+        if role == "operator":  # `fedge status` from a workstation: reads, never writes
+            lines += [
+                "",
+                "# operator",
+                f"user {ident}",
+                f"topic read {base}/status/+",
+                f"topic read {base}/round",
+            ]
+            continue
         mine = "+" if role == "gateway" else ident
         lines += [
             "",
@@ -429,6 +438,26 @@ def agent_toml(
     out += [f"{k} = {_toml_value(v)}" for k, v in top.items()]
     for name, table in tables.items():
         out += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(out) + "\n"
+
+
+def watch_toml(ident: str, fleet: str, *, broker_host: str, password: bool) -> str:
+    """An operator bundle's watch.toml, for ``fedge status --config watch.toml``."""
+    port = PASSWORD_PORT if password else TLS_PORT
+    tls: dict[str, object] = {"ca_file": "ca.crt"}
+    if password:
+        tls |= {"username": ident, "password_file": "password"}
+    else:
+        tls |= {"cert_file": "device.crt", "key_file": "device.key"}
+    out = [
+        f"# fedge status for operator {ident}, written by `fedge provision --operator`: it may",
+        "# read the fleet's status and round topics, and write nothing.",
+        f"fleet = {_toml_value(fleet)}",
+        f'broker = "mqtts://{broker_host}:{port}"',
+        "",
+        "[tls]",
+        *(f"{k} = {_toml_value(v)}" for k, v in tls.items()),
+    ]
     return "\n".join(out) + "\n"
 
 
@@ -611,6 +640,7 @@ def provision_device(
     force: bool = False,
     password: bool = False,
     gateway: bool = False,
+    operator: bool = False,
     model: str | None = None,
     data: str = DEVICE_DATA,
     serial_port: str | None = None,
@@ -626,12 +656,15 @@ def provision_device(
     ``serial_port`` with a ``task``; ``model`` is a file name under /opt/fedge/models/.
     ``password`` adds a broker password (bundle file ``password``, hash in PKI/passwd) and
     points agent.toml at the password listener. ``gateway`` makes a bridge identity instead
-    (it may write every device's update and status; its bundle has no agent.toml).
+    (it may write every device's update and status; its bundle has no agent.toml);
+    ``operator`` a read-only identity for ``fedge status`` (its bundle has a watch.toml).
     ``force`` replaces an existing device; its old certificate goes on the CRL.
     """
     check_device_id(device_id)
     check_id("fleet", fleet)
     _check_days(days)
+    if gateway and operator:
+        raise ProvisionError("an identity is a gateway or an operator, not both")
     if task not in TASK_KINDS:
         raise ProvisionError(f"task must be one of {', '.join(TASK_KINDS)}, not {task!r}")
     if max_samples is not None and max_samples < 1:
@@ -666,7 +699,10 @@ def provision_device(
         changes.append(_write(bundle / "device.key", key_pem(key), 0o600))
         changes.append(_write(bundle / "device.crt", cert_pem(cert)))
         changes.append(_write(bundle / "ca.crt", cert_pem(ca[1])))
-        if not gateway:
+        if operator:
+            toml = watch_toml(device_id, fleet, broker_host=host, password=password)
+            changes.append(_write(bundle / "watch.toml", toml))
+        elif not gateway:
             changes.append(_write(bundle / "aggregator.pub", _read(pki / "signing.pub")))
             toml = agent_toml(
                 device_id,
@@ -691,7 +727,7 @@ def provision_device(
             "serial": format(cert.serial_number, "x"),
             "max_samples": max_samples,
             "revoked": False,
-            "role": "gateway" if gateway else "device",
+            "role": "operator" if operator else "gateway" if gateway else "device",
         }
         changes += _save_registry_acl(pki, registry)
         hashed = mosquitto_password_hash(secret) if secret is not None else None

@@ -26,7 +26,11 @@ def notify(state: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.connect(address)
-            sock.sendall(state.encode())
+            # Never wait: a listener that stopped reading must not stall the service loop.
+            sock.send(state.encode(), socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        log.debug("sd_notify(%s) dropped: the notify socket is full", state)
+        return False
     except OSError as exc:
         log.warning("sd_notify(%s) failed: %s", state, exc)
         return False

@@ -123,7 +123,7 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Decoded:
     start = _PREAMBLE.size + header_len
     if start > size:
         raise DecodeError("truncated", f"header of {header_len} bytes, payload of {size}")
-    msg_obj, spec_objs = _split_header(_parse_json(data[_PREAMBLE.size : start]))
+    msg_obj, spec_objs = _split_header(parse_json(data[_PREAMBLE.size : start]))
     specs = _check_specs(spec_objs, limits)
     msg = _validate_msg(msg_obj)
     needed = start + sum(count * dtype.itemsize for _, dtype, _, count in specs)
@@ -151,13 +151,14 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def _parse_json(raw: bytes) -> Any:
+def parse_json(raw: bytes, what: str = "header") -> Any:
+    """Strict JSON: UTF-8, no NaN or Infinity, no key twice; else DecodeError."""
     try:
         return json.loads(
             raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys
         )
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise DecodeError("bad_header_json", f"header is not JSON: {exc}") from exc
+        raise DecodeError("bad_header_json", f"{what} is not JSON: {exc}") from exc
 
 
 def _split_header(header: Any) -> tuple[Any, list[Any]]:

@@ -112,8 +112,17 @@ class SkipNotice(_Message):
     num_samples: int = Field(default=0, ge=0, le=U32)
 
 
+Label = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]
+Count = Annotated[int, Field(ge=0, le=2**63 - 1)]  # SQLite's INTEGER holds it
+MAX_READINGS = 16  # entries in each of a status's small maps
+
+
 class Status(_Message):
-    """Heartbeat on ``status/{device}``; the Last Will carries ``state="offline"``."""
+    """Heartbeat on ``status/{device}``, retained; the Last Will carries ``state="offline"``.
+
+    Sent as plain JSON (``fedge.protocol.status``) so that ``mosquitto_sub`` and home
+    automation can read it; only ``device_id``, ``state`` and ``timestamp`` are required.
+    """
 
     kind: Literal["status"] = "status"
     device_id: Id
@@ -122,9 +131,24 @@ class Status(_Message):
     # autoencode task: reconstruction error of the device's latest window under the global
     # model (an anomaly score; the readings themselves never leave the device)
     anomaly_score: float | None = None
-    # The global model version the device holds (-1: none yet); an aggregator that has a newer
-    # one sends it again, so a device whose retained copy was lost catches up.
+    # The global model version the device holds (-1: none yet).
     model_version: int | None = Field(default=None, ge=-1, le=U32)
+    # Set when a round names a model this device lacks: an aggregator that has a newer one
+    # sends it again, so a device whose retained copy was lost catches up.
+    wants_model: bool = False
+    last_round: int | None = Field(default=None, ge=0, le=U32)  # the last round it answered
+    outcome: Literal["sent", "skipped", "failed"] | None = None  # ...and how
+    skip_reason: str | None = Field(default=None, max_length=64)
+    train_loss: float | None = None  # of its last local training
+    # Eligibility readings (battery_percent, cpu_temp_c, load_per_cpu, on_mains as 0/1).
+    readings: dict[Label, float] = Field(default_factory=dict, max_length=MAX_READINGS)
+    bytes_up_today: Count | None = None  # MQTT bytes since local midnight
+    bytes_down_today: Count | None = None
+    # The serial path: bytes, samples, frame faults by kind; and the sample store's size.
+    sensor: dict[Label, Count] = Field(default_factory=dict, max_length=MAX_READINGS)
+    store_bytes: Count | None = None
+    agent_version: str | None = Field(default=None, max_length=32)
+    uptime_s: float | None = Field(default=None, ge=0)
 
 
 Header = Annotated[

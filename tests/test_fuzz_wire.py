@@ -104,6 +104,7 @@ from fedge.protocol import (
 from fedge.protocol.chunking import HEADER_SIZE
 from fedge.protocol.errors import DECODE_REASONS
 from fedge.protocol.signing import OVERHEAD, key_id
+from fedge.protocol.status import decode_status, encode_status
 from helpers import DIGITS_MODEL
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -339,7 +340,7 @@ OPERATION = st.sampled_from(
     + [("update", s) for s in ("arbitrary", "chunk", "skip", "json")]
     + [("chunks", "mutated")] * 2
     + [("status", "mutated")] * 3
-    + [("status", s) for s in ("arbitrary", "json")]
+    + [("status", s) for s in ("arbitrary", "json", "plain", "plain")]
     + [("agg_other", "mutated"), ("agent_other", "mutated")]
     + [(kind, "mutated") for kind in ("round", "global")] * 3
     + [("round", "open")] * 3
@@ -358,6 +359,18 @@ def json_envelope(draw: Draw) -> bytes:
     msg, tensors, tail = draw(JSON_HEADER)
     body = json.dumps({"msg": msg, "tensors": tensors}).encode()
     return PREAMBLE.pack(b"FDG", 1, len(body)) + body + tail
+
+
+STATUS_FIELDS = ["kind", "device_id", "state", "timestamp", "model_version", "wants_model"]
+STATUS_FIELDS += ["last_round", "outcome", "skip_reason", "readings", "sensor", "uptime_s"]
+
+
+def plain_status(draw: Draw) -> bytes:
+    """A JSON object drawn from scratch with a status's field names, as a status payload."""
+    obj = draw(st.dictionaries(st.sampled_from(STATUS_FIELDS), VALUE | JSON_VALUE, max_size=8))
+    if draw(st.booleans()):
+        obj = {"kind": "status", "device_id": "a", "state": "idle", "timestamp": 1.0} | obj
+    return json.dumps(obj).encode()
 
 
 def chunk_frame(draw: Draw) -> bytes:
@@ -442,8 +455,10 @@ class Mutator:
         return payload[:at] + payload[at + rnd.randint(1, 64) :]
 
     def field(self, draw: Draw, rnd: random.Random, payload: bytes) -> bytes:
-        """A header field set to an extreme value, deleted or added; or tensors cut short."""
-        parts = unwrap(payload)
+        """A header field set to an extreme value, deleted or added; or tensors cut short.
+        A plain JSON status is mutated the same way, as the whole payload."""
+        plain = payload[:1] == b"{"
+        parts = plain_json(payload) if plain else unwrap(payload)
         if parts is None or not isinstance(parts[1], (dict, list)) or not parts[1]:
             return self.flip(draw, rnd, payload)
         sig, header, tail = parts
@@ -475,7 +490,17 @@ class Mutator:
         if raw is not None:
             text = text.replace(json.dumps(PLACEHOLDER), raw)
         body = text.encode()
+        if plain:
+            return body
         return rewrap(how, kind, sig, PREAMBLE.pack(b"FDG", 1, len(body)) + body + tail)
+
+
+def plain_json(payload: bytes) -> tuple[bytes, Any, bytes] | None:
+    """A plain JSON payload (a status) as ``unwrap`` gives an envelope's parts."""
+    try:
+        return b"", json.loads(payload), b""
+    except (ValueError, RecursionError):
+        return None
 
 
 def rewrap(how: str, kind: str, sig: bytes, envelope: bytes) -> bytes:
@@ -618,7 +643,7 @@ class Campaign:
         if source == "mutated":
             payload = self.mutate(draw, self.pick["status"])
         else:
-            payload = json_envelope(draw) if source == "json" else arbitrary(draw)
+            payload = {"json": json_envelope, "plain": plain_status}.get(source, arbitrary)(draw)
         return "agg", topic, [payload]
 
     def op_agg_other(self, draw: Draw, source: str) -> tuple[str, str, list[bytes]]:
@@ -702,7 +727,7 @@ def quietly_taken(topics: Topics, topic: str, payload: bytes) -> bool:
     if topic.startswith(f"{topics.base}/update/"):
         return is_chunk(payload)
     try:
-        status = decode(payload).msg
+        status, _ = decode_status(payload)
     except DecodeError:
         return False
     return (
@@ -762,7 +787,7 @@ def online(broker: MemoryBroker, topics: Topics, device: str, clock: Clock) -> M
     link.connect()
     link.publish(
         topics.status(device),
-        encode(Status(device_id=device, state="online", timestamp=clock())),
+        encode_status(Status(device_id=device, state="online", timestamp=clock())),
         retain=True,
     )
     return link
@@ -834,10 +859,24 @@ def make_seeds(
             ]
         )
     ]
+    # Both forms an aggregator takes: plain JSON, and the envelope of older agents.
     statuses = [
-        encode(Status(device_id=d, state=s, timestamp=1e6, anomaly_score=0.5))
+        form(
+            Status(
+                device_id=d,
+                state=s,
+                timestamp=1e6,
+                anomaly_score=0.5,
+                model_version=v,
+                wants_model=v == 0,
+                readings={"cpu_temp_c": 50.0},
+                sensor={"samples": 9},
+            )
+        )
+        for form in (encode_status, encode)
         for d in ("a", "b", "x", GHOST, REVOKED)
         for s in ("online", "offline", "idle")
+        for v in (0, 3)
     ]
     good = load_runtime(DIGITS_MODEL, prefer=("numpy",)).get_weights()
     open_globals = [
@@ -1003,7 +1042,7 @@ def campaign(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Campaign]:
     for agent in pinned:
         agent.link.publish(
             T.status(agent.device_id),
-            encode(Status(device_id=agent.device_id, state="online", timestamp=clock())),
+            encode_status(Status(device_id=agent.device_id, state="online", timestamp=clock())),
             retain=True,
         )
     ghost.kill()

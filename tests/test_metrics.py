@@ -8,11 +8,12 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from fedge.agent.config import AgentConfig
-from fedge.agent.daemon import Agent
+from fedge.agent.daemon import Agent, AgentStats
 from fedge.agent.dataset import Dataset
 from fedge.agent.service import build_agent
 from fedge.aggregator.config import AggregatorConfig
@@ -116,6 +117,11 @@ def test_collectors_read_a_real_agent_and_aggregator(tmp_path: Path) -> None:
         assert value(reg, "fedge_agent_mqtt_bytes_sent_total") == agents[0].link.bytes_up
         assert value(reg, "fedge_agent_mqtt_bytes_received_total") == agents[0].link.bytes_down
         assert value(reg, "fedge_agent_anomaly_score") is None  # a classifier: no score
+        assert value(reg, "fedge_agent_train_loss") == agents[0].last_train_loss > 0
+        assert value(reg, "fedge_agent_cpu_temperature_celsius") is None  # nothing read
+        agents[0].readings = lambda: {"battery_percent": 40.0, "cpu_temp_c": 55.0}
+        assert value(reg, "fedge_agent_battery_ratio") == 0.4
+        assert value(reg, "fedge_agent_cpu_temperature_celsius") == 55.0
         # Counts by reason show up as the loop counts them, with no call of its own.
         agents[0].stats.skipped["battery_low"] += 2
         agg.rejected["bad_signature"] += 1
@@ -255,3 +261,29 @@ def test_both_endpoints_move_during_a_run_over_mosquitto(
     after = scrape(agg_port)  # after the run: the last values stay readable
     assert after[DONE] >= later[DONE] and after[DONE] == agg.completed
     assert scrape(agent_port)["fedge_agent_rounds_trained_total"] >= 2
+
+
+@pytest.mark.unit
+def test_serial_counters_faults_and_store_size_are_metrics() -> None:
+    sensor = SimpleNamespace(
+        counters={"samples": 120, "bytes": 4800, "crc": 3, "resync": 1},
+        decoder=SimpleNamespace(faults={"crc": 3, "resync": 1}),
+        store_bytes=65536,
+    )
+    agent = SimpleNamespace(
+        stats=AgentStats(),
+        link=SimpleNamespace(bytes_up=0, bytes_down=0),
+        state=SimpleNamespace(last_round=0),
+        last_update_bytes=0,
+        global_version=-1,
+        anomaly_score=None,
+        last_train_loss=None,
+        readings=None,
+        sensor=sensor,
+    )
+    reg = registry(AgentCollector(agent))
+    assert value(reg, "fedge_agent_serial_samples_total") == 120
+    assert value(reg, "fedge_agent_serial_bytes_total") == 4800
+    assert value(reg, "fedge_agent_serial_frame_faults_total", kind="crc") == 3
+    assert value(reg, "fedge_agent_serial_crc_total") is None  # a fault is a label, not a name
+    assert value(reg, "fedge_agent_store_size_bytes") == 65536

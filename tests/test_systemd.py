@@ -56,3 +56,16 @@ def test_no_watchdog_no_petter(monkeypatch: pytest.MonkeyPatch) -> None:
     assert watchdog_petter() is None
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert notify("READY=1") is False
+
+
+def test_notify_never_waits_for_a_listener_that_stopped_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))  # bound, never read: its queue fills up
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    started = time.monotonic()
+    sent = [notify(f"STATUS=round {i}") for i in range(2000)]
+    assert time.monotonic() - started < 10
+    assert sent[0] and not sent[-1]  # the first ones queued, then dropped
+    sock.close()

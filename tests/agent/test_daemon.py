@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fedge.agent.daemon import Agent
+from fedge.agent.daemon import Agent, DayCounter
 from fedge.agent.dataset import Dataset
+from fedge.agent.eligibility import Decision
 from fedge.agent.state import AgentState, load_state, save_state
 from fedge.models.runtime import load_runtime
 from fedge.protocol import (
@@ -23,6 +25,7 @@ from fedge.protocol import (
     decode,
     encode,
 )
+from fedge.protocol.status import decode_status
 from helpers import DIGITS_MODEL
 
 pytestmark = pytest.mark.link
@@ -91,6 +94,8 @@ def drain(agent: Agent) -> None:
 def updates(link: MemoryLink) -> list:
     out = []
     while (msg := link.get(0)) is not None:
+        if "/status/" in msg.topic:
+            continue
         d = decode(msg.payload)
         if isinstance(d.msg, UpdateHeader):
             out.append(d)
@@ -172,8 +177,8 @@ def test_will_marks_a_vanished_device_offline() -> None:
     srv = server(broker)
     agent = make_agent(broker)
     agent.link.kill()  # type: ignore[attr-defined]
-    states = [decode(m.payload).msg for m in iter(lambda: srv.get(0), None)]
-    assert [s.state for s in states if isinstance(s, Status)] == ["online", "offline"]
+    states = [decode_status(m.payload)[0] for m in iter(lambda: srv.get(0), None)]
+    assert [s.state for s in states] == ["online", "offline"]
 
 
 def test_applies_each_new_global_model_and_ignores_old_ones() -> None:
@@ -188,3 +193,56 @@ def test_applies_each_new_global_model_and_ignores_old_ones() -> None:
     assert agent.global_version == 3
     np.testing.assert_array_equal(agent.runtime.get_weights()["dense1_bias"], g["dense1_bias"] + 1)
     assert agent.stats.models_applied == 1
+
+
+def statuses(link: MemoryLink) -> list[Status]:
+    out = []
+    while (msg := link.get(0)) is not None:
+        if "/status/" in msg.topic:
+            assert msg.payload.startswith(b"{")  # plain JSON, for mosquitto_sub
+            out.append(decode_status(msg.payload)[0])
+    return out
+
+
+def test_status_says_what_the_device_did_in_plain_json() -> None:
+    broker = MemoryBroker()
+    srv = server(broker)
+    agent = make_agent(broker)
+    agent.readings = lambda: {"cpu_temp_c": 51.5, "battery_percent": float("nan")}
+    publish_global(srv, 0, load_runtime(DIGITS_MODEL).get_weights())
+    announce(srv, 1, 0, ("d1",))
+    drain(agent)
+    last = statuses(srv)[-1]
+    assert last.state == "idle" and last.model_version == 0 and not last.wants_model
+    assert last.last_round == 1 and last.outcome == "sent" and last.skip_reason is None
+    assert last.train_loss is not None and last.train_loss > 0
+    assert last.readings == {"cpu_temp_c": 51.5}  # an unreadable value is left out
+    # everything sent before this status: the update at least, not the status itself
+    assert agent.stats.bytes_sent < last.bytes_up_today < agent.link.bytes_up
+    assert 0 < last.bytes_down_today <= agent.link.bytes_down
+    assert last.agent_version and last.uptime_s is not None and last.uptime_s >= 0
+
+
+def test_status_names_the_skip_reason_and_asks_for_a_missing_model() -> None:
+    broker = MemoryBroker()
+    srv = server(broker)
+    agent = make_agent(broker)
+    agent.eligibility = lambda n: Decision(train=False, upload=False, reason="too_hot")
+    publish_global(srv, 0, load_runtime(DIGITS_MODEL).get_weights())
+    announce(srv, 1, 0, ("d1",))
+    drain(agent)
+    last = statuses(srv)[-1]
+    assert (last.outcome, last.skip_reason, last.last_round) == ("skipped", "too_hot", 1)
+    announce(srv, 2, 1, ("d1",))  # names model v1, which never came
+    drain(agent)
+    last = statuses(srv)[-1]
+    assert last.wants_model and last.model_version == 0
+
+
+def test_day_counter_restarts_at_local_midnight() -> None:
+    counter = DayCounter()
+    noon = time.mktime((2026, 12, 1, 12, 0, 0, 0, 0, -1))
+    assert counter.today(noon, 100, 1000) == (100, 1000)  # the first day counts from the start
+    assert counter.today(noon + 3600, 150, 1200) == (150, 1200)
+    assert counter.today(noon + 13 * 3600, 170, 1300) == (0, 0)
+    assert counter.today(noon + 14 * 3600, 200, 1400) == (30, 100)

@@ -35,7 +35,18 @@ def exposed() -> dict[str, set[str]]:
         state=AgentState(last_round=1),
         last_update_bytes=5,
         anomaly_score=0.5,
-        sensor=None,
+        last_train_loss=0.4,
+        readings=lambda: {
+            "on_mains": 0.0,
+            "battery_percent": 50.0,
+            "cpu_temp_c": 50.0,
+            "load_per_cpu": 0.5,
+        },
+        sensor=SimpleNamespace(
+            counters={"samples": 1, "crc": 1},
+            decoder=SimpleNamespace(faults={"crc": 1}),
+            store_bytes=10,
+        ),
     )
     rounds = RoundRecorder()
     # Every optional field of a round summary, so every optional gauge appears.

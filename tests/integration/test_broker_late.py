@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from fedge.agent.config import AgentConfig
 from fedge.agent.service import build_agent
-from fedge.protocol import Status, Topics, decode, make_link
+from fedge.protocol import Status, Topics, make_link
+from fedge.protocol.status import decode_status
 from helpers import DIGITS_MODEL
 
 pytestmark = [pytest.mark.broker, pytest.mark.filterwarnings("ignore::ResourceWarning")]
@@ -46,7 +47,7 @@ def test_an_agent_started_before_its_broker_connects_when_it_comes(
             watcher.subscribe(Topics("late").status("late-1"))
             msg = watcher.get(15.0)  # the queued "online" status, once paho reconnects
             assert msg is not None
-            status = decode(msg.payload).msg
+            status, _ = decode_status(msg.payload)
             assert isinstance(status, Status) and status.state == "online"
             watcher.close()
             stop.set()

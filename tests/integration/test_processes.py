@@ -6,17 +6,20 @@ the aggregator exiting by itself after its rounds, and devices marked offline wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from fedge.protocol import Status, Topics, decode, make_link
+from fedge.protocol import Status, Topics, make_link
+from fedge.protocol.status import decode_status
 from helpers import DIGITS_MODEL, digits_partitions
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -58,9 +61,21 @@ def test_services_run_rounds_and_stop_cleanly(tmp_path: Path, mosquitto, fleet_i
     )
     agg = spawn(["aggregator", "--config", str(agg_cfg)], env, tmp_path / "agg.log")
 
-    ready = [notify.recv(256) for _ in range(3)]
-    assert ready.count(b"READY=1") == 3
+    said: list[bytes] = []
+
+    def listen() -> None:  # as systemd does, all the time
+        with contextlib.suppress(OSError):
+            while True:
+                said.append(notify.recv(256))
+
+    threading.Thread(target=listen, daemon=True).start()
     assert agg.wait(120) == 0, (tmp_path / "agg.log").read_text()[-3000:]
+    time.sleep(0.5)
+    assert said.count(b"READY=1") == 3
+    # What `systemctl status` shows: each agent's last round, the aggregator's round line.
+    shown = [s.decode() for s in said if s.startswith(b"STATUS=")]
+    assert any(s.startswith("STATUS=idle; round 2: sent ") for s in shown), shown
+    assert any(s.startswith("STATUS=round 2 done: 2 of 2 trained") for s in shown), shown
     rounds = [json.loads(x) for x in (tmp_path / "agg" / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(sorted(r["participants"]) == devices for r in rounds)
@@ -77,7 +92,7 @@ def test_services_run_rounds_and_stop_cleanly(tmp_path: Path, mosquitto, fleet_i
     while len(states) < 2 and time.monotonic() < deadline:
         msg = watcher.get(1.0)
         if msg is not None and msg.payload:
-            status = decode(msg.payload).msg
+            status, _ = decode_status(msg.payload)
             assert isinstance(status, Status)
             states[status.device_id] = status.state
     watcher.close()

@@ -39,6 +39,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
         provision_device(pki, device, FLEET)
     provision_device(pki, "dev-p", FLEET, password=True)
     provision_device(pki, "dev-q", FLEET, password=True)
+    provision_device(pki, "ops", FLEET, operator=True)
     return pki
 
 
@@ -198,6 +199,30 @@ def test_a_device_cannot_read_another_devices_topics(connect) -> None:  # type: 
     aggregator.publish_and_wait(f"{BASE}/global", b"model")
 
     assert dev_b.received_until(b"model") == [(f"{BASE}/global", b"model")]
+
+
+def test_an_operator_reads_statuses_and_writes_nothing(connect) -> None:  # type: ignore[no-untyped-def]
+    aggregator = connect("aggregator")
+    aggregator.subscribe(f"{BASE}/update/+", f"{BASE}/status/+", f"{BASE}/round")
+    ops = connect("ops")
+    ops.subscribe(f"{BASE}/status/+", f"{BASE}/round", f"{BASE}/update/+", f"{BASE}/global")
+    dev_a = connect("dev-a")
+
+    for topic in ("status/ops", "update/ops", "round", "global"):
+        ops.publish_and_wait(f"{BASE}/{topic}", b"forged by ops")
+    dev_a.publish_and_wait(f"{BASE}/update/dev-a", b"update")
+    dev_a.publish_and_wait(f"{BASE}/status/dev-a", b"status")
+    aggregator.publish_and_wait(f"{BASE}/round", b"round")
+
+    assert ops.received_until(b"round") == [
+        (f"{BASE}/status/dev-a", b"status"),
+        (f"{BASE}/round", b"round"),
+    ]
+    assert aggregator.received_until(b"round") == [
+        (f"{BASE}/update/dev-a", b"update"),
+        (f"{BASE}/status/dev-a", b"status"),
+        (f"{BASE}/round", b"round"),
+    ]
 
 
 @pytest.fixture(scope="module")
