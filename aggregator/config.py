@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fedge.protocol import TrainingConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -16,6 +17,7 @@ from fedge.configfile import (
     state_folder,
 )
 
+from .schedule import Schedule, parse_window
 from .strategies.config import StrategyConfig
 
 
@@ -48,6 +50,47 @@ class SampleLimits(BaseModel):
         return existing_file(value, info)
 
 
+class ScheduleConfig(BaseModel):
+    """When rounds start (aggregator.schedule): at most every ``interval`` seconds, and only
+    inside the daily ``window`` of local time ("22:00-06:00" wraps midnight) in
+    ``timezone`` (an IANA name; default: the machine's). A round open at the window's end
+    runs to its deadline."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    interval: float = Field(default=0.0, ge=0)  # seconds between round starts; 0: back to back
+    window: str | None = None  # "HH:MM-HH:MM"; None: any time of day
+    timezone: str | None = None  # e.g. "Europe/Berlin"; None: the machine's local time
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_window(value)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str | None) -> str | None:
+        if value is not None:
+            _zone(value)
+        return value
+
+    def build(self) -> Schedule:
+        return Schedule(
+            interval=self.interval,
+            window=None if self.window is None else parse_window(self.window),
+            tz=None if self.timezone is None else _zone(self.timezone),
+        )
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {name!r} (an IANA name, e.g. Europe/Berlin)") from exc
+
+
 class AggregatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -70,6 +113,7 @@ class AggregatorConfig(BaseModel):
     round_timeout: float = Field(default=120.0, gt=0)  # seconds
     training: TrainingConfig = TrainingConfig()  # announced with every round
     samples: SampleLimits = SampleLimits()
+    schedule: ScheduleConfig = ScheduleConfig()
     strategy: StrategyConfig = StrategyConfig()
     eval_data: Path | None = None  # .npz (x, y) held out for accuracy and loss per round
     log: Path | None = None  # rounds.jsonl; default: state_dir/rounds.jsonl

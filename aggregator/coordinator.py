@@ -61,6 +61,8 @@ log = logging.getLogger("fedge.aggregator")
 Weights = dict[str, np.ndarray]
 KEEP_MODELS = 3  # global models (and strategy states) kept in the state database
 PROBATION_AFTER = 2  # rounds in a row a device must miss before rounds stop waiting for it
+HISTORY = 10  # a device's last selections whose outcome (answered in time or not) is kept
+REVISIT_AFTER = 5  # rounds left out after which a device ranks as untried again
 Evaluator = Callable[[Weights], tuple[float, float]]
 
 
@@ -121,7 +123,12 @@ class Aggregator:
         self.clock = clock
         self.online: set[str] = set()
         self.known: set[str] = set()  # every device whose status was heard, online or not
-        self.misses: dict[str, int] = {}  # rounds in a row a device was selected and missed
+        # Each device's last HISTORY selections, (round id, answered in time), oldest first:
+        # kept in the store, so a restarted aggregator still knows who does not answer.
+        self.history = store.outcomes()
+        self.schedule = config.schedule.build()
+        self._last_start = store.last_round_start()  # the interval counts across restarts
+        self._told_start: float | None = None  # the scheduled start already logged
         self.rejected: Counter[str] = Counter()
         self.current: OpenRound | None = None
         self.done = False
@@ -460,7 +467,10 @@ class Aggregator:
                         f" quorum {needed}",
                     )
         if self.current is None and not self.done:
-            if len(self.online) >= self.cfg.min_devices:
+            start = self.schedule.next_start(now, self._last_start)
+            if start > now:
+                self._tell_start(start, now)
+            elif len(self.online) >= self.cfg.min_devices:
                 self._announce(now)
             elif now - self._last_wait_log >= self.cfg.wait_log_interval:
                 self._last_wait_log = now
@@ -474,36 +484,61 @@ class Aggregator:
                     f"; offline: {_names(away)}" if away else "",
                 )
 
+    def _tell_start(self, start: float, now: float) -> None:
+        """Say once (not every tick) when the schedule lets the next round start."""
+        if start != self._told_start:
+            self._told_start = start
+            log.info(
+                "round %d at %s (%s)",
+                self.next_round_id,
+                self.schedule.local(start, now),
+                self.schedule.describe(),
+            )
+
     def _select(self) -> list[str]:
-        """Online devices. With ``devices_per_round``, reliable devices first (fewest misses
-        in a row), over-selected by ``overselect``: the round closes once the target has
-        answered."""
+        """Online devices. With ``devices_per_round``, the most reliable first (recent answer
+        rate, random among equals), over-selected by ``overselect``: the round closes once
+        the target has answered. A device left out for REVISIT_AFTER rounds ranks as untried
+        again: left out for good, one with a run of chance dropouts would take its data out
+        of the model (bench/README.md, Faults), and a hung one is not waited for anyway."""
         online = sorted(self.online)
         k = self.cfg.devices_per_round
         if not k:
             return online
         want = min(len(online), math.ceil(k * self.cfg.overselect))
         order = self.rng.permutation(len(online))
-        ranked = sorted((self.misses.get(online[i], 0), j, online[i]) for j, i in enumerate(order))
+        ranked = sorted((-self._standing(online[i]), j, online[i]) for j, i in enumerate(order))
         return sorted(d for _, _, d in ranked[:want])
+
+    def _standing(self, device: str) -> float:
+        """The selection rank: recent answer rate; 1 when untried or not tried lately."""
+        recent = self.history.get(device)
+        if not recent or self.next_round_id - recent[-1][0] > REVISIT_AFTER:
+            return 1.0
+        return sum(ok for _, ok in recent) / len(recent)
+
+    def misses_in_a_row(self, device: str) -> int:
+        """How many of its last selections, up to now, the device missed."""
+        recent = self.history.get(device, [])
+        return next((i for i, (_, ok) in enumerate(reversed(recent)) if ok), len(recent))
 
     def _suspects(self, rnd: OpenRound) -> set[str]:
         """Selected devices that missed their last rounds: not waited for once everyone
         else has answered and the quorum is met (a hung device must not hold every round up
         to its deadline; one that answers in time still counts)."""
-        return {d for d in rnd.selected if self.misses.get(d, 0) >= PROBATION_AFTER}
+        return {d for d in rnd.selected if self.misses_in_a_row(d) >= PROBATION_AFTER}
 
     def _note_outcomes(self, rnd: OpenRound) -> None:
-        """Remember who answered: misses in a row per device."""
-        for device in rnd.selected:
-            if device in rnd.answered:
-                self.misses.pop(device, None)
-            else:
-                self.misses[device] = self.misses.get(device, 0) + 1
+        """Remember who answered in time, in memory and in the store."""
+        outcomes = {d: d in rnd.answered for d in rnd.selected}
+        self.store.record_outcomes(rnd.round_id, outcomes, keep=HISTORY)
+        for device, ok in outcomes.items():
+            self.history[device] = [*self.history.get(device, []), (rnd.round_id, ok)][-HISTORY:]
 
     def _announce(self, now: float) -> None:
         selected = self._select()
         rnd = OpenRound(self.next_round_id, selected, now, now + self.cfg.round_timeout)
+        self._last_start = now
         self.next_round_id += 1
         self.current = rnd
         self.store.open_round(rnd.round_id, self.version, now, rnd.deadline, selected)

@@ -65,6 +65,15 @@ CREATE TABLE IF NOT EXISTS chunks (
     received   REAL NOT NULL,
     PRIMARY KEY (device_id, message_id, idx)
 );
+-- Whether each selected device answered its round in time (update or skip notice), the last
+-- few selections per device: who is reliable survives a restart. A state file made before
+-- this table existed gets it here, empty (everyone starts as reliable).
+CREATE TABLE IF NOT EXISTS outcomes (
+    device_id TEXT NOT NULL,
+    round_id  INTEGER NOT NULL,
+    answered  INTEGER NOT NULL,       -- 1: answered in time, 0: missed
+    PRIMARY KEY (device_id, round_id)
+);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -297,6 +306,35 @@ class Store:
         """Chunks of messages that were not whole yet: (device, chunk), in arrival order."""
         rows = self.db.execute("SELECT device_id, payload FROM chunks ORDER BY received").fetchall()
         return [(str(r[0]), bytes(r[1])) for r in rows]
+
+    def last_round_start(self) -> float | None:
+        """When the newest round started (None: no round yet)."""
+        row = self.db.execute("SELECT MAX(started) FROM rounds").fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def record_outcomes(self, round_id: int, answered: dict[str, bool], keep: int) -> None:
+        """Who of a closed round's selection answered in time; each device's ``keep`` newest
+        outcomes are kept."""
+        with self.transaction():
+            for device, ok in answered.items():
+                self.db.execute(
+                    "INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?)", (device, round_id, int(ok))
+                )
+                self.db.execute(
+                    "DELETE FROM outcomes WHERE device_id=? AND round_id NOT IN (SELECT round_id"
+                    " FROM outcomes WHERE device_id=? ORDER BY round_id DESC LIMIT ?)",
+                    (device, device, keep),
+                )
+
+    def outcomes(self) -> dict[str, list[tuple[int, bool]]]:
+        """Each device's kept outcomes, (round id, answered in time), oldest first."""
+        history: dict[str, list[tuple[int, bool]]] = {}
+        rows = self.db.execute(
+            "SELECT device_id, round_id, answered FROM outcomes ORDER BY round_id"
+        )
+        for device, round_id, ok in rows:
+            history.setdefault(str(device), []).append((int(round_id), bool(ok)))
+        return history
 
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))

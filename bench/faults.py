@@ -1,4 +1,4 @@
-"""Faults in the demo setting: dropouts with a straggler tail, and poisoned devices.
+"""Faults in the demo setting: dropouts with a straggler tail, poisoned devices, a hung one.
 
 Runs ``fedge sim`` (the real agents and aggregator over the embedded broker; 10 devices,
 IID digits, 20 rounds, E=5 and the sim's other defaults: FedAdam, top-k 2% + int8 uploads
@@ -19,13 +19,21 @@ poison: 2 of the 10 devices send their honest delta sign-flipped, scaled x10, or
 bounded to the round's median norm). Goals: plain FedAvg degrades, the robust ones stay within
 2 points of the clean run.
 
-    .venv/bin/python bench/faults.py                  # seeds 0 1 2, both parts, ~15 minutes
+hung: the fault-free run against the same seed with one of the 10 devices hung (``--hung 1``:
+connected, online, never answers). Every device is selected every round; a round closes when
+all answered, or, for a device that missed its last two rounds (aggregator PROBATION_AFTER),
+once everyone else answered and the quorum is met. Goal: only the first rounds wait for the
+round timeout (10 s), the median round time stays near the fault-free one.
+
+    .venv/bin/python bench/faults.py                  # seeds 0 1 2, all parts, ~20 minutes
+    .venv/bin/python bench/faults.py --part hung --rounds 12
     .venv/bin/python bench/faults.py --part poison --seeds 0
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -170,6 +178,61 @@ def drops(args: argparse.Namespace) -> None:
     )
 
 
+def _durations(out: Path) -> list[float]:
+    """Each round's time from announcement to close, from the run's rounds.jsonl."""
+    lines = (out / "rounds.jsonl").read_text().splitlines()
+    return [float(json.loads(line)["duration_s"]) for line in lines]
+
+
+def hung(args: argparse.Namespace) -> None:
+    rows = []
+    for seed in args.seeds:
+        runs = {}
+        for name, count in (("clean", 0), ("hung", 1)):
+            out = Path(args.out, "hung", name, f"seed{seed}")
+            s = sim(out, seed, args.rounds, round_timeout=args.round_timeout, hung=count)
+            times = _durations(out)
+            runs[name] = {
+                "median": _med(times),
+                "timeouts": sum(t >= args.round_timeout - 0.01 for t in times),
+                "ran": len(times),
+                "done": s["rounds_completed"],
+                "final": s["final_accuracy"],
+                "wall": s["wall_time_s"],
+                "device": (s.get("faults") or {}).get("hung_devices", []),
+            }
+        rows.append((seed, runs))
+        c, h = runs["clean"], runs["hung"]
+        print(
+            f"hung seed {seed}: median round {h['median']:.2f} s with {', '.join(h['device'])}"
+            f" hung vs {c['median']:.2f} s without; {h['timeouts']} of {h['ran']} rounds waited"
+            f" for the {args.round_timeout:g} s timeout",
+            flush=True,
+        )
+    print(
+        f"\n## hung: 1 of 10 devices connected and online, never answering;"
+        f" --round-timeout {args.round_timeout:g}, {args.rounds} rounds, every device selected\n"
+    )
+    print(
+        "| seed | median round, without | median round, with hung | rounds at the timeout,"
+        " without / with | rounds done, without / with | final, without | final, with hung"
+        " | sim wall time, without / with |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for seed, runs in rows:
+        c, h = runs["clean"], runs["hung"]
+        print(
+            f"| {seed} | {c['median']:.2f} s | {h['median']:.2f} s"
+            f" | {c['timeouts']} / {h['timeouts']} of {h['ran']} | {c['done']} / {h['done']}"
+            f" | {_pct(c['final'])} | {_pct(h['final'])} | {c['wall']:.0f} / {h['wall']:.0f} s |"
+        )
+    print(
+        f"\nmedians over seeds: round time {_med([r['clean']['median'] for _, r in rows]):.2f} s"
+        f" without, {_med([r['hung']['median'] for _, r in rows]):.2f} s with the hung device;"
+        f" rounds at the timeout with it: {_med([r['hung']['timeouts'] for _, r in rows]):g}"
+    )
+
+
 def poison(args: argparse.Namespace) -> None:
     final: dict[tuple[str, str], list[float]] = {}
     last5: dict[tuple[str, str], list[float]] = {}
@@ -224,7 +287,7 @@ def poison(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["drops", "poison", "all"], default="all")
+    p.add_argument("--part", choices=["drops", "poison", "hung", "all"], default="all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--drop-rate", type=float, default=0.3)
     p.add_argument("--stragglers", default="lognormal:2:1")
@@ -239,6 +302,8 @@ def main() -> None:
         drops(args)
     if args.part in ("poison", "all"):
         poison(args)
+    if args.part in ("hung", "all"):
+        hung(args)
 
 
 if __name__ == "__main__":

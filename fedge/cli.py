@@ -138,6 +138,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         link_flaps=args.link_flaps,
         broker_restarts=args.broker_restarts,
         poison=args.poison,
+        hung=args.hung,
     )
     if args.source == "serial":
         return _sim_serial(args)
@@ -445,6 +446,13 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         metavar="K:MODE",
         help="K devices send poisoned updates: K:sign-flip or K:scale:F",
+    )
+    f.add_argument(
+        "--hung",
+        type=int,
+        default=0,
+        metavar="K",
+        help="K devices stay connected and online and never answer",
     )
     s.set_defaults(func=_cmd_sim, log_level=logging.WARNING)
 

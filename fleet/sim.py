@@ -12,7 +12,8 @@ A run folder holds ``rounds.jsonl`` (the aggregator's line per round),
 
 Faults (``fleet.faults``): devices that vanish mid-round (``drop_rate``), a training-time
 distribution (``stragglers``), link flaps, restarts of the sim's own Mosquitto
-(``broker="mosquitto"``) and poisoned devices; ``summary.json`` counts them under ``faults``.
+(``broker="mosquitto"``), poisoned devices and hung ones; ``summary.json`` counts them
+under ``faults``.
 A run whose next round cannot start for a whole round timeout stops there, and says why
 under ``stalled``.
 """
@@ -99,6 +100,7 @@ class SimOptions:
     link_flaps: float = 0.0
     broker_restarts: int = 0
     poison: str | None = None  # K:sign-flip or K:scale:F
+    hung: int = 0  # devices that stay online and never answer
 
     def faults(self) -> FaultSettings:
         try:
@@ -108,6 +110,7 @@ class SimOptions:
                 link_flaps=self.link_flaps,
                 broker_restarts=self.broker_restarts,
                 poison=self.poison,
+                hung=self.hung,
                 devices=self.devices,
                 seed=self.seed,
             )

@@ -1,5 +1,5 @@
-"""Fault injection for ``fedge sim``: dropouts, stragglers, link flaps, broker restarts and
-poisoned updates, seeded and counted.
+"""Fault injection for ``fedge sim``: dropouts, stragglers, link flaps, broker restarts,
+poisoned updates and hung devices, seeded and counted.
 
 - ``settings``: the options, parsed (``FaultSettings``; errors are ``FaultSpecError``).
 - ``plan``: seeded draws, one generator per concern, keyed by device and round.

@@ -58,7 +58,8 @@ class FaultInjector:
         self.broker = broker
         self.clock = clock
         self.poisoned = plan.poisoned_devices(settings, self.devices)
-        self.ledger = Ledger(settings, self.poisoned)
+        self.hung = plan.hung_devices(settings, self.devices)
+        self.ledger = Ledger(settings, self.poisoned, self.hung)
         self.timers = Timers()
         self.proxy: LinkProxy | None = None
         self._restarts = plan.restart_plan(settings, rounds, len(self.devices))
@@ -94,6 +95,7 @@ class FaultInjector:
             round_timeout=self.round_timeout,
             stop=self.stop_event,
             poisoned=device in self.poisoned,
+            hung=device in self.hung,
             clock=self.clock,
         )
 

@@ -17,9 +17,16 @@ def _by_round(events: dict[int, set[str]]) -> dict[str, list[str]]:
 class Ledger:
     """Thread-safe: device threads, the timer thread and the sim's loop all write here."""
 
-    def __init__(self, settings: FaultSettings, poisoned_devices: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        settings: FaultSettings,
+        poisoned_devices: Sequence[str] = (),
+        hung_devices: Sequence[str] = (),
+    ) -> None:
         self.settings = settings
         self.poisoned_devices = sorted(poisoned_devices)
+        self.hung_devices = sorted(hung_devices)
+        self._hung: dict[int, set[str]] = {}
         self._lock = threading.Lock()
         self._dropped: dict[int, set[str]] = {}
         self._late: dict[int, set[str]] = {}
@@ -32,6 +39,10 @@ class Ledger:
     def dropped(self, round_id: int, device: str) -> None:
         with self._lock:
             self._dropped.setdefault(round_id, set()).add(device)
+
+    def hung(self, round_id: int, device: str) -> None:
+        with self._lock:
+            self._hung.setdefault(round_id, set()).add(device)
 
     def delayed(self, round_id: int, device: str, seconds: float, *, late: bool) -> None:
         with self._lock:
@@ -86,4 +97,6 @@ class Ledger:
                 "poisoned_sent": sum(len(d) for d in self._poisoned.values()),
                 "poisoned_accepted": accepted,
                 "poisoned_by_round": _by_round(self._poisoned),
+                "hung_devices": self.hung_devices,
+                "hung_unanswered": sum(len(d) for d in self._hung.values()),
             }

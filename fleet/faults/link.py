@@ -9,6 +9,8 @@ skip notice it publishes on ``update/{device}``:
 - delayed (``plan.training_delay``): the answer leaves the announcement time plus the
   drawn training time; one that would arrive after the deadline is dropped at the deadline
   (a straggler that misses the round is a dropout for it);
+- hung (``hung``): no answer of the device ever reaches the broker, while it stays
+  connected and its status says online (a process stuck after connecting);
 - poisoned: the honest delta is decoded from the update, multiplied by the poison factor
   (-1: sign-flip) and encoded again with the same codec. The agent keeps its honest
   residual: only what crosses the wire is poisoned.
@@ -73,6 +75,7 @@ class FaultyLink:
         round_timeout: float,
         stop: threading.Event,
         poisoned: bool = False,
+        hung: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.inner = inner
@@ -82,6 +85,7 @@ class FaultyLink:
         self.ledger = ledger
         self.round_timeout = round_timeout
         self.poisoned = poisoned and settings.poison is not None
+        self.hung = hung
         self.shapes: dict[str, list[int]] | None = None
         self._stop = stop
         self._clock = clock
@@ -173,6 +177,10 @@ class FaultyLink:
 
     def _answer(self, payload: bytes) -> bytes | None:
         round_id = self._round_of(payload)
+        if self.hung:
+            if round_id is not None:
+                self.ledger.hung(round_id, self.device_id)
+            return None
         if round_id is None:
             return payload
         if round_id not in self._fates:

@@ -13,7 +13,15 @@ import numpy as np
 
 from .settings import FaultSettings
 
-CONCERNS = {"drop": 1, "straggle": 2, "flap": 3, "restart": 4, "poison": 5, "poison_codec": 6}
+CONCERNS = {
+    "drop": 1,
+    "straggle": 2,
+    "flap": 3,
+    "restart": 4,
+    "poison": 5,
+    "poison_codec": 6,
+    "hang": 7,
+}
 
 
 def generator(seed: int, concern: str, *keys: int) -> np.random.Generator:
@@ -69,4 +77,12 @@ def poisoned_devices(s: FaultSettings, devices: list[str]) -> list[str]:
     if s.poison is None:
         return []
     picks = generator(s.seed, "poison").choice(len(devices), size=s.poison.devices, replace=False)
+    return sorted(devices[int(i)] for i in picks)
+
+
+def hung_devices(s: FaultSettings, devices: list[str]) -> list[str]:
+    """The devices that hang (online, never answering), chosen by the seed."""
+    if not s.hung:
+        return []
+    picks = generator(s.seed, "hang").choice(len(devices), size=s.hung, replace=False)
     return sorted(devices[int(i)] for i in picks)

@@ -64,6 +64,7 @@ class FaultSettings:
     link_flaps: float = 0.0  # per device per round: its TCP connection is cut once
     broker_restarts: int = 0  # restarts of the sim's own Mosquitto during the run
     poison: Poison | None = None
+    hung: int = 0  # devices that stay connected and online and never answer (a hung process)
     seed: int = 0
 
     @property
@@ -74,6 +75,7 @@ class FaultSettings:
             or self.link_flaps
             or self.broker_restarts
             or self.poison
+            or self.hung
         )
 
     def describe(self) -> dict[str, object]:
@@ -83,6 +85,7 @@ class FaultSettings:
             "link_flaps": self.link_flaps,
             "broker_restarts": self.broker_restarts,
             "poison": None if self.poison is None else str(self.poison),
+            "hung": self.hung,
             "seed": self.seed,
         }
 
@@ -147,17 +150,21 @@ def fault_settings(
     link_flaps: float = 0.0,
     broker_restarts: int = 0,
     poison: str | None = None,
+    hung: int = 0,
     devices: int,
     seed: int = 0,
 ) -> FaultSettings:
     """The settings the sim's options describe, or ``FaultSpecError``."""
     if broker_restarts < 0:
         raise FaultSpecError(f"--broker-restarts must be 0 or more, not {broker_restarts}")
+    if not 0 <= hung <= devices:
+        raise FaultSpecError(f"--hung must be between 0 and {devices} devices, not {hung}")
     return FaultSettings(
         drop_rate=parse_probability(drop_rate, "--drop-rate"),
         stragglers=parse_stragglers(stragglers) if stragglers else None,
         link_flaps=parse_probability(link_flaps, "--link-flaps"),
         broker_restarts=broker_restarts,
         poison=parse_poison(poison, devices) if poison else None,
+        hung=hung,
         seed=seed,
     )

@@ -42,6 +42,7 @@ DEVICES = [f"dev{i:03d}" for i in range(10)]
         ({"poison": "2:scale:1"}, "must differ from 0 and 1"),
         ({"poison": "2:flip"}, "want K:sign-flip or K:scale:F"),
         ({"broker_restarts": -1}, "--broker-restarts must be 0 or more"),
+        ({"hung": 11}, "--hung must be between 0 and 10 devices"),
     ],
 )
 def test_bad_fault_options_are_one_line(options: dict, message: str) -> None:
@@ -190,6 +191,32 @@ def test_dropped_and_late_answers_never_arrive() -> None:
     assert late == {r for r in rounds if r not in dropped and delays[r] > 10.0} and late
     assert arrived == set(rounds) - dropped - late
     assert summary["dropped"] == len(dropped) and summary["stragglers_late"] == len(late)
+
+
+def test_a_hung_device_is_online_and_never_answers() -> None:
+    broker = MemoryBroker()
+    topics = Topics("f")
+    settings = fault_settings(hung=1, devices=10, seed=2)
+    assert settings.active and plan.hung_devices(settings, DEVICES) == plan.hung_devices(
+        settings, DEVICES
+    )
+    assert len(plan.hung_devices(settings, DEVICES)) == 1
+    ledger = Ledger(settings, hung_devices=["dev000"])
+    link = _faulty(broker, ledger, settings=settings, hung=True)
+    server = MemoryLink(broker, "server")
+    server.connect()
+    server.subscribe(topics.updates)
+    server.subscribe(topics.statuses)
+    link.publish(topics.status("dev000"), b"online")
+    for round_id in (1, 2):
+        link.publish(
+            topics.update("dev000"), _update("dev000", round_id, np.random.default_rng(0))[0]
+        )
+    got = server.get(0.05)
+    assert got is not None and got.topic == topics.status("dev000")  # its status goes through
+    assert server.get(0.05) is None  # its answers never do
+    summary = ledger.summary([])
+    assert summary["hung_devices"] == ["dev000"] and summary["hung_unanswered"] == 2
 
 
 def test_the_relay_cuts_a_device_connection_and_takes_the_next() -> None:

@@ -1,0 +1,151 @@
+"""The aggregator's schedule and its memory of who answers, over the in-memory link."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from fedge.aggregator.coordinator import HISTORY, REVISIT_AFTER, Aggregator
+from fedge.aggregator.store import Store
+from fedge.protocol import MemoryBroker
+from test_coordinator import (  # noqa: F401
+    STORES,
+    Clock,
+    Device,
+    close_stores,
+    delta,
+    make,
+    pump,
+)
+
+pytestmark = pytest.mark.link
+
+
+def answer_all_but(
+    agg: Aggregator, clock: Clock, devices: dict[str, Device], *silent: str
+) -> list[str]:
+    """Play the open round: every selected device answers except ``silent`` ones; the clock
+    runs to the deadline if the round waits for them. Returns who was selected."""
+    rnd = agg.current
+    assert rnd is not None
+    for d in rnd.selected:
+        if d not in silent:
+            devices[d].send(rnd.round_id, delta(0.1), 10, base=agg.version)
+    pump(agg)
+    if agg.current is rnd:
+        clock.now += 11
+        pump(agg)
+    assert agg.current is not rnd
+    return sorted(rnd.selected)
+
+
+def test_rounds_start_at_the_interval_and_the_wait_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1, schedule={"interval": 60})
+    devices = {"a": Device(broker, "a")}
+    pump(agg)
+    assert agg.current is not None and agg.current.round_id == 1  # the first at once
+    caplog.set_level(logging.INFO, "fedge.aggregator")
+    clock.now += 5
+    answer_all_but(agg, clock, devices)
+    for _ in range(3):
+        clock.now += 10
+        pump(agg)
+    assert agg.current is None
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("round 2 at")]
+    assert waits == [f"round 2 at {datetime.fromtimestamp(1060.0):%H:%M} (every 60 s)"]
+    clock.now = 1060.0
+    pump(agg)
+    assert agg.current is not None and agg.current.round_id == 2
+
+
+def test_no_round_outside_the_window(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    berlin = ZoneInfo("Europe/Berlin")
+    broker, clock = MemoryBroker(), Clock()
+    clock.now = datetime(2026, 12, 1, 14, 0, tzinfo=berlin).timestamp()
+    caplog.set_level(logging.INFO, "fedge.aggregator")
+    window = {"window": "22:00-06:00", "timezone": "Europe/Berlin"}
+    agg = make(tmp_path, broker, clock, min_devices=1, schedule=window)
+    devices = {"a": Device(broker, "a")}
+    for _ in range(5):
+        pump(agg)
+        clock.now += 600
+    assert agg.current is None
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("round 1 at")]
+    assert waits == ["round 1 at 22:00 (window 22:00-06:00)"]
+    clock.now = datetime(2026, 12, 1, 22, 0, tzinfo=berlin).timestamp()
+    pump(agg)
+    assert agg.current is not None and agg.current.round_id == 1
+    clock.now = datetime(2026, 12, 2, 5, 59, 59, tzinfo=berlin).timestamp()
+    answer_all_but(agg, clock, devices)  # round 2 starts at 05:59:59 and may finish after 06:00
+    pump(agg)
+    rnd = agg.current
+    assert rnd is not None and rnd.round_id == 2
+    clock.now += 5
+    answer_all_but(agg, clock, devices)
+    assert agg.completed == 2 and agg.current is None  # and no round 3 until the evening
+
+
+def test_who_does_not_answer_is_remembered_across_a_restart(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=3)
+    devices = {d: Device(broker, d) for d in ("a", "b", "hung")}
+    pump(agg)
+    for _ in range(2):
+        answer_all_but(agg, clock, devices, "hung")
+    assert agg.misses_in_a_row("hung") == 2
+    agg.store.db.close()  # killed between rounds
+    agg = make(tmp_path, broker, clock, min_devices=3)
+    pump(agg)
+    rnd = agg.current
+    assert rnd is not None and rnd.round_id == 3 and "hung" in rnd.selected
+    started = clock.now
+    answer_all_but(agg, clock, devices, "hung")
+    assert clock.now == started  # not waited for: it is still known to miss its rounds
+
+
+def test_the_outcomes_kept_are_the_last_few_per_device(tmp_path: Path) -> None:
+    store = Store(tmp_path / "agg.sqlite")
+    STORES.append(store)
+    for r in range(1, HISTORY + 5):
+        store.record_outcomes(r, {"a": r % 2 == 0, "b": True}, keep=HISTORY)
+    kept = store.outcomes()
+    assert [r for r, _ in kept["a"]] == list(range(5, HISTORY + 5))
+    assert [ok for _, ok in kept["a"]][:2] == [False, True]
+    assert len(kept["b"]) == HISTORY
+
+
+def test_a_state_file_from_before_the_outcomes_table_is_upgraded(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=2)
+    devices = {d: Device(broker, d) for d in ("a", "b")}
+    pump(agg)
+    answer_all_but(agg, clock, devices)
+    agg.store.db.execute("DROP TABLE outcomes")  # what the previous version left
+    agg.store.db.close()
+    agg = make(tmp_path, broker, clock, min_devices=2)
+    assert agg.history == {} and agg.completed == 1
+    pump(agg)
+    answer_all_but(agg, clock, devices, "b")
+    assert agg.misses_in_a_row("b") == 1 and agg.store.outcomes()["a"] == [(2, True)]
+
+
+def test_reliable_devices_first_and_one_that_keeps_missing_is_still_tried(
+    tmp_path: Path,
+) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=4, devices_per_round=2, overselect=1.5)
+    devices = {d: Device(broker, d) for d in ("a", "b", "c", "flaky")}
+    pump(agg)
+    picks = [answer_all_but(agg, clock, devices, "flaky") for _ in range(30)]
+    tried = [r for r, p in enumerate(picks, start=1) if "flaky" in p]
+    assert len(tried) >= 3  # not starved
+    for r in tried:
+        # after a miss it ranks behind the devices that answer, until it sat out a while
+        assert not any("flaky" in p for p in picks[r : r + REVISIT_AFTER])
+    assert all(len(p) == 3 for p in picks)  # ceil(2 * 1.5)
