@@ -130,6 +130,7 @@ class Aggregator:
         self._last_start = store.last_round_start()  # the interval counts across restarts
         self._told_start: float | None = None  # the scheduled start already logged
         self.rejected: Counter[str] = Counter()
+        self.on_note: Callable[[str], None] | None = None  # while no round can start
         self.current: OpenRound | None = None
         self.done = False
         self.strategy = make_strategy(config.strategy)
@@ -475,25 +476,30 @@ class Aggregator:
             elif now - self._last_wait_log >= self.cfg.wait_log_interval:
                 self._last_wait_log = now
                 away = sorted(self.known - self.online)
-                log.warning(
-                    "round %d cannot start: %d of the %d device(s) it needs are online (%s)%s",
-                    self.next_round_id,
-                    len(self.online),
-                    self.cfg.min_devices,
-                    _names(sorted(self.online)) or "none",
-                    f"; offline: {_names(away)}" if away else "",
+                text = (
+                    f"round {self.next_round_id} cannot start: {len(self.online)} of the"
+                    f" {self.cfg.min_devices} device(s) it needs are online"
+                    f" ({_names(sorted(self.online)) or 'none'})"
+                    + (f"; offline: {_names(away)}" if away else "")
                 )
+                log.warning("%s", text)
+                self._note(text)
 
     def _tell_start(self, start: float, now: float) -> None:
         """Say once (not every tick) when the schedule lets the next round start."""
         if start != self._told_start:
             self._told_start = start
-            log.info(
-                "round %d at %s (%s)",
-                self.next_round_id,
-                self.schedule.local(start, now),
-                self.schedule.describe(),
+            text = (
+                f"round {self.next_round_id} at {self.schedule.local(start, now)}"
+                f" ({self.schedule.describe()})"
             )
+            log.info("%s", text)
+            self._note(text)
+
+    def _note(self, text: str) -> None:
+        """What the aggregator waits for, for ``systemctl status`` (``on_note``)."""
+        if self.on_note is not None:
+            self.on_note(text)
 
     def _select(self) -> list[str]:
         """Online devices. With ``devices_per_round``, the most reliable first (recent answer

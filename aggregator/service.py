@@ -178,15 +178,19 @@ def build_aggregator(
     )
 
 
+def show_status(text: str) -> None:
+    """The line ``systemctl status`` shows for the service."""
+    notify(f"STATUS={text}")
+
+
 def serve(cfg: AggregatorConfig, *, reset: bool = False) -> int:
     """Run until SIGTERM/SIGINT or the configured rounds are done."""
     floor = reset_state(cfg) if reset else None
 
-    def show(summary: dict) -> None:  # `systemctl status` shows the last round's line
-        notify("STATUS=" + describe_round(summary))
-
-    rounds = RoundRecorder(then=show)  # and the metrics its gauges
+    # The last round's line for `systemctl status`, its gauges for the metrics.
+    rounds = RoundRecorder(then=lambda summary: show_status(describe_round(summary)))
     agg = build_aggregator(cfg, on_round=rounds, floor=floor)
+    agg.on_note = show_status  # what it waits for, until the next round line
     metrics = serve_metrics([AggregatorCollector(agg, rounds)], cfg.metrics_port, cfg.metrics_addr)
     agg.start(keep_trying=True)
     try:

@@ -71,13 +71,15 @@ def test_no_round_outside_the_window(tmp_path: Path, caplog: pytest.LogCaptureFi
     caplog.set_level(logging.INFO, "fedge.aggregator")
     window = {"window": "22:00-06:00", "timezone": "Europe/Berlin"}
     agg = make(tmp_path, broker, clock, min_devices=1, schedule=window)
+    notes: list[str] = []
+    agg.on_note = notes.append  # the service shows it in `systemctl status`
     devices = {"a": Device(broker, "a")}
     for _ in range(5):
         pump(agg)
         clock.now += 600
     assert agg.current is None
     waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("round 1 at")]
-    assert waits == ["round 1 at 22:00 (window 22:00-06:00)"]
+    assert waits == ["round 1 at 22:00 (window 22:00-06:00)"] == notes
     clock.now = datetime(2026, 12, 1, 22, 0, tzinfo=berlin).timestamp()
     pump(agg)
     assert agg.current is not None and agg.current.round_id == 1
