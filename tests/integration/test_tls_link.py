@@ -4,6 +4,7 @@ something does not."""
 from __future__ import annotations
 
 import re
+import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +55,8 @@ def test_a_device_connects_by_name_with_hostname_verification(pki: Path, broker)
     link = make_link(f"mqtts://localhost:{broker.tls_port}", "dev-1", tls=device_tls(pki))
     link.connect(timeout=5)
     assert link.connected
+    sock = link._client.socket()  # type: ignore[attr-defined]
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1  # under TLS too
     link.close()
 
 

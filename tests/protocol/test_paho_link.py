@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -220,3 +221,14 @@ def test_the_birth_message_follows_every_reconnect(tmp_path) -> None:  # type: i
         assert msg is not None and msg.payload == b"online" and msg.retain
         watcher.close()
         dev.close()
+
+
+def test_nagle_is_off_on_the_broker_connection(
+    mosquitto: MosquittoServer, links: list[PahoLink], client_id: str
+) -> None:
+    link = PahoLink(mosquitto.host, mosquitto.port, client_id, clean_session=True)
+    links.append(link)
+    link.connect()
+    sock = link._client.socket()
+    assert sock is not None
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
