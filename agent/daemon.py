@@ -26,6 +26,7 @@ from fedge.models.runtime import Runtime
 from fedge.protocol import (
     DecodeError,
     EncodeError,
+    Evaluation,
     GlobalModelHeader,
     Link,
     LinkError,
@@ -50,6 +51,7 @@ from fedge.protocol.signing import key_id
 from fedge.protocol.wire import publish_size
 from pydantic import ValidationError
 
+from . import evaluation
 from . import update as steps
 from .dataset import Dataset
 from .eligibility import ByteBudget, Decision
@@ -372,9 +374,11 @@ class Agent:
         *,
         trained: bool,
         held: dict[str, np.ndarray] | None = None,
+        scored: Evaluation | None = None,
     ) -> None:
         """Send a skip notice; ``held``: the update a device that trained holds back (it
-        becomes the residual, through the outbox like an upload)."""
+        becomes the residual, through the outbox like an upload); ``scored``: its evaluation
+        of the global model."""
         notice = SkipNotice(
             device_id=self.device_id,
             round_id=ann.round_id,
@@ -382,6 +386,7 @@ class Agent:
             reason=reason,
             trained=trained,
             num_samples=len(self._round_data) if trained and self._round_data is not None else 0,
+            evaluation=scored,
         )
         payload = encode_skip(notice)
         topic = self.topics.update(self.device_id)
@@ -433,7 +438,12 @@ class Agent:
                 return
         self._status("training")
         started = time.perf_counter()
+        # The newest examples score the global model and sit this round's training out.
+        self._round_data, held_out = evaluation.hold_out(
+            self._round_data, cfg.eval_fraction, cfg.eval_min_samples
+        )
         self.runtime.set_weights(self.global_weights)
+        scored = None if held_out is None else evaluation.score(self.runtime, held_out)
         # Overflow on the way is not an error here: a diverged result is (check_trained).
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             result = train_local(
@@ -475,6 +485,7 @@ class Agent:
                 num_samples=result.samples,
                 codec=str(encoding.spec),
                 train_loss=result.loss,
+                evaluation=scored,
             )
             payload = encode(header, encoding.encoded.tensors)
             parts = self._parts(payload, update_id)
@@ -484,7 +495,7 @@ class Agent:
                     gate = replace(gate, upload=False, reason=decision.reason)
         if not gate.upload:
             self._status("idle")
-            self._skip(ann, gate.reason, trained=True, held=update)
+            self._skip(ann, gate.reason, trained=True, held=update, scored=scored)
             return
         assert encoding is not None
         self.last_update_bytes = self._wire_size(parts)
