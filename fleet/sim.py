@@ -48,6 +48,7 @@ from .baselines import LocalModels, Scorer, SoloTrainer
 from .datasets import Split, check_split, digits, load_user_dataset
 from .embedded_broker import EmbeddedBroker
 from .faults import FaultInjector, FaultSettings, FaultSpecError, Ledger, fault_settings
+from .fed_eval import aligned, median_gap
 from .mosquitto import LocalMosquitto, MosquittoError
 from .partition import parse_scheme, partition
 from .signing_keys import write_signing_pair
@@ -454,7 +455,7 @@ def _run_one(
     if injector is not None and injector.errors:
         raise SimError(f"fault injection failed: {injector.errors[0]}")
     elapsed = time.perf_counter() - started
-    return _summarise(
+    summary = _summarise(
         opts,
         scheme,
         out,
@@ -464,6 +465,8 @@ def _run_one(
         injector.ledger if injector is not None else None,
         stalled,
     )
+    display.fed_eval_line(summary)
+    return summary
 
 
 def _build_device(cfg: AgentConfig, injector: FaultInjector | None) -> Agent:
@@ -546,6 +549,18 @@ def _last5(values: list[float]) -> float | None:
     return float(np.mean(values[-5:])) if values else None
 
 
+def _fed_eval_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The devices' own scores (federated evaluation) against the held-out accuracy of the
+    same model versions (``fleet.fed_eval``): the median absolute gap over the rounds that
+    have both, and the devices' accuracy over the last five."""
+    points = aligned(rounds, "accuracy")
+    return {
+        "last5_fed_eval_accuracy": _last5([p.federated for p in points]),
+        "fed_eval_gap": median_gap(points),
+        "fed_eval_compared": sum(p.central is not None for p in points),
+    }
+
+
 def _summarise(
     opts: SimOptions,
     scheme: str,
@@ -573,6 +588,7 @@ def _summarise(
         "final_loss": done[-1].get("loss") if done else None,
         "best_accuracy": max(accs) if accs else None,
         "last5_accuracy": _last5(accs),
+        **_fed_eval_summary(rounds),
         "bytes_up": sum(a.link.bytes_up for a in agents),
         "bytes_down": sum(a.link.bytes_down for a in agents),
         "bytes_received_by_aggregator": sum(r["bytes_received"] for r in rounds),
