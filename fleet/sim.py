@@ -39,7 +39,7 @@ from fedge.agent.service import build_agent
 from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategies.config import StrategyConfig
-from fedge.protocol import GateSettings, TrainingConfig
+from fedge.protocol import TrainingConfig
 from pydantic import ValidationError
 
 from fedge.brokerconfig import broker_link
@@ -87,6 +87,9 @@ class SimOptions:
     gate_max_skips: int = 2
     gate_min_agreement: float | None = None
     max_payload: int = 0  # chunk updates above this many bytes; 0: never
+    # Federated evaluation: the share of each device's newest data it scores the global model
+    # on before training (and does not train on); 0: off.
+    eval_fraction: float = 0.1
     baselines: bool = True
     show_progress: bool = True
     # How the round's deltas are combined (aggregator [strategy]: robust, trim_fraction,
@@ -199,6 +202,7 @@ def run_sim(opts: SimOptions) -> dict[str, Any]:
         raise SimError("--partition names no scheme")
     opts.faults()  # refuse bad fault options before any data is loaded
     _strategy_table(opts)
+    _training_table(opts)
     if len({p.slug for p in parsed}) != len(parsed):
         raise SimError(f"--partition names a scheme twice: {opts.partition}")
     split = load_data(opts)
@@ -266,6 +270,30 @@ def _strategy_table(opts: SimOptions) -> StrategyConfig:
         raise SimError(f"--{where.replace('_', '-')}: {first['msg']}") from exc
 
 
+def _training_table(opts: SimOptions) -> TrainingConfig:
+    """The aggregator's ``[training]`` table, or a SimError naming the bad option."""
+    try:
+        return TrainingConfig.model_validate(
+            {
+                "epochs": opts.epochs,
+                "batch_size": opts.batch_size,
+                "lr": opts.lr,
+                "mu": opts.mu,
+                "codec": opts.codec,
+                "gate": {
+                    "threshold": opts.gate_threshold,
+                    "min_agreement": opts.gate_min_agreement,
+                    "max_skips": opts.gate_max_skips,
+                },
+                "eval_fraction": opts.eval_fraction,
+            }
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "_".join(str(part) for part in first["loc"]) or "training"  # gate_threshold
+        raise SimError(f"--{where.replace('_', '-')}: {first['msg']}") from exc
+
+
 def _same_for_all(url: str) -> Callable[[str], str]:
     return lambda client_id: url
 
@@ -319,18 +347,7 @@ def _configs(
         min_devices=opts.devices,
         quorum=opts.quorum,
         round_timeout=opts.round_timeout,
-        training=TrainingConfig(
-            epochs=opts.epochs,
-            batch_size=opts.batch_size,
-            lr=opts.lr,
-            mu=opts.mu,
-            codec=opts.codec,
-            gate=GateSettings(
-                threshold=opts.gate_threshold,
-                min_agreement=opts.gate_min_agreement,
-                max_skips=opts.gate_max_skips,
-            ),
-        ),
+        training=_training_table(opts),
         strategy=_strategy_table(opts),
         eval_data=test,
         log=out / "rounds.jsonl",
