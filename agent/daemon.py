@@ -27,6 +27,7 @@ from fedge.models.runtime import Runtime
 from fedge.protocol import (
     DecodeError,
     EncodeError,
+    Evaluation,
     GlobalModelHeader,
     Link,
     LinkError,
@@ -55,6 +56,7 @@ from pydantic import ValidationError
 
 from fedge import __version__
 
+from . import evaluation
 from . import update as steps
 from .dataset import Dataset
 from .eligibility import ByteBudget, Decision
@@ -436,10 +438,12 @@ class Agent:
         *,
         trained: bool,
         held: dict[str, np.ndarray] | None = None,
+        scored: Evaluation | None = None,
         outcome: str = "skipped",
     ) -> None:
         """Send a skip notice; ``held``: the update a device that trained holds back (it
-        becomes the residual, through the outbox like an upload). Then the status says so."""
+        becomes the residual, through the outbox like an upload); ``scored``: its evaluation
+        of the global model. Then the status says so."""
         notice = SkipNotice(
             device_id=self.device_id,
             round_id=ann.round_id,
@@ -447,6 +451,7 @@ class Agent:
             reason=reason,
             trained=trained,
             num_samples=len(self._round_data) if trained and self._round_data is not None else 0,
+            evaluation=scored,
         )
         payload = encode_skip(notice)
         topic = self.topics.update(self.device_id)
@@ -499,7 +504,12 @@ class Agent:
                 return
         self._status("training")
         started = time.perf_counter()
+        # The newest examples score the global model and sit this round's training out.
+        self._round_data, held_out = evaluation.hold_out(
+            self._round_data, cfg.eval_fraction, cfg.eval_min_samples
+        )
         self.runtime.set_weights(self.global_weights)
+        scored = None if held_out is None else evaluation.score(self.runtime, held_out)
         # Overflow on the way is not an error here: a diverged result is (check_trained).
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             result = train_local(
@@ -542,6 +552,7 @@ class Agent:
                 num_samples=result.samples,
                 codec=str(encoding.spec),
                 train_loss=result.loss,
+                evaluation=scored,
             )
             payload = encode(header, encoding.encoded.tensors)
             parts = self._parts(payload, update_id)
@@ -550,7 +561,7 @@ class Agent:
                 if not decision.upload:  # e.g. the daily budget is spent: keep it all for later
                     gate = replace(gate, upload=False, reason=decision.reason)
         if not gate.upload:
-            self._skip(ann, gate.reason, trained=True, held=update)
+            self._skip(ann, gate.reason, trained=True, held=update, scored=scored)
             return
         assert encoding is not None
         self.last_update_bytes = self._wire_size(parts)

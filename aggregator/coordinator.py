@@ -9,8 +9,8 @@ Each round moves through::
 
 Validation rejects an update with a reason that is logged once and counted:
 ``wrong_round``, ``not_selected``, ``duplicate``, ``already_answered``,
-``stale_base``, ``shape_mismatch``, ``not_finite``, ``topic_mismatch`` and the
-envelope decoder's own reasons.
+``stale_base``, ``shape_mismatch``, ``not_finite``, ``topic_mismatch``,
+``bad_evaluation`` and the envelope decoder's own reasons.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from fedge.protocol import (
     ChunkError,
     CodecError,
     DecodeError,
+    Evaluation,
     GlobalModelHeader,
     InvalidId,
     Link,
@@ -50,7 +51,7 @@ from fedge.protocol import (
 from fedge.protocol.status import decode_status
 from fedge.protocol.wire import PUBACK_SIZE, publish_size
 
-from . import intake
+from . import fed_eval, intake
 from .config import AggregatorConfig
 from .sample_limits import bound_samples
 from .store import Store, StoreError
@@ -76,6 +77,9 @@ class OpenRound:
     counts: dict[str, int] = field(default_factory=dict)
     losses: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, SkipNotice] = field(default_factory=dict)
+    # The devices' scores of the round's model on their held-out data (not kept for a
+    # resumed round: after a restart the score covers the answers that came after it).
+    evals: dict[str, Evaluation] = field(default_factory=dict)
     wire_up: Counter[str] = field(default_factory=Counter)  # MQTT bytes per device
     wire_down: int = 0  # MQTT bytes each selected device had to receive for this round
 
@@ -422,6 +426,8 @@ class Aggregator:
             received=self.clock(),
             delta=delta if is_update else None,
         )
+        if header.evaluation is not None:
+            rnd.evals[header.device_id] = header.evaluation
         if isinstance(header, SkipNotice):
             rnd.skipped[header.device_id] = header
             return
@@ -606,6 +612,7 @@ class Aggregator:
         assert rnd is not None
         participants = sorted(rnd.deltas)
         new_model = False
+        announced = self.version  # the model the round's devices trained on and evaluated
         # A device whose update was too small to send counts as a zero delta with its
         # samples (it is in its residual); averaging over the uploaders alone is unstable.
         held = sorted(d for d, s in rnd.skipped.items() if s.trained and s.num_samples > 0)
@@ -675,6 +682,9 @@ class Aggregator:
             "bytes_received": rnd.bytes_received,
             "duration_s": round(now - rnd.started, 3),
         }
+        scored = fed_eval.combine(rnd.evals, bounded.used, announced)
+        if scored is not None:
+            summary["fed_eval"] = scored
         if self.evaluator is not None:
             loss, metric = self.evaluator(self.weights)
             # classifiers report accuracy; regression models (forecasters) the mean abs. error
@@ -789,6 +799,13 @@ def describe_round(summary: dict) -> str:
         scores.append(f"loss {summary['loss']:.4f}")
     if scores:
         line += "; " + ", ".join(scores)
+    fed = summary.get("fed_eval")
+    if fed:
+        if fed.get("accuracy") is not None:
+            score = f"accuracy {100 * fed['accuracy']:.2f}%"
+        else:
+            score = f"MAE {fed.get('mae', float('nan')):.4f}"
+        line += f"; fed eval {score} of v{fed.get('model_version')} (n={fed.get('count')})"
     line += (
         f"; up {_kb(summary.get('bytes_received', 0))},"
         f" down {_kb(summary.get('bytes_down_per_device', 0))} per device"

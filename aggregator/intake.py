@@ -84,6 +84,11 @@ def validate(
         return "stale_base"
     if isinstance(header, UpdateHeader) and codec is not None and header.codec != codec:
         return "codec_mismatch"  # e.g. dense where the round asked for top-k
+    ev = header.evaluation
+    trained = isinstance(header, UpdateHeader) or header.trained
+    if ev is not None and (not trained or ev.count > header.num_samples):
+        # Only a device that trained evaluated, on no more examples than it trained on.
+        return "bad_evaluation"
     return None
 
 

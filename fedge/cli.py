@@ -129,6 +129,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         gate_max_skips=args.gate_max_skips,
         gate_min_agreement=args.gate_min_agreement,
         max_payload=args.max_payload,
+        eval_fraction=args.eval_fraction,
         baselines=not args.no_baselines,
         robust=args.robust,
         trim_fraction=args.trim_fraction,
@@ -388,6 +389,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--gate-max-skips", type=int, default=2, help="upload at least every N+1")
     s.add_argument("--gate-min-agreement", type=float, default=None, help="CMFL relevance")
     s.add_argument("--max-payload", type=int, default=0, help="chunk updates above N bytes")
+    s.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.1,
+        help="share of each device's newest data it scores the global model on, not trains on",
+    )
     s.add_argument(
         "--no-baselines", action="store_true", help="skip centralised/non-participant/local scores"
     )

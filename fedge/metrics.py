@@ -318,3 +318,33 @@ def _last_round(summary: dict | None) -> Iterator[Metric]:
         )
     if summary.get("loss") is not None:
         yield _gauge("fedge_aggregator_loss", "Held-out loss of the global model.", summary["loss"])
+    yield from _federated(summary.get("fed_eval"))
+
+
+def _federated(scored: dict | None) -> Iterator[Metric]:
+    """The devices' scores of the model the last round started from (federated evaluation),
+    weighted by the examples each held out; none when no device evaluated."""
+    if not scored:
+        return
+    yield _gauge(
+        "fedge_aggregator_federated_eval_samples",
+        "Examples the devices held out and scored in the last round.",
+        scored.get("count", 0),
+    )
+    yield _gauge(
+        "fedge_aggregator_federated_loss",
+        "Loss of the last round's starting model on the devices' held-out data.",
+        scored.get("loss", float("nan")),
+    )
+    if scored.get("accuracy") is not None:
+        yield _gauge(
+            "fedge_aggregator_federated_accuracy_ratio",
+            "Accuracy of the last round's starting model on the devices' held-out data.",
+            scored["accuracy"],
+        )
+    if scored.get("mae") is not None:
+        yield _gauge(
+            "fedge_aggregator_federated_mae",
+            "Mean absolute error of the last round's starting model on the devices' held-out data.",
+            scored["mae"],
+        )

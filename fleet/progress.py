@@ -21,16 +21,18 @@ class RoundDisplay:
         ("devices", 7),
         ("accuracy", 8),
         ("loss", 6),
+        ("on-dev", 6),
         ("central", 7),
         ("alone", 7),
         ("local", 7),  # median over the device-local models
         ("KB up", 7),
-        ("s", 5),
+        ("s", 4),
     )
 
     LEGEND = (
         "devices: uploaded of selected (the rest held back or missed it); accuracy, loss: the"
-        " global model on held-out data;"
+        " global model on held-out data; on-dev: the model the round started from, scored by the"
+        " devices on data they held out of training;"
         " central: one model trained on all the data; alone: device 0's data only, never"
         " federated; local: median of each device's own model; KB up: update bytes received;"
         " s: round time"
@@ -84,11 +86,12 @@ class RoundDisplay:
             f"{len(summary['participants'])}/{summary['selected']}",
             _pct(acc),
             "" if loss is None else f"{loss:.3f}",
+            _pct((summary.get("fed_eval") or {}).get("accuracy"), 1),
             _pct(central, 1),
             _pct(alone, 1),
             _pct(local, 1),
             f"{summary['bytes_received'] / 1024:.1f}",
-            f"{summary['duration_s']:.2f}",
+            f"{summary['duration_s']:.1f}",
         ]
         self.progress.console.print(
             " ".join(
@@ -99,3 +102,15 @@ class RoundDisplay:
             self.progress.update(
                 self.task, advance=1, acc="" if acc is None else f"accuracy {acc:.2%}"
             )
+
+    def fed_eval_line(self, summary: dict[str, Any]) -> None:
+        """How far the devices' scores were from the held-out score of the same models."""
+        gap = summary.get("fed_eval_gap")
+        if not self.enabled or gap is None:
+            return
+        self.progress.console.print(
+            f"federated evaluation: the devices' accuracy was {100 * gap:.1f} points from the"
+            f" held-out accuracy of the same model (median over {summary['fed_eval_compared']}"
+            " rounds)",
+            highlight=False,
+        )

@@ -3,7 +3,8 @@
 A run directory is one of:
 
 - a field run: an aggregator's state directory (``rounds.jsonl``, ``aggregator.sqlite``; no
-  ``summary.json``), with accuracy (or MAE) and loss only when the aggregator had held-out data;
+  ``summary.json``), with accuracy (or MAE) and loss only when the aggregator had held-out data,
+  and the devices' own scores (federated evaluation, ``fed_eval``) when they sent them;
 - a single ``fedge sim`` run (``summary.json``, ``rounds.jsonl``, optionally ``baselines.jsonl``);
 - a set of sim runs, one per partition scheme: ``summary.json`` with ``"runs": [folder, ...]``
   and one sub-folder per scheme, each a single run.
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedge.fleet.fed_eval import aligned, median_gap
 from fedge.fleet.report_devices import (
     DEVICE_CSS,
     device_grid,
@@ -59,6 +61,7 @@ DPI = 120
 
 # One colour per kind of line, the same in every panel.
 FEDERATED = "#1f77b4"
+ON_DEVICES = "#2ca02c"
 NON_PARTICIPANT = "#ff7f0e"
 CENTRALISED = "black"
 LOCAL = "0.35"
@@ -71,6 +74,9 @@ BYTES_DOWN_LABEL = "downloaded: model + announcement, times devices selected"
 # What each kind of line means, for a reader new to federated learning (picture and page).
 EXPLAINED = {
     "federated global model": "the model the fleet trains together (FedAvg of device updates)",
+    # Drawn at the round that made the model the devices scored (the one before theirs).
+    "federated evaluation (on devices)": "the same models, scored by the devices on data they"
+    " held out",
     "centralised baseline": "one model trained on all the devices' data pooled (the ceiling)",
     "non-participant": "device 0's data only, never federated (\"alone\" in the sim's table)",
     "device-local models": 'each device\'s own model, trained on its data only ("local")',
@@ -110,6 +116,9 @@ class Round:
     weights: dict[str, int] = field(default_factory=dict)  # device -> its weight in the average
     bytes_up_by_device: dict[str, int] = field(default_factory=dict)
     bytes_down_per_device: int | None = None  # what each selected device had to receive
+    model_version: int | None = None  # the global model after the round
+    # The devices' scores of the model the round started from (absent in older lines).
+    fed_eval: dict[str, float] = field(default_factory=dict)
 
     @property
     def bytes_down(self) -> int | None:
@@ -286,7 +295,22 @@ def _parse_round(obj: dict[str, Any], at: str) -> Round:
         weights=_ints(obj, "weights", at),
         bytes_up_by_device=_ints(obj, "bytes_up_by_device", at),
         bytes_down_per_device=_int(obj, "bytes_down_per_device", at),
+        model_version=_int(obj, "model_version", at),
+        fed_eval=_fed_eval(obj, at),
     )
+
+
+def _fed_eval(obj: dict[str, Any], at: str) -> dict[str, float]:
+    value = _mapping(obj, "fed_eval", at)
+    where = f"{at}: 'fed_eval'"
+    out: dict[str, float] = {}
+    for key in ("model_version", "devices", "count"):
+        if (count := _int(value, key, where)) is not None:
+            out[key] = count
+    for key in ("loss", "accuracy", "mae"):
+        if (number := _number(value, key, where)) is not None:
+            out[key] = number
+    return out
 
 
 def _names(obj: dict[str, Any], key: str, at: str) -> tuple[str, ...]:
@@ -369,6 +393,34 @@ def federated_series(run: Run, key: str) -> Series:
     return _unzip((x, y) for x, y in points if y is not None)
 
 
+def fed_eval_series(run: Run, key: str) -> Series:
+    """``key`` of the devices' scores (federated evaluation), each at the round that made the
+    model they scored (``fedge.fleet.fed_eval``), like the global model's held-out score."""
+    points = aligned(_lines(run), key)
+    return _unzip((p.made_by, p.federated) for p in points)
+
+
+def fed_eval_gap(run: Run, key: str = "accuracy") -> float | None:
+    """Median |devices' score - held-out score| of the same model versions; None without both."""
+    return median_gap(aligned(_lines(run), key))
+
+
+def _lines(run: Run) -> list[dict[str, Any]]:
+    """The fields of ``fedge.fleet.fed_eval.aligned`` as rounds.jsonl names them."""
+    return [
+        {
+            "round": r.round,
+            "status": r.status,
+            "model_version": r.model_version,
+            "accuracy": r.accuracy,
+            "loss": r.loss,
+            "mae": r.mae,
+            "fed_eval": r.fed_eval,
+        }
+        for r in run.rounds
+    ]
+
+
 def baseline_series(run: Run, which: str, key: str) -> Series:
     """``key`` of the ``which`` ("centralised" or "non_participant") baseline per round."""
     metrics = ((b.round, getattr(b, which)) for b in run.baselines)
@@ -395,8 +447,10 @@ def failed_rounds(run: Run) -> list[int]:
 def summary_table(run: Run) -> dict[str, float | None]:
     """Accuracy (0..1) at the end of the run: the mean of the last ``LAST_N`` values of each curve.
 
-    Keys: ``federated``, ``centralised``, ``non_participant`` and ``device_local_median`` (the
-    median over devices of each device's own last-``LAST_N`` mean). None where there is no data.
+    Keys: ``federated``, ``centralised``, ``non_participant``, ``device_local_median`` (the
+    median over devices of each device's own last-``LAST_N`` mean), ``on_devices`` (federated
+    evaluation) and ``on_devices_gap`` (its median gap to ``federated`` over the same model
+    versions, all rounds). None where there is no data.
     """
     locals_ = [_tail_mean(ys) for _, ys in local_series(run, "accuracy").values()]
     local_means = [m for m in locals_ if m is not None]
@@ -405,6 +459,8 @@ def summary_table(run: Run) -> dict[str, float | None]:
         "centralised": _tail_mean(baseline_series(run, "centralised", "accuracy")[1]),
         "non_participant": _tail_mean(baseline_series(run, "non_participant", "accuracy")[1]),
         "device_local_median": statistics.median(local_means) if local_means else None,
+        "on_devices": _tail_mean(fed_eval_series(run, "accuracy")[1]),
+        "on_devices_gap": fed_eval_gap(run),
     }
 
 
@@ -455,6 +511,12 @@ def _draw_metric(ax: Axes, run: Run, key: str, scale: float) -> None:
     if xs:
         ax.plot(xs, [y * scale for y in ys], color=CENTRALISED, lw=1.6, ls=":", zorder=3)
         ax.lines[-1].set_label("centralised baseline")
+    xs, ys = fed_eval_series(run, key)
+    if xs:
+        marker = "s" if len(xs) <= 25 else None
+        ax.plot(xs, [y * scale for y in ys], color=ON_DEVICES, lw=1.6, marker=marker, ms=3)
+        ax.lines[-1].set_label("federated evaluation (on devices)")
+        ax.lines[-1].set_zorder(3.5)
     xs, ys = federated_series(run, key)
     if xs:
         marker = "o" if len(xs) <= 25 else None
@@ -485,6 +547,7 @@ def _has_metric(key: str) -> Callable[[Run], bool]:
     def has(run: Run) -> bool:
         return bool(
             federated_series(run, key)[0]
+            or fed_eval_series(run, key)[0]
             or baseline_series(run, "centralised", key)[0]
             or baseline_series(run, "non_participant", key)[0]
             or any(xs for xs, _ in local_series(run, key).values())
@@ -611,6 +674,11 @@ def _panel_title(run: Run) -> str:
     maes = federated_series(run, "mae")[1]
     if maes:
         return f"{run.scheme}  ·  final federated MAE {maes[-1]:.4g}"
+    on_devices = fed_eval_series(run, "accuracy")[1] or fed_eval_series(run, "mae")[1]
+    if on_devices:
+        label = "accuracy" if fed_eval_series(run, "accuracy")[1] else "MAE"
+        value = f"{on_devices[-1]:.1%}" if label == "accuracy" else f"{on_devices[-1]:.4g}"
+        return f"{run.scheme}  ·  {label} on devices {value}"
     if run.is_field:
         return "no held-out data: no accuracy"
     return f"{run.scheme}  ·  final federated accuracy n/a"
@@ -649,6 +717,9 @@ def _explained(runs: Sequence[Run]) -> list[str]:
     has = {
         "federated global model": any(
             federated_series(run, key)[0] for run in runs for key in ("accuracy", "loss", "mae")
+        ),
+        "federated evaluation (on devices)": any(
+            fed_eval_series(run, key)[0] for run in runs for key in ("accuracy", "loss", "mae")
         ),
         "centralised baseline": any(
             run.baselines and any(b.centralised for b in run.baselines) for run in runs
@@ -749,6 +820,8 @@ def render_html(runs: Sequence[Run], png: bytes) -> str:
         "centralised",
         "non-participant",
         "device-local (median)",
+        "on devices",
+        "gap",
         "bytes up",
         "bytes down",
     )
@@ -773,6 +846,8 @@ def render_html(runs: Sequence[Run], png: bytes) -> str:
             _percent(table["centralised"]),
             _percent(table["non_participant"]),
             _percent(table["device_local_median"]),
+            _percent(table["on_devices"]),
+            _points(table["on_devices_gap"]),
             _bytes(s.get("bytes_up")),
             _bytes(s.get("bytes_down")),
         )
@@ -786,6 +861,12 @@ def render_html(runs: Sequence[Run], png: bytes) -> str:
         "non-participant": EXPLAINED["non-participant"],
         "device-local (median)": "the median over devices of "
         + EXPLAINED["device-local models"].replace(' ("local")', ""),
+        "on devices": "federated evaluation: the global model scored by the selected devices on"
+        " the newest examples they held out of training, weighted by how many each scored (a"
+        " round's devices score the model the round before made; the picture draws each score at"
+        " the round that made its model)",
+        "gap": "the median, over rounds, of how far the devices' accuracy is from the held-out"
+        " accuracy of the same model version (percentage points)",
         "bytes up / down": "MQTT bytes of the updates received / of what the selected devices "
         "had to download (the global model and the round's announcement)",
     }
@@ -830,6 +911,10 @@ def _text(value: object) -> str:
 
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
+
+
+def _points(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} pts"
 
 
 def _bytes(value: object) -> str:

@@ -40,7 +40,7 @@ from fedge.agent.service import build_agent
 from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategies.config import StrategyConfig
-from fedge.protocol import GateSettings, TrainingConfig
+from fedge.protocol import TrainingConfig
 from pydantic import ValidationError
 
 from fedge.brokerconfig import broker_link
@@ -49,6 +49,7 @@ from .baselines import LocalModels, Scorer, SoloTrainer
 from .datasets import Split, check_split, digits, load_user_dataset
 from .embedded_broker import EmbeddedBroker
 from .faults import FaultInjector, FaultSettings, FaultSpecError, Ledger, fault_settings
+from .fed_eval import aligned, median_gap
 from .mosquitto import LocalMosquitto, MosquittoError
 from .partition import parse_scheme, partition
 from .signing_keys import write_signing_pair
@@ -87,6 +88,9 @@ class SimOptions:
     gate_max_skips: int = 2
     gate_min_agreement: float | None = None
     max_payload: int = 0  # chunk updates above this many bytes; 0: never
+    # Federated evaluation: the share of each device's newest data it scores the global model
+    # on before training (and does not train on); 0: off.
+    eval_fraction: float = 0.1
     baselines: bool = True
     show_progress: bool = True
     # How the round's deltas are combined (aggregator [strategy]: robust, trim_fraction,
@@ -201,6 +205,7 @@ def run_sim(opts: SimOptions) -> dict[str, Any]:
         raise SimError("--partition names no scheme")
     opts.faults()  # refuse bad fault options before any data is loaded
     _strategy_table(opts)
+    _training_table(opts)
     if len({p.slug for p in parsed}) != len(parsed):
         raise SimError(f"--partition names a scheme twice: {opts.partition}")
     split = load_data(opts)
@@ -268,6 +273,30 @@ def _strategy_table(opts: SimOptions) -> StrategyConfig:
         raise SimError(f"--{where.replace('_', '-')}: {first['msg']}") from exc
 
 
+def _training_table(opts: SimOptions) -> TrainingConfig:
+    """The aggregator's ``[training]`` table, or a SimError naming the bad option."""
+    try:
+        return TrainingConfig.model_validate(
+            {
+                "epochs": opts.epochs,
+                "batch_size": opts.batch_size,
+                "lr": opts.lr,
+                "mu": opts.mu,
+                "codec": opts.codec,
+                "gate": {
+                    "threshold": opts.gate_threshold,
+                    "min_agreement": opts.gate_min_agreement,
+                    "max_skips": opts.gate_max_skips,
+                },
+                "eval_fraction": opts.eval_fraction,
+            }
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "_".join(str(part) for part in first["loc"]) or "training"  # gate_threshold
+        raise SimError(f"--{where.replace('_', '-')}: {first['msg']}") from exc
+
+
 def _same_for_all(url: str) -> Callable[[str], str]:
     return lambda client_id: url
 
@@ -321,18 +350,7 @@ def _configs(
         min_devices=opts.devices,
         quorum=opts.quorum,
         round_timeout=opts.round_timeout,
-        training=TrainingConfig(
-            epochs=opts.epochs,
-            batch_size=opts.batch_size,
-            lr=opts.lr,
-            mu=opts.mu,
-            codec=opts.codec,
-            gate=GateSettings(
-                threshold=opts.gate_threshold,
-                min_agreement=opts.gate_min_agreement,
-                max_skips=opts.gate_max_skips,
-            ),
-        ),
+        training=_training_table(opts),
         strategy=_strategy_table(opts),
         eval_data=test,
         log=out / "rounds.jsonl",
@@ -457,7 +475,7 @@ def _run_one(
     if injector is not None and injector.errors:
         raise SimError(f"fault injection failed: {injector.errors[0]}")
     elapsed = time.perf_counter() - started
-    return _summarise(
+    summary = _summarise(
         opts,
         scheme,
         out,
@@ -467,6 +485,8 @@ def _run_one(
         injector.ledger if injector is not None else None,
         stalled,
     )
+    display.fed_eval_line(summary)
+    return summary
 
 
 def _build_device(cfg: AgentConfig, injector: FaultInjector | None) -> Agent:
@@ -549,6 +569,18 @@ def _last5(values: list[float]) -> float | None:
     return float(np.mean(values[-5:])) if values else None
 
 
+def _fed_eval_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The devices' own scores (federated evaluation) against the held-out accuracy of the
+    same model versions (``fleet.fed_eval``): the median absolute gap over the rounds that
+    have both, and the devices' accuracy over the last five."""
+    points = aligned(rounds, "accuracy")
+    return {
+        "last5_fed_eval_accuracy": _last5([p.federated for p in points]),
+        "fed_eval_gap": median_gap(points),
+        "fed_eval_compared": sum(p.central is not None for p in points),
+    }
+
+
 def _summarise(
     opts: SimOptions,
     scheme: str,
@@ -576,6 +608,7 @@ def _summarise(
         "final_loss": done[-1].get("loss") if done else None,
         "best_accuracy": max(accs) if accs else None,
         "last5_accuracy": _last5(accs),
+        **_fed_eval_summary(rounds),
         "bytes_up": sum(a.link.bytes_up for a in agents),
         "bytes_down": sum(a.link.bytes_down for a in agents),
         "bytes_received_by_aggregator": sum(r["bytes_received"] for r in rounds),

@@ -20,6 +20,7 @@ from .errors import DecodeError, EncodeError, InvalidId, LinkError, ProtocolErro
 from .link import Link, Message, TlsSettings, make_link
 from .memory_link import MemoryBroker, MemoryLink
 from .messages import (
+    Evaluation,
     GateSettings,
     GlobalModelHeader,
     Header,
@@ -45,6 +46,7 @@ __all__ = [
     "Decoded",
     "EncodeError",
     "Encoded",
+    "Evaluation",
     "Expired",
     "GateSettings",
     "GlobalModelHeader",

@@ -6,9 +6,18 @@ rule of ``topics.validate_id``. Floats must be finite: JSON has no NaN or Infini
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    model_serializer,
+    model_validator,
+)
 
 from .codecs import MAX_CODEC_TEXT, parse_codec
 from .topics import ID_PATTERN
@@ -17,6 +26,8 @@ Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 # Counters on the wire fit an unsigned 32-bit field (the skip notice packs them so) and
 # SQLite's INTEGER: an unbounded int from a device must not reach the aggregator's store.
 U32 = 2**32 - 1
+# The largest finite float32: the skip notice packs evaluation scores as float32.
+F32_MAX = 3.4028234663852886e38
 
 
 def _canonical_codec(text: str) -> str:
@@ -30,6 +41,17 @@ Codec = Annotated[
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # Optional fields added to wire version 1 later: left out of the JSON while unset, so a
+    # message without them keeps the bytes it had.
+    _omit_unset: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        for key in self._omit_unset:
+            if key in data and data[key] is None:
+                del data[key]
+        return data
 
 
 class GateSettings(_Message):
@@ -62,6 +84,12 @@ class TrainingConfig(_Message):
     # to learn from in 20 rounds; 512 keeps the 50k model at 2% (bench/README.md).
     topk_min_entries: int = Field(default=512, ge=0, le=1 << 30)
     gate: GateSettings = GateSettings()
+    # Federated evaluation: each device scores the global model on this share of its most
+    # recent examples before it trains, and does not train on them that round; 0: off. A
+    # device holds out at least ``eval_min_samples``, and nothing when that would leave it
+    # fewer examples to train on than it holds out.
+    eval_fraction: float = Field(default=0.1, ge=0, le=0.5)
+    eval_min_samples: int = Field(default=10, ge=1, le=1 << 30)
 
 
 class RoundAnnouncement(_Message):
@@ -85,6 +113,24 @@ class GlobalModelHeader(_Message):
     round_id: int = Field(ge=0, le=U32)  # the round that produced it; 0 = initial model
 
 
+class Evaluation(_Message):
+    """What a device measured of the round's global model on examples it held out of
+    training: the mean loss, and accuracy (classifiers) or mean absolute error (regression,
+    autoencoders), over ``count`` examples."""
+
+    count: int = Field(ge=1, le=U32)
+    loss: float = Field(ge=0, le=F32_MAX)
+    accuracy: float | None = Field(default=None, ge=0, le=1)
+    mae: float | None = Field(default=None, ge=0, le=F32_MAX)
+    _omit_unset = ("accuracy", "mae")
+
+    @model_validator(mode="after")
+    def _one_metric(self) -> Evaluation:
+        if (self.accuracy is None) == (self.mae is None):
+            raise ValueError("an evaluation carries accuracy or mae, exactly one")
+        return self
+
+
 class UpdateHeader(_Message):
     """A device's update on ``update/{device}``, followed by the encoded delta tensors."""
 
@@ -96,6 +142,8 @@ class UpdateHeader(_Message):
     num_samples: int = Field(ge=1, le=U32)
     codec: Codec = "float32"  # a fedge.protocol.codecs spec, e.g. "topk:0.02+int8"
     train_loss: float | None = None
+    evaluation: Evaluation | None = None  # the global model on held-out data, before training
+    _omit_unset = ("evaluation",)
 
 
 class SkipNotice(_Message):
@@ -110,6 +158,8 @@ class SkipNotice(_Message):
     # as a zero delta with its sample count; one that sat out (battery, heat) does not.
     trained: bool = False
     num_samples: int = Field(default=0, ge=0, le=U32)
+    evaluation: Evaluation | None = None  # a device that trained also evaluated
+    _omit_unset = ("evaluation",)
 
 
 Label = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]

@@ -1,4 +1,5 @@
-"""The skip notice on the wire: 22 bytes, so that not sending an update costs almost nothing.
+"""The skip notice on the wire: 22 bytes (34 with an evaluation), so that not sending an
+update costs almost nothing.
 
 A selected device that does not upload still answers, so the aggregator can tell a skip
 from a dropout. The device id is the topic's last level (``update/{device}``), so the
@@ -8,19 +9,30 @@ payload carries only::
 
 big-endian. ``flags`` bit 0: the device trained (its update was too small to be worth
 sending and stays in its residual). ``reason`` indexes :data:`REASONS`; unknown codes
-decode as ``"other"``.
+decode as ``"other"``. ``flags`` bit 1: the device evaluated the global model before
+training (federated evaluation), and 12 bytes follow::
+
+    count u32 | loss f32 | metric f32
+
+with ``flags`` bit 2 saying the metric is the mean absolute error, else accuracy. Notices
+without an evaluation keep the 22 bytes of before.
 """
 
 from __future__ import annotations
 
 import struct
 
+from pydantic import ValidationError
+
 from .errors import DecodeError
-from .messages import SkipNotice
+from .messages import Evaluation, SkipNotice
 
 MAGIC = b"FDS\x01"
 _LAYOUT = struct.Struct(">4sII8sBB")
 SIZE = _LAYOUT.size  # 22 bytes of payload
+_EVAL = struct.Struct(">Iff")
+EVAL_SIZE = SIZE + _EVAL.size  # 34 bytes with an evaluation
+TRAINED, EVALUATED, MAE = 1, 2, 4  # flag bits
 
 # Append only: the index is the wire code.
 REASONS = (
@@ -50,33 +62,49 @@ def encode_skip(notice: SkipNotice) -> bytes:
         raise ValueError(f"skip update_id must be 16 hex digits, got {notice.update_id!r}") from exc
     if len(uid) != 8:
         raise ValueError(f"skip update_id must be 16 hex digits, got {notice.update_id!r}")
-    return _LAYOUT.pack(
-        MAGIC,
-        notice.round_id,
-        notice.num_samples,
-        uid,
-        1 if notice.trained else 0,
-        _CODES.get(notice.reason, 0),
+    ev = notice.evaluation
+    flags = (TRAINED if notice.trained else 0) | (EVALUATED if ev is not None else 0)
+    tail = b""
+    if ev is not None:
+        flags |= MAE if ev.mae is not None else 0
+        metric = ev.mae if ev.mae is not None else ev.accuracy
+        tail = _EVAL.pack(ev.count, ev.loss, metric)
+    return (
+        _LAYOUT.pack(
+            MAGIC, notice.round_id, notice.num_samples, uid, flags, _CODES.get(notice.reason, 0)
+        )
+        + tail
     )
 
 
 def decode_skip(payload: bytes, device_id: str) -> SkipNotice:
     """Unpack a skip notice from ``device_id`` (taken from the topic)."""
-    if len(payload) != SIZE:
+    flags = payload[SIZE - 2] if len(payload) >= SIZE else 0
+    want = EVAL_SIZE if flags & EVALUATED else SIZE
+    if len(payload) != want:
         raise DecodeError(
-            "too_short" if len(payload) < SIZE else "trailing_bytes",
-            f"skip notice of {len(payload)} bytes, want {SIZE}",
+            "too_short" if len(payload) < want else "trailing_bytes",
+            f"skip notice of {len(payload)} bytes, want {want}",
         )
-    magic, round_id, num_samples, uid, flags, code = _LAYOUT.unpack(payload)
+    magic, round_id, num_samples, uid, flags, code = _LAYOUT.unpack_from(payload)
     if magic != MAGIC:
         raise DecodeError("bad_magic", "not a skip notice")
     if round_id < 1:
         raise DecodeError("schema", "skip notice for round 0")
-    return SkipNotice(
-        device_id=device_id,
-        round_id=round_id,
-        update_id=uid.hex(),
-        reason=REASONS[code] if code < len(REASONS) else "other",
-        trained=bool(flags & 1),
-        num_samples=num_samples,
-    )
+    try:
+        evaluation = None
+        if flags & EVALUATED:
+            count, loss, metric = _EVAL.unpack_from(payload, SIZE)
+            key = "mae" if flags & MAE else "accuracy"
+            evaluation = Evaluation.model_validate({"count": count, "loss": loss, key: metric})
+        return SkipNotice(
+            device_id=device_id,
+            round_id=round_id,
+            update_id=uid.hex(),
+            reason=REASONS[code] if code < len(REASONS) else "other",
+            trained=bool(flags & TRAINED),
+            num_samples=num_samples,
+            evaluation=evaluation,
+        )
+    except ValidationError as exc:  # e.g. a NaN loss, an accuracy above 1
+        raise DecodeError("schema", f"skip notice: {exc.errors()[0]['msg']}") from exc

@@ -13,10 +13,11 @@ mutations, which extreme values and bytes; positions and lengths come from a
   that key and answered round 1 before the fuzz; ``ghost`` is selected too and never answers,
   so round 1 stays open and no fuzzed update can count. On ``update/{device}``: updates in
   every codec (top-k + int8 included), chunks of split updates and whole chunk sequences
-  (shuffled, one perhaps dropped, repeated or corrupted), 22-byte skip notices, each mutated;
-  arbitrary bytes; chunks with valid CRCs over hostile headers; skip notices with hostile
-  fields; envelopes with JSON headers made up from scratch. On ``status/{device}``: statuses,
-  mutated, and the same junk. A few on ``round``, ``global`` and other topics.
+  (shuffled, one perhaps dropped, repeated or corrupted), skip notices (22 bytes, 34 with an
+  evaluation), each mutated; arbitrary bytes; chunks with valid CRCs over hostile headers; skip
+  notices with hostile fields; envelopes with JSON headers made up from scratch. On
+  ``status/{device}``: statuses, mutated, and the same junk. A few on ``round``, ``global``
+  and other topics.
 - ``agg_m``, 11,000: a second aggregator whose one device ``m`` is selected and has not
   answered, so mutated updates of its current round get through validation to
   ``decode_delta`` and the strategy. An accepted one closes the round at the next tick.
@@ -80,6 +81,7 @@ from fedge.protocol import (
     CODEC_REASONS,
     SIGNATURE_REASONS,
     DecodeError,
+    Evaluation,
     GateSettings,
     GlobalModelHeader,
     MemoryBroker,
@@ -306,9 +308,16 @@ SKIP_FIELDS = st.tuples(
     st.integers(0, 255),  # flags
     st.integers(0, 255),  # reason code
 )
+SKIP_EVAL = (
+    st.just(b"")
+    | st.binary(min_size=12, max_size=12)
+    | st.tuples(st.integers(0, 2**32 - 1), st.floats(width=32), st.floats(width=32)).map(
+        lambda t: struct.pack(">Iff", *t)
+    )
+)
 MESSAGE_FIELDS = ["kind", "fleet", "device_id", "round_id", "update_id", "model_version"]
 MESSAGE_FIELDS += ["base_version", "num_samples", "codec", "deadline", "selected", "config"]
-MESSAGE_FIELDS += ["state", "timestamp", "reason", "trained", "train_loss"]
+MESSAGE_FIELDS += ["state", "timestamp", "reason", "trained", "train_loss", "evaluation"]
 TENSOR_SPEC = st.tuples(
     st.sampled_from(["dense0_bias", "dense0_kernel", "w/i", "w/v", "", "x" * 300]),
     st.sampled_from(["float32", "float16", "int8", "uint8", "int32", "f8", None]),
@@ -382,7 +391,8 @@ def chunk_frame(draw: Draw) -> bytes:
 
 
 def skip_frame(draw: Draw) -> bytes:
-    return SKIP.pack(b"FDS\x01", *draw(SKIP_FIELDS))
+    # flags bit 1 announces an evaluation: 12 more bytes (count, loss, metric), any of them
+    return SKIP.pack(b"FDS\x01", *draw(SKIP_FIELDS)) + draw(SKIP_EVAL)
 
 
 # -- mutations ------------------------------------------------------------------------------
@@ -827,6 +837,7 @@ def make_seeds(
                     num_samples=40,
                     codec=codec,
                     train_loss=0.25,
+                    evaluation=Evaluation(count=4, loss=2.0, accuracy=0.5),
                 ),
                 tensors[codec],
             ),
@@ -846,6 +857,7 @@ def make_seeds(
                     reason=reason,
                     trained=trained,
                     num_samples=40 * trained,
+                    evaluation=Evaluation(count=4, loss=2.0, mae=0.5) if trained else None,
                 )
             ),
             device,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import urllib.request
@@ -107,6 +108,12 @@ def test_collectors_read_a_real_agent_and_aggregator(tmp_path: Path) -> None:
         assert value(reg, "fedge_aggregator_round_participants") == 2
         assert value(reg, "fedge_aggregator_round_missing") == 0
         assert 0 <= (value(reg, "fedge_aggregator_accuracy_ratio") or -1) <= 1
+        # federated evaluation: each device scored model v0 on its newest examples
+        held = sum(math.ceil(0.1 * len(a.data)) for a in agents)  # type: ignore[arg-type]
+        assert value(reg, "fedge_aggregator_federated_eval_samples") == held > 20
+        assert 0 <= (value(reg, "fedge_aggregator_federated_accuracy_ratio") or -1) <= 1
+        assert (value(reg, "fedge_aggregator_federated_loss") or -1) > 0
+        assert value(reg, "fedge_aggregator_federated_mae") is None
         assert (value(reg, "fedge_aggregator_round_duration_seconds") or -1) >= 0
         assert (value(reg, "fedge_aggregator_round_received_bytes") or 0) > 0
         assert value(reg, "fedge_aggregator_mqtt_bytes_received_total") == agg.link.bytes_down > 0

@@ -111,16 +111,56 @@ def test_selected_agent_trains_and_sends_a_delta() -> None:
     announce(srv, 1, 0, ("d1",))
     drain(agent)
     [up] = updates(srv)
-    assert up.msg.device_id == "d1" and up.msg.round_id == 1 and up.msg.num_samples == 40
+    # The newest 10 of the 40 examples are held out to evaluate (eval_min_samples).
+    assert up.msg.device_id == "d1" and up.msg.round_id == 1 and up.msg.num_samples == 30
     assert up.msg.base_version == 0
-    # The delta is what local training moved: replaying the same batches reproduces it.
+    # The delta is what local training on the other 30 moved: replaying the same batches
+    # reproduces it.
     ref = load_runtime(DIGITS_MODEL, prefer=("numpy",))
     from fedge.agent.trainer import train_local
 
-    train_local(ref, data(), epochs=2, batch_size=8, lr=0.1, rng=np.random.default_rng(0))
+    train = Dataset(data().x[:30], data().y[:30])
+    train_local(ref, train, epochs=2, batch_size=8, lr=0.1, rng=np.random.default_rng(0))
     for k, w in ref.get_weights().items():
         np.testing.assert_allclose(g[k] + up.tensors[k], w, atol=1e-5)
     assert np.abs(up.tensors["dense0_kernel"]).max() > 1e-3
+
+
+def test_agent_scores_the_global_model_on_examples_it_does_not_train_on() -> None:
+    broker = MemoryBroker()
+    srv = server(broker)
+    agent = make_agent(broker)
+    g = load_runtime(DIGITS_MODEL).get_weights()
+    publish_global(srv, 0, g)
+    announce(srv, 1, 0, ("d1",))
+    drain(agent)
+    [up] = updates(srv)
+    ev = up.msg.evaluation
+    assert ev is not None and ev.count == 10 and ev.mae is None
+    held = Dataset(data().x[30:], data().y[30:])
+    ref = load_runtime(DIGITS_MODEL, prefer=("numpy",))
+    ref.set_weights(g)
+    assert (ev.loss, ev.accuracy) == pytest.approx(ref.evaluate(held.x, held.y), abs=1e-5)
+    # Not the trained weights: they score the held-out examples differently.
+    ref.set_weights({k: g[k] + up.tensors[k] for k in g})
+    assert abs(ref.evaluate(held.x, held.y)[0] - ev.loss) > 1e-3
+    # Training never saw them: the update is the same with the held-out examples replaced.
+    other = np.random.default_rng(9)
+    shuffled = Dataset(
+        np.concatenate([data().x[:30], other.random((10, 64), dtype=np.float32)]),
+        np.concatenate([data().y[:30], other.integers(0, 10, 10).astype(np.int32)]),
+    )
+    broker2 = MemoryBroker()
+    srv2 = server(broker2)
+    agent2 = make_agent(broker2)
+    agent2.data = agent2._round_data = shuffled
+    publish_global(srv2, 0, g)
+    announce(srv2, 1, 0, ("d1",))
+    drain(agent2)
+    [up2] = updates(srv2)
+    for k in g:
+        np.testing.assert_array_equal(up.tensors[k], up2.tensors[k])
+    assert up2.msg.evaluation != ev
 
 
 def test_unselected_agent_stays_quiet() -> None:

@@ -136,7 +136,9 @@ def test_gate_sends_a_skip_notice_of_at_most_64_bytes(tmp_path: Path) -> None:
     [msg] = f.round(1, gate_threshold=5.0, gate_max_skips=3)  # any update is "small"
     assert is_skip(msg.payload) and len(msg.payload) <= 64
     notice = decode_skip(msg.payload, "d1")
-    assert notice.reason == "small_update" and notice.trained and notice.num_samples == 48
+    # 10 of its 48 examples held out to evaluate the global model, which the notice carries
+    assert notice.reason == "small_update" and notice.trained and notice.num_samples == 38
+    assert notice.evaluation is not None and notice.evaluation.count == 10
     assert f.agent.residual is not None  # the whole update is held for later
     assert f.agent.state.consecutive_skips == 1 and f.agent.stats.skipped["small_update"] == 1
 

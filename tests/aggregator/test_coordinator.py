@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedge.aggregator.config import AggregatorConfig
-from fedge.aggregator.coordinator import Aggregator
+from fedge.aggregator.coordinator import Aggregator, describe_round
 from fedge.aggregator.store import Store
 from fedge.aggregator.strategies.config import StrategyConfig
 from fedge.protocol import (
+    Evaluation,
     GlobalModelHeader,
     MemoryBroker,
     MemoryLink,
@@ -244,6 +245,50 @@ def test_skip_notice_counts_as_an_answer_not_a_dropout(tmp_path: Path) -> None:
     assert line["bytes_up_by_device"]["b"] == publish_size(T.update("b"), 22, 1)
 
 
+def test_the_round_logs_the_devices_scores_weighted_by_what_each_scored(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=4, rounds=1)
+    a, b, c, d = (Device(broker, x) for x in "abcd")
+    pump(agg)
+
+    def update(dev: Device, n: int, ev: Evaluation) -> None:
+        header = UpdateHeader(
+            device_id=dev.id,
+            round_id=1,
+            update_id=f"{dev.id}-1",
+            base_version=0,
+            num_samples=n,
+            evaluation=ev,
+        )
+        dev.link.publish(T.update(dev.id), encode(header, delta(0.0)))
+
+    update(a, 90, Evaluation(count=10, loss=1.0, accuracy=0.5))
+    update(c, 20, Evaluation(count=21, loss=0.0, accuracy=0.0))  # more than it trained on
+    held = SkipNotice(
+        device_id="b",
+        round_id=1,
+        update_id="0b" * 8,
+        reason="small_update",
+        trained=True,
+        num_samples=270,
+        evaluation=Evaluation(count=30, loss=0.2, accuracy=0.9),
+    )
+    b.link.publish(T.update("b"), encode_skip(held))
+    d.send(1, delta(0.0), 10)  # an older agent: no evaluation
+    clock.now += 11  # c's answer was refused: the deadline closes the round
+    pump(agg)
+    assert agg.rejected["bad_evaluation"] == 1
+    line = json.loads((tmp_path / "rounds.jsonl").read_text())
+    assert line["fed_eval"] == {
+        "model_version": 0,  # the model the round announced, not the one it made
+        "devices": 2,
+        "count": 40,
+        "loss": pytest.approx(0.4),
+        "accuracy": pytest.approx(0.8),
+    }
+    assert "fed eval accuracy 80.00% of v0 (n=40)" in describe_round(line)
+
+
 def test_restart_resumes_from_the_stored_model(tmp_path: Path) -> None:
     broker, clock = MemoryBroker(), Clock()
     agg = make(tmp_path, broker, clock, min_devices=1)
@@ -361,8 +406,6 @@ def test_bytes_are_credited_to_the_round_they_are_for(tmp_path: Path) -> None:
 
 
 def test_each_round_is_one_short_line_an_operator_reads() -> None:
-    from fedge.aggregator.coordinator import describe_round
-
     done = {
         "round": 12,
         "status": "done",
@@ -400,3 +443,9 @@ def test_each_round_is_one_short_line_an_operator_reads() -> None:
         " 2 missing (b, c); up 0.9 kB, down 20.1 kB per device; 60.0 s; model v2"
     )
     assert len(describe_round(done)) < 200
+    scored = done | {
+        "fed_eval": {"model_version": 11, "devices": 8, "count": 340, "loss": 0.3, "accuracy": 0.95}
+    }
+    assert describe_round(scored) == describe_round(done).replace(
+        "; up", "; fed eval accuracy 95.00% of v11 (n=340); up"
+    )

@@ -8,6 +8,7 @@ from fedge.aggregator import intake
 from fedge.protocol import (
     CodecError,
     DecodeError,
+    Evaluation,
     SkipNotice,
     Status,
     UpdateHeader,
@@ -49,6 +50,47 @@ def test_parse_takes_updates_and_skip_notices_and_nothing_else() -> None:
 def test_validate_says_why_an_answer_does_not_count(changes: dict, reason: str | None) -> None:
     kwargs = {"topic_device": "a", "round_": OPEN, "model_version": 2, "seen": False} | changes
     assert intake.validate(HEADER, **kwargs) == reason
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (HEADER.model_copy(update={"evaluation": Evaluation(count=5, loss=1, accuracy=1)}), None),
+        # more examples held out than it says it trained on
+        (
+            HEADER.model_copy(update={"evaluation": Evaluation(count=6, loss=1, accuracy=1)}),
+            "bad_evaluation",
+        ),
+        (
+            SkipNotice(
+                device_id="a",
+                round_id=3,
+                update_id="u",
+                reason="small_update",
+                trained=True,
+                num_samples=5,
+                evaluation=Evaluation(count=2, loss=1, mae=0.5),
+            ),
+            None,
+        ),
+        # a device that sat out did not evaluate
+        (
+            SkipNotice(
+                device_id="a",
+                round_id=3,
+                update_id="u",
+                reason="busy",
+                evaluation=Evaluation(count=2, loss=1, accuracy=0.5),
+            ),
+            "bad_evaluation",
+        ),
+    ],
+)
+def test_validate_checks_an_evaluation_against_the_answer(
+    header: object, reason: str | None
+) -> None:
+    kwargs = {"topic_device": "a", "round_": OPEN, "model_version": 2, "seen": False}
+    assert intake.validate(header, **kwargs) == reason  # type: ignore[arg-type]
 
 
 def test_decode_checks_the_model_shapes() -> None:

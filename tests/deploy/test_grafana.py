@@ -63,6 +63,7 @@ def exposed() -> dict[str, set[str]]:
             "accuracy": 0.9,
             "mae": 0.1,
             "loss": 0.3,
+            "fed_eval": {"model_version": 0, "count": 9, "loss": 0.4, "accuracy": 0.8, "mae": 0.2},
         }
     )
     aggregator = SimpleNamespace(

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from fedge.fleet.report import (
     ReportError,
+    fed_eval_gap,
+    fed_eval_series,
     figure_title,
     load_run,
     load_runs,
@@ -347,10 +349,18 @@ REASONS = ("battery_low", "budget_exhausted", "busy")
 
 
 def write_field_run(
-    path: Path, *, devices: int = 20, rounds: int = 10, accuracy: bool = True, seed: int = 0
+    path: Path,
+    *,
+    devices: int = 20,
+    rounds: int = 10,
+    accuracy: bool = True,
+    seed: int = 0,
+    fed_eval: bool = False,
 ) -> Path:
     """Lines as ``aggregator.coordinator`` writes them: skips with reasons, a device that is
-    always missing (the last), round 4 failed; no summary.json, an aggregator.sqlite."""
+    always missing (the last), round 4 failed; no summary.json, an aggregator.sqlite. With
+    ``fed_eval`` the devices score the round's starting model at 0.02 below its held-out
+    accuracy."""
     rng = np.random.default_rng(seed)
     ids = [f"pi-{i:02d}" for i in range(devices)]
     path.mkdir(parents=True, exist_ok=True)
@@ -367,7 +377,7 @@ def write_field_run(
         row: dict[str, object] = {
             "round": n,
             "status": "failed" if n == 4 else "done",
-            "model_version": n - (n > 4),
+            "model_version": n - (n >= 4),  # failed round 4 made none
             "selected": len(selected),
             "participants": participants,
             "skipped": skipped,
@@ -390,6 +400,15 @@ def write_field_run(
             }
             if accuracy:
                 row |= {"accuracy": 0.3 + 0.06 * n, "loss": 2.0 / n}
+            if fed_eval:
+                version = n - 1 - (n >= 5)  # the model the round was announced with
+                row["fed_eval"] = {
+                    "model_version": version,
+                    "devices": len(participants),
+                    "count": 10 * len(participants),
+                    "loss": 2.2 / n,
+                    "accuracy": 0.28 + 0.06 * (n - 1 if n != 5 else 3),
+                }
         rows.append(row)
     _write_jsonl(path / "rounds.jsonl", rows)
     return path
@@ -487,3 +506,31 @@ def test_cli_report_exit_codes(tmp_path: Path) -> None:
         done = _fedge("report", bad)
         assert done.returncode == 2
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_federated_evaluation_is_drawn_at_the_round_that_made_its_model(tmp_path: Path) -> None:
+    run = load_run(write_field_run(tmp_path / "state", fed_eval=True))
+    xs, ys = fed_eval_series(run, "accuracy")
+    # round n scores the model of round n-1; round 4 failed, so round 5 scores round 3's
+    assert xs == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    assert ys[1:] == pytest.approx([0.3 + 0.06 * x - 0.02 for x in xs[1:]])
+    assert fed_eval_gap(run) == pytest.approx(0.02)  # round 1's model has no held-out score
+    table = summary_table(run)
+    assert table["on_devices"] == pytest.approx(np.mean([0.3 + 0.06 * x - 0.02 for x in xs[-5:]]))
+    page = render_report(run.path)[1].read_text()
+    assert "<dt>on devices</dt><dd>federated evaluation: " in page and "<td>2.0 pts</td>" in page
+
+
+def test_federated_evaluation_without_central_held_out_data(tmp_path: Path) -> None:
+    bare = write_field_run(tmp_path / "bare", accuracy=False)
+    scored = write_field_run(tmp_path / "scored", accuracy=False, fed_eval=True)
+    run = load_run(scored)
+    table = summary_table(run)
+    assert table["federated"] is None and table["on_devices"] is not None
+    assert fed_eval_gap(run) is None
+    png, page_path = render_report(scored)
+    bare_png, _ = render_report(bare, png=tmp_path / "b.png", html=tmp_path / "b.html")
+    assert png_size(png)[1] > png_size(bare_png)[1]  # the accuracy and loss rows are back
+    page = page_path.read_text()
+    # no held-out accuracy, so no gap; the devices' own score stands alone
+    assert f"<td>{table['on_devices']:.1%}</td><td>n/a</td>" in page

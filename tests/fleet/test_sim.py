@@ -71,3 +71,9 @@ def test_sim_cli_on_embedded_broker(tmp_path: Path) -> None:
     assert all(len(r["participants"]) == 4 for r in rounds)
     assert rounds[-1]["accuracy"] > 0.5  # three rounds of FedAvg on digits beat chance by far
     assert "round" in proc.stdout and "accuracy" in proc.stdout  # the per-round table
+    # Federated evaluation: every device scored the round's starting model on its newest
+    # examples; rounds 2 and 3 scored models that the aggregator's held-out set scored too.
+    assert all(r["fed_eval"]["devices"] == 4 for r in rounds)
+    assert [r["fed_eval"]["model_version"] for r in rounds] == [0, 1, 2]
+    assert summary["fed_eval_compared"] == 2 and 0 <= summary["fed_eval_gap"] < 0.5
+    assert "federated evaluation: the devices' accuracy was" in proc.stdout

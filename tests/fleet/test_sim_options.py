@@ -130,8 +130,9 @@ def test_several_schemes_and_strategies_in_one_run(tmp_path: Path) -> None:
         (["--partition", "dominant:1.5"], "dominant"),
         (["--dataset", "/nonexistent.csv"], "nonexistent.csv"),
         (["--partition", "single", "--devices", "3"], "single"),
+        (["--eval-fraction", "0.7"], "--eval-fraction: Input should be less than or equal to 0.5"),
     ],
-    ids=["unknown-scheme", "bad-parameter", "missing-dataset", "too-few-devices"],
+    ids=["unknown-scheme", "bad-parameter", "missing-dataset", "too-few-devices", "eval"],
 )
 def test_bad_options_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     proc = sim("--out", str(tmp_path / "x"), *args)

@@ -50,6 +50,12 @@ def test_defaults_and_kinds() -> None:
         {"codec": "int9"},
         {"train_loss": math.nan},
         {"train_loss": math.inf},
+        {"evaluation": {"count": 5, "loss": 0.5, "accuracy": 1.5}},
+        {"evaluation": {"count": 5, "loss": math.nan, "accuracy": 0.5}},
+        {"evaluation": {"count": 5, "loss": 0.5, "mae": -0.1}},
+        {"evaluation": {"count": 0, "loss": 0.5, "accuracy": 0.5}},
+        {"evaluation": {"count": 5, "loss": 0.5}},  # neither metric
+        {"evaluation": {"count": 5, "loss": 0.5, "accuracy": 0.5, "mae": 0.1}},  # both
         {"kind": "skip"},
         {"extra": 1},
     ],
@@ -70,6 +76,9 @@ def test_update_header_rejects(fields: dict[str, object]) -> None:
         {"lr": 0},
         {"lr": 10.5},
         {"lr": math.nan},
+        {"eval_fraction": -0.1},
+        {"eval_fraction": 0.6},  # would hold out more than it trains on
+        {"eval_min_samples": 0},
     ],
 )
 def test_training_config_bounds(fields: dict[str, object]) -> None:
@@ -113,3 +122,10 @@ def test_header_union_dispatches_on_kind() -> None:
     assert isinstance(msg, Status)
     with pytest.raises(ValidationError):
         adapter.validate_python({"kind": "nope"})
+
+
+def test_an_unset_evaluation_costs_no_bytes() -> None:
+    base = {"device_id": "d", "round_id": 1, "update_id": "u", "base_version": 0, "num_samples": 1}
+    assert "evaluation" not in UpdateHeader(**base).model_dump(mode="json")
+    scored = UpdateHeader(**base, evaluation={"count": 1, "loss": 0.2, "mae": 0.1})
+    assert scored.model_dump(mode="json")["evaluation"] == {"count": 1, "loss": 0.2, "mae": 0.1}

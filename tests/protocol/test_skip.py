@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import struct
 
+import numpy as np
 import pytest
-from fedge.protocol import DecodeError, SkipNotice, decode_skip, encode_skip, is_skip
-from fedge.protocol.skip import REASONS, SIZE
+from fedge.protocol import DecodeError, Evaluation, SkipNotice, decode_skip, encode_skip, is_skip
+from fedge.protocol.skip import EVAL_SIZE, REASONS, SIZE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,7 +48,10 @@ def test_update_id_must_be_eight_bytes_of_hex() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=st.binary(max_size=64))
+@given(
+    data=st.binary(max_size=64)
+    | st.binary(min_size=34, max_size=34).map(lambda b: b"FDS\x01" + b[4:])
+)
 def test_arbitrary_bytes_never_crash(data: bytes) -> None:
     with contextlib.suppress(DecodeError):  # anything else fails the test
         decode_skip(data, "d")
@@ -63,3 +68,65 @@ def test_rejects_wrong_size_magic_and_round_zero() -> None:
     with pytest.raises(DecodeError) as zero:
         decode_skip(good[:4] + b"\0\0\0\0" + good[8:], "d")
     assert zero.value.reason == "schema"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    count=st.integers(1, 2**32 - 1),
+    loss=st.floats(0, 1e30),
+    metric=st.floats(0, 1),
+    mae=st.booleans(),
+)
+def test_an_evaluation_travels_as_float32(
+    count: int, loss: float, metric: float, mae: bool
+) -> None:
+    key = "mae" if mae else "accuracy"
+    ev = Evaluation.model_validate({"count": count, "loss": loss, key: metric})
+    notice = SkipNotice(
+        device_id="d",
+        round_id=2,
+        update_id="22" * 8,
+        reason="small_update",
+        trained=True,
+        num_samples=count,
+        evaluation=ev,
+    )
+    payload = encode_skip(notice)
+    assert len(payload) == EVAL_SIZE <= 64
+    back = decode_skip(payload, "d").evaluation
+    assert back is not None and back.count == count and getattr(back, key) is not None
+    assert back.loss == float(np.float32(loss))
+    assert getattr(back, key) == float(np.float32(metric))
+    assert (back.accuracy is None) == mae
+
+
+def test_a_notice_without_an_evaluation_keeps_its_22_bytes() -> None:
+    notice = SkipNotice(device_id="d", round_id=2, update_id="22" * 8, reason="busy")
+    assert len(encode_skip(notice)) == SIZE == 22
+
+
+def _with_eval(count: int, loss: float, metric: float, flags: int = 1 | 2) -> bytes:
+    head = encode_skip(
+        SkipNotice(device_id="d", round_id=2, update_id="22" * 8, reason="small_update")
+    )
+    return head[:-2] + bytes([flags, head[-1]]) + struct.pack(">Iff", count, loss, metric)
+
+
+@pytest.mark.parametrize(
+    ("count", "loss", "metric"),
+    [(5, 0.5, 1.5), (5, float("nan"), 0.5), (5, 0.5, float("inf")), (0, 0.5, 0.5), (5, -1, 0.5)],
+)
+def test_a_malformed_evaluation_is_refused(count: int, loss: float, metric: float) -> None:
+    assert decode_skip(_with_eval(5, 0.5, 0.5), "d").evaluation is not None
+    with pytest.raises(DecodeError) as bad:
+        decode_skip(_with_eval(count, loss, metric), "d")
+    assert bad.value.reason == "schema"
+
+
+def test_the_evaluation_flag_decides_the_length() -> None:
+    with pytest.raises(DecodeError) as short:
+        decode_skip(_with_eval(5, 0.5, 0.5)[:SIZE], "d")
+    assert short.value.reason == "too_short"
+    with pytest.raises(DecodeError) as long:
+        decode_skip(_with_eval(5, 0.5, 0.5, flags=1), "d")
+    assert long.value.reason == "trailing_bytes"
