@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +26,31 @@ from helpers import DIGITS_MODEL, digits_partitions
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
+@pytest.fixture(autouse=True)
+def _no_orphans() -> Iterator[None]:
+    """A test that fails half-way still leaves no service running."""
+    yield
+    for proc in SPAWNED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    SPAWNED.clear()
+
+
+SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", "fedge.cli", *args],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
+        SPAWNED.append(
+            proc := subprocess.Popen(
+                [sys.executable, "-m", "fedge.cli", *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         )
+        return proc
 
 
 def test_services_run_rounds_and_stop_cleanly(tmp_path: Path, mosquitto, fleet_id: str) -> None:  # type: ignore[no-untyped-def]
