@@ -190,3 +190,12 @@ def test_a_child_that_exits_early_ends_the_launch_naming_it(tmp_path: Path) -> N
             continue
         if str(out) in cmdline:
             assert not _alive(int(pid_dir.name)), cmdline
+
+
+@pytest.mark.broker
+def test_own_mosquitto_starts_in_a_relative_folder(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from fedge.fleet.mosquitto import LocalMosquitto
+
+    monkeypatch.chdir(tmp_path)
+    with LocalMosquitto(Path("runs") / "broker") as broker:  # `--out runs/x`, as people type it
+        assert broker.log_path == tmp_path / "runs" / "broker" / "mosquitto.log"
