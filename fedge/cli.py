@@ -500,7 +500,10 @@ def parser() -> argparse.ArgumentParser:
         help="mqtt://HOST:PORT of a running broker (default: start Mosquitto on a free port)",
     )
     fla.add_argument(
-        "--hang", type=int, default=0, help="agents frozen with SIGSTOP once round 1 is done"
+        "--hang",
+        type=int,
+        default=0,
+        help="agents frozen with SIGSTOP once round 1 is done (rounds need only the others)",
     )
     fla.set_defaults(func=_cmd_fleet_launch, log_level=logging.WARNING)
 

@@ -131,12 +131,12 @@ def aggregator_table(
     signing_key: Path,
     eval_data: Path,
     rounds: int,
-    devices: int,
+    min_devices: int,
     round_timeout: float,
     seed: int,
 ) -> dict[str, Any]:
-    """What ``fedge aggregator`` needs (fedge.aggregator.config): round 1 waits for every
-    device, rounds are signed, and it exits after ``rounds``."""
+    """What ``fedge aggregator`` needs (fedge.aggregator.config): a round starts once
+    ``min_devices`` are online, rounds are signed, and it exits after ``rounds``."""
     return {
         "fleet": fleet,
         "broker": broker,
@@ -145,7 +145,7 @@ def aggregator_table(
         "model": model,
         "state_dir": state_dir,
         "rounds": rounds,
-        "min_devices": devices,
+        "min_devices": min_devices,
         "round_timeout": float(round_timeout),
         "eval_data": eval_data,
         "seed": seed,
@@ -233,7 +233,9 @@ def write_run(opts: LaunchOptions, run: RunFolder, broker: str, fleet: str) -> l
         signing_key=signing_key.resolve(),
         eval_data=eval_data.resolve(),
         rounds=opts.rounds,
-        devices=opts.devices,
+        # Every device, but for the ones that will hang: once the broker marks them offline
+        # the rounds go on without them, as a field aggregator set up for the rest would.
+        min_devices=opts.devices - opts.hang,
         round_timeout=opts.round_timeout,
         seed=opts.seed,
     )

@@ -7,17 +7,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fedge.agent.config import AgentConfig
 from fedge.aggregator.config import AggregatorConfig
 from fedge.fleet.launch import (
     LaunchError,
     LaunchOptions,
+    RunFolder,
     agent_table,
     aggregator_table,
     fedge_command,
     launch,
     toml_text,
+    write_run,
 )
 from fedge.fleet.signing_keys import write_signing_pair
 from helpers import DIGITS_MODEL, digits_partitions
@@ -96,7 +99,7 @@ def test_written_configs_are_what_the_services_load(tmp_path: Path) -> None:
                 signing_key=key,
                 eval_data=test,
                 rounds=4,
-                devices=20,
+                min_devices=20,
                 round_timeout=30,
                 seed=1,
             )
@@ -107,6 +110,26 @@ def test_written_configs_are_what_the_services_load(tmp_path: Path) -> None:
     assert (agg.rounds, agg.min_devices, agg.round_timeout) == (4, 20, 30.0)
     assert agg.log_path == tmp_path / "state" / "aggregator" / "rounds.jsonl"
     assert (agg.training.epochs, agg.training.batch_size, agg.training.lr) == (5, 16, 0.1)
+
+
+@pytest.mark.unit
+def test_run_folder_has_a_partition_and_a_config_per_device(tmp_path: Path) -> None:
+    run = RunFolder(tmp_path / "run").fresh()
+    opts = LaunchOptions(devices=4, hang=1, partition="dominant:0.9", out=run.out)
+    devices = write_run(opts, run, "mqtt://127.0.0.1:41234", "launch-1")
+    assert devices == ["dev000", "dev001", "dev002", "dev003"]
+    agg = load_config(run.config("aggregator"), AggregatorConfig)
+    assert agg.min_devices == 3  # the hung one is not waited for once it is offline
+    agents = [load_config(run.config(d), AgentConfig) for d in devices]
+    assert {a.aggregator_keys for a in agents} == {(run.out.resolve() / "keys" / "signing.pub",)}
+    assert len({a.state_dir for a in agents} | {agg.state_dir}) == 5
+    sizes = []
+    for agent in agents:
+        with np.load(agent.data) as data:
+            sizes.append(len(data["y"]))
+            dominant_share = np.bincount(data["y"]).max() / len(data["y"])
+        assert dominant_share > 0.8  # dominant:0.9, as --partition asked
+    assert sum(sizes) <= 1400 and len(set(sizes)) > 1
 
 
 @pytest.mark.unit
