@@ -30,6 +30,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,7 @@ from .datasets import digits
 from .mosquitto import LocalMosquitto, MosquittoError
 from .partition import parse_scheme, partition
 from .signing_keys import write_signing_pair
+from .sim import bundled_model
 
 AGGREGATOR = "aggregator"
 STOP_TIMEOUT_S = 30.0  # an agent that has not exited this long after SIGTERM is killed
@@ -181,8 +183,6 @@ class RunFolder:
     def fresh(self) -> RunFolder:
         """Empty what a previous launch left here (only the launch's own folders and files:
         ``--out`` may hold other things), so no old state or retained key mixes in."""
-        import shutil
-
         for name in self.OWNED:
             shutil.rmtree(self.out / name, ignore_errors=True)
             (self.out / name).mkdir(parents=True)
@@ -197,8 +197,6 @@ def device_ids(devices: int) -> list[str]:
 
 def write_run(opts: LaunchOptions, run: RunFolder, broker: str, fleet: str) -> list[str]:
     """Data, keys and every config file of the run; returns the device ids."""
-    from .sim import bundled_model
-
     split = digits(opts.seed)
     try:
         parts = partition(
@@ -261,7 +259,7 @@ class Child:
     proc: subprocess.Popen[bytes]
     hung: bool = False
 
-    def signal(self, sig: signal.Signals) -> None:
+    def send(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):  # it has exited already
             os.killpg(self.proc.pid, sig)  # its own group: anything it started goes too
 
@@ -300,16 +298,16 @@ def stop_children(children: list[Child], timeout: float = STOP_TIMEOUT_S) -> dic
     there after ``timeout``. Returns how each one ended: ``ok``, ``status N`` or ``killed``."""
     running = [c for c in children if c.proc.poll() is None]
     for child in running:
-        child.signal(signal.SIGTERM)
+        child.send(signal.SIGTERM)
         if child.hung:
-            child.signal(signal.SIGCONT)
+            child.send(signal.SIGCONT)
     deadline = time.monotonic() + timeout
     ended: dict[str, str] = {}
     for child in children:
         try:
             code = child.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            child.signal(signal.SIGKILL)
+            child.send(signal.SIGKILL)
             child.proc.wait()
             ended[child.name] = "killed"
             continue
@@ -411,8 +409,8 @@ def check_options(opts: LaunchOptions) -> None:
         raise LaunchError(f"--hang must be from 0 to {opts.devices - 1}, not {opts.hang}")
     if opts.broker is not None and not PLAIN_BROKER.match(opts.broker):
         raise LaunchError(
-            f"--broker {opts.broker}: give mqtt://HOST:PORT (a TLS broker needs a certificate"
-            " per device: run a field test, docs/field-test.md)"
+            f"--broker {opts.broker}: give mqtt://HOST:PORT (a TLS broker needs each device's"
+            " certificate: see docs/field-test.md)"
         )
     try:
         parse_scheme(opts.partition)
@@ -514,7 +512,7 @@ def _hang(agents: list[Child], count: int, seed: int) -> list[str]:
     answer nothing, like a device that froze; the broker marks them offline after keepalive."""
     chosen = random.Random(seed).sample(agents, count)
     for agent in chosen:
-        agent.signal(signal.SIGSTOP)
+        agent.send(signal.SIGSTOP)
         agent.hung = True
     return sorted(a.name for a in chosen)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from fedge.fleet.launch import (
     aggregator_table,
     fedge_command,
     launch,
+    spawn,
+    stop_children,
     toml_text,
     write_run,
 )
@@ -149,6 +152,30 @@ def test_bad_options_are_one_line_before_anything_starts(
     with pytest.raises(LaunchError, match=message):
         launch(opts)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.unit
+def test_stopping_says_which_child_did_not_exit_cleanly(tmp_path: Path) -> None:
+    ready = "print('ready', flush=True)\nwhile True: time.sleep(0.05)"
+    programs = {
+        "plain": "import time\n",  # SIGTERM's default action kills it: not a clean exit
+        "clean": "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n",
+        "deaf": "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n",
+    }
+    children = [
+        spawn(name, [sys.executable, "-c", code + ready], tmp_path / f"{name}.log")
+        for name, code in programs.items()
+    ]
+    deadline = time.monotonic() + 30
+    while not all(c.log.read_text() for c in children) and time.monotonic() < deadline:
+        time.sleep(0.05)  # until every handler is in place
+    assert stop_children(children, timeout=2.0) == {
+        "plain": "status -15",
+        "clean": "ok",
+        "deaf": "killed",
+    }
+    assert all(child.proc.poll() is not None for child in children)
 
 
 @pytest.mark.broker
