@@ -65,7 +65,7 @@ def _listening(host: str, port: int) -> bool:
 
 class LocalMosquitto:
     def __init__(self, workdir: Path, host: str = HOST, port: int | None = None) -> None:
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()  # mosquitto runs in it: a relative -c would miss
         self.host = host
         self.port = port or free_port(host)
         self.config = dev_config()

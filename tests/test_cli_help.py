@@ -30,6 +30,7 @@ def test_version() -> None:
         (("sim",), "--codec", "topk:0.02+int8"),
         (("bridge", "simulate"), "--rate", "100.0"),
         (("provision",), "--dir", "fleet-pki"),
+        (("fleet", "launch"), "--rounds", "10"),
     ],
 )
 def test_every_option_says_its_default(command: tuple[str, ...], option: str, default: str) -> None:
