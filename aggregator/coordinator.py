@@ -654,6 +654,7 @@ class Aggregator:
             new_model = True
         summary: dict = {
             "round": rnd.round_id,
+            "fleet": self.topics.fleet,
             "status": "done",
             "model_version": self.version,
             "selected": len(rnd.selected),
@@ -721,6 +722,7 @@ class Aggregator:
         log.warning("round %d failed: %s", rnd.round_id, why)
         summary = {
             "round": rnd.round_id,
+            "fleet": self.topics.fleet,
             "status": "failed",
             "why": why,
             "model_version": self.version,

@@ -444,7 +444,8 @@ def launch(
             result = LaunchResult(run.out, fleet, broker, devices)
             echo(
                 f"launching {len(devices)} agents and an aggregator (fleet {fleet}) on {broker};"
-                f" logs in {run.out / 'logs'}/"
+                f" logs in {run.out / 'logs'}/\nwatch it from another terminal:"
+                f" fedge status --broker {broker} --fleet {fleet} --watch"
             )
             started = time.monotonic()
             aggregator = spawn(

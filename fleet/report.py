@@ -119,6 +119,7 @@ class Round:
     model_version: int | None = None  # the global model after the round
     # The devices' scores of the model the round started from (absent in older lines).
     fed_eval: dict[str, float] = field(default_factory=dict)
+    fleet: str | None = None  # absent in older lines
 
     @property
     def bytes_down(self) -> int | None:
@@ -297,6 +298,7 @@ def _parse_round(obj: dict[str, Any], at: str) -> Round:
         bytes_down_per_device=_int(obj, "bytes_down_per_device", at),
         model_version=_int(obj, "model_version", at),
         fed_eval=_fed_eval(obj, at),
+        fleet=str(obj["fleet"]) if obj.get("fleet") is not None else None,
     )
 
 
@@ -635,7 +637,8 @@ _ROWS: tuple[_Row, ...] = (
 def figure_title(runs: Sequence[Run]) -> str:
     """E.g. ``fedge sim: 10 devices, E=1 local epochs, 50 rounds, strategy fedavg``.
 
-    A field run: ``field run DIR: 20 devices, 10 rounds (1 failed)``.
+    A field run: ``field run, fleet F: 20 devices, 10 rounds (1 failed)`` (or the folder's
+    name when rounds.jsonl does not say the fleet).
     """
     if len(runs) == 1 and runs[0].is_field:
         run = runs[0]
@@ -643,7 +646,9 @@ def figure_title(runs: Sequence[Run]) -> str:
         failed = len(failed_rounds(run))
         seen = len(device_grid(run.rounds).devices)
         made = f"{len(run.rounds)} rounds" + (f" ({failed} failed)" if failed else "")
-        return f"field run {name}: {seen} devices, {made}"
+        fleet = next((r.fleet for r in run.rounds if r.fleet), None)
+        where = f"fleet {fleet}" if fleet else name  # lines from before the fleet was kept
+        return f"field run, {where}: {seen} devices, {made}"
 
     def values(key: str) -> str | None:
         found = [str(run.summary[key]) for run in runs if run.summary.get(key) is not None]

@@ -355,6 +355,7 @@ def write_field_run(
     rounds: int = 10,
     accuracy: bool = True,
     seed: int = 0,
+    fleet: str | None = None,
     fed_eval: bool = False,
 ) -> Path:
     """Lines as ``aggregator.coordinator`` writes them: skips with reasons, a device that is
@@ -387,6 +388,8 @@ def write_field_run(
             "bytes_down_per_device": 196_000,
             "duration_s": 30.0,
         }
+        if fleet is not None:
+            row["fleet"] = fleet
         if n == 4:
             row["why"] = "only 2 of 14 devices answered (quorum 8)"
         else:
@@ -452,13 +455,13 @@ def test_field_run_with_accuracy(tmp_path: Path) -> None:
     run_dir = write_field_run(tmp_path / "state")
     runs = load_runs(run_dir)
     assert len(runs) == 1 and runs[0].is_field and runs[0].has_devices
-    assert figure_title(runs) == "field run state: 20 devices, 10 rounds (1 failed)"
+    assert figure_title(runs) == "field run, state: 20 devices, 10 rounds (1 failed)"
     png, page_path = render_report(run_dir)
     width, height = png_size(png)
     assert width >= 1000 and height > 1400  # the curves and the per-device view below
     page = page_path.read_text()
     assert _embedded_png(page) == png.read_bytes()
-    assert "<title>field run state: 20 devices, 10 rounds (1 failed)</title>" in page
+    assert "<title>field run, state: 20 devices, 10 rounds (1 failed)</title>" in page
     assert "fedge sim" not in page
     assert page.count("<tr><td>pi-") == 20  # the per-device table
     assert "skip: " in page and ">missing<" in page and "4<br>failed" in page
@@ -466,9 +469,10 @@ def test_field_run_with_accuracy(tmp_path: Path) -> None:
 
 
 def test_field_run_without_held_out_data(tmp_path: Path) -> None:
-    run_dir = write_field_run(tmp_path / "state", accuracy=False)
+    run_dir = write_field_run(tmp_path / "state", accuracy=False, fleet="plant")
     run = load_run(run_dir)
     assert summary_table(run)["federated"] is None
+    assert figure_title([run]) == "field run, fleet plant: 20 devices, 10 rounds (1 failed)"
     png, page_path = render_report(run_dir)
     _, height = png_size(png)
     with_acc, _ = render_report(
