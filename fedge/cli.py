@@ -221,6 +221,10 @@ def _cmd_fleet_launch(args: argparse.Namespace) -> int:
         out=Path(args.out),
         broker=args.broker,
         hang=args.hang,
+        model=Path(args.model) if args.model else None,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
     )
     try:
         result = launch(opts)
@@ -554,6 +558,12 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         help="agents frozen with SIGSTOP once round 1 is done (rounds need only the others)",
     )
+    fla.add_argument(
+        "--model", default=None, help="a .tflite for digits (default: the bundled digits_mlp)"
+    )
+    fla.add_argument("--epochs", type=int, default=5, help="local epochs per round")
+    fla.add_argument("--batch-size", type=int, default=16)
+    fla.add_argument("--lr", type=float, default=0.1)
     fla.set_defaults(func=_cmd_fleet_launch, log_level=logging.WARNING)
 
     pv = sub.add_parser(

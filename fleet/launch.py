@@ -54,7 +54,7 @@ POLL_S = 0.5
 LOG_LINE_CHARS = 240  # of a child's last log line, quoted in an error
 PLAIN_BROKER = re.compile(r"^mqtt://[^/:@\s]+(:\d+)?/?$")
 # The sim's training settings (fedge sim's defaults), so a launch compares with a sim run.
-TRAINING = {"epochs": 5, "batch_size": 16, "lr": 0.1}
+TRAINING: dict[str, Any] = {"epochs": 5, "batch_size": 16, "lr": 0.1}
 
 
 class LaunchError(ValueError):
@@ -72,6 +72,14 @@ class LaunchOptions:
     broker: str | None = None  # mqtt://HOST:PORT; None: a Mosquitto of the launch's own
     hang: int = 0  # agents stopped with SIGSTOP once round 1 is done (an unreliable device)
     show_progress: bool = True
+    model: Path | None = None  # a digits model (64 inputs, 10 classes); None: the bundled one
+    epochs: int = TRAINING["epochs"]
+    batch_size: int = TRAINING["batch_size"]
+    lr: float = TRAINING["lr"]
+
+    @property
+    def training(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
 
 
 # -- config files (pure) -------------------------------------------------------------------
@@ -136,6 +144,7 @@ def aggregator_table(
     min_devices: int,
     round_timeout: float,
     seed: int,
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What ``fedge aggregator`` needs (fedge.aggregator.config): a round starts once
     ``min_devices`` are online, rounds are signed, and it exits after ``rounds``."""
@@ -151,7 +160,7 @@ def aggregator_table(
         "round_timeout": float(round_timeout),
         "eval_data": eval_data,
         "seed": seed,
-        "training": dict(TRAINING),
+        "training": dict(training or TRAINING),
     }
 
 
@@ -204,7 +213,7 @@ def write_run(opts: LaunchOptions, run: RunFolder, broker: str, fleet: str) -> l
         )
     except ValueError as exc:
         raise LaunchError(f"--partition {opts.partition}: {exc}") from exc
-    model = bundled_model()
+    model = (opts.model or bundled_model()).resolve()
     signing_key, public_key = write_signing_pair(run.out / "keys")
     eval_data = run.out / "data" / "eval.npz"
     np.savez(eval_data, x=split.x_test, y=split.y_test)
@@ -236,6 +245,7 @@ def write_run(opts: LaunchOptions, run: RunFolder, broker: str, fleet: str) -> l
         min_devices=opts.devices - opts.hang,
         round_timeout=opts.round_timeout,
         seed=opts.seed,
+        training=opts.training,
     )
     run.config(AGGREGATOR).write_text(toml_text(table, "# fedge aggregator, by fedge fleet launch"))
     return devices
@@ -405,6 +415,10 @@ def check_options(opts: LaunchOptions) -> None:
         raise LaunchError(f"--rounds must be at least 1, not {opts.rounds}")
     if not opts.round_timeout > 0:
         raise LaunchError(f"--round-timeout must be above 0, not {opts.round_timeout:g}")
+    if opts.model is not None and not Path(opts.model).is_file():
+        raise LaunchError(f"--model {opts.model}: no such file")
+    if opts.epochs < 1 or opts.batch_size < 1 or not opts.lr > 0:
+        raise LaunchError("--epochs and --batch-size must be at least 1, --lr above 0")
     if not 0 <= opts.hang < opts.devices:
         raise LaunchError(f"--hang must be from 0 to {opts.devices - 1}, not {opts.hang}")
     if opts.broker is not None and not PLAIN_BROKER.match(opts.broker):

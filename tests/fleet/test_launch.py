@@ -118,11 +118,14 @@ def test_written_configs_are_what_the_services_load(tmp_path: Path) -> None:
 @pytest.mark.unit
 def test_run_folder_has_a_partition_and_a_config_per_device(tmp_path: Path) -> None:
     run = RunFolder(tmp_path / "run").fresh()
-    opts = LaunchOptions(devices=4, hang=1, partition="dominant:0.9", out=run.out)
+    opts = LaunchOptions(
+        devices=4, hang=1, partition="dominant:0.9", out=run.out, epochs=2, batch_size=8, lr=0.2
+    )
     devices = write_run(opts, run, "mqtt://127.0.0.1:41234", "launch-1")
     assert devices == ["dev000", "dev001", "dev002", "dev003"]
     agg = load_config(run.config("aggregator"), AggregatorConfig)
     assert agg.min_devices == 3  # the hung one is not waited for once it is offline
+    assert (agg.training.epochs, agg.training.batch_size, agg.training.lr) == (2, 8, 0.2)
     agents = [load_config(run.config(d), AgentConfig) for d in devices]
     assert {a.aggregator_keys for a in agents} == {(run.out.resolve() / "keys" / "signing.pub",)}
     assert len({a.state_dir for a in agents} | {agg.state_dir}) == 5
@@ -143,6 +146,8 @@ def test_run_folder_has_a_partition_and_a_config_per_device(tmp_path: Path) -> N
         ({"hang": 3, "devices": 3}, "--hang must be from 0 to 2"),
         ({"broker": "mqtts://host:8883"}, "give mqtt://HOST:PORT"),
         ({"partition": "zipf"}, "unknown partition scheme"),
+        ({"model": Path("/nonexistent.tflite")}, "--model /nonexistent.tflite: no such file"),
+        ({"epochs": 0}, "--epochs and --batch-size must be at least 1"),
     ],
 )
 def test_bad_options_are_one_line_before_anything_starts(
