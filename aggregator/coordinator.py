@@ -52,6 +52,7 @@ from fedge.protocol.status import decode_status
 from fedge.protocol.wire import PUBACK_SIZE, publish_size
 
 from . import fed_eval, intake
+from .accumulate import Accumulator, make_accumulator
 from .config import AggregatorConfig
 from .sample_limits import bound_samples
 from .store import Store, StoreError
@@ -73,7 +74,8 @@ class OpenRound:
     selected: list[str]
     started: float
     deadline: float
-    deltas: dict[str, Weights] = field(default_factory=dict)
+    # The accepted updates, folded into a running sum (or kept, for a robust combiner).
+    acc: Accumulator
     counts: dict[str, int] = field(default_factory=dict)
     losses: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, SkipNotice] = field(default_factory=dict)
@@ -84,8 +86,13 @@ class OpenRound:
     wire_down: int = 0  # MQTT bytes each selected device had to receive for this round
 
     @property
+    def uploaded(self) -> set[str]:
+        """Devices whose update is in the round."""
+        return self.acc.uploaded
+
+    @property
     def answered(self) -> set[str]:
-        return set(self.deltas) | set(self.skipped)
+        return self.acc.uploaded | set(self.skipped)
 
     @property
     def bytes_received(self) -> int:
@@ -210,11 +217,15 @@ class Aggregator:
         self.store.abandon_open_rounds(except_round=round_id)  # older ones, if any
         now = self.clock()
         rnd = OpenRound(
-            round_id, selected, started, max(deadline, now + self.cfg.round_timeout / 2)
+            round_id,
+            selected,
+            started,
+            max(deadline, now + self.cfg.round_timeout / 2),
+            self._accumulator(),
         )
         for answer in self.store.answers(round_id):
             if answer.kind == "skip":
-                rnd.skipped[answer.device_id] = SkipNotice(
+                notice = SkipNotice(
                     device_id=answer.device_id,
                     round_id=round_id,
                     update_id=answer.update_id,
@@ -222,8 +233,9 @@ class Aggregator:
                     trained=answer.trained,
                     num_samples=answer.num_samples,
                 )
+                self._take_skip(rnd, notice)
             elif answer.delta is not None:
-                rnd.deltas[answer.device_id] = answer.delta
+                rnd.acc.add(answer.device_id, answer.delta, answer.num_samples)
                 rnd.counts[answer.device_id] = answer.num_samples
                 if answer.train_loss is not None:
                     rnd.losses[answer.device_id] = answer.train_loss
@@ -429,9 +441,9 @@ class Aggregator:
         if header.evaluation is not None:
             rnd.evals[header.device_id] = header.evaluation
         if isinstance(header, SkipNotice):
-            rnd.skipped[header.device_id] = header
+            self._take_skip(rnd, header)
             return
-        rnd.deltas[header.device_id] = delta
+        rnd.acc.add(header.device_id, delta, header.num_samples)  # folded in; not kept here
         rnd.counts[header.device_id] = header.num_samples
         if header.train_loss is not None:
             rnd.losses[header.device_id] = header.train_loss
@@ -457,7 +469,7 @@ class Aggregator:
             waiting = set(rnd.selected) - rnd.answered
             needed = max(1, math.ceil(self.cfg.quorum * len(rnd.selected)))
             held = sum(1 for s in rnd.skipped.values() if s.trained)
-            quorum = bool(rnd.deltas) and len(rnd.deltas) + held >= needed
+            quorum = bool(rnd.uploaded) and len(rnd.uploaded) + held >= needed
             if (
                 not waiting
                 or (target and len(rnd.answered) >= target)
@@ -470,7 +482,7 @@ class Aggregator:
                 else:
                     self._fail(
                         now,
-                        f"{len(rnd.deltas)} of {len(rnd.selected)} update(s) by the deadline,"
+                        f"{len(rnd.uploaded)} of {len(rnd.selected)} update(s) by the deadline,"
                         f" quorum {needed}",
                     )
         if self.current is None and not self.done:
@@ -549,7 +561,9 @@ class Aggregator:
 
     def _announce(self, now: float) -> None:
         selected = self._select()
-        rnd = OpenRound(self.next_round_id, selected, now, now + self.cfg.round_timeout)
+        rnd = OpenRound(
+            self.next_round_id, selected, now, now + self.cfg.round_timeout, self._accumulator()
+        )
         self._last_start = now
         self.next_round_id += 1
         self.current = rnd
@@ -581,6 +595,19 @@ class Aggregator:
             + 2 * PUBACK_SIZE
         )
 
+    def _accumulator(self) -> Accumulator:
+        """A running sum for the plain mean; the deltas themselves for a robust combiner."""
+        keep = getattr(self.strategy.combiner, "needs_all_deltas", True)
+        return make_accumulator(self.weights, keep_deltas=keep)
+
+    @staticmethod
+    def _take_skip(rnd: OpenRound, notice: SkipNotice) -> None:
+        """A device that trained and held its update back weighs in with a zero delta (it
+        is in its residual); averaging over the uploaders alone is unstable."""
+        rnd.skipped[notice.device_id] = notice
+        if notice.trained and notice.num_samples > 0:
+            rnd.acc.hold(notice.device_id, notice.num_samples)
+
     def _republish_global(self, why: str) -> None:
         """Send the current global again (retained): a device lacks it, or a round failed.
 
@@ -610,7 +637,7 @@ class Aggregator:
     def _finish(self, now: float) -> None:
         rnd = self.current
         assert rnd is not None
-        participants = sorted(rnd.deltas)
+        participants = sorted(rnd.uploaded)
         new_model = False
         announced = self.version  # the model the round's devices trained on and evaluated
         # A device whose update was too small to send counts as a zero delta with its
@@ -635,14 +662,14 @@ class Aggregator:
             )
         counts = [bounded.used[d] for d in participants]
         if participants:
-            zeros = {k: np.zeros_like(w) for k, w in self.weights.items()}
             before = self.strategy.state()
             with np.errstate(over="ignore", invalid="ignore"):
-                candidate = self.strategy.step(
-                    self.weights,
-                    [rnd.deltas[d] for d in participants] + [zeros] * len(held),
-                    counts + [bounded.used[d] for d in held],
+                combined = rnd.acc.mean(
+                    bounded.used,
+                    lambda device: self.store.answer_delta(rnd.round_id, device),
+                    self.strategy.combiner,
                 )
+                candidate = self.strategy.apply(self.weights, combined)
             if not all(np.isfinite(w).all() for w in candidate.values()):
                 # Finite updates can still add up to infinity: publishing that would leave
                 # every agent refusing the model for good. The round fails; nothing changes.
@@ -727,7 +754,7 @@ class Aggregator:
             "why": why,
             "model_version": self.version,
             "selected": len(rnd.selected),
-            "participants": sorted(rnd.deltas),
+            "participants": sorted(rnd.uploaded),
             "skipped": sorted(rnd.skipped),
             "missing": sorted(set(rnd.selected) - rnd.answered),
             "bytes_received": rnd.bytes_received,

@@ -259,14 +259,16 @@ class Store:
         ).fetchall()
         return [(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
 
-    def answers(self, round_id: int) -> list[Answer]:
+    def answers(self, round_id: int) -> Iterator[Answer]:
+        """The round's accepted answers in the order they came, one at a time (a resumed
+        round folds each into its sum: the deltas are never all in memory)."""
         rows = self.db.execute(
             "SELECT device_id, update_id, kind, num_samples, trained, train_loss, nbytes, delta"
             " FROM answers WHERE round_id=? ORDER BY received",
             (round_id,),
-        ).fetchall()
-        return [
-            Answer(
+        )
+        for r in rows:
+            yield Answer(
                 r[0],
                 r[1],
                 r[2],
@@ -276,8 +278,16 @@ class Store:
                 r[6],
                 None if r[7] is None else _unpack(r[7]),
             )
-            for r in rows
-        ]
+
+    def answer_delta(self, round_id: int, device_id: str) -> dict[str, np.ndarray]:
+        """The delta of ``device_id``'s update in the round (it must have one)."""
+        row = self.db.execute(
+            "SELECT delta FROM answers WHERE round_id=? AND device_id=? AND delta IS NOT NULL",
+            (round_id, device_id),
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"round {round_id}: no update of {device_id} kept")
+        return _unpack(row[0])
 
     def compact(self, closed_round: int, keep_from_version: int) -> None:
         """Drop what a closed round no longer needs: its answers (the model holds them now)

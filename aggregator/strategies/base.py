@@ -3,7 +3,9 @@
 A round's accepted deltas go through two steps, each pure numpy:
 
 1. a :class:`Combiner` turns the deltas and their sample counts into ONE delta (the
-   sample-weighted mean, or a robust replacement: see ``robust.py``);
+   sample-weighted mean, or a robust replacement: see ``robust.py``); the plain mean is also
+   kept as a running sum while updates arrive (``aggregator/accumulate.py``), so the list of
+   deltas is only needed by the robust combiners;
 2. a :class:`Strategy` (a server optimiser: FedAvg, FedAvgM, FedAdam) applies that delta to
    the global model, with whatever state it carries between rounds.
 """
@@ -37,11 +39,16 @@ class Strategy(ABC):
     name: str
     combiner: Combiner
 
-    @abstractmethod
     def step(
         self, weights: Weights, deltas: Sequence[Weights], counts: Sequence[int]
     ) -> dict[str, np.ndarray]:
         """The next global model (float32) from this round's accepted deltas."""
+        return self.apply(weights, self.combiner(deltas, counts))
+
+    @abstractmethod
+    def apply(self, weights: Weights, combined: Weights) -> dict[str, np.ndarray]:
+        """The next global model (float32) from the round's combined delta (float64): what
+        the combiner made of the deltas, or the aggregator's running sample-weighted mean."""
 
     def state(self) -> dict[str, np.ndarray]:
         """Arrays to persist with the model this strategy just produced."""

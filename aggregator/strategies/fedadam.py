@@ -19,7 +19,7 @@ coordinate is sent, lazy and eager are the same.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -76,12 +76,10 @@ class FedAdam(Strategy):
         self.m: dict[str, np.ndarray] | None = None
         self.v: dict[str, np.ndarray] | None = None
 
-    def step(
-        self, weights: Weights, deltas: Sequence[Weights], counts: Sequence[int]
-    ) -> dict[str, np.ndarray]:
+    def apply(self, weights: Weights, combined: Weights) -> dict[str, np.ndarray]:
         new_w, self.m, self.v = fedadam_step(
             weights,
-            self.combiner(deltas, counts),
+            combined,
             self.m,
             self.v,
             server_lr=self.server_lr,

@@ -8,7 +8,7 @@ float64 rounding.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -37,10 +37,8 @@ class FedAvg(Strategy):
         self.server_lr = server_lr
         self.combiner = combiner
 
-    def step(
-        self, weights: Weights, deltas: Sequence[Weights], counts: Sequence[int]
-    ) -> dict[str, np.ndarray]:
-        return fedavg_step(weights, self.combiner(deltas, counts), server_lr=self.server_lr)
+    def apply(self, weights: Weights, combined: Weights) -> dict[str, np.ndarray]:
+        return fedavg_step(weights, combined, server_lr=self.server_lr)
 
     def optimiser(self) -> str:
         return "fedavg" if self.server_lr == 1.0 else f"fedavg(server_lr={self.server_lr:g})"

@@ -7,7 +7,7 @@ and ``server_lr = 1`` it is FedAvg.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -46,12 +46,10 @@ class FedAvgM(Strategy):
         self.combiner = combiner
         self.velocity: dict[str, np.ndarray] | None = None
 
-    def step(
-        self, weights: Weights, deltas: Sequence[Weights], counts: Sequence[int]
-    ) -> dict[str, np.ndarray]:
+    def apply(self, weights: Weights, combined: Weights) -> dict[str, np.ndarray]:
         new_w, self.velocity = fedavgm_step(
             weights,
-            self.combiner(deltas, counts),
+            combined,
             self.velocity,
             server_lr=self.server_lr,
             momentum=self.momentum,

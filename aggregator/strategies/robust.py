@@ -159,6 +159,11 @@ class RobustCombiner:
             return trimmed_mean(deltas, counts, self.trim_fraction)
         return weighted_mean(deltas, counts)
 
+    @property
+    def needs_all_deltas(self) -> bool:
+        """Whether combining needs every delta at once (the plain mean is a running sum)."""
+        return self.robust != "mean" or self.norm_bound > 0
+
     def describe(self) -> str:
         how = {"mean": "mean", "median": "median"}.get(
             self.robust, f"trimmed_mean(trim_fraction={self.trim_fraction:g})"

@@ -12,6 +12,7 @@ from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.coordinator import Aggregator, describe_round
 from fedge.aggregator.store import Store
 from fedge.aggregator.strategies.config import StrategyConfig
+from fedge.aggregator.strategies.robust import weighted_mean
 from fedge.protocol import (
     Evaluation,
     GlobalModelHeader,
@@ -214,7 +215,7 @@ def test_rejects_are_counted_with_reasons(tmp_path: Path) -> None:
         "topic_mismatch": 1,
         "bad_magic": 1,
     }
-    assert set(agg.current.deltas) == {"b"}  # type: ignore[union-attr]
+    assert agg.current.uploaded == {"b"}  # type: ignore[union-attr]
 
 
 def test_skip_notice_counts_as_an_answer_not_a_dropout(tmp_path: Path) -> None:
@@ -449,3 +450,29 @@ def test_each_round_is_one_short_line_an_operator_reads() -> None:
     assert describe_round(scored) == describe_round(done).replace(
         "; up", "; fed eval accuracy 95.00% of v11 (n=340); up"
     )
+
+
+def test_the_streamed_average_equals_the_list_average_with_a_clipped_liar(
+    tmp_path: Path,
+) -> None:
+    """Updates are folded into a running sum as they arrive; a count clipped at the close
+    (3x the round's median) is corrected from the delta kept in the store."""
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=4, rounds=1)
+    devices = [Device(broker, d) for d in ("a", "b", "c", "liar")]
+    pump(agg)
+    rng = np.random.default_rng(4)
+    sent = {
+        d.id: {k: rng.normal(0, 1, w.shape).astype(np.float32) for k, w in weights().items()}
+        for d in devices
+    }
+    counts = {"a": 30, "b": 50, "c": 40, "liar": 10**6}
+    for d in devices:
+        d.send(1, sent[d.id], counts[d.id])
+        pump(agg)
+    assert agg.done and agg.version == 1
+    used = counts | {"liar": 3 * 40}  # clipped to 3x the lower median of the round
+    order = sorted(sent)
+    want = weighted_mean([sent[d] for d in order], [used[d] for d in order])
+    for name, w in agg.weights.items():
+        np.testing.assert_allclose(w, (weights()[name] + want[name]).astype(np.float32), atol=1e-7)

@@ -43,10 +43,10 @@ def test_a_killed_aggregator_resumes_its_round_with_what_it_accepted(tmp_path: P
     a.send(1, delta(1.0), 10)
     b.send(1, delta(2.0), 30)
     pump(agg)
-    assert agg.current is not None and len(agg.current.deltas) == 2
+    assert agg.current is not None and len(agg.current.uploaded) == 2
     agg = restart(agg, tmp_path, broker, clock)
     assert agg.current is not None and agg.current.round_id == 1
-    assert sorted(agg.current.deltas) == ["a", "b"]
+    assert sorted(agg.current.uploaded) == ["a", "b"]
     b.send(1, delta(2.0), 30, update_id="b-1")  # the same update again (a lost PUBACK)
     c.send(1, delta(4.0), 60)
     pump(agg)

@@ -155,12 +155,12 @@ def test_an_aggregator_killed_mid_round_resumes_with_what_it_had_accepted(
     agg_cfg, agent_cfgs, observer, agg, agents = start(tmp_path, mosquitto.url, fleet_id, 3, 1)
     loops = [Loop(agg), Loop(agents[0]), Loop(agents[1])]  # the third is slow to answer
     rnd = lambda: agg.current  # noqa: E731
-    observer.wait_for(lambda: rnd() is not None and len(rnd().deltas) == 2)  # type: ignore[union-attr]
+    observer.wait_for(lambda: rnd() is not None and len(rnd().uploaded) == 2)  # type: ignore[union-attr]
     loops[0].halt()  # the aggregator dies: no clean shutdown, its database left as it is
     agg.link.close()
     agg.store.db.close()
     again = build_aggregator(agg_cfg)
-    assert again.current is not None and len(again.current.deltas) == 2
+    assert again.current is not None and len(again.current.uploaded) == 2
     again.start()
     loops[0] = Loop(again)
     loops.append(Loop(agents[2]))
