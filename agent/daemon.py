@@ -135,7 +135,8 @@ class Agent:
         self.data = data
         self._round_data: Dataset | None = data if isinstance(data, Dataset) else None
         self.state = state or AgentState()
-        self._save = save_state or (lambda s: None)
+        self._save_state = save_state or (lambda s: None)
+        self._saves = 0  # how often the state was saved (one durable write each)
         self.rng = rng or np.random.default_rng()
         self.clock = clock
         # Called with (round id, local weights) after local training, before the upload:
@@ -259,6 +260,10 @@ class Agent:
         self.handle(msg)
         return True
 
+    def _save(self, state: AgentState) -> None:
+        self._saves += 1
+        self._save_state(state)
+
     def _status(self, state: str, *, behind: bool = False) -> None:
         now = self.clock()
         up, down = self._day.today(now, self.link.bytes_up, self.link.bytes_down)
@@ -354,7 +359,11 @@ class Agent:
             return
         if ann.round_id > self.state.round_seen:
             self.state.round_seen = ann.round_id
-            self._save(self.state)
+            saves = self._saves
+            self._on_round(ann)
+            if self._saves == saves:  # not answered now (not selected, or waiting for a model)
+                self._save(self.state)
+            return  # answered: the commit saved round_seen with the answer, one write for both
         self._on_round(ann)
 
     def _on_global(self, header: GlobalModelHeader, tensors: dict[str, np.ndarray]) -> None:

@@ -68,12 +68,13 @@ def backup_path(path: Path) -> Path:
     return path.with_name(path.name + ".bak")
 
 
-def _write(path: Path, data: str) -> None:
+def _write(path: Path, data: str, *, durable: bool = True) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -81,7 +82,10 @@ def save_state(path: Path, state: AgentState) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.dumps(asdict(state))
     _write(path, data)
-    _write(backup_path(path), data)
+    # The copy an operator restores when the state file is damaged: written after the state
+    # is on disk, without an fsync of its own (a power cut may leave it a save behind, which
+    # is still a state the device has been in; the aggregator refuses a second answer).
+    _write(backup_path(path), data, durable=False)
 
 
 def reset_state(path: Path, stamp: str) -> Path | None:

@@ -286,3 +286,24 @@ def test_day_counter_restarts_at_local_midnight() -> None:
     assert counter.today(noon + 3600, 150, 1200) == (150, 1200)
     assert counter.today(noon + 13 * 3600, 170, 1300) == (0, 0)
     assert counter.today(noon + 14 * 3600, 200, 1400) == (30, 100)
+
+
+def test_an_answered_round_is_one_state_write_and_an_unselected_one_is_remembered(
+    tmp_path: Path,
+) -> None:
+    broker = MemoryBroker()
+    srv = server(broker)
+    state_file = tmp_path / "agent.json"
+    agent = make_agent(broker, state_file=state_file)
+    writes: list[int] = []
+    agent._save_state = lambda s: (writes.append(s.round_seen), save_state(state_file, s))  # type: ignore[method-assign]
+    publish_global(srv, 0, load_runtime(DIGITS_MODEL).get_weights())
+    drain(agent)
+    writes.clear()
+    announce(srv, 1, 0, ("d1",))
+    drain(agent)
+    assert writes == [1]  # round_seen goes to disk with the answer, not before it
+    assert load_state(state_file).last_round == 1
+    announce(srv, 2, 0, ("someone-else",))
+    drain(agent)
+    assert writes == [1, 2] and load_state(state_file).round_seen == 2

@@ -172,7 +172,10 @@ def test_signed_rounds_over_tls_with_acl_refuse_forgeries_and_cap_a_liar(tmp_pat
         globals_: dict[int, dict[str, np.ndarray]] = {}
         updates: dict[int, dict[str, dict[str, np.ndarray]]] = {}
         deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and not (agg.done and ROUNDS in globals_):
+        # Until the last model has reached every agent too, not only this observer.
+        while time.monotonic() < deadline and not (
+            agg.done and ROUNDS in globals_ and all(a.global_version == ROUNDS for a in agents)
+        ):
             msg = mallory.get(0.2)
             if msg is None:
                 continue
