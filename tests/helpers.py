@@ -25,3 +25,38 @@ def digits_partitions(tmp: Path, devices: int, seed: int = 0) -> tuple[list[Path
     test = tmp / "test.npz"
     np.savez(test, x=split.x_test, y=split.y_test)
     return paths, test
+
+
+def broker_agents(parts: list[Path], *, fleet: str, broker: str, state_dir: Path, prefix: str):  # type: ignore[no-untyped-def]
+    """One agent per data partition, each with its own link to ``broker`` (``prefix``N ids)."""
+    from fedge.agent.config import AgentConfig
+    from fedge.agent.service import build_agent
+
+    return [
+        build_agent(
+            AgentConfig(
+                device_id=f"{prefix}{i}",
+                fleet=fleet,
+                broker=broker,
+                model=DIGITS_MODEL,
+                data=part,
+                state_dir=state_dir,
+                seed=i,
+            )
+        )
+        for i, part in enumerate(parts)
+    ]
+
+
+def serve_in_threads(aggregator, agents, stop):  # type: ignore[no-untyped-def]
+    """Start the aggregator and the agents, and run each loop on a thread until ``stop``."""
+    import threading
+
+    aggregator.start()
+    for agent in agents:
+        agent.start()
+    loops = [*agents, aggregator]
+    threads = [threading.Thread(target=x.run, args=(stop,), daemon=True) for x in loops]
+    for thread in threads:
+        thread.start()
+    return threads

@@ -11,14 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from fedge.agent.config import AgentConfig
-from fedge.agent.service import build_agent, status_line
+from fedge.agent.service import status_line
 from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategies.config import StrategyConfig
 from fedge.protocol import GateSettings, Status, Topics, TrainingConfig
 from fedge.protocol.status import encode_status
-from helpers import DIGITS_MODEL, digits_partitions
+from helpers import DIGITS_MODEL, broker_agents, digits_partitions, serve_in_threads
 
 from fedge.configfile import ConfigError
 from fedge.status import FleetView, WatchConfig, load, run, table
@@ -57,28 +56,15 @@ def test_lists_three_agents_with_their_versions_and_a_stopped_one_offline(
             strategy=StrategyConfig(name="fedavg"),
         )
     )
-    agents = [
-        build_agent(
-            AgentConfig(
-                device_id=f"s{i}-{tag}",
-                fleet=fleet_id,
-                broker=mosquitto.url,
-                model=DIGITS_MODEL,
-                data=p,
-                state_dir=tmp_path / "agents",
-                seed=i,
-            )
-        )
-        for i, p in enumerate(parts)
-    ]
+    agents = broker_agents(
+        parts,
+        fleet=fleet_id,
+        broker=mosquitto.url,
+        state_dir=tmp_path / "agents",
+        prefix=f"s{tag}-",
+    )
     stop = threading.Event()
-    agg.start()
-    for a in agents:
-        a.start()
-    threads = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
-    threads.append(threading.Thread(target=agg.run, args=(stop,), daemon=True))
-    for t in threads:
-        t.start()
+    threads = serve_in_threads(agg, agents, stop)
     try:
         deadline = time.monotonic() + 60
         while not (agg.done and all(a.global_version == 1 for a in agents)):

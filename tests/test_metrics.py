@@ -13,17 +13,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from fedge.agent.config import AgentConfig
 from fedge.agent.daemon import Agent, AgentStats
 from fedge.agent.dataset import Dataset
-from fedge.agent.service import build_agent
 from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.coordinator import Aggregator
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategies.config import StrategyConfig
 from fedge.models.runtime import load_runtime
 from fedge.protocol import GateSettings, MemoryBroker, MemoryLink, TrainingConfig
-from helpers import DIGITS_MODEL, digits_partitions
+from helpers import DIGITS_MODEL, broker_agents, digits_partitions, serve_in_threads
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -206,20 +204,13 @@ def test_both_endpoints_move_during_a_run_over_mosquitto(
         ),
         on_round=rounds,
     )
-    agents = [
-        build_agent(
-            AgentConfig(
-                device_id=f"m{i}-{fleet_id[-8:]}",
-                fleet=fleet_id,
-                broker=mosquitto.url,
-                model=DIGITS_MODEL,
-                data=p,
-                state_dir=tmp_path / "agents",
-                seed=i,
-            )
-        )
-        for i, p in enumerate(parts)
-    ]
+    agents = broker_agents(
+        parts,
+        fleet=fleet_id,
+        broker=mosquitto.url,
+        state_dir=tmp_path / "agents",
+        prefix=f"m{fleet_id[-8:]}-",
+    )
     agg_port, agent_port = free_port(), free_port()
     for server in (
         serve_metrics([AggregatorCollector(agg, rounds)], agg_port),
@@ -228,13 +219,7 @@ def test_both_endpoints_move_during_a_run_over_mosquitto(
         assert server is not None
         request.addfinalizer(server.close)
     stop = threading.Event()
-    agg.start()
-    for a in agents:
-        a.start()
-    threads = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
-    threads.append(threading.Thread(target=agg.run, args=(stop,), daemon=True))
-    for t in threads:
-        t.start()
+    threads = serve_in_threads(agg, agents, stop)
     try:
         deadline = time.monotonic() + 60
         first = wait_for(agg_port, DONE, 0, deadline)
