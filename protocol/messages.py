@@ -44,12 +44,19 @@ class _Message(BaseModel):
     # Optional fields added to wire version 1 later: left out of the JSON while unset, so a
     # message without them keeps the bytes it had.
     _omit_unset: ClassVar[tuple[str, ...]] = ()
+    # Settings added later, left out while at their defaults: a device of the version before
+    # (which refuses keys it does not know) still takes the message, so a fleet upgrades its
+    # aggregator first and its devices after (deploy/README.md, Upgrading a fleet).
+    _omit_default: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
     def _serialize(self, handler: SerializerFunctionWrapHandler) -> Any:
         data = handler(self)
         for key in self._omit_unset:
             if key in data and data[key] is None:
+                del data[key]
+        for key in self._omit_default:
+            if key in data and getattr(self, key) == type(self).model_fields[key].default:
                 del data[key]
         return data
 
@@ -90,6 +97,7 @@ class TrainingConfig(_Message):
     # fewer examples to train on than it holds out.
     eval_fraction: float = Field(default=0.1, ge=0, le=0.5)
     eval_min_samples: int = Field(default=10, ge=1, le=1 << 30)
+    _omit_default = ("eval_fraction", "eval_min_samples")
 
 
 class RoundAnnouncement(_Message):

@@ -129,3 +129,15 @@ def test_an_unset_evaluation_costs_no_bytes() -> None:
     assert "evaluation" not in UpdateHeader(**base).model_dump(mode="json")
     scored = UpdateHeader(**base, evaluation={"count": 1, "loss": 0.2, "mae": 0.1})
     assert scored.model_dump(mode="json")["evaluation"] == {"count": 1, "loss": 0.2, "mae": 0.1}
+
+
+def test_settings_added_later_stay_off_the_wire_at_their_defaults() -> None:
+    """Devices of the version before refuse keys they do not know: an announcement with the
+    fleet's default settings must carry only the keys that version had."""
+    first = {"epochs", "batch_size", "lr", "mu", "codec", "topk_min_entries", "gate"}
+    assert set(TrainingConfig().model_dump(mode="json")) == first
+    changed = TrainingConfig(eval_fraction=0.2, eval_min_samples=5).model_dump(mode="json")
+    assert set(changed) == first | {"eval_fraction", "eval_min_samples"}
+    assert TrainingConfig.model_validate(changed) == TrainingConfig(
+        eval_fraction=0.2, eval_min_samples=5
+    )
