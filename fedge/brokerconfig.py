@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -16,6 +17,9 @@ from fedge.protocol.link import tls_context
 from fedge.protocol.signing import load_private_key, load_public_key
 
 from .configfile import readable_file
+
+if TYPE_CHECKING:
+    from fedge.protocol.paho_hub import PahoHub
 
 
 class BrokerTls(BaseModel):
@@ -94,8 +98,10 @@ def broker_link(
     birth: Message | None = None,
     *,
     manual_ack: bool = False,
+    hub: PahoHub | None = None,
 ) -> Link:
-    """The link a config describes (``birth``: published on every connect)."""
+    """The link a config describes (``birth``: published on every connect; ``hub``: the
+    PahoHub that drives it, for many links in one process)."""
     settings = tls.settings() if tls is not None and broker.startswith("mqtts://") else None
     return make_link(
         broker,
@@ -106,6 +112,7 @@ def broker_link(
         tls=settings,
         username=None if tls is None else tls.username,
         password=None if tls is None else tls.password(),
+        hub=hub,
     )
 
 

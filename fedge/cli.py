@@ -140,6 +140,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         broker_restarts=args.broker_restarts,
         poison=args.poison,
         hung=args.hung,
+        devices_per_round=args.devices_per_round,
+        clients=args.clients,
     )
     if args.source == "serial":
         return _sim_serial(args)
@@ -373,6 +375,19 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sim", help="run a simulated fleet on this machine (needs fedge[sim])")
     s.add_argument("--devices", type=int, default=10)
+    s.add_argument(
+        "--devices-per-round",
+        type=int,
+        default=0,
+        help="devices a round needs answers from, selected out of the online fleet (0: all)",
+    )
+    s.add_argument(
+        "--clients",
+        default="hub",
+        choices=["hub", "threads"],
+        help="hub: every device's MQTT connection on one thread (scales to 1000s);"
+        " threads: a network thread per device",
+    )
     s.add_argument("--rounds", type=int, default=20)
     s.add_argument("--epochs", type=int, default=5, help="local epochs per round")
     s.add_argument("--batch-size", type=int, default=16)

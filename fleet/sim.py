@@ -2,7 +2,11 @@
 
 Each agent is the same :class:`fedge.agent.daemon.Agent` a device runs, built from
 its own config, with its own MQTT client and its own data partition; only the
-threads are shared. With no ``--broker`` an embedded amqtt broker is started.
+threads are shared: by default (``clients="hub"``) every device's connection is driven by
+one PahoHub thread and the agents are stepped by a few workers (``fleet.device_pool``);
+``clients="threads"`` gives each device paho's network thread and a thread of its own, as
+separate processes would have. With no ``--broker`` an embedded amqtt broker is started, for
+up to EMBEDDED_MAX_DEVICES devices; above that the sim's own Mosquitto.
 
 One partition scheme writes into ``OUT/``; several (``--partition iid,single``) write
 one folder each (``OUT/iid/``, ``OUT/single/``) and an ``OUT/summary.json`` naming them.
@@ -27,7 +31,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -41,20 +45,34 @@ from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategies.config import StrategyConfig
 from fedge.protocol import TrainingConfig
+from fedge.protocol.paho_hub import PahoHub
 from pydantic import ValidationError
 
 from fedge.brokerconfig import broker_link
 
 from .baselines import LocalModels, Scorer, SoloTrainer
 from .datasets import Split, check_split, digits, load_user_dataset
+from .device_pool import (
+    FDS_PER_DEVICE,
+    FDS_SPARE,
+    DevicePool,
+    FdLimitError,
+    raise_fd_limit,
+    start_devices,
+)
 from .embedded_broker import EmbeddedBroker
 from .faults import FaultInjector, FaultSettings, FaultSpecError, Ledger, fault_settings
 from .fed_eval import aligned, median_gap
-from .mosquitto import LocalMosquitto, MosquittoError
+from .mosquitto import LocalMosquitto, MosquittoError, find_mosquitto
 from .partition import parse_scheme, partition
 from .signing_keys import write_signing_pair
 
 log = logging.getLogger("fedge.fleet")
+
+# The embedded amqtt broker stopped accepting connections at 300 devices on a 2-core machine
+# (bench/README.md, A thousand devices); above this many the sim uses its own Mosquitto.
+EMBEDDED_MAX_DEVICES = 200
+DEVICE_WORKERS = 8  # threads that step the agents of a hub fleet (fleet.device_pool)
 
 
 class SimError(ValueError):
@@ -105,6 +123,10 @@ class SimOptions:
     broker_restarts: int = 0
     poison: str | None = None  # K:sign-flip or K:scale:F
     hung: int = 0  # devices that stay online and never answer
+    # Devices a round selects out of the online fleet (0: all), over-selected by the
+    # aggregator's overselect; the round closes once this many have answered.
+    devices_per_round: int = 0
+    clients: str = "hub"  # hub: connections on one thread (fleet.device_pool); threads: one each
 
     def faults(self) -> FaultSettings:
         try:
@@ -203,6 +225,7 @@ def run_sim(opts: SimOptions) -> dict[str, Any]:
         raise SimError(str(exc)) from exc
     if not parsed:
         raise SimError("--partition names no scheme")
+    opts = _fleet_setup(opts)
     opts.faults()  # refuse bad fault options before any data is loaded
     _strategy_table(opts)
     _training_table(opts)
@@ -222,6 +245,37 @@ def run_sim(opts: SimOptions) -> dict[str, Any]:
     combined = {"runs": list(summaries), "schemes": summaries}
     (opts.out / "summary.json").write_text(json.dumps(combined, indent=2) + "\n")
     return combined
+
+
+def _fleet_setup(opts: SimOptions) -> SimOptions:
+    """Check the fleet options, pick Mosquitto for a fleet too big for the embedded broker,
+    and make room for every device's socket (a broker the sim starts inherits the limit)."""
+    if opts.clients not in FDS_PER_DEVICE:
+        raise SimError(f"--clients {opts.clients}: want one of {', '.join(FDS_PER_DEVICE)}")
+    if opts.devices_per_round < 0 or opts.devices_per_round > opts.devices:
+        raise SimError(
+            f"--devices-per-round {opts.devices_per_round}: want 0 (all) to {opts.devices}"
+        )
+    if opts.broker is None and opts.devices > EMBEDDED_MAX_DEVICES:
+        try:
+            find_mosquitto()
+        except MosquittoError as exc:
+            raise SimError(
+                f"{opts.devices} devices are more than the embedded broker holds"
+                f" ({EMBEDDED_MAX_DEVICES}): install mosquitto and use --broker mosquitto, or"
+                f" pass --broker mqtt://HOST:PORT ({exc})"
+            ) from exc
+        log.warning(
+            "%d devices are more than the embedded broker holds (%d): using --broker mosquitto",
+            opts.devices,
+            EMBEDDED_MAX_DEVICES,
+        )
+        opts = replace(opts, broker="mosquitto")
+    try:
+        raise_fd_limit(opts.devices * FDS_PER_DEVICE[opts.clients] + FDS_SPARE)
+    except FdLimitError as exc:
+        raise SimError(str(exc)) from exc
+    return opts
 
 
 def _run_with_broker(
@@ -348,6 +402,7 @@ def _configs(
         state_dir=state_dir,
         rounds=opts.rounds,
         min_devices=opts.devices,
+        devices_per_round=opts.devices_per_round,
         quorum=opts.quorum,
         round_timeout=opts.round_timeout,
         training=_training_table(opts),
@@ -400,12 +455,15 @@ def _run_one(
             stop=stop,
             broker=mosquitto,
         ).start(upstream)
+    hub = PahoHub().start() if opts.clients == "hub" else None
     try:
         aggregator = build_aggregator(agg_cfg, on_round=on_round)
-        agents = [_build_device(cfg, injector) for cfg in agent_cfgs]
+        agents = [_build_device(cfg, injector, hub) for cfg in agent_cfgs]
     except BaseException:
         if injector is not None:
             injector.close()
+        if hub is not None:
+            hub.close()
         raise
     if tracker is not None:
         for agent in agents:
@@ -421,17 +479,32 @@ def _run_one(
             crashed.append(agent.device_id)
             stop.set()
 
+    # Stragglers sleep in their link: with faults every device keeps a thread of its own.
+    pool = None
+    if hub is not None and injector is None:
+        pool = DevicePool(
+            stop, workers=DEVICE_WORKERS, on_crash=lambda agent: crashed.append(agent.device_id)
+        )
+
     # Failed rounds are announced again: with faults, allow as many again as were asked for.
     budget = opts.round_timeout * ((2 * opts.rounds if injector else opts.rounds) + 2)
     stalled = None
     started = time.perf_counter()
     try:
         aggregator.start()
-        for agent in agents:
-            agent.start()
-            t = threading.Thread(target=serve, args=(agent,), name=agent.device_id, daemon=True)
-            t.start()
-            threads.append(t)
+        if hub is not None:
+            start_devices(agents)  # a bounded number at a time
+        else:
+            for agent in agents:
+                agent.start()
+        connect_s = time.perf_counter() - started
+        if pool is not None:
+            pool.start(agents)
+        else:
+            for agent in agents:
+                t = threading.Thread(target=serve, args=(agent,), name=agent.device_id, daemon=True)
+                t.start()
+                threads.append(t)
         with display:
             deadline = time.monotonic() + budget
             idle_since = time.monotonic()  # no round open since
@@ -461,6 +534,8 @@ def _run_one(
             injector.stop_timers()
         for t in threads:
             t.join(30)
+        if pool is not None:
+            pool.join()
         for agent in agents:
             try:
                 agent.stop()
@@ -468,6 +543,8 @@ def _run_one(
                 log.warning("agent %s did not stop cleanly: %s", agent.device_id, exc)
         aggregator.link.close()
         aggregator.store.close()
+        if hub is not None:
+            hub.close()
         if injector is not None:
             injector.close()
     if crashed:
@@ -484,19 +561,24 @@ def _run_one(
         elapsed,
         injector.ledger if injector is not None else None,
         stalled,
+        connect_s,
     )
     display.fed_eval_line(summary)
     return summary
 
 
-def _build_device(cfg: AgentConfig, injector: FaultInjector | None) -> Agent:
-    """The device of ``cfg``; with faults, on a link that injects them."""
-    if injector is None:
-        return build_agent(cfg)
-    url = injector.device_url(cfg.device_id, cfg.broker)
+def _build_device(cfg: AgentConfig, injector: FaultInjector | None, hub: PahoHub | None) -> Agent:
+    """The device of ``cfg`` (its link on ``hub`` if given); with faults, on a link that
+    injects them."""
     will = Agent.will(cfg.device_id, cfg.fleet)
     birth = Agent.birth(cfg.device_id, cfg.fleet)
-    link = injector.wrap(broker_link(url, cfg.device_id, cfg.tls, will, birth), cfg.device_id)
+    if injector is None:
+        return build_agent(
+            cfg, link=broker_link(cfg.broker, cfg.device_id, cfg.tls, will, birth, hub=hub)
+        )
+    url = injector.device_url(cfg.device_id, cfg.broker)
+    inner = broker_link(url, cfg.device_id, cfg.tls, will, birth, hub=hub)
+    link = injector.wrap(inner, cfg.device_id)
     agent = build_agent(cfg, link=link)
     link.shapes = {name: list(w.shape) for name, w in agent.runtime.get_weights().items()}
     return agent
@@ -590,6 +672,7 @@ def _summarise(
     elapsed: float,
     faults: Ledger | None = None,
     stalled: str | None = None,
+    connect_s: float | None = None,
 ) -> dict[str, Any]:
     log_path = out / "rounds.jsonl"
     rounds = (
@@ -631,6 +714,9 @@ def _summarise(
         "seed": opts.seed,
         "runtime": opts.runtime,
         "wall_time_s": round(elapsed, 2),
+        "clients": opts.clients,
+        "devices_per_round": opts.devices_per_round,
+        "connect_s": None if connect_s is None else round(connect_s, 2),
     }
     if stalled is not None:
         summary["stalled"] = stalled

@@ -10,10 +10,13 @@ from __future__ import annotations
 import queue
 import ssl
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
 
 from .errors import LinkError
+
+if TYPE_CHECKING:
+    from .paho_hub import PahoHub
 
 
 @dataclass(frozen=True)
@@ -113,13 +116,15 @@ def make_link(
     tls: TlsSettings | None = None,
     username: str | None = None,
     password: str | None = None,
+    hub: PahoHub | None = None,
 ) -> Link:
     """A PahoLink for ``mqtt[s]://[user[:password]@]host[:port]`` (ports 1883 and 8883).
 
     ``birth`` is published on every (re)connect, the counterpart of the Last Will ``will``.
     ``mqtts`` always uses TLS (``tls`` None: the system's CAs, no client certificate);
     ``mqtt`` never does, and refuses ``tls`` rather than ignore it. ``username`` and
-    ``password`` override those in the URL.
+    ``password`` override those in the URL. ``hub``: driven by that PahoHub, not a thread of
+    its own.
     """
     try:
         parts = urlsplit(url)
@@ -149,4 +154,5 @@ def make_link(
         username=username,
         password=password,
         tls=tls,
+        hub=hub,
     )

@@ -3,7 +3,9 @@
 MQTT 3.1.1 (amqtt speaks nothing newer), a persistent session by default, QoS 1, an optional
 Last Will. paho's network thread (``loop_start``) only puts received messages into a
 ``queue.Queue`` and records acks: it never blocks, so keepalives keep flowing. paho
-reconnects by itself; every reconnect re-subscribes all filters.
+reconnects by itself; every reconnect re-subscribes all filters. A link made with ``hub=``
+has no thread of its own: a :class:`~fedge.protocol.paho_hub.PahoHub` drives it with many
+others on one thread (a simulated fleet), with the same callbacks and so the same behaviour.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -24,6 +27,9 @@ from .errors import LinkError
 from .link import Message, TlsSettings, next_message, tls_context
 from .topics import validate_filter
 from .wire import PUBACK_SIZE, publish_size
+
+if TYPE_CHECKING:
+    from .paho_hub import PahoHub
 
 log = logging.getLogger("fedge.protocol")
 
@@ -54,6 +60,7 @@ class PahoLink:
         tls: TlsSettings | None = None,
         max_inflight: int = 20,
         close_timeout: float = 5.0,
+        hub: PahoHub | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -65,6 +72,10 @@ class PahoLink:
         self.birth = birth
         self.bytes_up = 0
         self.bytes_down = 0
+        # Called on the network thread after each received message is queued (never blocks):
+        # lets a simulation step only the devices that have something to handle.
+        self.on_receive: Callable[[], None] | None = None
+        self._hub = hub
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._cond = threading.Condition()  # guards everything below
         self._filters: dict[str, int] = {}
@@ -103,6 +114,9 @@ class PahoLink:
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
+        if hub is not None:  # paho then queues writes for the hub instead of sending them itself
+            client.on_socket_register_write = lambda c, u, sock: hub.kick(self)
+            client.on_socket_close = lambda c, u, sock: hub.socket_closing(self, sock)
         self._client = client
 
     @property
@@ -119,7 +133,10 @@ class PahoLink:
             self._client.connect_async(self.host, self.port, self.keepalive)
         except (ValueError, OSError) as exc:
             raise self._error(f"cannot connect: {exc}") from exc
-        self._client.loop_start()
+        if self._hub is not None:
+            self._hub.attach(self)
+        else:
+            self._client.loop_start()
         self._started = True
         with self._cond:
             self._cond.wait_for(lambda: self._connack is not None, timeout)
@@ -205,6 +222,10 @@ class PahoLink:
         with self._cond:
             self._closing = True
         self._client.disconnect()
+        if self._hub is not None:
+            self._hub.detach(self)  # after the DISCONNECT has gone out
+            self._started = False
+            return
         self._client.loop_stop()
         # paho closes the socket pair that loop_start() made only in Client.__del__, and the
         # client and this link form a cycle: close it now, not in the GC (ResourceWarning).
@@ -314,6 +335,8 @@ class PahoLink:
         self._inbox.put_nowait(
             Message(topic, payload, bool(message.retain), mid=message.mid, qos=message.qos)
         )
+        if self.on_receive is not None:
+            self.on_receive()
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any], props: Any
