@@ -62,11 +62,20 @@ class RunningSum:
         it was folded in with has its delta ``fetch``-ed and folded in again with the
         difference (held devices have none to fetch).
         """
-        if set(used) != set(self.declared):
-            raise ValueError("need the final weight of exactly the devices in the round")
         total = float(sum(used.values()))
         if total <= 0:
             raise ValueError("sample counts must add up to more than zero")
+        out = self.weighted_sum(used, fetch)
+        for acc in out.values():
+            acc /= total
+        return out
+
+    def weighted_sum(
+        self, used: Mapping[str, int], fetch: Callable[[str], Weights]
+    ) -> dict[str, np.ndarray]:
+        """``sum used_i delta_i`` (float64), not yet divided: what a shard worker sends."""
+        if set(used) != set(self.declared):
+            raise ValueError("need the final weight of exactly the devices in the round")
         out = {k: a.copy() for k, a in self._acc.items()}
         for device, n in used.items():
             change = n - self.declared[device]
@@ -74,8 +83,6 @@ class RunningSum:
                 delta = fetch(device)
                 for name, acc in out.items():
                     acc += float(change) * np.asarray(delta[name], np.float64)
-        for acc in out.values():
-            acc /= total
         return out
 
 

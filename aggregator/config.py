@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fedge.protocol import TrainingConfig
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fedge.brokerconfig import BrokerTls, check_private_key, check_tls_scheme
 from fedge.configfile import (
@@ -84,6 +93,26 @@ class ScheduleConfig(BaseModel):
         )
 
 
+class ShardsConfig(BaseModel):
+    """Aggregator shards (aggregator/shard.py, docs/scale.md): ``workers`` (each a
+    ``fedge aggregator --worker NAME`` with this same config) share the update topic through
+    an MQTT shared subscription and keep partial sums; this process coordinates the rounds
+    and merges the sums. A round whose partial sums are not all in ``close_timeout`` seconds
+    after it closes fails."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workers: list[Annotated[str, StringConstraints(pattern=ID_PATTERN)]] = Field(min_length=1)
+    close_timeout: float = Field(default=30.0, gt=0)
+
+    @field_validator("workers")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("worker names must differ")
+        return value
+
+
 def _zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
@@ -127,6 +156,7 @@ class AggregatorConfig(BaseModel):
     # Prometheus /metrics on metrics_addr:metrics_port (fedge.metrics); 0: off.
     metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_addr: str = "127.0.0.1"
+    shards: ShardsConfig | None = None  # None: this process takes every update itself
 
     @field_validator("model", "eval_data", mode="after")
     @classmethod
@@ -141,6 +171,16 @@ class AggregatorConfig(BaseModel):
     @model_validator(mode="after")
     def _tls_needs_mqtts(self) -> AggregatorConfig:
         check_tls_scheme(self.broker, self.tls)
+        return self
+
+    @model_validator(mode="after")
+    def _shards_need_the_mean(self) -> AggregatorConfig:
+        s = self.strategy
+        if self.shards is not None and (s.robust != "mean" or s.norm_bound > 0):
+            raise ValueError(
+                '[shards] needs [strategy] robust = "mean" and norm_bound = 0: a robust'
+                " combiner needs every delta of a round in one place"
+            )
         return self
 
     @field_validator("state_dir", mode="after")

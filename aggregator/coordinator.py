@@ -55,6 +55,7 @@ from . import fed_eval, intake
 from .accumulate import Accumulator, make_accumulator
 from .config import AggregatorConfig
 from .sample_limits import bound_samples
+from .shard import ShardedSum, Shards
 from .store import Store, StoreError
 from .strategies.factory import make_strategy
 
@@ -74,8 +75,9 @@ class OpenRound:
     selected: list[str]
     started: float
     deadline: float
-    # The accepted updates, folded into a running sum (or kept, for a robust combiner).
-    acc: Accumulator
+    # The accepted updates, folded into a running sum (or kept, for a robust combiner; or
+    # held by the shard workers, which send their partial sums when the round closes).
+    acc: Accumulator | ShardedSum
     counts: dict[str, int] = field(default_factory=dict)
     losses: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, SkipNotice] = field(default_factory=dict)
@@ -145,6 +147,12 @@ class Aggregator:
         self.current: OpenRound | None = None
         self.done = False
         self.strategy = make_strategy(config.strategy)
+        # With [shards], workers take the updates and this process merges their sums.
+        self.shards = (
+            None
+            if config.shards is None
+            else Shards(config.shards, self.topics, link, initial_weights)
+        )
         # Room for every device of a round to be mid-upload at once (default 16 is too few).
         self.reassembler = Reassembler(
             max_messages=max(64, 2 * config.min_devices, 2 * config.devices_per_round),
@@ -214,6 +222,13 @@ class Aggregator:
                 "round %d was for model v%d, have v%d: abandoned", round_id, version, self.version
             )
             return
+        if self.shards is not None:
+            # Which worker holds which of its updates is not kept: the round starts afresh.
+            self.store.abandon_open_rounds()
+            log.warning(
+                "round %d was open when the sharded coordinator stopped: abandoned", round_id
+            )
+            return
         self.store.abandon_open_rounds(except_round=round_id)  # older ones, if any
         now = self.clock()
         rnd = OpenRound(
@@ -256,7 +271,10 @@ class Aggregator:
             self.link.connect(timeout=timeout, keep_trying=True)
         else:
             self.link.connect(timeout=timeout)
-        self.link.subscribe(self.topics.updates, qos=1)
+        if self.shards is None:
+            self.link.subscribe(self.topics.updates, qos=1)
+        else:
+            self.shards.subscribe()
         self.link.subscribe(self.topics.statuses, qos=1)
         self._publish_global(round_id=0)
         if self.current is not None:  # a resumed round: its retained announcement may be lost
@@ -298,6 +316,9 @@ class Aggregator:
     # -- messages ------------------------------------------------------------------
     def handle(self, msg: Message) -> None:
         if not msg.payload:
+            return
+        if self.shards is not None and self.shards.owns(msg.topic):
+            self.shards.handle(self, msg)
             return
         if not msg.topic.startswith((f"{self.topics.base}/update/", f"{self.topics.base}/status/")):
             # Some brokers (amqtt) hand a new subscription retained messages of other topics.
@@ -595,8 +616,10 @@ class Aggregator:
             + 2 * PUBACK_SIZE
         )
 
-    def _accumulator(self) -> Accumulator:
+    def _accumulator(self) -> Accumulator | ShardedSum:
         """A running sum for the plain mean; the deltas themselves for a robust combiner."""
+        if self.shards is not None:
+            return self.shards.accumulator()
         keep = getattr(self.strategy.combiner, "needs_all_deltas", True)
         return make_accumulator(self.weights, keep_deltas=keep)
 
@@ -652,6 +675,8 @@ class Aggregator:
             max_per_device=limits.max_per_device,
             median_factor=limits.median_factor,
         )
+        if self.shards is not None and not self.shards.merged(self, rnd, bounded.used, now):
+            return  # waiting for the workers' partial sums (a later tick closes the round)
         if bounded.clipped:
             self.samples_clipped += len(bounded.clipped)
             log.warning(

@@ -70,7 +70,16 @@ def _cmd_aggregator(args: argparse.Namespace) -> int:
     from fedge.aggregator.service import serve
     from fedge.configfile import load_config
 
-    return serve(load_config(args.config, AggregatorConfig), reset=args.reset_state)
+    cfg = load_config(args.config, AggregatorConfig)
+    if args.worker is not None:
+        from fedge.aggregator.shard_service import serve_worker
+        from fedge.configfile import ConfigError
+
+        if args.reset_state:
+            raise ConfigError(["--reset-state is for the coordinator, not a --worker"])
+
+        return serve_worker(cfg, args.worker)
+    return serve(cfg, reset=args.reset_state)
 
 
 def _cmd_models_build(args: argparse.Namespace) -> int:
@@ -359,6 +368,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="move the state database aside and start afresh from the config's model,"
         " numbering rounds and versions on from rounds.jsonl (prefer restoring the backup)",
+    )
+    g.add_argument(
+        "--worker",
+        metavar="NAME",
+        help="run shard worker NAME of the config's [shards] instead of the coordinator"
+        " (docs/scale.md)",
     )
     g.set_defaults(func=_cmd_aggregator, log_level=logging.INFO)
 

@@ -4,7 +4,8 @@ The broker routes by MQTT filter (``+``, ``#``), keeps retained messages (an emp
 publish clears one) and sends them on subscribe with ``retain=True``, and publishes a link's
 Will when the link is killed, not when it is closed. Sessions are not persistent: a link
 receives what is published while it is connected. QoS is accepted and ignored (delivery is
-exact). Thread-safe.
+exact). A shared subscription (``$share/{group}/{filter}``) hands each matching message to
+one member of its group in turn, and no retained messages, as Mosquitto does. Thread-safe.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import threading
 
 from .errors import LinkError
 from .link import Message, next_message
-from .topics import topic_matches, validate_filter
+from .topics import split_shared, topic_matches, validate_filter
 from .wire import PUBACK_SIZE, publish_size
 
 
@@ -26,6 +27,7 @@ class MemoryBroker:
         self._links: dict[str, MemoryLink] = {}
         self._filters: dict[str, set[str]] = {}  # client id -> subscribed filters
         self._retained: dict[str, Message] = {}
+        self._turns: dict[tuple[str, str], int] = {}  # shared subscription -> messages so far
 
     def attach(self, link: MemoryLink) -> None:
         with self._lock:
@@ -48,6 +50,8 @@ class MemoryBroker:
             if self._links.get(link.client_id) is not link:
                 raise LinkError(f"client {link.client_id} is not connected")
             self._filters[link.client_id].add(topic_filter)
+            if split_shared(topic_filter)[0] is not None:
+                return
             retained = [m for t, m in self._retained.items() if topic_matches(topic_filter, t)]
             for message in retained:
                 link.deliver(message)
@@ -59,9 +63,23 @@ class MemoryBroker:
             elif message.retain:
                 self._retained.pop(message.topic, None)
             live = Message(message.topic, message.payload, retain=False)
+            shared: dict[tuple[str, str], list[str]] = {}
             for client_id, filters in self._filters.items():
-                if any(topic_matches(f, message.topic) for f in filters):
+                direct = False
+                for topic_filter in filters:
+                    group, plain = split_shared(topic_filter)
+                    if not topic_matches(plain, message.topic):
+                        continue
+                    if group is None:
+                        direct = True
+                    else:
+                        shared.setdefault((group, plain), []).append(client_id)
+                if direct:
                     self._links[client_id].deliver(live)
+            for key, members in shared.items():
+                turn = self._turns.get(key, 0)
+                self._turns[key] = turn + 1
+                self._links[sorted(members)[turn % len(members)]].deliver(live)
 
 
 class MemoryLink:

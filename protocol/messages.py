@@ -170,6 +170,36 @@ class SkipNotice(_Message):
     _omit_unset = ("evaluation",)
 
 
+class ShardAccepted(_Message):
+    """A shard worker's report on ``shard/{worker}/accepted`` of one answer it accepted: the
+    coordinator keeps the round's bookkeeping from it; the delta stays in the worker's sum."""
+
+    kind: Literal["shard_accepted"] = "shard_accepted"
+    worker: Id
+    nbytes: int = Field(ge=0, le=U32)  # the answer's MQTT bytes (PUBLISH packet and PUBACK)
+    answer: UpdateHeader | SkipNotice = Field(discriminator="kind")
+
+
+class ShardClose(_Message):
+    """The coordinator closes a round on ``shard/{worker}/close``: the final weight of each
+    device whose update counts in that worker's partial sum (any other it accepted weighs 0)."""
+
+    kind: Literal["shard_close"] = "shard_close"
+    round_id: int = Field(ge=1, le=U32)
+    weights: dict[Id, Annotated[int, Field(ge=0, le=U32)]]
+
+
+class ShardPartial(_Message):
+    """A worker's answer to a close on ``shard/{worker}/partial``, followed by the float64
+    partial sum ``sum_i weight_i delta_i``, each tensor as a float32 pair ``hi/{name}`` and
+    ``lo/{name}`` (the envelope has no float64; hi + lo keeps about 48 bits)."""
+
+    kind: Literal["shard_partial"] = "shard_partial"
+    worker: Id
+    round_id: int = Field(ge=1, le=U32)
+    weight: int = Field(ge=0, le=2**63 - 1)  # the sum of the weights it used (a check)
+
+
 Label = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]
 Count = Annotated[int, Field(ge=0, le=2**63 - 1)]  # SQLite's INTEGER holds it
 MAX_READINGS = 16  # entries in each of a status's small maps
@@ -210,7 +240,23 @@ class Status(_Message):
 
 
 Header = Annotated[
-    RoundAnnouncement | GlobalModelHeader | UpdateHeader | SkipNotice | Status,
+    RoundAnnouncement
+    | GlobalModelHeader
+    | UpdateHeader
+    | SkipNotice
+    | Status
+    | ShardAccepted
+    | ShardClose
+    | ShardPartial,
     Field(discriminator="kind"),
 ]
-MESSAGE_TYPES = (RoundAnnouncement, GlobalModelHeader, UpdateHeader, SkipNotice, Status)
+MESSAGE_TYPES = (
+    RoundAnnouncement,
+    GlobalModelHeader,
+    UpdateHeader,
+    SkipNotice,
+    Status,
+    ShardAccepted,
+    ShardClose,
+    ShardPartial,
+)

@@ -6,6 +6,10 @@ Every topic lives under ``{prefix}/{fleet}/`` (default prefix ``fedge/v1``)::
     global            retained global model            aggregator -> devices
     update/{device}   model update or skip notice      device -> aggregator
     status/{device}   heartbeat; the Last Will says offline
+    shard/{worker}/accepted|close|partial   aggregator shards (fedge.aggregator.shard)
+
+Shard workers share ``update/+`` through an MQTT shared subscription, ``$share/{group}/...``:
+the broker hands each message to one worker of the group.
 """
 
 from __future__ import annotations
@@ -47,6 +51,17 @@ def validate_filter(topic_filter: str) -> str:
         if len(level) > 1 and ("#" in level or "+" in level):
             raise InvalidId("topic filter", topic_filter, "wildcards must fill a whole level")
     return topic_filter
+
+
+def split_shared(topic_filter: str) -> tuple[str | None, str]:
+    """``(group, filter)`` of a shared subscription ``$share/{group}/{filter}``, else
+    ``(None, topic_filter)``; InvalidId for a ``$share`` filter without a group or filter."""
+    if not topic_filter.startswith("$share/"):
+        return None, topic_filter
+    _, group, rest = [*topic_filter.split("/", 2), "", ""][:3]
+    if not group or "+" in group or "#" in group or not rest:
+        raise InvalidId("topic filter", topic_filter, "want $share/<group>/<filter>")
+    return group, validate_filter(rest)
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
@@ -101,6 +116,15 @@ class Topics:
     @property
     def statuses(self) -> str:
         return f"{self.base}/status/+"
+
+    def shared_updates(self, group: str) -> str:
+        """``update/+`` shared by a group of subscribers: each message goes to one of them."""
+        return f"$share/{validate_id('share group', group)}/{self.updates}"
+
+    def shard(self, worker: str, what: str) -> str:
+        """``shard/{worker}/{what}``: ``accepted``, ``close`` or ``partial``, or ``+``."""
+        name = worker if worker == "+" else validate_id("worker id", worker)
+        return f"{self.base}/shard/{name}/{what}"
 
     def device_of(self, topic: str) -> str:
         """The device id of an ``update/{device}`` or ``status/{device}`` topic of this fleet."""

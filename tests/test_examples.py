@@ -39,3 +39,12 @@ def test_serial_agent_example() -> None:
     cfg = AgentConfig.model_validate(raw, context={"base_dir": EXAMPLES})
     assert cfg.serial is not None and cfg.task is not None and cfg.data is None
     assert cfg.task.window * len(cfg.task.center or ()) == 80  # the forecaster's input size
+
+
+def test_aggregator_example_shards_table() -> None:
+    text = (EXAMPLES / "aggregator.toml").read_text()
+    for line in ("[shards]", 'workers = ["w1", "w2"]', "close_timeout = 30.0"):
+        assert f"# {line}" in text
+        text = text.replace(f"# {line}", line)
+    cfg = AggregatorConfig.model_validate(tomllib.loads(text), context={"base_dir": EXAMPLES})
+    assert cfg.shards is not None and cfg.shards.workers == ["w1", "w2"]

@@ -136,3 +136,20 @@ def test_same_client_id_takes_over() -> None:
     first.close()  # must not unregister the new connection
     second.publish("t", b"y")
     assert drain(second) == [Message("t", b"y")]
+
+
+def test_a_shared_subscription_hands_each_message_to_one_member() -> None:
+    broker = MemoryBroker()
+    w1, w2, plain, sender = (connected(broker, n) for n in ("w1", "w2", "plain", "s"))
+    sender.publish("p/f/update/d0", b"old", retain=True)
+    for worker in (w1, w2):
+        worker.subscribe("$share/g/p/f/update/+")
+    plain.subscribe("p/f/update/+")
+    for i in range(4):
+        sender.publish(f"p/f/update/d{i}", b"u%d" % i)
+    got1, got2 = [m.payload for m in drain(w1)], [m.payload for m in drain(w2)]
+    assert sorted(got1 + got2) == [b"u0", b"u1", b"u2", b"u3"]  # once each, no retained copy
+    assert len(got1) == len(got2) == 2
+    assert len(drain(plain)) == 5  # an ordinary subscriber still gets every one (and retained)
+    with pytest.raises(InvalidId):
+        w1.subscribe("$share/g")

@@ -1,0 +1,52 @@
+"""Glue from a config file to a running shard worker (``fedge aggregator --worker NAME``)."""
+
+from __future__ import annotations
+
+import logging
+
+from fedge.models.runtime import load_runtime
+from fedge.protocol import Link
+from fedge.protocol.signing import load_private_key
+
+from fedge.brokerconfig import broker_link
+from fedge.configfile import ConfigError
+from fedge.systemd import serve_until_stopped
+
+from .config import AggregatorConfig
+from .shard import ShardWorker
+from .store import Store
+
+log = logging.getLogger("fedge.aggregator")
+
+
+def build_worker(cfg: AggregatorConfig, name: str, link: Link | None = None) -> ShardWorker:
+    """The worker ``name`` of ``[shards] workers``: its own client id and state file."""
+    if cfg.shards is None or name not in cfg.shards.workers:
+        known = ", ".join(cfg.shards.workers) if cfg.shards else "none: the config has no [shards]"
+        raise ConfigError([f"--worker {name}: not one of [shards] workers ({known})"])
+    template = load_runtime(cfg.model).get_weights()
+    if link is None:
+        # Acknowledged only once kept: what a crash interrupts, the broker sends again.
+        link = broker_link(cfg.broker, f"{cfg.client_id}-{name}", cfg.tls, manual_ack=True)
+    key = cfg.signing_key  # the worker checks announcements with its public half
+    return ShardWorker(
+        cfg,
+        name,
+        link=link,
+        store=Store(cfg.state_dir / f"worker-{name}.sqlite"),
+        template=template,
+        verify_key=None if key is None else load_private_key(key.read_bytes()).public_key(),
+    )
+
+
+def serve_worker(cfg: AggregatorConfig, name: str) -> int:
+    """Run until SIGTERM/SIGINT."""
+    worker = build_worker(cfg, name)
+    worker.start(keep_trying=True)
+    try:
+        serve_until_stopped(worker.step, poll=0.2)
+    finally:
+        worker.link.close()
+        worker.store.close()
+    log.info("worker %s stopped after %d accepted answer(s)", name, worker.accepted)
+    return 0
