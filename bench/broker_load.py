@@ -24,7 +24,6 @@ from fedge.fleet.mosquitto import LocalMosquitto
 from fedge.protocol.paho_hub import PahoHub
 from fedge.protocol.paho_link import PahoLink
 
-
 WINDOW = 500  # messages in flight to the subscriber at a time
 
 

@@ -46,7 +46,15 @@ def _mosquitto_of(pid: int) -> int | None:
     return None
 
 
-def run(n: int, clients: str, rounds: int, per_round: int, out: Path, timeout: float) -> dict:
+def run(
+    n: int,
+    clients: str,
+    rounds: int,
+    per_round: int,
+    out: Path,
+    timeout: float,
+    runtime: str = "litert",
+) -> dict:
     folder = out / f"{clients}-{n}"
     cmd = [
         sys.executable,
@@ -68,6 +76,8 @@ def run(n: int, clients: str, rounds: int, per_round: int, out: Path, timeout: f
         "60",
         "--out",
         str(folder),
+        "--runtime",
+        runtime,
     ]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +130,8 @@ def main() -> None:
     parser.add_argument("--clients", default="hub,threads")
     parser.add_argument("--threads-max", type=int, default=300, help="largest N for threads")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--per-round", type=int, default=50, help="--devices-per-round")
+    parser.add_argument("--per-round", type=int, default=50, help="--devices-per-round (0: all)")
+    parser.add_argument("--runtime", default="litert", help="fedge sim --runtime")
     parser.add_argument("--out", default="runs/scale")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     args = parser.parse_args()
@@ -129,7 +140,7 @@ def main() -> None:
         for clients in args.clients.split(","):
             if clients == "threads" and n > args.threads_max:
                 continue
-            row = run(n, clients, args.rounds, args.per_round, out, args.timeout)
+            row = run(n, clients, args.rounds, args.per_round, out, args.timeout, args.runtime)
             print(json.dumps(row), flush=True)
 
 

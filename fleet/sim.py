@@ -520,11 +520,13 @@ def _run_one(
                 elif time.monotonic() - idle_since > opts.round_timeout:
                     # Every device runs here: a round that cannot start for a whole round
                     # timeout never will. Say so now instead of waiting out the budget.
+                    away = sorted({a.device_id for a in agents} - aggregator.online)
+                    more = f" and {len(away) - 10} more" if len(away) > 10 else ""
                     stalled = (
                         f"round {aggregator.next_round_id} could not start in"
                         f" {opts.round_timeout:g} s: {len(aggregator.online)} of the"
                         f" {agg_cfg.min_devices} devices it needs are online"
-                        f" ({', '.join(sorted(aggregator.online)) or 'none'})"
+                        f" (not heard from: {', '.join(away[:10]) or 'none'}{more})"
                     )
                     log.warning("run stopped: %s", stalled)
                     break
