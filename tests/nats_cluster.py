@@ -184,6 +184,7 @@ class NatsCluster:
     def start(self) -> NatsCluster:
         """Start every node and return once the cluster has formed and each serves MQTT."""
         binary = find_nats_server()
+        self.workdir.mkdir(parents=True, exist_ok=True)
         for node in self.nodes:
             env = node.environment(self.routes)
             (self.workdir / f"{node.name}.env").write_text(
