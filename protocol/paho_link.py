@@ -131,14 +131,16 @@ class PahoLink:
         with self._cond:
             self._cond.wait_for(lambda: self._connack is not None, timeout)
             outcome = self._connack
+        dot = DOT_HINT if self._will_topic is not None and "." in self._will_topic else ""
         if outcome is None and keep_trying:
             log.warning(
-                "no connection to %s:%s as %s after %g s (%s); trying on in the background",
+                "no connection to %s:%s as %s after %g s (%s%s); trying on in the background",
                 self.host,
                 self.port,
                 self.client_id,
                 timeout,
                 self._diagnose(),
+                dot,
             )
             return
         if outcome != "ok":
@@ -146,9 +148,7 @@ class PahoLink:
             if outcome:
                 why = f"refused: {outcome}"
             else:
-                why = f"no connection after {timeout:g} s ({self._diagnose()})"
-                if self._will_topic is not None and "." in self._will_topic:
-                    why += DOT_HINT
+                why = f"no connection after {timeout:g} s ({self._diagnose()}{dot})"
             raise self._error(f"cannot connect, {why}")
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
