@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: demo test venv venv-dev mosquitto tools lint artifacts bench clean
+.PHONY: demo test venv venv-dev mosquitto nats tools lint artifacts bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,11 +29,15 @@ demo: venv
 mosquitto:
 	@sh deploy/ensure-mosquitto.sh
 
+# nats-server, for the NATS cluster test (deploy/ensure-nats.sh installs it with apt as root).
+nats:
+	@sh deploy/ensure-nats.sh
+
 # systemd-analyze, for the unit checks (deploy/ensure-tools.sh installs it with apt as root).
 tools:
 	@sh deploy/ensure-tools.sh
 
-test: venv-dev mosquitto tools
+test: venv-dev mosquitto nats tools
 	$(BIN)/python -m pytest
 
 lint: venv-dev

@@ -149,7 +149,7 @@ class AggregatorConfig(BaseModel):
     seed: int = 0
     chunk_timeout: float = Field(default=60.0, gt=0)  # seconds to wait for a missing chunk
     # Send the global model again when a device reports an older one or a round fails,
-    # at most once per this many seconds.
+    # at most once per this many seconds for the same model version.
     republish_interval: float = Field(default=10.0, ge=0)
     wait_log_interval: float = Field(default=60.0, gt=0)  # WARNING while a round cannot start
     backup_every: int = Field(default=10, ge=0)  # rounds between state backups; 0: never

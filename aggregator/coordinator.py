@@ -164,6 +164,7 @@ class Aggregator:
         self._chunk_wire: dict[tuple[str, bytes], int] = {}  # bytes of incomplete messages
         self.stray_bytes = 0  # update bytes that no open round could be credited with
         self._last_republish = -float("inf")  # when the global was last sent again
+        self._republished_version = -1  # and which version that was
         self._last_wait_log = clock()  # statuses come in just after start: give them time
         resumed = store.latest_model()
         if resumed is None:
@@ -634,12 +635,16 @@ class Aggregator:
     def _republish_global(self, why: str) -> None:
         """Send the current global again (retained): a device lacks it, or a round failed.
 
-        At most once per ``republish_interval`` seconds, however many devices ask.
+        At most once per ``republish_interval`` seconds per model version, however many
+        devices ask; a newer version goes out at once (on brokers that do not keep the order
+        between topics, such as NATS, a device often sees the round before its model and asks).
         """
         now = self.clock()
-        if now - self._last_republish < self.cfg.republish_interval:
+        recent = now - self._last_republish < self.cfg.republish_interval
+        if recent and self._republished_version == self.version:
             return
         self._last_republish = now
+        self._republished_version = self.version
         self._publish_global(round_id=0)
         self.republished += 1
         log.warning("sent global model v%d again: %s", self.version, why)

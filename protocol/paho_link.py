@@ -35,6 +35,12 @@ log = logging.getLogger("fedge.protocol")
 
 SUBACK_TIMEOUT = 10.0  # seconds subscribe() waits for the broker's ack
 FAIL_LOG_INTERVAL = 60.0  # seconds between WARNINGs while the broker cannot be reached
+# Ids may contain '.', which older NATS servers refuse in MQTT topics: they deny the
+# subscription, or close the connection at a CONNECT whose Will topic has one.
+DOT_HINT = (
+    "; NATS servers before nats-io/nats-server#4243 (2023, e.g. Debian's 2.9.10) refuse '.' in"
+    " MQTT topics: use fleet and device ids without '.'"
+)
 
 
 class PahoLink:
@@ -70,6 +76,7 @@ class PahoLink:
         # Published on every (re)connect: after a dropped link the broker has published the
         # Will ("offline", retained), and only this tells the fleet the client is back.
         self.birth = birth
+        self._will_topic = None if will is None else will.topic
         self.bytes_up = 0
         self.bytes_down = 0
         # Called on the network thread after each received message is queued (never blocks):
@@ -141,14 +148,16 @@ class PahoLink:
         with self._cond:
             self._cond.wait_for(lambda: self._connack is not None, timeout)
             outcome = self._connack
+        dot = DOT_HINT if self._will_topic is not None and "." in self._will_topic else ""
         if outcome is None and keep_trying:
             log.warning(
-                "no connection to %s:%s as %s after %g s (%s); trying on in the background",
+                "no connection to %s:%s as %s after %g s (%s%s); trying on in the background",
                 self.host,
                 self.port,
                 self.client_id,
                 timeout,
                 self._diagnose(),
+                dot,
             )
             return
         if outcome != "ok":
@@ -156,7 +165,7 @@ class PahoLink:
             if outcome:
                 why = f"refused: {outcome}"
             else:
-                why = f"no connection after {timeout:g} s ({self._diagnose()})"
+                why = f"no connection after {timeout:g} s ({self._diagnose()}{dot})"
             raise self._error(f"cannot connect, {why}")
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
@@ -178,7 +187,8 @@ class PahoLink:
         if codes is None:
             log.warning("no ack for subscription %s yet; it is renewed on reconnect", topic_filter)
         elif any(code.is_failure for code in codes):
-            raise self._error(f"broker refused subscription to {topic_filter}")
+            hint = DOT_HINT if "." in topic_filter else ""
+            raise self._error(f"broker refused subscription to {topic_filter}{hint}")
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         if not self._started:

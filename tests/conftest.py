@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests that need a broker start their own Mosquitto on a free port."""
+"""Shared fixtures. Tests that need a broker start their own Mosquitto (or NATS cluster) on
+free ports."""
 
 from __future__ import annotations
 
@@ -35,6 +36,16 @@ def mosquitto():  # type: ignore[no-untyped-def]
 
     with MosquittoServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def nats_cluster():  # type: ignore[no-untyped-def]
+    """Three nats-server nodes routed to each other, from broker_config/nats-cluster.conf,
+    MQTT on a free port each (``nats_cluster.nodes[i].url``)."""
+    from nats_cluster import NatsCluster
+
+    with NatsCluster(3) as cluster:
+        yield cluster
 
 
 @pytest.fixture

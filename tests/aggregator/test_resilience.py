@@ -107,6 +107,24 @@ def test_a_device_without_the_current_model_gets_it_again(tmp_path: Path) -> Non
     assert late.last(GlobalModelHeader) is not None and agg.republished == 2
 
 
+def test_a_newer_model_is_sent_again_right_after_an_older_one_was(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1, republish_interval=5.0)
+    a = Device(broker, "a")
+    for version in (1, 2):
+        pump(agg)
+        a.send(version, delta(1.0), 10, base=version - 1)
+        pump(agg)
+        assert agg.version == version
+        a.last(GlobalModelHeader)  # read the round's own publish
+        behind = Status(device_id="a", state="idle", timestamp=1.0, model_version=version - 1)
+        a.link.publish(T.status("a"), encode(behind), retain=True)
+        pump(agg)
+        got = a.last(GlobalModelHeader)
+        assert got is not None and got.msg.model_version == version  # type: ignore[union-attr]
+    assert agg.republished == 2  # at the same clock: v1's republish did not hold back v2's
+
+
 def test_a_failed_round_sends_the_global_again(tmp_path: Path) -> None:
     broker, clock = MemoryBroker(), Clock()
     agg = make(tmp_path, broker, clock, min_devices=2, quorum=1.0)
