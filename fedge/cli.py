@@ -321,6 +321,7 @@ def _cmd_provision(args: argparse.Namespace) -> int:
                 force=args.force,
                 password=args.password,
                 gateway=args.gateway,
+                site_gateway=args.site_gateway,
                 operator=args.operator,
                 model=args.model,
                 data=args.data,
@@ -614,6 +615,11 @@ def parser() -> argparse.ArgumentParser:
     pv.add_argument("--force", action="store_true", help="replace an existing CA or device")
     pv.add_argument("--password", action="store_true", help="also a broker password (port 8884)")
     pv.add_argument("--gateway", action="store_true", help="a bridge identity, not a device")
+    pv.add_argument(
+        "--site-gateway",
+        action="store_true",
+        help="the bridge of a site gateway, the shard worker DEVICE_ID (site-gateway.conf)",
+    )
     pv.add_argument(
         "--operator",
         action="store_true",

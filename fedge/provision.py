@@ -68,7 +68,7 @@ STATE_DIR = "/var/lib/fedge"
 DATA_MODEL = "digits_mlp.tflite"
 SERIAL_MODEL = "machine_forecaster.tflite"
 TASK_KINDS = ("forecast", "autoencode", "classify")
-ROLES = ("device", "gateway", "operator")
+ROLES = ("device", "gateway", "site-gateway", "operator")
 # mosquitto_passwd (2.0): PBKDF2-HMAC-SHA512, 12-byte salt, 101 iterations, base64 fields.
 PASSWD_ITERATIONS = 101
 PASSWD_SALT_BYTES = 12
@@ -344,6 +344,9 @@ def acl_text(fleet: str, identities: Mapping[str, str]) -> str:
         f"topic read {base}/status/+",
         f"topic readwrite {base}/round",
         f"topic readwrite {base}/global",
+        f"topic read {base}/shard/+/accepted",  # [shards]: workers' reports and partial sums
+        f"topic read {base}/shard/+/partial",
+        f"topic write {base}/shard/+/close",
     ]
     for ident, role in sorted(identities.items()):
         check_id("identity", ident)
@@ -354,6 +357,20 @@ def acl_text(fleet: str, identities: Mapping[str, str]) -> str:
                 f"user {ident}",
                 f"topic read {base}/status/+",
                 f"topic read {base}/round",
+            ]
+            continue
+        if role == "site-gateway":  # a shard worker at a site: its devices' updates stay there
+            shard = f"{base}/shard/{ident}"
+            lines += [
+                "",
+                "# site-gateway",
+                f"user {ident}",
+                f"topic write {base}/status/+",
+                f"topic write {shard}/accepted",
+                f"topic write {shard}/partial",
+                f"topic read {base}/round",
+                f"topic read {base}/global",
+                f"topic read {shard}/close",
             ]
             continue
         mine = "+" if role == "gateway" else ident
@@ -640,6 +657,7 @@ def provision_device(
     force: bool = False,
     password: bool = False,
     gateway: bool = False,
+    site_gateway: bool = False,
     operator: bool = False,
     model: str | None = None,
     data: str = DEVICE_DATA,
@@ -657,14 +675,17 @@ def provision_device(
     ``password`` adds a broker password (bundle file ``password``, hash in PKI/passwd) and
     points agent.toml at the password listener. ``gateway`` makes a bridge identity instead
     (it may write every device's update and status; its bundle has no agent.toml);
+    ``site_gateway`` the bridge of a site gateway, a shard worker named ``device_id``
+    (broker_config/site-gateway.conf: every status, its own reports and partial sums, no
+    updates; no agent.toml either);
     ``operator`` a read-only identity for ``fedge status`` (its bundle has a watch.toml).
     ``force`` replaces an existing device; its old certificate goes on the CRL.
     """
     check_device_id(device_id)
     check_id("fleet", fleet)
     _check_days(days)
-    if gateway and operator:
-        raise ProvisionError("an identity is a gateway or an operator, not both")
+    if gateway + site_gateway + operator > 1:
+        raise ProvisionError("an identity is one of a gateway, a site gateway or an operator")
     if task not in TASK_KINDS:
         raise ProvisionError(f"task must be one of {', '.join(TASK_KINDS)}, not {task!r}")
     if max_samples is not None and max_samples < 1:
@@ -702,7 +723,7 @@ def provision_device(
         if operator:
             toml = watch_toml(device_id, fleet, broker_host=host, password=password)
             changes.append(_write(bundle / "watch.toml", toml))
-        elif not gateway:
+        elif not (gateway or site_gateway):
             changes.append(_write(bundle / "aggregator.pub", _read(pki / "signing.pub")))
             toml = agent_toml(
                 device_id,
@@ -727,7 +748,13 @@ def provision_device(
             "serial": format(cert.serial_number, "x"),
             "max_samples": max_samples,
             "revoked": False,
-            "role": "operator" if operator else "gateway" if gateway else "device",
+            "role": "operator"
+            if operator
+            else "gateway"
+            if gateway
+            else "site-gateway"
+            if site_gateway
+            else "device",
         }
         changes += _save_registry_acl(pki, registry)
         hashed = mosquitto_password_hash(secret) if secret is not None else None

@@ -64,11 +64,14 @@ def _listening(host: str, port: int) -> bool:
 
 
 class LocalMosquitto:
-    def __init__(self, workdir: Path, host: str = HOST, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, host: str = HOST, port: int | None = None, *, extra_config: str = ""
+    ) -> None:
         self.workdir = Path(workdir).resolve()  # mosquitto runs in it: a relative -c would miss
         self.host = host
         self.port = port or free_port(host)
         self.config = dev_config()
+        self.extra_config = extra_config  # after dev.conf, e.g. a bridge section
         self.binary = find_mosquitto()
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -86,6 +89,7 @@ class LocalMosquitto:
             f"listener {self.port} {self.host}",
             self.config.read_text(),
             f"persistence true\npersistence_location {self.workdir}/",
+            self.extra_config,
         ]
         if os.geteuid() == 0:  # as root mosquitto would drop to a user who cannot write here
             lines.append("user root")

@@ -30,6 +30,7 @@ from fedge.aggregator.strategies.config import StrategyConfig
 from fedge.models.runtime import load_runtime
 from fedge.protocol import (
     GateSettings,
+    Link,
     MemoryBroker,
     MemoryLink,
     SkipNotice,
@@ -74,31 +75,16 @@ def sharded_run(
     timeout: float = 300.0,
 ) -> ShardedRun:
     """Run ``rounds`` rounds of ``devices`` agents with ``workers`` shard workers."""
-    split = digits(seed)
-    data = []
-    for i, idx in enumerate(iid(split.y_train, devices, np.random.default_rng(seed))):
-        keep = idx[: max(20, len(idx) * (devices - i) // devices)]  # unequal: weights matter
-        path = workdir / f"dev{i}.npz"
-        np.savez(path, x=split.x_train[keep], y=split.y_train[keep])
-        data.append(path)
+    data = device_data(workdir, devices, seed)
     tag = fleet[-8:]
-    cfg = AggregatorConfig(
+    cfg = sharded_config(
+        broker,
+        workdir,
         fleet=fleet,
-        broker=broker,
-        client_id=f"agg-{tag}",
-        model=digits_model(),
-        state_dir=workdir / "agg",
+        workers=[f"w{i}" for i in range(workers)],
+        devices=devices,
         rounds=rounds,
-        min_devices=devices,
-        quorum=1.0,
-        round_timeout=120,
-        # float32 and no gate: every device uploads its exact delta every round.
-        training=TrainingConfig(
-            epochs=1, batch_size=16, lr=0.1, codec="float32", gate=GateSettings(threshold=0)
-        ),
-        strategy=StrategyConfig(name="fedadam"),
         seed=seed,
-        shards=ShardsConfig(workers=[f"w{i}" for i in range(workers)]),
     )
     topics = Topics(fleet)
     observer = make_link(broker, f"observer-{tag}")
@@ -156,6 +142,57 @@ def sharded_run(
         devices=names,
         accepted={w.name: w.accepted for w in shard_workers},
     )
+    collect_updates(observer, run)
+    observer.close()
+    return run
+
+
+def device_data(workdir: Path, devices: int, seed: int) -> list[Path]:
+    """Unequal IID shares of digits, one .npz a device (unequal: the weights matter)."""
+    split = digits(seed)
+    data = []
+    for i, idx in enumerate(iid(split.y_train, devices, np.random.default_rng(seed))):
+        keep = idx[: max(20, len(idx) * (devices - i) // devices)]
+        path = workdir / f"dev{i}.npz"
+        np.savez(path, x=split.x_train[keep], y=split.y_train[keep])
+        data.append(path)
+    return data
+
+
+def sharded_config(
+    broker: str,
+    workdir: Path,
+    *,
+    fleet: str,
+    workers: list[str],
+    devices: int,
+    rounds: int,
+    seed: int,
+) -> AggregatorConfig:
+    """The coordinator's config: every device in every round, FedAdam."""
+    return AggregatorConfig(
+        fleet=fleet,
+        broker=broker,
+        client_id=f"agg-{fleet[-8:]}",
+        model=digits_model(),
+        state_dir=workdir / "agg",
+        rounds=rounds,
+        min_devices=devices,
+        quorum=1.0,
+        round_timeout=120,
+        # float32 and no gate: every device uploads its exact delta every round.
+        training=TrainingConfig(
+            epochs=1, batch_size=16, lr=0.1, codec="float32", gate=GateSettings(threshold=0)
+        ),
+        strategy=StrategyConfig(name="fedadam"),
+        seed=seed,
+        shards=ShardsConfig(workers=workers),
+    )
+
+
+def collect_updates(observer: Link, run: ShardedRun) -> None:
+    """What ``observer`` (subscribed to ``update/+``) saw, by round, into ``run.updates``."""
+    topics = Topics(run.config.fleet)
     while (msg := observer.get(1.0)) is not None:
         header = (
             decode_skip(msg.payload, topics.device_of(msg.topic))
@@ -164,8 +201,6 @@ def sharded_run(
         )
         assert isinstance(header, (UpdateHeader, SkipNotice))
         run.updates.setdefault(header.round_id, []).append((msg.topic, msg.payload))
-    observer.close()
-    return run
 
 
 def replay_single(run: ShardedRun) -> tuple[dict[str, np.ndarray], list[dict]]:

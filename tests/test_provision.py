@@ -277,6 +277,21 @@ def test_a_gateway_writes_every_devices_update_and_gets_no_agent_config(pki: Pat
     assert "user gw-1\ntopic write fedge/v1/f1/update/+\ntopic write fedge/v1/f1/status/+\n" in acl
 
 
+def test_a_site_gateway_sends_its_partial_sums_and_no_update(pki: Path) -> None:
+    provision_device(pki, "site-a", "f1", site_gateway=True)
+    assert sorted(p.name for p in (pki / "devices" / "site-a").iterdir()) == [
+        "ca.crt",
+        "device.crt",
+        "device.key",
+    ]
+    assert read_registry(pki)["devices"]["site-a"]["role"] == "site-gateway"
+    block = (pki / "fedge.acl").read_text().split("user site-a\n")[1]
+    assert "topic write fedge/v1/f1/shard/site-a/partial\n" in block
+    assert "update" not in block
+    with pytest.raises(ProvisionError, match=r"^an identity is one of a gateway, a site gateway"):
+        provision_device(pki, "site-b", "f1", site_gateway=True, gateway=True)
+
+
 def test_an_existing_device_is_kept_unless_forced(pki: Path) -> None:
     provision_device(pki, "dev-a", "f1", password=True)
     old = cert(pki / "devices" / "dev-a" / "device.crt")
@@ -356,12 +371,16 @@ def test_a_revoked_device_can_be_provisioned_again_with_force(pki: Path) -> None
 
 
 def test_the_acl_grants_each_identity_exactly_its_topics() -> None:
-    assert acl_text("f1", {"dev-a": "device", "gw-1": "gateway"}).split("\n\n")[1:] == [
+    identities = {"dev-a": "device", "gw-1": "gateway", "site-a": "site-gateway"}
+    assert acl_text("f1", identities).split("\n\n")[1:] == [
         "user aggregator\n"
         "topic read fedge/v1/f1/update/+\n"
         "topic read fedge/v1/f1/status/+\n"
         "topic readwrite fedge/v1/f1/round\n"
-        "topic readwrite fedge/v1/f1/global",
+        "topic readwrite fedge/v1/f1/global\n"
+        "topic read fedge/v1/f1/shard/+/accepted\n"
+        "topic read fedge/v1/f1/shard/+/partial\n"
+        "topic write fedge/v1/f1/shard/+/close",
         "# device\n"
         "user dev-a\n"
         "topic write fedge/v1/f1/update/dev-a\n"
@@ -373,7 +392,15 @@ def test_the_acl_grants_each_identity_exactly_its_topics() -> None:
         "topic write fedge/v1/f1/update/+\n"
         "topic write fedge/v1/f1/status/+\n"
         "topic read fedge/v1/f1/round\n"
-        "topic read fedge/v1/f1/global\n",
+        "topic read fedge/v1/f1/global",
+        "# site-gateway\n"
+        "user site-a\n"
+        "topic write fedge/v1/f1/status/+\n"
+        "topic write fedge/v1/f1/shard/site-a/accepted\n"
+        "topic write fedge/v1/f1/shard/site-a/partial\n"
+        "topic read fedge/v1/f1/round\n"
+        "topic read fedge/v1/f1/global\n"
+        "topic read fedge/v1/f1/shard/site-a/close\n",
     ]
     lines = acl_text("f1", {"dev-a": "device"}).splitlines()
     assert not [ln for ln in lines if ln.startswith("pattern")]
