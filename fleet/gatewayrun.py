@@ -15,8 +15,6 @@ must reach the same model) and every message that reached the central broker fro
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,7 +27,7 @@ from fedge.aggregator.shard_service import build_worker
 from fedge.protocol import Topics, make_link
 from fedge.protocol.wire import publish_size
 
-from .shardrun import ShardedRun, collect_updates, device_data, sharded_config
+from .shardrun import ShardedRun, collect_updates, device_data, serve_until_done, sharded_config
 
 # The site name broker_config/site-gateway.conf is written for, and its TLS lines.
 CONF_SITE = "site-a"
@@ -144,40 +142,8 @@ def gateway_run(
         for s in names
         for d in devices[s]
     ]
-    stop = threading.Event()
-    threads = []
-    for g in gateways:
-        g.start()
-        threads.append(threading.Thread(target=g.run, args=(stop,), daemon=True))
-    coordinator.start()
-    for a in agents:
-        a.start()
-        threads.append(threading.Thread(target=a.run, args=(stop,), daemon=True))
-    for t in threads:
-        t.start()
-    end = time.monotonic() + timeout
-    try:
-        while not coordinator.done and time.monotonic() < end:
-            coordinator.step(0.2)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
-        for a in agents:
-            a.stop()
-        for g in gateways:
-            g.link.close()
-            g.store.close()
-        coordinator.link.close()
-        coordinator.store.close()
-    if not coordinator.done:
-        raise RuntimeError(f"the gateway run did not finish {rounds} round(s) in {timeout:g} s")
-    run = ShardedRun(
-        config=cfg,
-        weights=coordinator.weights,
-        rounds=[json.loads(line) for line in cfg.log_path.read_text().splitlines()],
-        devices=everyone,
-        accepted={g.name: g.accepted for g in gateways},
+    run = serve_until_done(
+        coordinator, gateways, agents, devices=everyone, rounds=rounds, timeout=timeout
     )
     for obs in observers.values():
         collect_updates(obs, run)

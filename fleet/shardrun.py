@@ -107,9 +107,28 @@ def sharded_run(
         )
         for i, path in enumerate(data)
     ]
+    run = serve_until_done(
+        coordinator, shard_workers, agents, devices=names, rounds=rounds, timeout=timeout
+    )
+    collect_updates(observer, run)
+    observer.close()
+    return run
+
+
+def serve_until_done(
+    coordinator: Aggregator,
+    workers: list,
+    agents: list,
+    *,
+    devices: list[str],
+    rounds: int,
+    timeout: float,
+) -> ShardedRun:
+    """Start the workers, the coordinator and the agents, run until the coordinator has done
+    its rounds (each worker and agent on a thread of its own), then stop them all."""
     stop = threading.Event()
     threads = []
-    for w in shard_workers:
+    for w in workers:
         w.start()
         threads.append(threading.Thread(target=w.run, args=(stop,), daemon=True))
     coordinator.start()
@@ -128,23 +147,21 @@ def sharded_run(
             t.join(10)
         for a in agents:
             a.stop()
-        for w in shard_workers:
+        for w in workers:
             w.link.close()
             w.store.close()
         coordinator.link.close()
         coordinator.store.close()
     if not coordinator.done:
-        raise RuntimeError(f"the sharded run did not finish {rounds} round(s) in {timeout:g} s")
-    run = ShardedRun(
+        raise RuntimeError(f"the run did not finish {rounds} round(s) in {timeout:g} s")
+    cfg = coordinator.cfg
+    return ShardedRun(
         config=cfg,
         weights=coordinator.weights,
         rounds=[json.loads(line) for line in cfg.log_path.read_text().splitlines()],
-        devices=names,
-        accepted={w.name: w.accepted for w in shard_workers},
+        devices=devices,
+        accepted={w.name: w.accepted for w in workers},
     )
-    collect_updates(observer, run)
-    observer.close()
-    return run
 
 
 def device_data(workdir: Path, devices: int, seed: int) -> list[Path]:
