@@ -28,30 +28,43 @@ from .strategies.base import Combiner
 Weights = Mapping[str, np.ndarray]
 
 
-class RunningSum:
+class RoundAnswers:
+    """Who is in the round and with which declared weight: what every accumulator keeps."""
+
+    def __init__(self) -> None:
+        self.declared: dict[str, int] = {}  # device -> the weight it came in with
+        self.uploaded: set[str] = set()  # devices whose delta is in (not held back)
+
+    def _enter(self, device: str, n: int, *, uploaded: bool) -> None:
+        if device in self.declared:
+            raise ValueError(f"{device} is already in the round")
+        self.declared[device] = n
+        if uploaded:
+            self.uploaded.add(device)
+
+    def hold(self, device: str, n: int) -> None:
+        """A device that trained and held its update back: its weight, with a zero delta."""
+        self._enter(device, n, uploaded=False)
+
+    def _check_final(self, used: Mapping[str, int]) -> None:
+        if set(used) != set(self.declared):
+            raise ValueError("need the final weight of exactly the devices in the round")
+
+
+class RunningSum(RoundAnswers):
     """``sum n_i delta_i`` and the declared weights, O(model) memory."""
 
     keeps_deltas = False
 
     def __init__(self, template: Weights) -> None:
+        super().__init__()
         self._acc = {k: np.zeros(np.shape(w), np.float64) for k, w in template.items()}
-        self.declared: dict[str, int] = {}  # device -> the weight folded in so far
-        self.uploaded: set[str] = set()  # devices whose delta is in the sum (not held)
 
     def add(self, device: str, delta: Weights, n: int) -> None:
         """Fold in one accepted update with its declared sample count."""
-        if device in self.declared:
-            raise ValueError(f"{device} is already in the round")
+        self._enter(device, n, uploaded=True)
         for name, acc in self._acc.items():
             acc += float(n) * np.asarray(delta[name], np.float64)
-        self.declared[device] = n
-        self.uploaded.add(device)
-
-    def hold(self, device: str, n: int) -> None:
-        """A device that trained and held its update back: its weight, with a zero delta."""
-        if device in self.declared:
-            raise ValueError(f"{device} is already in the round")
-        self.declared[device] = n
 
     def mean(
         self, used: Mapping[str, int], fetch: Callable[[str], Weights], combiner: Combiner
@@ -74,8 +87,7 @@ class RunningSum:
         self, used: Mapping[str, int], fetch: Callable[[str], Weights]
     ) -> dict[str, np.ndarray]:
         """``sum used_i delta_i`` (float64), not yet divided: what a shard worker sends."""
-        if set(used) != set(self.declared):
-            raise ValueError("need the final weight of exactly the devices in the round")
+        self._check_final(used)
         out = {k: a.copy() for k, a in self._acc.items()}
         for device, n in used.items():
             change = n - self.declared[device]
@@ -86,36 +98,29 @@ class RunningSum:
         return out
 
 
-class DeltaList:
+class DeltaList(RoundAnswers):
     """Every delta of the round, for a combiner that needs them all (a robust one)."""
 
     keeps_deltas = True
 
     def __init__(self, template: Weights) -> None:
+        super().__init__()
         self._zeros = {k: np.zeros(np.shape(w), np.float32) for k, w in template.items()}
         self.deltas: dict[str, Weights] = {}
-        self.declared: dict[str, int] = {}
-        self.uploaded: set[str] = set()
 
     def add(self, device: str, delta: Weights, n: int) -> None:
-        if device in self.declared:
-            raise ValueError(f"{device} is already in the round")
+        self._enter(device, n, uploaded=True)
         self.deltas[device] = delta
-        self.declared[device] = n
-        self.uploaded.add(device)
 
     def hold(self, device: str, n: int) -> None:
-        if device in self.declared:
-            raise ValueError(f"{device} is already in the round")
+        super().hold(device, n)
         self.deltas[device] = self._zeros
-        self.declared[device] = n
 
     def mean(
         self, used: Mapping[str, int], fetch: Callable[[str], Weights], combiner: Combiner
     ) -> dict[str, np.ndarray]:
         """What ``combiner`` makes of the deltas with their final weights (``fetch`` unused)."""
-        if set(used) != set(self.declared):
-            raise ValueError("need the final weight of exactly the devices in the round")
+        self._check_final(used)
         # Uploads first, then the held zeros: the order the combiners were written for.
         order = sorted(self.uploaded) + sorted(set(self.declared) - self.uploaded)
         return combiner([self.deltas[d] for d in order], [used[d] for d in order])

@@ -57,7 +57,7 @@ from fedge.protocol import (
 from fedge.protocol.wire import publish_size
 
 from . import intake
-from .accumulate import RunningSum
+from .accumulate import RoundAnswers, RunningSum
 from .config import AggregatorConfig, ShardsConfig
 from .store import Store
 
@@ -353,16 +353,15 @@ class ShardWorker:
         )
 
 
-class ShardedSum:
+class ShardedSum(RoundAnswers):
     """A sharded round at the coordinator: which worker holds each update, then the
     workers' partial sums. Offers what a round's accumulator offers (accumulate.py)."""
 
     keeps_deltas = False
 
     def __init__(self, template: Weights) -> None:
+        super().__init__()
         self.sums = {k: np.zeros(np.shape(w), np.float64) for k, w in template.items()}
-        self.declared: dict[str, int] = {}
-        self.uploaded: set[str] = set()
         self.reported: dict[str, tuple[str, str]] = {}  # device -> (worker, update id)
         self.requested: dict[str, int] | None = None  # the final weights, once closing
         self.expected: dict[str, int] = {}  # worker -> the weight its partial sum must carry
@@ -371,15 +370,7 @@ class ShardedSum:
 
     def add(self, device: str, delta: Weights, n: int) -> None:
         """An update a worker accepted, with its declared weight (its delta stays there)."""
-        if device in self.declared:
-            raise ValueError(f"{device} is already in the round")
-        self.declared[device] = n
-        self.uploaded.add(device)
-
-    def hold(self, device: str, n: int) -> None:
-        if device in self.declared:
-            raise ValueError(f"{device} is already in the round")
-        self.declared[device] = n
+        self._enter(device, n, uploaded=True)
 
     def mean(
         self, used: Mapping[str, int], fetch: Callable[[str], Weights], combiner: object
