@@ -493,7 +493,11 @@ def _run_one(
     try:
         aggregator.start()
         if hub is not None:
-            start_devices(agents)  # a bounded number at a time
+            # A bounded number at a time; one by one on the embedded amqtt broker, which can
+            # fail a connection made while another client subscribes ("dictionary changed
+            # size during iteration" in amqtt's broker; the device then reconnects, late).
+            embedded = opts.broker is None and mosquitto is None
+            start_devices(agents, parallel=1 if embedded else 32)
         else:
             for agent in agents:
                 agent.start()
