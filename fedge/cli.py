@@ -236,6 +236,7 @@ def _cmd_fleet_launch(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        agents_per_process=args.agents_per_process,
     )
     try:
         result = launch(opts)
@@ -595,6 +596,13 @@ def parser() -> argparse.ArgumentParser:
     fla.add_argument("--epochs", type=int, default=5, help="local epochs per round")
     fla.add_argument("--batch-size", type=int, default=16)
     fla.add_argument("--lr", type=float, default=0.1)
+    fla.add_argument(
+        "--agents-per-process",
+        type=int,
+        default=1,
+        help="agents sharing one process (each its own config, state and MQTT connection);"
+        " 1: a fedge agent process each",
+    )
     fla.set_defaults(func=_cmd_fleet_launch, log_level=logging.WARNING)
 
     pv = sub.add_parser(

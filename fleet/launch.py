@@ -76,6 +76,9 @@ class LaunchOptions:
     epochs: int = TRAINING["epochs"]
     batch_size: int = TRAINING["batch_size"]
     lr: float = TRAINING["lr"]
+    # Agents per process: 1 is a `fedge agent` process each; more share one process
+    # (fleet/agent_host.py: one MQTT connection each, on one network thread).
+    agents_per_process: int = 1
 
     @property
     def training(self) -> dict[str, Any]:
@@ -262,6 +265,20 @@ def fedge_command(role: str, config: Path) -> list[str]:
 Command = Callable[[str, Path], list[str]]
 
 
+def host_command(configs: list[Path]) -> list[str]:
+    """One process for several agents (fleet/agent_host.py), with this interpreter."""
+    return [sys.executable, "-m", "fedge.fleet.agent_host", *map(str, configs)]
+
+
+def agent_processes(devices: list[str], per_process: int) -> list[tuple[str, list[str]]]:
+    """The agent processes to start, (name, devices) each: a process per device, or hosts
+    ``host000``... of ``per_process`` devices."""
+    if per_process <= 1:
+        return [(d, [d]) for d in devices]
+    groups = [devices[i : i + per_process] for i in range(0, len(devices), per_process)]
+    return [(f"host{i:03d}", group) for i, group in enumerate(groups)]
+
+
 @dataclass
 class Child:
     name: str
@@ -419,6 +436,10 @@ def check_options(opts: LaunchOptions) -> None:
         raise LaunchError(f"--model {opts.model}: no such file")
     if opts.epochs < 1 or opts.batch_size < 1 or not opts.lr > 0:
         raise LaunchError("--epochs and --batch-size must be at least 1, --lr above 0")
+    if opts.agents_per_process < 1:
+        raise LaunchError(f"--agents-per-process must be at least 1, not {opts.agents_per_process}")
+    if opts.hang and opts.agents_per_process > 1:
+        raise LaunchError("--hang freezes whole processes: use it with --agents-per-process 1")
     if not 0 <= opts.hang < opts.devices:
         raise LaunchError(f"--hang must be from 0 to {opts.devices - 1}, not {opts.hang}")
     if opts.broker is not None and not PLAIN_BROKER.match(opts.broker):
@@ -467,8 +488,12 @@ def launch(
             )
             children.append(aggregator)
             agents = []
-            for device in devices:
-                agents.append(spawn(device, command("agent", run.config(device)), run.log(device)))
+            for name, group in agent_processes(devices, opts.agents_per_process):
+                if len(group) == 1 and opts.agents_per_process == 1:
+                    argv = command("agent", run.config(name))
+                else:
+                    argv = host_command([run.config(d) for d in group])
+                agents.append(spawn(name, argv, run.log(name)))
                 children.append(agents[-1])
             result.rounds = _watch(opts, aggregator, agents, run, result)
             result.wall_time_s = time.monotonic() - started

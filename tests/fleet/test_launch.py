@@ -16,6 +16,7 @@ from fedge.fleet.launch import (
     LaunchError,
     LaunchOptions,
     RunFolder,
+    agent_processes,
     agent_table,
     aggregator_table,
     fedge_command,
@@ -148,6 +149,8 @@ def test_run_folder_has_a_partition_and_a_config_per_device(tmp_path: Path) -> N
         ({"partition": "zipf"}, "unknown partition scheme"),
         ({"model": Path("/nonexistent.tflite")}, "--model /nonexistent.tflite: no such file"),
         ({"epochs": 0}, "--epochs and --batch-size must be at least 1"),
+        ({"agents_per_process": 0}, "--agents-per-process must be at least 1"),
+        ({"agents_per_process": 2, "hang": 1}, "--hang freezes whole processes"),
     ],
 )
 def test_bad_options_are_one_line_before_anything_starts(
@@ -254,3 +257,43 @@ def test_own_mosquitto_starts_in_a_relative_folder(tmp_path: Path, monkeypatch) 
     monkeypatch.chdir(tmp_path)
     with LocalMosquitto(Path("runs") / "broker") as broker:  # `--out runs/x`, as people type it
         assert broker.log_path == tmp_path / "runs" / "broker" / "mosquitto.log"
+
+
+@pytest.mark.unit
+def test_agents_are_grouped_into_host_processes() -> None:
+    devices = [f"dev{i:03d}" for i in range(5)]
+    assert agent_processes(devices, 1) == [(d, [d]) for d in devices]
+    assert agent_processes(devices, 2) == [
+        ("host000", ["dev000", "dev001"]),
+        ("host001", ["dev002", "dev003"]),
+        ("host002", ["dev004"]),
+    ]
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_several_agents_share_a_process_each_with_its_own_connection(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "fedge.cli", "fleet", "launch", "--agents-per-process", "2"),
+            *("--devices", "4", "--rounds", "2", "--epochs", "1", "--out", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rounds = [
+        json.loads(line)
+        for line in (out / "state" / "aggregator" / "rounds.jsonl").read_text().splitlines()
+    ]
+    devices = [f"dev{i:03d}" for i in range(4)]
+    assert [r["round"] for r in rounds if r["status"] == "done"] == [1, 2]
+    assert all(sorted(r["participants"] + r.get("skipped", [])) == devices for r in rounds)
+    host = (out / "logs" / "host000.log").read_text()
+    # One log per process, each line naming the device whose step wrote it.
+    assert " dev000 fedge.agent: round 2:" in host and " dev001 fedge.agent: round 2:" in host
+    assert not (out / "logs" / "dev000.log").exists()
+    assert all((out / "state" / d / f"agent-{d}.json").is_file() for d in devices)
+    assert json.loads((out / "launch.json").read_text())["agents_not_stopped_cleanly"] == {}
