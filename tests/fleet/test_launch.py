@@ -186,24 +186,24 @@ def test_stopping_says_which_child_did_not_exit_cleanly(tmp_path: Path) -> None:
     assert all(child.proc.poll() is not None for child in children)
 
 
-@pytest.mark.broker
-@pytest.mark.slow
-def test_launch_runs_rounds_with_real_processes_and_reports(tmp_path: Path) -> None:
-    out = tmp_path / "run"
+def launched(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[dict]]:
+    """``fedge fleet launch ARGS --out OUT``, which must succeed, and its rounds.jsonl."""
     proc = subprocess.run(
-        [
-            *(sys.executable, "-m", "fedge.cli", "fleet", "launch"),
-            *("--devices", "3", "--rounds", "2", "--round-timeout", "30", "--out", str(out)),
-        ],
+        [sys.executable, "-m", "fedge.cli", "fleet", "launch", *args, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=150,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rounds = [
-        json.loads(line)
-        for line in (out / "state" / "aggregator" / "rounds.jsonl").read_text().splitlines()
-    ]
+    lines = (out / "state" / "aggregator" / "rounds.jsonl").read_text().splitlines()
+    return proc, [json.loads(line) for line in lines]
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_launch_runs_rounds_with_real_processes_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc, rounds = launched(out, "--devices", "3", "--rounds", "2", "--round-timeout", "30")
     assert [r["round"] for r in rounds if r["status"] == "done"] == [1, 2]
     for r in rounds:  # every device answered every round: an update or a skip notice
         assert sorted(r["participants"] + r.get("skipped", [])) == ["dev000", "dev001", "dev002"]
@@ -274,20 +274,9 @@ def test_agents_are_grouped_into_host_processes() -> None:
 @pytest.mark.slow
 def test_several_agents_share_a_process_each_with_its_own_connection(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            *(sys.executable, "-m", "fedge.cli", "fleet", "launch", "--agents-per-process", "2"),
-            *("--devices", "4", "--rounds", "2", "--epochs", "1", "--out", str(out)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=150,
+    _, rounds = launched(
+        out, "--agents-per-process", "2", "--devices", "4", "--rounds", "2", "--epochs", "1"
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rounds = [
-        json.loads(line)
-        for line in (out / "state" / "aggregator" / "rounds.jsonl").read_text().splitlines()
-    ]
     devices = [f"dev{i:03d}" for i in range(4)]
     assert [r["round"] for r in rounds if r["status"] == "done"] == [1, 2]
     assert all(sorted(r["participants"] + r.get("skipped", [])) == devices for r in rounds)
