@@ -60,3 +60,14 @@ def serve_in_threads(aggregator, agents, stop):  # type: ignore[no-untyped-def]
     for thread in threads:
         thread.start()
     return threads
+
+
+def receive(link, count: int, timeout: float = 5.0) -> list:  # type: ignore[no-untyped-def]
+    """Up to ``count`` messages from ``link``, waiting at most ``timeout`` seconds in all."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    out: list = []
+    while len(out) < count and (message := link.get(deadline - time.monotonic())) is not None:
+        out.append(message)
+    return out

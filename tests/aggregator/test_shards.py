@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,31 +30,12 @@ from fedge.protocol import (
 )
 from helpers import DIGITS_MODEL
 from pydantic import ValidationError
+from test_coordinator import STORES, Clock, close_stores, weights  # noqa: F401
 
 pytestmark = pytest.mark.link
 
 FLEET = "shards"
 T = Topics(FLEET)
-STORES: list[Store] = []
-
-
-@pytest.fixture(autouse=True)
-def close_stores() -> Iterator[None]:
-    yield
-    while STORES:
-        STORES.pop().close()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def weights() -> dict[str, np.ndarray]:
-    return {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
 
 
 def config(tmp_path: Path, workers: int, **cfg: object) -> AggregatorConfig:

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from fedge.protocol.paho_link import PahoLink
 from mosquitto import MosquittoServer  # tests/mosquitto.py, on sys.path via tests/conftest.py
 
 
@@ -26,3 +27,12 @@ def own_mosquitto() -> Iterator[MosquittoServer]:
     """A broker of the test's own, for tests that restart it."""
     with MosquittoServer() as server:
         yield server
+
+
+@pytest.fixture
+def links() -> Iterator[list[PahoLink]]:
+    """Links made by a test; closed at teardown."""
+    made: list[PahoLink] = []
+    yield made
+    for link in made:
+        link.close()

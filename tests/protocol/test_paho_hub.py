@@ -14,6 +14,7 @@ from fedge.protocol import LinkError, Message, make_link
 from fedge.protocol.paho_hub import PahoHub
 from fedge.protocol.paho_link import PahoLink
 from fedge.protocol.wire import publish_size
+from helpers import receive
 from mosquitto import MosquittoServer, free_port
 
 pytestmark = pytest.mark.broker
@@ -24,22 +25,6 @@ def hub() -> Iterator[PahoHub]:
     hub = PahoHub().start()
     yield hub
     hub.close()
-
-
-@pytest.fixture
-def links() -> Iterator[list[PahoLink]]:
-    made: list[PahoLink] = []
-    yield made
-    for link in made:
-        link.close()
-
-
-def receive(link: PahoLink, count: int, timeout: float = 5.0) -> list[Message]:
-    deadline = time.monotonic() + timeout
-    out: list[Message] = []
-    while len(out) < count and (message := link.get(deadline - time.monotonic())) is not None:
-        out.append(message)
-    return out
 
 
 def test_many_links_on_one_thread_publish_and_receive_qos1(

@@ -6,32 +6,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 from fedge.protocol import LinkError, Message, make_link
 from fedge.protocol.paho_link import PahoLink
 from fedge.protocol.wire import publish_size
+from helpers import receive
 from mosquitto import MosquittoServer, free_port
 
 pytestmark = pytest.mark.broker
-
-
-@pytest.fixture
-def links() -> Iterator[list[PahoLink]]:
-    """Links made by a test; closed at teardown."""
-    made: list[PahoLink] = []
-    yield made
-    for link in made:
-        link.close()
-
-
-def receive(link: PahoLink, count: int, timeout: float = 5.0) -> list[Message]:
-    deadline = time.monotonic() + timeout
-    out: list[Message] = []
-    while len(out) < count and (message := link.get(deadline - time.monotonic())) is not None:
-        out.append(message)
-    return out
 
 
 def test_publish_and_receive_qos1(
