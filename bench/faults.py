@@ -35,14 +35,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 from fedge.fleet.sim import SimOptions, run_sim
+from machine import machine_line  # bench/machine.py
 
 AGGREGATIONS: dict[str, dict[str, Any]] = {
     "fedavg": {},
@@ -58,21 +57,6 @@ ATTACKS: dict[str, str | None] = {
     "scale x10": "2:scale:10",
     "sign-flip x10": "2:scale:-10",
 }
-
-
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass  # not Linux: platform's answer will do
-    return (
-        f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.machine()},"
-        f" Python {platform.python_version()}"
-    )
 
 
 def sim(out: Path, seed: int, rounds: int, **options: Any) -> dict[str, Any]:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -32,23 +30,9 @@ from typing import Any
 
 from fedge.fleet.fed_eval import Point, aligned, median_gap
 from fedge.fleet.sim import SimOptions, run_sim
+from machine import machine_line  # bench/machine.py
 
 SCHEMES = ("iid", "dominant:0.9")
-
-
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass  # not Linux: platform's answer will do
-    return (
-        f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.machine()},"
-        f" Python {platform.python_version()}"
-    )
 
 
 def one_run(args: argparse.Namespace, scheme: str, seed: int, eval_fraction: float) -> Path:

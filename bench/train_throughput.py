@@ -46,6 +46,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from machine import machine_line  # bench/machine.py
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "artifacts" / "digits_mlp.tflite"
 BACKENDS = ("litert", "tflite_runtime", "numpy")
@@ -159,18 +160,6 @@ def quiet_stderr() -> Iterator[None]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-
-
-def machine_line() -> str:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    cpus = len(os.sched_getaffinity(0))
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{model}, {cpus} CPUs, {platform.system()} {platform.machine()}, load average {load}"
 
 
 def version(dist: str) -> str:
