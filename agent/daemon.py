@@ -137,6 +137,11 @@ class Agent:
         self.state = state or AgentState()
         self._save_state = save_state or (lambda s: None)
         self._saves = 0  # how often the state was saved (one durable write each)
+        # A model applied is saved with the next state save (the round that follows, or the
+        # next idle moment), not on its own: that write sat between the model's arrival and
+        # the device's answer, on every round's critical path. A crash before it only
+        # forgets the version for the retained copy to bring again.
+        self._unsaved = False
         self.rng = rng or np.random.default_rng()
         self.clock = clock
         # Called with (round id, local weights) after local training, before the upload:
@@ -242,6 +247,8 @@ class Agent:
 
     def stop(self) -> None:
         try:
+            if self._unsaved:
+                self._save(self.state)
             self._status("offline")
         finally:
             self.link.close()
@@ -256,12 +263,15 @@ class Agent:
         """Handle at most one message; returns whether one arrived."""
         msg = self.link.get(timeout)
         if msg is None:
+            if self._unsaved:  # idle: the model applied without a round after it
+                self._save(self.state)
             return False
         self.handle(msg)
         return True
 
     def _save(self, state: AgentState) -> None:
         self._saves += 1
+        self._unsaved = False
         self._save_state(state)
 
     def _status(self, state: str, *, behind: bool = False) -> None:
@@ -395,7 +405,7 @@ class Agent:
         self.global_version = header.model_version
         self.stats.models_applied += 1
         self.state.model_version = header.model_version
-        self._save(self.state)
+        self._unsaved = True
         log.info("applied global model v%d (round %d)", header.model_version, header.round_id)
         if self.sensor is not None:
             score = self.sensor.anomaly_score(self.runtime)
@@ -600,9 +610,18 @@ class Agent:
             gate.reason,
         )
 
-    def _commit(self, round_id: int, kept: dict[str, np.ndarray] | None, *, kind: str) -> None:
-        """Residual, then state: the outbox written before the publish covers the gap."""
-        self._hold(kept)
+    def _commit(
+        self,
+        round_id: int,
+        kept: dict[str, np.ndarray] | None,
+        *,
+        kind: str,
+        durable: bool = False,
+    ) -> None:
+        """Residual, then state: the outbox written before the publish covers the gap. The
+        outbox also holds ``kept`` until the next one replaces it, so the residual file needs
+        no fsync of its own (``durable``: it does, the outbox is about to go)."""
+        self._hold(kept, durable=durable or self.outbox is None)
         self.state.last_round = max(self.state.last_round, round_id)
         if kind == "skip":
             self.state.consecutive_skips += 1
@@ -627,14 +646,18 @@ class Agent:
         for part in pending.parts:
             self.link.publish(pending.topic, part, qos=1)
         if not committed:
-            self._commit(pending.round_id, pending.kept, kind=pending.kind)
+            self._commit(pending.round_id, pending.kept, kind=pending.kind, durable=True)
+        else:
+            # The residual file was written without an fsync: a power cut may have left an
+            # older one. The outbox's is the residual since (every change goes through it).
+            self._hold(pending.kept, durable=True)
         self.outbox.clear()
         return True
 
-    def _hold(self, kept: dict[str, np.ndarray] | None) -> None:
+    def _hold(self, kept: dict[str, np.ndarray] | None, *, durable: bool = True) -> None:
         self.residual = kept
         if self._residual_store is not None:
-            self._residual_store.save(kept)
+            self._residual_store.save(kept, durable=durable)
 
     def _upload_estimate(self, cfg: TrainingConfig) -> int:
         """Bytes the next update will likely cost, before training."""

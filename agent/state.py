@@ -1,7 +1,7 @@
 """What the agent remembers across restarts, kept as one small JSON file.
 
 Replaced atomically (write, fsync, rename) so a power cut leaves the old or the new
-file, never half of one; a second copy (``.bak``) follows each save. A missing file starts
+file, never half of one; the state saved before stays as ``.bak``. A missing file starts
 fresh; one that exists but cannot be read is refused (``StateCorrupt``), never silently
 replaced: starting fresh would forget which rounds were answered and which models applied.
 """
@@ -80,12 +80,27 @@ def _write(path: Path, data: str, *, durable: bool = True) -> None:
 
 def save_state(path: Path, state: AgentState) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.dumps(asdict(state))
-    _write(path, data)
-    # The copy an operator restores when the state file is damaged: written after the state
-    # is on disk, without an fsync of its own (a power cut may leave it a save behind, which
-    # is still a state the device has been in; the aggregator refuses a second answer).
-    _write(backup_path(path), data, durable=False)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(asdict(state)))
+        fh.flush()
+        os.fsync(fh.fileno())
+    # The copy an operator restores when the state file is damaged: the state saved before,
+    # kept by a second name (a hard link: no data written, nothing to flush). It is one save
+    # behind, which is a state the device has been in; the aggregator refuses a second answer.
+    # The first save has no state before it: its copy is written, without an fsync.
+    backup = backup_path(path)
+    if path.is_file():
+        link = backup.with_name(backup.name + ".tmp")
+        link.unlink(missing_ok=True)
+        try:
+            os.link(path, link)
+            os.replace(link, backup)
+        except OSError:  # a file system without hard links: a copy, not flushed
+            _write(backup, path.read_text(), durable=False)
+    os.replace(tmp, path)
+    if not backup.is_file():
+        _write(backup, path.read_text(), durable=False)
 
 
 def reset_state(path: Path, stamp: str) -> Path | None:

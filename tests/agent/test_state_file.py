@@ -1,5 +1,5 @@
 """The agent's state file: a missing one starts fresh, a damaged one is refused with what to
-do, a backup follows every save, and --reset-state moves it aside."""
+do, the save before is kept as a backup, and --reset-state moves it aside."""
 
 from __future__ import annotations
 
@@ -17,10 +17,18 @@ pytestmark = pytest.mark.unit
 
 def test_missing_starts_fresh_and_each_save_keeps_a_backup(tmp_path: Path) -> None:
     path = tmp_path / "agent.json"
+    backup = Path(f"{path}.bak")
     assert load_state(path) == AgentState()
-    save_state(path, AgentState(last_round=4, round_seen=5, model_version=3))
-    assert load_state(Path(f"{path}.bak")) == load_state(path)
-    assert load_state(path).round_seen == 5
+    first = AgentState(last_round=4, round_seen=5, model_version=3)
+    save_state(path, first)
+    assert load_state(backup) == load_state(path) == first
+    save_state(path, AgentState(last_round=5, round_seen=5, model_version=4))
+    assert load_state(path).last_round == 5
+    # The backup is the save before, in a file of its own: damage to one spares the other.
+    assert load_state(backup) == first
+    assert path.stat().st_ino != backup.stat().st_ino
+    path.write_text("garbage")
+    assert load_state(backup) == first
 
 
 @pytest.mark.parametrize(

@@ -221,7 +221,7 @@ def test_a_crash_between_publish_and_state_save_sends_nothing_twice(tmp_path: Pa
 
     f = Fleet(tmp_path, outbox=Outbox(tmp_path / "outbox.npz"))
 
-    def power_cut(kept: object) -> None:  # right after the publish, before anything is saved
+    def power_cut(kept: object, **_: object) -> None:  # after the publish, before any save
         raise KeyboardInterrupt
 
     f.agent._residual_store.save = power_cut  # type: ignore[method-assign,union-attr]
@@ -260,6 +260,28 @@ def test_a_crash_between_publish_and_state_save_sends_nothing_twice(tmp_path: Pa
     while f.agent.step(0):  # the retained round 1 again: already answered
         pass
     assert [m for m in iter(lambda: f.server.get(0), None) if m.topic == T.update("d1")] == []
+
+
+def test_a_residual_file_lost_to_a_power_cut_comes_back_from_the_outbox(tmp_path: Path) -> None:
+    """The residual file is written without an fsync (the outbox is its durable copy): a
+    power cut after the state save may leave the residual from before the round."""
+    from fedge.agent.outbox import Outbox
+
+    f = Fleet(tmp_path, outbox=Outbox(tmp_path / "outbox.npz"))
+    f.round(1, codec="topk:0.05")
+    before = {k: v.copy() for k, v in f.agent.residual.items()}  # type: ignore[union-attr]
+    f.round(2, codec="topk:0.05")
+    after = {k: v.copy() for k, v in f.agent.residual.items()}  # type: ignore[union-attr]
+    assert any(not np.array_equal(before[k], after[k]) for k in after)
+    ResidualStore(tmp_path / "residual.npz").save(before)  # the disk lost round 2's write
+    f.agent.link.close()
+    f.agent = f.make_agent()
+    assert load_state(tmp_path / "state.json").last_round == 2
+    for k, v in after.items():  # round 2's residual, not round 1's (which round 2 sent)
+        np.testing.assert_array_equal(f.agent.residual[k], v)  # type: ignore[index]
+    assert not (tmp_path / "outbox.npz").exists()  # the file holds it again, flushed
+    on_disk = ResidualStore(tmp_path / "residual.npz").load(f.g)
+    assert on_disk is not None and all(np.array_equal(on_disk[k], after[k]) for k in after)
 
 
 def test_a_crash_after_holding_an_update_back_does_not_hold_it_twice(tmp_path: Path) -> None:
