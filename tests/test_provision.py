@@ -595,6 +595,35 @@ def test_cli_init_provision_revoke(
     assert "already revoked" in capsys.readouterr().out
 
 
+def test_cli_site_gateway_and_a_device_behind_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["provision", "--init", "--fleet", "home", "--server-name", "broker.lan"]) == 0
+    capsys.readouterr()
+    site = ["provision", "site-a", "--site-gateway", "--server-name", "gw-a.lan"]
+    assert main(site) == 0
+    out, err = capsys.readouterr()
+    assert "wrote   fleet-pki/sites/site-a/bridge.conf" in out and err == ""
+    assert "address broker.lan:8883\n" in Path("fleet-pki/sites/site-a/bridge.conf").read_text()
+    worker = tomllib.loads(Path("fleet-pki/devices/site-a/aggregator.toml").read_text())
+    assert worker["broker"] == "mqtts://gw-a.lan:8883"
+    assert main(["provision", "pi-1", "--site", "site-a"]) == 0
+    assert "site site-a's broker" in capsys.readouterr().out
+    raw = tomllib.loads(Path("fleet-pki/devices/pi-1/agent.toml").read_text())
+    assert raw["broker"] == "mqtts://gw-a.lan:8883"
+    # Again with --force: new certificates, the old ones revoked; the site keeps its devices.
+    old = read_registry("fleet-pki")["devices"]["site-a"]
+    assert main([*site, "--force"]) == 0
+    serials = {int(old[k], 16) for k in ("serial", "worker_serial", "server_serial")}
+    assert serials <= crl_serials(Path("fleet-pki"))
+    assert "user pi-1\n" in Path("fleet-pki/sites/site-a/fedge.acl").read_text()
+    assert main(["provision", "site-b", "--site-gateway"]) == 0
+    assert "--site-gateway --server-name SITE_BROKER_HOST" in capsys.readouterr().err
+    assert main(["provision", "pi-2", "--site", "site-z"]) == 2
+    assert "no site gateway 'site-z'" in capsys.readouterr().err
+
+
 def test_cli_init_without_server_name_warns(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
