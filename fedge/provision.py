@@ -750,7 +750,9 @@ def _save_registry_acl(pki: Path, registry: dict[str, Any]) -> list[Change]:
     """devices.json and the central fedge.acl; each live site's fedge.acl and CRL copy."""
     live = _live(registry)
     sites = live_sites(registry)
-    central = {d: e.get("role", "device") for d, e in live.items() if e.get("site") not in sites}
+    # A device of a site is never central, not even once its site is revoked (its bundle names
+    # the site broker): it has no broker until it is provisioned again.
+    central = {d: e.get("role", "device") for d, e in live.items() if "site" not in e}
     changes: list[Change | None] = [
         _write(pki / "devices.json", json.dumps(registry, indent=2, sort_keys=True) + "\n", 0o600),
         _write(pki / "fedge.acl", acl_text(registry["fleet"], central, sites)),

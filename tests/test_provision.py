@@ -382,6 +382,7 @@ def test_site_devices_are_in_their_sites_acl_and_passwd_and_not_the_central_ones
     assert serials <= crl_serials(pki)
     assert not site_b.exists() and not (pki / "devices" / "site-b").exists()
     assert "user site-b" not in (pki / "fedge.acl").read_text()
+    assert "user dev-b1" not in (pki / "fedge.acl").read_text()  # nor its devices, anywhere
 
 
 def test_a_site_device_needs_its_site_and_workers_names_are_reserved(pki: Path) -> None:
