@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from fedge.brokerconfig import BrokerTls, check_private_key, check_tls_scheme
+from fedge.brokerconfig import BrokerTls, check_private_key, check_public_key, check_tls_scheme
 from fedge.configfile import (
     BROKER_URL_PATTERN,
     ID_PATTERN,
@@ -130,6 +130,10 @@ class AggregatorConfig(BaseModel):
     # Ed25519 private key (PEM) that signs every round announcement and global model. None:
     # they go out unsigned, and agents that pin a key refuse them (development only).
     signing_key: Path | None = None
+    # A shard worker's check of the announcements: the coordinator's public key(s) (PEM; two
+    # while it rotates), as the agents' aggregator_keys. Empty: the public half of signing_key,
+    # or none. A site gateway's worker has these and never the private key.
+    aggregator_keys: tuple[Path, ...] = Field(default=(), max_length=2)
     model: Path  # the initial global model (.tflite)
     state_dir: Path = Path("/var/lib/fedge-aggregator")
     rounds: int = Field(default=0, ge=0)  # 0: run until stopped
@@ -167,6 +171,11 @@ class AggregatorConfig(BaseModel):
     @classmethod
     def _signing_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         return check_private_key(value, info)
+
+    @field_validator("aggregator_keys", mode="after")
+    @classmethod
+    def _public_keys(cls, value: tuple[Path, ...], info: ValidationInfo) -> tuple[Path, ...]:
+        return tuple(check_public_key(path, info) for path in value)
 
     @model_validator(mode="after")
     def _tls_needs_mqtts(self) -> AggregatorConfig:

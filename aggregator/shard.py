@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -89,7 +89,7 @@ class ShardWorker:
         store: Store,
         template: Weights,
         clock: Callable[[], float] = time.time,
-        verify_key: Ed25519PublicKey | None = None,
+        verify_keys: Sequence[Ed25519PublicKey] = (),
     ) -> None:
         if config.shards is None or name not in config.shards.workers:
             raise ValueError(f"worker {name!r} is not one of [shards] workers")
@@ -98,7 +98,7 @@ class ShardWorker:
         self.link = link
         self.store = store
         self.clock = clock
-        self.verify_key = verify_key  # None: announcements are taken unsigned
+        self.verify_keys = list(verify_keys)  # none: announcements are taken unsigned
         self.topics = Topics(config.fleet)
         self.template = {k: np.asarray(v, np.float32) for k, v in template.items()}
         self.shapes = {k: list(v.shape) for k, v in self.template.items()}
@@ -161,8 +161,8 @@ class ShardWorker:
     def _on_announcement(self, payload: bytes) -> None:
         topic = self.topics.round
         try:
-            if self.verify_key is not None:
-                payload = verify(payload, [self.verify_key], fleet=self.cfg.fleet, kind="round")
+            if self.verify_keys:
+                payload = verify(payload, self.verify_keys, fleet=self.cfg.fleet, kind="round")
             ann = decode(payload).msg
         except (DecodeError, SignatureError) as exc:
             self._reject(exc.reason, topic, str(exc))

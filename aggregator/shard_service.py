@@ -6,7 +6,7 @@ import logging
 
 from fedge.models.runtime import load_runtime
 from fedge.protocol import Link
-from fedge.protocol.signing import load_private_key
+from fedge.protocol.signing import load_private_key, load_public_key
 
 from fedge.brokerconfig import broker_link
 from fedge.configfile import ConfigError
@@ -28,14 +28,19 @@ def build_worker(cfg: AggregatorConfig, name: str, link: Link | None = None) -> 
     if link is None:
         # Acknowledged only once kept: what a crash interrupts, the broker sends again.
         link = broker_link(cfg.broker, f"{cfg.client_id}-{name}", cfg.tls, manual_ack=True)
-    key = cfg.signing_key  # the worker checks announcements with its public half
+    if cfg.aggregator_keys:  # a site gateway: the coordinator's public key, pinned
+        keys = [load_public_key(path.read_bytes()) for path in cfg.aggregator_keys]
+    elif cfg.signing_key is not None:  # beside the coordinator: the public half of its key
+        keys = [load_private_key(cfg.signing_key.read_bytes()).public_key()]
+    else:
+        keys = []
     return ShardWorker(
         cfg,
         name,
         link=link,
         store=Store(cfg.state_dir / f"worker-{name}.sqlite"),
         template=template,
-        verify_key=None if key is None else load_private_key(key.read_bytes()).public_key(),
+        verify_keys=keys,
     )
 
 

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from fedge.fleet.gatewayrun import gateway_run, site_bridge, site_gateway_config, wait_bridged
+from fedge.fleet.gatewayrun import gateway_run, site_bridge, wait_bridged
 from fedge.fleet.mosquitto import LocalMosquitto
 from fedge.fleet.shardrun import replay_single
 
@@ -37,7 +37,6 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    text = site_gateway_config().read_text()
     print(f"2 sites, {args.rounds} rounds, seeds 0-{args.seeds - 1}, fedadam, float32 updates")
     print(
         "devices/site  max |gw - single|  uplink B/round  (partial  reports  statuses)"
@@ -53,7 +52,7 @@ def main() -> None:
                 sites = [
                     LocalMosquitto(
                         Path(tmp) / s,
-                        extra_config=site_bridge(text, s, f"{central.host}:{central.port}"),
+                        extra_config=site_bridge(s, f"{central.host}:{central.port}"),
                     ).start()
                     for s in SITES
                 ]

@@ -6,12 +6,19 @@
 # usage: install.sh [options] SOURCE
 #
 #   SOURCE          a fedge wheel (fedge-*.whl) or a source directory (with pyproject.toml)
-#   --role ROLE     agent (default: the device daemon) or aggregator
+#   --role ROLE     agent (default: the device daemon), aggregator, or worker: a shard worker
+#                   or a site gateway's worker (fedge aggregator --worker NAME, with
+#                   /etc/fedge/aggregator.toml as the aggregator's; unit
+#                   fedge-aggregator-worker@NAME.service)
+#   --worker NAME   with --role worker: the worker's name in [shards] workers (the site's
+#                   name on a site gateway); the unit instance that --enable starts
 #   --bundle DIR    a provisioning bundle (`fedge provision` makes PKI/devices/DEVICE_ID/):
-#                   ROLE.toml and the files beside it (device.crt, device.key, ca.crt,
-#                   aggregator.pub) are copied into /etc/fedge/, so relative paths in the config
-#                   keep working; *.tflite files in it go to /opt/fedge/models/. Its config
-#                   replaces an existing different one (kept as ROLE.toml.old).
+#                   CONFIG (agent.toml; aggregator.toml for aggregator and worker) and the
+#                   files beside it (device.crt, device.key, ca.crt, aggregator.pub; a site
+#                   gateway's worker.crt, worker.key) are copied into /etc/fedge/, so relative
+#                   paths in the config keep working; *.tflite files in it go to
+#                   /opt/fedge/models/. Its config replaces an existing different one (kept as
+#                   CONFIG.old).
 #   --enable        also enable and start the service (restarted if this run changed something)
 #   --destdir DIR   stage under DIR instead of / (or set DESTDIR): every file goes under DIR and
 #                   no root is needed. Not done there, only printed: creating users and groups,
@@ -27,12 +34,13 @@
 #   3. /opt/fedge/models/ (root 0644): the models shipped in SOURCE (models/artifacts/*.tflite)
 #      and any in the bundle; a config's model = "/opt/fedge/models/NAME" must be one of them
 #   4. /etc/fedge (root:fedge 0750) with certs/; then the bundle, or else, if there is no config
-#      yet, an example ROLE.toml naming a shipped model (an existing config is never replaced
+#      yet, an example CONFIG naming a shipped model (an existing config is never replaced
 #      by the example). Modes: configs and *.key files 0640 root:fedge (the service runs as
 #      user fedge and must read them, nobody else may), certificates and public keys 0644.
 #      The agent's training data (data = ..., the device's own) is not installed here: a
 #      warning says when the config names a file that does not exist yet.
-#   5. /etc/systemd/system/fedge-ROLE.service from ../systemd/, then systemctl daemon-reload
+#   5. /etc/systemd/system/fedge-ROLE.service (fedge-aggregator-worker@.service) from
+#      ../systemd/, then systemctl daemon-reload
 set -eu
 
 prog=$(basename "$0")
@@ -59,6 +67,7 @@ role=agent
 enable=0
 no_venv=0
 bundle=""
+worker=""
 root=${DESTDIR:-}
 source_arg=""
 while [ $# -gt 0 ]; do
@@ -66,16 +75,18 @@ while [ $# -gt 0 ]; do
     --dry-run) dry_run=1 ;;
     --enable) enable=1 ;;
     --no-venv) no_venv=1 ;;
-    --role | --bundle | --destdir)
+    --role | --bundle | --destdir | --worker)
         [ $# -ge 2 ] || die "$1 needs a value (see --help)"
         case $1 in
         --role) role=$2 ;;
+        --worker) worker=$2 ;;
         --bundle) bundle=$2 ;;
         --destdir) root=$2 ;;
         esac
         shift
         ;;
     --role=*) role=${1#--role=} ;;
+    --worker=*) worker=${1#--worker=} ;;
     --bundle=*) bundle=${1#--bundle=} ;;
     --destdir=*) root=${1#--destdir=} ;;
     -h | --help)
@@ -91,7 +102,16 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-case $role in agent | aggregator) ;; *) die "--role must be agent or aggregator, not '$role'" ;; esac
+case $role in agent | aggregator | worker) ;; *) die "--role must be agent, aggregator or worker, not '$role'" ;; esac
+if [ "$role" = worker ]; then
+    [ -n "$worker" ] || die "--role worker needs --worker NAME (its name in [shards] workers)"
+    case $worker in
+    *[!A-Za-z0-9_.-]*) die "--worker '$worker': use 1-64 of A-Z a-z 0-9 _ . -" ;;
+    esac
+    [ "${#worker}" -le 64 ] || die "--worker '$worker': at most 64 characters"
+else
+    [ -z "$worker" ] || die "--worker is for --role worker"
+fi
 [ -n "$source_arg" ] || die "which fedge to install? give a wheel or a source directory (see --help)"
 case $source_arg in
 *.whl) [ -f "$source_arg" ] || die "no such wheel: $source_arg" ;;
@@ -114,15 +134,24 @@ staging=0
 [ -n "$root" ] && staging=1
 [ "$staging" -eq 1 ] && no_venv=1
 
-service=fedge-$role.service
-unit_src=$repo/systemd/$service
+# The unit file, the service to enable, and the config's name (a worker reads the aggregator's).
+if [ "$role" = worker ]; then
+    unit=fedge-aggregator-worker@.service
+    service=fedge-aggregator-worker@$worker.service
+    conf=aggregator.toml
+else
+    unit=fedge-$role.service
+    service=$unit
+    conf=$role.toml
+fi
+unit_src=$repo/systemd/$unit
 [ -f "$unit_src" ] || die "unit file not found: $unit_src (run this script from a fedge checkout)"
-config=$etc/$role.toml
+config=$etc/$conf
 
 if [ -n "$bundle" ]; then
     [ -d "$bundle" ] || die "no such bundle directory: $bundle"
     bundle=$(cd "$bundle" && pwd)
-    [ -f "$bundle/$role.toml" ] || die "bundle $bundle has no $role.toml (is it a bundle from fedge provision?)"
+    [ -f "$bundle/$conf" ] || die "bundle $bundle has no $conf (is it a bundle from fedge provision?)"
 fi
 
 if [ "$dry_run" -eq 0 ] && [ "$staging" -eq 0 ] && [ "$(id -u)" -ne 0 ]; then
@@ -314,6 +343,16 @@ batch_size = 32
 lr = 0.05
 EOF
     fi
+    if [ "$role" = worker ]; then
+        cat <<EOF
+
+# This host runs the shard worker $worker (fedge aggregator --config $config --worker
+# $worker): the same config as the coordinator's, whose [shards] lists every worker. On a site
+# gateway, broker is the site's own broker (docs/scale.md).
+[shards]
+workers = ["$worker"]
+EOF
+    fi
 }
 
 [ "$dry_run" -eq 1 ] && note "dry run: nothing will be changed"
@@ -340,8 +379,8 @@ ls "$shipped"/*.tflite >/dev/null 2>&1 || die "$source_path ships no models (mod
 
 # A bundle's config must name a model this run installs; say so before changing anything.
 if [ -n "$bundle" ]; then
-    problem=$(check_model "$bundle/$role.toml")
-    [ -z "$problem" ] || die "bundle $bundle/$role.toml: $problem"
+    problem=$(check_model "$bundle/$conf")
+    [ -z "$problem" ] || die "bundle $bundle/$conf: $problem"
 fi
 
 # 1. User and groups.
@@ -416,8 +455,8 @@ fi
 directory "$etc" 0750 fedge
 directory "$etc/certs" 0750 fedge
 if [ -n "$bundle" ]; then
-    if [ -f "$root$config" ] && ! cmp -s "$bundle/$role.toml" "$root$config"; then
-        note "replacing $root$config with the bundle's (the old one is kept as $role.toml.old)"
+    if [ -f "$root$config" ] && ! cmp -s "$bundle/$conf" "$root$config"; then
+        note "replacing $root$config with the bundle's (the old one is kept as $conf.old)"
         run cp -p "$root$config" "$root$config.old"
         changes=$((changes + 1))
     fi
@@ -439,10 +478,10 @@ elif [ -e "$root$config" ]; then
     owned "$config" fedge
     note "keeping existing $root$config"
 else
-    example_config >"$work/$role.toml"
-    put "$work/$role.toml" "$config" 0640 fedge
+    example_config >"$work/$conf"
+    put "$work/$conf" "$config" 0640 fedge
     if [ "$dry_run" -eq 1 ]; then
-        sed 's/^/    /' "$work/$role.toml"
+        sed 's/^/    /' "$work/$conf"
     else
         note "wrote an example $root$config: edit it before starting the service"
     fi
@@ -453,7 +492,7 @@ if [ -f "$root$config" ]; then
 fi
 # The installed config, or under --dry-run the bundle's that would be.
 installed=$root$config
-[ -n "$bundle" ] && installed=$bundle/$role.toml
+[ -n "$bundle" ] && installed=$bundle/$conf
 if [ "$role" = agent ] && [ -f "$installed" ]; then
     problem=$(check_data "$installed")
     [ -z "$problem" ] || note "warning: $root$config: $problem; the agent will not start" \
@@ -462,7 +501,7 @@ fi
 
 # 5. The unit.
 directory "$unit_dir" 0755 root
-put "$unit_src" "$unit_dir/$service" 0644 root
+put "$unit_src" "$unit_dir/$unit" 0644 root
 if [ "$staging" -eq 1 ]; then
     # shellcheck disable=SC2086 # one word per path
     system chown root:fedge $fedge_owned

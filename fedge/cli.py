@@ -324,6 +324,8 @@ def _cmd_provision(args: argparse.Namespace) -> int:
                 gateway=args.gateway,
                 site_gateway=args.site_gateway,
                 operator=args.operator,
+                site=args.site,
+                server_names=args.server_names or (),
                 model=args.model,
                 data=args.data,
                 serial_port=args.serial,
@@ -332,10 +334,25 @@ def _cmd_provision(args: argparse.Namespace) -> int:
                 broker_host=args.broker_host,
                 days=args.days,
             )
-            done = (
-                f"{args.device_id}: copy {pki / 'devices' / args.device_id}/ to the device; copy"
-                " fedge.acl and passwd to the broker, then reload it"
-            )
+            bundle = pki / "devices" / args.device_id
+            if args.site_gateway and not args.server_names:
+                names = " and ".join(DEFAULT_SERVER_NAMES)
+                warning = (
+                    f"the site broker's certificate names only {names}; its devices on other"
+                    " machines need --site-gateway --server-name SITE_BROKER_HOST"
+                )
+            if args.site_gateway:
+                done = (
+                    f"site gateway {args.device_id}: install {pki / 'sites' / args.device_id}/ as"
+                    f" its broker's files and {bundle}/ as its worker (docs/scale.md); copy"
+                    " fedge.acl to the central broker, then reload it"
+                )
+            else:
+                broker = f"site {args.site}'s broker" if args.site else "the broker"
+                done = (
+                    f"{args.device_id}: copy {bundle}/ to the device; copy fedge.acl and passwd"
+                    f" to {broker}, then reload it"
+                )
     except ProvisionError as exc:
         raise UserError(str(exc)) from exc
     for change in changes:
@@ -618,7 +635,8 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         dest="server_names",
         metavar="NAME",
-        help="--init: the broker's DNS name or IP, repeatable (default: localhost, 127.0.0.1)",
+        help="--init: the broker's DNS name or IP; --site-gateway: the site broker's; repeatable"
+        " (default: localhost, 127.0.0.1)",
     )
     pv.add_argument("--force", action="store_true", help="replace an existing CA or device")
     pv.add_argument("--password", action="store_true", help="also a broker password (port 8884)")
@@ -626,7 +644,14 @@ def parser() -> argparse.ArgumentParser:
     pv.add_argument(
         "--site-gateway",
         action="store_true",
-        help="the bridge of a site gateway, the shard worker DEVICE_ID (site-gateway.conf)",
+        help="a site gateway DEVICE_ID: its broker's files (site ACL, bridge to the central"
+        " broker) in PKI/sites/DEVICE_ID/, its shard worker's bundle",
+    )
+    pv.add_argument(
+        "--site",
+        default=None,
+        metavar="SITE",
+        help="a device behind site gateway SITE: on the site broker's ACL and passwd",
     )
     pv.add_argument(
         "--operator",

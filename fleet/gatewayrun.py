@@ -1,12 +1,15 @@
 """Site gateways against real brokers, what crossed each uplink, and the flat result.
 
 A site gateway is a shard worker on the site's own broker. ``gateway_run`` takes a central
-broker and one broker per site, each bridged to the central one by
-``broker_config/site-gateway.conf`` (``site_bridge`` makes its text for a test or a bench).
-The coordinator (``[shards] workers`` = the sites) connects to the central broker; each
-site's worker and agents to the site's broker. Observers record every update on the site
-brokers (for ``fedge.fleet.shardrun.replay_single``: one aggregator given the same updates
-must reach the same model) and every message that reached the central broker from a site::
+broker and one broker per site, each bridged to the central one by the bridge section that
+``fedge provision --site-gateway`` writes (broker_config/site-gateway.conf; ``site_bridge``
+makes it for a test or a bench). The coordinator (``[shards] workers`` = the sites) connects
+to the central broker; each site's worker and agents to the site's broker. Observers record
+every update on the site brokers (for ``fedge.fleet.shardrun.replay_single``: one aggregator
+given the same updates must reach the same model) and every message that reached the central
+broker from a site. On brokers with TLS and ACLs (production.conf), ``credentials`` gives each
+identity its ``[tls]``: "aggregator", "observer" (reads everything the run records), each
+site's worker (``fedge.provision.worker_id``) and each device::
 
     agents --update/+--> site broker --$share--> worker  (updates stay at the site)
     site broker ==bridge==> central: status/+, shard/{site}/accepted, shard/{site}/partial
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,37 +28,39 @@ from fedge.agent.config import AgentConfig
 from fedge.agent.service import build_agent
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.shard_service import build_worker
-from fedge.protocol import Topics, make_link
+from fedge.protocol import Topics
 from fedge.protocol.wire import publish_size
+
+from fedge.brokerconfig import BrokerTls, broker_link
+from fedge.provision import AGGREGATOR, bridge_conf_text, worker_id
 
 from .shardrun import ShardedRun, collect_updates, device_data, serve_until_done, sharded_config
 
-# The site name broker_config/site-gateway.conf is written for, and its TLS lines.
-CONF_SITE = "site-a"
+# The bridge's TLS settings: left out on loopback without TLS.
 TLS_SETTINGS = frozenset(
     {"bridge_cafile", "bridge_certfile", "bridge_keyfile", "bridge_tls_version", "bridge_insecure"}
 )
+OBSERVER = "observer"
+Credentials = Callable[[str], BrokerTls | None]
 
 
-def site_gateway_config() -> Path:
-    """``broker_config/site-gateway.conf`` of the source tree this package runs from."""
-    here = Path(__file__).resolve().parent.parent / "broker_config" / "site-gateway.conf"
-    for path in (here, Path.cwd() / "broker_config" / "site-gateway.conf"):
-        if path.is_file():
-            return path
-    raise FileNotFoundError("broker_config/site-gateway.conf (it ships with the source tree)")
+def site_bridge(site: str, address: str, *, tls: bool = False) -> str:
+    """The bridge section of ``site``'s broker to the central one at ``address`` (host:port),
+    as ``fedge provision`` writes it (its certificate paths under /etc/mosquitto/certs/);
+    without ``tls`` over plain MQTT (loopback only: the TLS lines are left out)."""
+    host, _, port = address.rpartition(":")
+    text = bridge_conf_text(site, host, int(port))
+    if tls:
+        return text
+    return "".join(
+        line + "\n" for line in text.splitlines() if line.split(" ", 1)[0] not in TLS_SETTINGS
+    )
 
 
-def site_bridge(text: str, site: str, address: str) -> str:
-    """site-gateway.conf's ``text`` for ``site``, bridged to ``address`` (host:port) over
-    plain MQTT: the TLS lines are left out (loopback only)."""
-    out = []
-    for line in text.replace(CONF_SITE, site).splitlines():
-        key = line.split(" ", 1)[0]
-        if key in TLS_SETTINGS:
-            continue
-        out.append(f"address {address}" if key == "address" else line)
-    return "\n".join(out) + "\n"
+def site_devices(sites: Iterable[str], devices_per_site: int, fleet: str) -> dict[str, list[str]]:
+    """The device ids ``gateway_run`` gives each site's agents."""
+    tag = fleet[-8:]
+    return {s: [f"{s}-d{i}-{tag}" for i in range(devices_per_site)] for s in sites}
 
 
 @dataclass
@@ -74,9 +80,12 @@ class GatewayRun:
     update_bytes: dict[str, int]  # site -> its devices' update bytes (a relay would carry)
 
 
-def wait_bridged(site_url: str, site: str, timeout: float = 10.0) -> None:
-    """Return once the site broker's bridge ``site`` is connected (its notification)."""
-    probe = make_link(site_url, f"probe-{site}")
+def wait_bridged(
+    site_url: str, site: str, timeout: float = 10.0, *, tls: BrokerTls | None = None
+) -> None:
+    """Return once the site broker's bridge ``site`` is connected (its notification; with an
+    ACL, ``tls``'s identity must read ``$SYS/broker/connection/#``)."""
+    probe = broker_link(site_url, f"probe-{site}", tls)
     probe.connect()
     probe.subscribe(f"$SYS/broker/connection/{site}/state", qos=0)
     end = time.monotonic() + timeout
@@ -100,12 +109,17 @@ def gateway_run(
     rounds: int,
     seed: int = 0,
     timeout: float = 300.0,
+    credentials: Credentials | None = None,
+    signing: tuple[Path, Path] | None = None,
 ) -> GatewayRun:
     """``rounds`` rounds with a gateway per site (site -> its broker's URL, bridged to
-    ``central``) and ``devices_per_site`` agents at each."""
+    ``central``) and ``devices_per_site`` agents at each. ``credentials``: each identity's
+    ``[tls]`` (above); ``signing``: the aggregator's key pair (private, public), the worker and
+    the agents then pin the public key, as a site gateway's bundle does."""
     names = list(sites)
     tag = fleet[-8:]
-    devices = {s: [f"{s}-d{i}-{tag}" for i in range(devices_per_site)] for s in names}
+    tls = credentials or (lambda name: None)
+    devices = site_devices(names, devices_per_site, fleet)
     everyone = [d for s in names for d in devices[s]]
     data = dict(zip(everyone, device_data(workdir, len(everyone), seed), strict=True))
     cfg = sharded_config(
@@ -117,15 +131,35 @@ def gateway_run(
         rounds=rounds,
         seed=seed,
     )
+    pinned = () if signing is None else (signing[1],)
+    cfg = cfg.model_copy(
+        update={"tls": tls(AGGREGATOR), "signing_key": None if signing is None else signing[0]}
+    )
     topics = Topics(fleet)
-    counter = make_link(central, f"uplink-{tag}")
+    counter = broker_link(central, f"uplink-{tag}", tls(OBSERVER))
     counter.connect()
     counter.subscribe(f"{topics.base}/#")
-    observers = {s: make_link(url, f"observer-{s}-{tag}") for s, url in sites.items()}
+    observers = {
+        s: broker_link(url, f"observer-{s}-{tag}", tls(OBSERVER)) for s, url in sites.items()
+    }
     for obs in observers.values():
         obs.connect()
         obs.subscribe(topics.updates)
-    gateways = [build_worker(cfg.model_copy(update={"broker": sites[s]}), s) for s in names]
+    # A gateway's config: its own broker and identity, and the public key, never the private.
+    gateways = [
+        build_worker(
+            cfg.model_copy(
+                update={
+                    "broker": sites[s],
+                    "tls": tls(worker_id(s)),
+                    "signing_key": None,
+                    "aggregator_keys": pinned,
+                }
+            ),
+            s,
+        )
+        for s in names
+    ]
     coordinator = build_aggregator(cfg)
     agents = [
         build_agent(
@@ -137,6 +171,8 @@ def gateway_run(
                 data=data[d],
                 state_dir=workdir / "agents",
                 seed=seed + everyone.index(d),
+                tls=tls(d),
+                aggregator_keys=pinned,
             )
         )
         for s in names

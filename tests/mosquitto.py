@@ -14,7 +14,9 @@ the port accepts TCP connections::
 two listeners move to free ports on 127.0.0.1 (``tls_port`` for client certificates,
 ``password_port`` for username and password), its certificate, CRL, ACL and password files are
 taken from the provisioning folder ``pki_dir`` (by file name: ``cafile .../ca.crt`` becomes
-``PKI/ca.crt``), and persistence goes to the work directory::
+``PKI/ca.crt``; ``extra_config`` too, e.g. a site broker's ``bridge.conf`` with the folder
+``PKI/sites/SITE`` that ``fedge provision --site-gateway`` writes), and persistence goes to the
+work directory::
 
     init_fleet(pki, "f1"); provision_device(pki, "dev-1", "f1")
     with MosquittoServer.production(pki) as broker:
@@ -46,7 +48,18 @@ PRODUCTION_CONFIG = REPO / "broker_config" / "production.conf"
 # production.conf's listener ports, and the settings that name a file of the provisioning folder.
 PRODUCTION_TLS_PORT = 8883
 PRODUCTION_PASSWORD_PORT = 8884
-PKI_SETTINGS = ("cafile", "certfile", "keyfile", "crlfile", "acl_file", "password_file")
+PKI_SETTINGS = (
+    "cafile",
+    "certfile",
+    "keyfile",
+    "crlfile",
+    "acl_file",
+    "password_file",
+    # a site broker's bridge to the central one (fedge provision --site-gateway: bridge.conf)
+    "bridge_cafile",
+    "bridge_certfile",
+    "bridge_keyfile",
+)
 HOST = "127.0.0.1"
 
 START_TIMEOUT_S = 10.0
@@ -335,8 +348,10 @@ class ProductionMosquitto(MosquittoServer):
                 self.config.read_text(), self.pki_dir, self.workdir, ports, self.host
             ),
         ]
-        if self.extra_config:
-            parts.append(self.extra_config)
+        if self.extra_config:  # e.g. a site broker's bridge.conf: its paths mapped the same way
+            parts.append(
+                production_config(self.extra_config, self.pki_dir, self.workdir, ports, self.host)
+            )
         if os.geteuid() == 0:
             # As root mosquitto would read the PKI as the "mosquitto" user, who cannot.
             parts.append("user root")

@@ -21,17 +21,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from fedge.aggregator.config import AggregatorConfig
 
 from fedge.cli import main
 from fedge.provision import (
     ProvisionError,
     acl_text,
+    bridge_conf_text,
     check_mosquitto_password,
     init_fleet,
     mosquitto_password_hash,
     provision_device,
     read_registry,
     revoke_device,
+    site_acl_text,
 )
 
 if sys.version_info >= (3, 11):
@@ -277,19 +280,137 @@ def test_a_gateway_writes_every_devices_update_and_gets_no_agent_config(pki: Pat
     assert "user gw-1\ntopic write fedge/v1/f1/update/+\ntopic write fedge/v1/f1/status/+\n" in acl
 
 
-def test_a_site_gateway_sends_its_partial_sums_and_no_update(pki: Path) -> None:
-    provision_device(pki, "site-a", "f1", site_gateway=True)
+def test_a_site_gateway_gets_its_brokers_files_and_its_workers_bundle(pki: Path) -> None:
+    provision_device(pki, "site-a", "f1", site_gateway=True, server_names=["gw-a.local"])
     assert sorted(p.name for p in (pki / "devices" / "site-a").iterdir()) == [
+        "aggregator.pub",
+        "aggregator.toml",
         "ca.crt",
-        "device.crt",
-        "device.key",
+        "worker.crt",
+        "worker.key",
     ]
-    assert read_registry(pki)["devices"]["site-a"]["role"] == "site-gateway"
-    block = (pki / "fedge.acl").read_text().split("user site-a\n")[1]
+    site = pki / "sites" / "site-a"
+    assert sorted(p.name for p in site.iterdir()) == [
+        "bridge.conf",
+        "bridge.crt",
+        "bridge.key",
+        "ca.crl",
+        "ca.crt",
+        "fedge.acl",
+        "passwd",
+        "server.crt",
+        "server.key",
+    ]
+    assert mode(site / "bridge.key") == mode(site / "server.key") == 0o600
+    assert mode(pki / "devices" / "site-a" / "worker.key") == 0o600
+    # Three certificates: the bridge's (CN site-a, for the central broker), the worker's
+    # (CN site-a.worker, for the site broker) and the site broker's own.
+    assert cn(cert(site / "bridge.crt")) == "site-a"
+    assert cn(cert(pki / "devices" / "site-a" / "worker.crt")) == "site-a.worker"
+    server = cert(site / "server.crt")
+    assert eku(server) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["gw-a.local"]
+    for client in (site / "bridge.crt", pki / "devices" / "site-a" / "worker.crt"):
+        openssl_verify(pki, cert(client))
+    entry = read_registry(pki)["devices"]["site-a"]
+    assert entry["role"] == "site-gateway" and {"worker_serial", "server_serial"} <= set(entry)
+    # Central: the bridge's block, nothing for the worker; the site: the worker's, no bridge.
+    central = (pki / "fedge.acl").read_text()
+    assert "user site-a\n" in central and "site-a.worker" not in central
+    block = central.split("user site-a\n")[1]
     assert "topic write fedge/v1/f1/shard/site-a/partial\n" in block
-    assert "update" not in block
+    assert "update" not in block and "status" not in block  # no device at the site yet
+    local = (site / "fedge.acl").read_text()
+    assert "user site-a.worker\n" in local and "user site-a\n" not in local
+    assert (site / "ca.crl").read_bytes() == (pki / "ca.crl").read_bytes()
+    bridge = (site / "bridge.conf").read_text()
+    assert "address localhost:8883\n" in bridge  # the central broker's first name
+    assert "bridge_certfile /etc/mosquitto/certs/bridge.crt\n" in bridge
     with pytest.raises(ProvisionError, match=r"^an identity is one of a gateway, a site gateway"):
         provision_device(pki, "site-b", "f1", site_gateway=True, gateway=True)
+    with pytest.raises(ProvisionError, match=r"^a site gateway's bridge and worker use cert"):
+        provision_device(pki, "site-b", "f1", site_gateway=True, password=True)
+    with pytest.raises(ProvisionError, match=r"^server names are for --init .* or --site-gate"):
+        provision_device(pki, "dev-x", "f1", server_names=["x.local"])
+
+
+def test_site_devices_are_in_their_sites_acl_and_passwd_and_not_the_central_ones(
+    pki: Path,
+) -> None:
+    provision_device(pki, "site-a", "f1", site_gateway=True, server_names=["gw-a.local"])
+    provision_device(pki, "site-b", "f1", site_gateway=True, server_names=["gw-b.local"])
+    provision_device(pki, "dev-a1", "f1", site="site-a")
+    provision_device(pki, "dev-a2", "f1", site="site-a", password=True)
+    provision_device(pki, "dev-b1", "f1", site="site-b")
+    provision_device(pki, "dev-c", "f1")  # on the central broker
+    site_a, site_b = pki / "sites" / "site-a", pki / "sites" / "site-b"
+    assert read_registry(pki)["devices"]["dev-a1"]["site"] == "site-a"
+    agent = tomllib.loads((pki / "devices" / "dev-a1" / "agent.toml").read_text())
+    assert agent["broker"] == "mqtts://gw-a.local:8883"  # its site broker's first name
+    assert site_acl_text("f1", "site-a", ["dev-a1", "dev-a2"]) == (site_a / "fedge.acl").read_text()
+    local = (site_a / "fedge.acl").read_text()
+    assert "user dev-a1\n" in local and "user dev-b1" not in local and "user dev-c" not in local
+    assert "user dev-b1\n" in (site_b / "fedge.acl").read_text()
+    central = (pki / "fedge.acl").read_text()
+    assert "user dev-c\n" in central
+    assert "user dev-a1" not in central and "user dev-b1" not in central
+    # The bridge of site-a may write the statuses of site-a's devices only.
+    block = central.split("user site-a\n")[1].split("\n\n")[0]
+    assert re.findall(r"status/\S+", block) == ["status/dev-a1", "status/dev-a2"]
+    assert [ln.split(":")[0] for ln in (site_a / "passwd").read_text().splitlines()] == ["dev-a2"]
+    assert (pki / "passwd").read_text() == ""
+    secret = (pki / "devices" / "dev-a2" / "password").read_text()
+    assert check_mosquitto_password(
+        (site_a / "passwd").read_text().split(":", 1)[1].strip(), secret
+    )
+
+    # Moved to the central broker: out of the site's ACL and passwd, into the central ones.
+    provision_device(pki, "dev-a2", "f1", password=True, force=True)
+    assert "dev-a2" not in (site_a / "fedge.acl").read_text() + (site_a / "passwd").read_text()
+    assert "user dev-a2\n" in (pki / "fedge.acl").read_text()
+    assert (pki / "passwd").read_text().startswith("dev-a2:")
+    # Revoking a device re-signs the CRL, and every site broker gets the new one.
+    revoke_device(pki, "dev-a1")
+    assert "dev-a1" not in (site_a / "fedge.acl").read_text()
+    for site in (site_a, site_b):
+        assert (site / "ca.crl").read_bytes() == (pki / "ca.crl").read_bytes()
+    # Revoking a site puts its three certificates on the CRL and removes its folders.
+    entry = read_registry(pki)["devices"]["site-b"]
+    revoke_device(pki, "site-b")
+    serials = {int(entry[k], 16) for k in ("serial", "worker_serial", "server_serial")}
+    assert serials <= crl_serials(pki)
+    assert not site_b.exists() and not (pki / "devices" / "site-b").exists()
+    assert "user site-b" not in (pki / "fedge.acl").read_text()
+    assert "user dev-b1" not in (pki / "fedge.acl").read_text()  # nor its devices, anywhere
+
+
+def test_a_site_device_needs_its_site_and_workers_names_are_reserved(pki: Path) -> None:
+    with pytest.raises(ProvisionError, match=r"^no site gateway 'site-a' in .*--site-gateway"):
+        provision_device(pki, "dev-a1", "f1", site="site-a")
+    provision_device(pki, "site-a", "f1", site_gateway=True)
+    with pytest.raises(ProvisionError, match=r"^--site places a device behind"):
+        provision_device(pki, "gw-1", "f1", site="site-a", gateway=True)
+    with pytest.raises(ProvisionError, match=r"reserved"):
+        provision_device(pki, "site-a.worker", "f1")
+
+
+def test_bridge_conf_is_broker_config_site_gateway_conf() -> None:
+    text = bridge_conf_text("site-a", "fedge-broker.example.com")
+    assert text == (REPO / "broker_config" / "site-gateway.conf").read_text()
+
+
+def test_the_worker_bundle_config_loads_as_a_shard_worker_config(pki: Path) -> None:
+    provision_device(pki, "site-a", "f1", site_gateway=True)
+    bundle = pki / "devices" / "site-a"
+    raw = tomllib.loads((bundle / "aggregator.toml").read_text())
+    assert raw["model"] == "/opt/fedge/models/digits_mlp.tflite"
+    raw["model"] = str(REPO / "models" / "artifacts" / "digits_mlp.tflite")
+    cfg = AggregatorConfig.model_validate(raw, context={"base_dir": bundle})
+    assert cfg.broker == "mqtts://localhost:8883" and cfg.signing_key is None
+    assert cfg.aggregator_keys == (bundle / "aggregator.pub",)
+    assert cfg.shards is not None and cfg.shards.workers == ["site-a"]
+    assert cfg.tls is not None and cfg.tls.cert_file == bundle / "worker.crt"
 
 
 def test_an_existing_device_is_kept_unless_forced(pki: Path) -> None:
@@ -372,7 +493,7 @@ def test_a_revoked_device_can_be_provisioned_again_with_force(pki: Path) -> None
 
 def test_the_acl_grants_each_identity_exactly_its_topics() -> None:
     identities = {"dev-a": "device", "gw-1": "gateway", "site-a": "site-gateway"}
-    assert acl_text("f1", identities).split("\n\n")[1:] == [
+    assert acl_text("f1", identities, {"site-a": ["dev-s2", "dev-s1"]}).split("\n\n")[1:] == [
         "user aggregator\n"
         "topic read fedge/v1/f1/update/+\n"
         "topic read fedge/v1/f1/status/+\n"
@@ -393,9 +514,10 @@ def test_the_acl_grants_each_identity_exactly_its_topics() -> None:
         "topic write fedge/v1/f1/status/+\n"
         "topic read fedge/v1/f1/round\n"
         "topic read fedge/v1/f1/global",
-        "# site-gateway\n"
+        "# site-gateway (its bridge)\n"
         "user site-a\n"
-        "topic write fedge/v1/f1/status/+\n"
+        "topic write fedge/v1/f1/status/dev-s1\n"
+        "topic write fedge/v1/f1/status/dev-s2\n"
         "topic write fedge/v1/f1/shard/site-a/accepted\n"
         "topic write fedge/v1/f1/shard/site-a/partial\n"
         "topic read fedge/v1/f1/round\n"
@@ -404,6 +526,24 @@ def test_the_acl_grants_each_identity_exactly_its_topics() -> None:
     ]
     lines = acl_text("f1", {"dev-a": "device"}).splitlines()
     assert not [ln for ln in lines if ln.startswith("pattern")]
+
+
+def test_the_site_acl_grants_the_worker_and_each_device_exactly_their_topics() -> None:
+    assert site_acl_text("f1", "site-a", ["dev-s1"]).split("\n\n")[1:] == [
+        "# worker\n"
+        "user site-a.worker\n"
+        "topic read fedge/v1/f1/update/+\n"
+        "topic read fedge/v1/f1/round\n"
+        "topic read fedge/v1/f1/shard/site-a/close\n"
+        "topic write fedge/v1/f1/shard/site-a/accepted\n"
+        "topic write fedge/v1/f1/shard/site-a/partial",
+        "# device\n"
+        "user dev-s1\n"
+        "topic write fedge/v1/f1/update/dev-s1\n"
+        "topic write fedge/v1/f1/status/dev-s1\n"
+        "topic read fedge/v1/f1/round\n"
+        "topic read fedge/v1/f1/global\n",
+    ]
 
 
 def mosquitto_passwd() -> str:
@@ -454,6 +594,35 @@ def test_cli_init_provision_revoke(
     assert "removed fleet-pki/devices/pi-1" in capsys.readouterr().out
     assert main(["provision", "pi-1", "--revoke"]) == 0
     assert "already revoked" in capsys.readouterr().out
+
+
+def test_cli_site_gateway_and_a_device_behind_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["provision", "--init", "--fleet", "home", "--server-name", "broker.lan"]) == 0
+    capsys.readouterr()
+    site = ["provision", "site-a", "--site-gateway", "--server-name", "gw-a.lan"]
+    assert main(site) == 0
+    out, err = capsys.readouterr()
+    assert "wrote   fleet-pki/sites/site-a/bridge.conf" in out and err == ""
+    assert "address broker.lan:8883\n" in Path("fleet-pki/sites/site-a/bridge.conf").read_text()
+    worker = tomllib.loads(Path("fleet-pki/devices/site-a/aggregator.toml").read_text())
+    assert worker["broker"] == "mqtts://gw-a.lan:8883"
+    assert main(["provision", "pi-1", "--site", "site-a"]) == 0
+    assert "site site-a's broker" in capsys.readouterr().out
+    raw = tomllib.loads(Path("fleet-pki/devices/pi-1/agent.toml").read_text())
+    assert raw["broker"] == "mqtts://gw-a.lan:8883"
+    # Again with --force: new certificates, the old ones revoked; the site keeps its devices.
+    old = read_registry("fleet-pki")["devices"]["site-a"]
+    assert main([*site, "--force"]) == 0
+    serials = {int(old[k], 16) for k in ("serial", "worker_serial", "server_serial")}
+    assert serials <= crl_serials(Path("fleet-pki"))
+    assert "user pi-1\n" in Path("fleet-pki/sites/site-a/fedge.acl").read_text()
+    assert main(["provision", "site-b", "--site-gateway"]) == 0
+    assert "--site-gateway --server-name SITE_BROKER_HOST" in capsys.readouterr().err
+    assert main(["provision", "pi-2", "--site", "site-z"]) == 2
+    assert "no site gateway 'site-z'" in capsys.readouterr().err
 
 
 def test_cli_init_without_server_name_warns(

@@ -109,6 +109,39 @@ def test_the_broker_host_is_required(tmp_path: Path) -> None:
     assert not (cli.parent / "provision.log").exists()
 
 
+def test_a_device_behind_a_site_gateway_is_provisioned_for_its_site(tmp_path: Path) -> None:
+    """fedge_site: the device goes on its site broker (`--site`), not the central one
+    (`--broker-host`). Only the tasks tagged provision run (the control node's part)."""
+    cli = fake_cli(tmp_path)
+    inventory = tmp_path / "inventory.ini"
+    inventory.write_text(
+        "[fedge_devices]\nbench-01 ansible_connection=local\n"
+        "shed-01 ansible_connection=local fedge_site=site-a\n"
+    )
+    pki = tmp_path / "pki"
+    extra = {
+        "ansible_python_interpreter": sys.executable,
+        "fedge_cli": str(cli),
+        "fedge_fleet": "bench",
+        "fedge_broker_host": "broker.test",
+        "fedge_pki_dir": str(pki),
+        # Where the rest would install, were it run.
+        "ansible_become": False,
+        "fedge_stage_dir": str(tmp_path / "stage"),
+        "fedge_install_args": ["--destdir", str(tmp_path / "root")],
+        "fedge_apt_packages": [],
+    }
+    args = ("-i", inventory, "-e", json.dumps(extra), "--tags", "provision", PLAYBOOK)
+    proc = ansible("ansible-playbook", *args, tmp=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted((cli.parent / "provision.log").read_text().splitlines()) == [
+        f"--init --fleet bench --dir {pki} --server-name broker.test",
+        f"bench-01 --fleet bench --dir {pki} --broker-host broker.test",
+        f"shed-01 --fleet bench --dir {pki} --site site-a",
+    ]
+    assert not (tmp_path / "stage").exists() and not (tmp_path / "root").exists()
+
+
 @pytest.mark.slow
 def test_playbook_provisions_and_stages_a_device(tmp_path: Path) -> None:
     """The whole playbook against this machine (a local connection, no become), with

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedge.agent.config import AgentConfig
+from fedge.aggregator.config import AggregatorConfig
 
 from fedge.configfile import load_config
 from fedge.provision import init_fleet, provision_device
@@ -190,6 +191,39 @@ DATA_WARNING = (
 )
 
 
+def test_a_site_gateways_worker_installs_with_its_unit_template(tmp_path: Path) -> None:
+    pki, root = tmp_path / "pki", tmp_path / "root"
+    init_fleet(pki, FLEET)
+    provision_device(pki, "site-a", FLEET, site_gateway=True)
+    bundle = pki / "devices" / "site-a"
+    first = install("--destdir", root, "--role", "worker", "--worker", "site-a", "--bundle", bundle)
+    assert "staging, not run: systemctl daemon-reload" in first.stdout
+    unit = root / "etc/systemd/system/fedge-aggregator-worker@.service"
+    assert unit.read_bytes() == (REPO / "systemd/fedge-aggregator-worker@.service").read_bytes()
+    etc = root / "etc/fedge"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in etc.iterdir()}
+    assert modes == {
+        "certs": 0o750,
+        "aggregator.toml": 0o640,
+        "worker.key": 0o640,
+        "worker.crt": 0o644,
+        "ca.crt": 0o644,
+        "aggregator.pub": 0o644,
+    }
+    cfg = load_config(rerooted(etc / "aggregator.toml", root), AggregatorConfig)
+    assert cfg.shards is not None and cfg.shards.workers == ["site-a"]
+    assert cfg.signing_key is None and cfg.aggregator_keys == (etc / "aggregator.pub",)
+    before = snapshot(root)
+    again = install("--destdir", root, "--role", "worker", "--worker", "site-a", "--bundle", bundle)
+    assert snapshot(root) == before and again.stdout.splitlines()[-1].endswith("nothing changed")
+    enabled = install(
+        "--destdir", tmp_path / "r2", "--role", "worker", "--worker", "w1", "--enable"
+    )
+    assert "systemctl enable --now fedge-aggregator-worker@w1.service" in enabled.stdout
+    example = (tmp_path / "r2/etc/fedge/aggregator.toml").read_text()
+    assert '[shards]\nworkers = ["w1"]\n' in example
+
+
 def test_missing_device_data_is_a_warning(tmp_path: Path) -> None:
     """A bundle names the device's own training data, which install.sh does not provide: the
     install goes on and says, in one line, that the agent will not start without it."""
@@ -277,7 +311,10 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "reason"),
     [
-        (["--role", "gateway"], "--role must be agent or aggregator, not 'gateway'"),
+        (["--role", "gateway"], "--role must be agent, aggregator or worker, not 'gateway'"),
+        (["--role", "worker"], "--role worker needs --worker NAME (its name in [shards] workers)"),
+        (["--role", "worker", "--worker", "a/b"], "--worker 'a/b': use 1-64 of A-Z a-z 0-9 _ . -"),
+        (["--worker", "w1"], "--worker is for --role worker"),
         (["--frobnicate"], "unknown option --frobnicate (see --help)"),
         (["--bundle", "/nonexistent"], "no such bundle directory: /nonexistent"),
     ],

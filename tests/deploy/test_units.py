@@ -24,7 +24,11 @@ UNITS = Path(__file__).resolve().parents[2] / "systemd"
 FEDGE = "/opt/fedge/venv/bin/fedge"
 # `systemd-analyze security --offline=yes` scores when the units were last hardened; lower is
 # better (0-10). deploy/README.md records them.
-MAX_EXPOSURE = {"fedge-agent.service": 1.9, "fedge-aggregator.service": 1.7}
+MAX_EXPOSURE = {
+    "fedge-agent.service": 1.9,
+    "fedge-aggregator.service": 1.7,
+    "fedge-aggregator-worker@.service": 1.7,  # a template: verified and scored as instance "i"
+}
 
 
 def analyze(*args: str) -> subprocess.CompletedProcess[str]:
@@ -90,7 +94,7 @@ def test_exposure_score(name: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     match = re.search(r"Overall exposure level for (\S+): (\d+\.\d+)", proc.stdout)
     assert match, proc.stdout + proc.stderr
-    assert match[1] == name
+    assert match[1] == name.replace("@.", "@i.")
     assert float(match[2]) <= MAX_EXPOSURE[name], proc.stdout
 
 
@@ -100,3 +104,19 @@ def test_bad_config_does_not_restart_for_ever(name: str) -> None:
     service = lines[lines.index("[Service]") : lines.index("[Install]")]
     assert "Restart=on-failure" in service
     assert f"RestartPreventExitStatus={EX_CONFIG}" in service
+
+
+def hardening(name: str) -> list[str]:
+    """The settings of a unit from its "# Hardening" comment to [Install], comments left out."""
+    lines = (UNITS / name).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# Hardening"))
+    return [ln for ln in lines[start : lines.index("[Install]")] if not ln.startswith("#")]
+
+
+def test_the_worker_unit_runs_its_instance_hardened_as_the_aggregator() -> None:
+    worker = "fedge-aggregator-worker@.service"
+    text = (UNITS / worker).read_text()
+    assert f"ExecStart={FEDGE} aggregator --config /etc/fedge/aggregator.toml --worker %i\n" in text
+    assert "StateDirectory=fedge-aggregator\n" in text and "User=fedge\n" in text
+    assert hardening(worker) == hardening("fedge-aggregator.service")
+    assert "NoNewPrivileges=yes" in hardening(worker)
