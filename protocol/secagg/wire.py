@@ -124,3 +124,20 @@ def read_with_bitmap(
     flags = read_bitmap(sized(data[:head], kind, head), n)
     sized(data, kind, head + item * int(flags.sum()))
     return flags, items(data[head:], item)
+
+
+def round_bytes(holders: int, devices: int, length: int, k: int) -> dict[str, int]:
+    """The bytes of each message of a device with ``holders`` share holders (itself
+    included) in a round of ``devices`` where everyone takes part to the end: for capacity
+    planning and the benchmark. Uploads: advertise, shares, masked, unmask; downloads: keys,
+    forward, survivors."""
+    others = holders - 1
+    return {
+        "advertise": HEADER_BYTES + KEYS_BYTES,
+        "shares": HEADER_BYTES + CIPHERTEXT_BYTES * others,
+        "masked": HEADER_BYTES + (length * k + 7) // 8,
+        "unmask": HEADER_BYTES + SHARE_BYTES * holders,
+        "keys": HEADER_BYTES + bitmap_size(holders) + KEYS_BYTES * holders,
+        "forward": HEADER_BYTES + bitmap_size(holders) + CIPHERTEXT_BYTES * others,
+        "survivors": HEADER_BYTES + bitmap_size(devices),
+    }

@@ -602,3 +602,36 @@ def test_top_k_uses_one_shared_index_set_per_round() -> None:
     dense = np.zeros(50_000, np.int64)
     dense[a] = ring.from_ring(total, p.k)
     assert np.array_equal(dense[a], plain_sum(r, p.devices))
+
+
+@pytest.mark.parametrize("degree", [None, 4])
+def test_round_bytes_are_the_messages_sizes(degree: int | None) -> None:
+    p = make_params(9, degree=degree, length=33)
+    r = start(p)
+    me = p.devices[3]
+    sizes: dict[str, int] = {}
+    srv = r.server
+    for d, c in r.clients.items():
+        msg = c.advertise()
+        sizes["advertise"] = len(msg)
+        srv.add_advertise(d, msg)
+    for d, msg in srv.close_advertise().items():
+        out = r.clients[d].share_keys(msg)
+        if d == me:
+            sizes["keys"], sizes["shares"] = len(msg), len(out)
+        srv.add_shares(d, out)
+    for d, msg in srv.close_shares().items():
+        r.clients[d].receive_shares(msg)
+        out = r.clients[d].masked_input(to_ring(r.inputs[d], p.k))
+        if d == me:
+            sizes["forward"], sizes["masked"] = len(msg), len(out)
+        srv.add_masked(d, out)
+    survivors = srv.close_masked()
+    sizes["survivors"] = len(survivors)
+    for d in p.devices:
+        out = r.clients[d].unmask(survivors)
+        if d == me:
+            sizes["unmask"] = len(out)
+        srv.add_unmask(d, out)
+    srv.finish()
+    assert sizes == wire.round_bytes(p.holders_count, 9, 33, p.k)
