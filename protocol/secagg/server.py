@@ -24,6 +24,7 @@ graph every device's KEYS message is the same bytes, so the wiring can publish i
 from __future__ import annotations
 
 from enum import Enum
+from typing import NoReturn
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -189,15 +190,16 @@ class SecAggServer:
                 self._abort(
                     "too_few", f"{u}: {len(responders)} holders answered, threshold {p.threshold}"
                 )
-            chosen = responders[: p.threshold]
-            xs = tuple(p.x(h) for h in chosen)
-            if xs not in coefficients:
-                coefficients[xs] = shamir.lagrange_at_zero(np.array(xs))
-            shares = np.stack([self._answers[h][u] for h in chosen])
-            try:
-                secrets[u] = shamir.from_field(shamir.combine(shares, coefficients[xs]))
-            except SecAggError as exc:
-                self._abort("bad_share", f"{u}: {exc}")
+            # Two different sets of t shares must agree (when more than t answered): a bad
+            # share is detected (not corrected), and the round aborts instead of yielding a
+            # wrong sum. A dropout's s seed is checked against its advertised key below.
+            found = {
+                self._reconstruct(u, chosen, coefficients)
+                for chosen in {tuple(responders[: p.threshold]), tuple(responders[-p.threshold :])}
+            }
+            if len(found) != 1:
+                self._abort("bad_share", f"{u}: two sets of shares give different secrets")
+            secrets[u] = found.pop()
         total = self._sum
         for u in self._needed:
             if u in self.u3:
@@ -224,6 +226,18 @@ class SecAggServer:
 
     # -- helpers ------------------------------------------------------------------------------
 
+    def _reconstruct(
+        self, u: str, holders: tuple[str, ...], cache: dict[tuple[int, ...], np.ndarray]
+    ) -> bytes:
+        xs = tuple(self.params.x(h) for h in holders)
+        if xs not in cache:
+            cache[xs] = shamir.lagrange_at_zero(np.array(xs))
+        shares = np.stack([self._answers[h][u] for h in holders])
+        try:
+            return shamir.from_field(shamir.combine(shares, cache[xs]))
+        except SecAggError as exc:
+            self._abort("bad_share", f"{u}: {exc}")
+
     def _expect(
         self, stage: Stage, device: str | None = None, within: frozenset[str] | None = None
     ) -> None:
@@ -245,7 +259,7 @@ class SecAggServer:
             if count < p.threshold:
                 self._abort("too_few", f"{u}: {count} holders {what}, threshold {p.threshold}")
 
-    def _abort(self, reason: str, message: str) -> None:
+    def _abort(self, reason: str, message: str) -> NoReturn:
         self.stage = Stage.ABORTED
         self._inbox.clear()
         self._answers.clear()

@@ -635,3 +635,89 @@ def test_round_bytes_are_the_messages_sizes(degree: int | None) -> None:
         srv.add_unmask(d, out)
     srv.finish()
     assert sizes == wire.round_bytes(p.holders_count, 9, 33, p.k)
+
+
+def ready_client(p: SecAggParams) -> tuple[Round, dict[str, bytes], dict[str, bytes]]:
+    """A round whose clients all advertised; the key lists and forwarded shares."""
+    r = start(p)
+    for d, c in r.clients.items():
+        r.server.add_advertise(d, c.advertise())
+    keys = r.server.close_advertise()
+    for d, msg in keys.items():
+        r.server.add_shares(d, r.clients[d].share_keys(msg))
+    return r, keys, r.server.close_shares()
+
+
+@given(st.binary(max_size=400), st.sampled_from(["keys", "forward", "survivors"]))
+@settings(max_examples=150, deadline=None)
+def test_a_device_takes_arbitrary_bytes_with_nothing_but_secagg_error(
+    data: bytes, stage: str
+) -> None:
+    p = make_params(3, length=8)
+    me = p.devices[0]
+    if stage == "keys":
+        client = SecAggClient(p, me, random_bytes=seeded(0))
+        client.advertise()
+        call: Callable[[bytes], object] = client.share_keys
+    else:
+        r, _, fwd = ready_client(p)
+        client = r.clients[me]
+        call = client.receive_shares
+        if stage == "survivors":
+            client.receive_shares(fwd[me])
+            client.masked_input(to_ring(r.inputs[me], p.k))
+            call = client.unmask
+    try:
+        call(data)
+    except SecAggError as exc:
+        assert exc.reason in SECAGG_REASONS
+        assert client.stage is ClientStage.ABORTED
+
+
+@pytest.mark.parametrize("degree", [None, 4])
+def test_any_dropout_pattern_gives_the_exact_sum_or_a_clean_abort(degree: int | None) -> None:
+    # 40 random rounds of 7 devices, each device dropping at some stage with probability 0.3.
+    p = make_params(7, degree=degree, length=16)
+    rng = np.random.default_rng(11)
+    stages = ["keys", "shares", "input", "skip", "unmask"]
+    exact = 0
+    for trial in range(40):
+        fate = rng.choice([*stages, "stays"], size=7, p=[0.06] * 5 + [0.7])
+        where = {s: {d for d, f in zip(p.devices, fate, strict=True) if f == s} for s in stages}
+        try:
+            r, total = run(
+                p,
+                no_keys=where["keys"],
+                no_shares=where["shares"],
+                no_input=where["input"],
+                skip=where["skip"],
+                no_unmask=where["unmask"],
+                seed=trial,
+            )
+        except SecAggAbort as exc:
+            assert exc.reason in {"too_few", "disconnected"}
+            continue
+        gone = where["keys"] | where["shares"] | where["input"] | where["skip"]
+        assert r.server.u3 == set(p.devices) - gone
+        assert np.array_equal(ring.from_ring(total, p.k), plain_sum(r, r.server.u3))
+        exact += 1
+    assert exact >= 20  # most rounds finish; the rest abort cleanly
+
+
+def test_a_bad_unmask_share_aborts_instead_of_giving_a_wrong_sum() -> None:
+    p = make_params(7, length=16)  # threshold 4 of 7 answers: two sets of 4 to compare
+    r, _, fwd = ready_client(p)
+    srv = r.server
+    for d, msg in fwd.items():
+        r.clients[d].receive_shares(msg)
+        srv.add_masked(d, r.clients[d].masked_input(to_ring(r.inputs[d], p.k)))
+    survivors = srv.close_masked()
+    for i, d in enumerate(p.devices):
+        out = r.clients[d].unmask(survivors)
+        if i == 0:  # the first share (of devices[0]'s own b) changed by one
+            share = int.from_bytes(out[13:17], "little")
+            out = out[:13] + ((share + 1) % (2**31 - 1)).to_bytes(4, "little") + out[17:]
+        srv.add_unmask(d, out)
+    with pytest.raises(SecAggAbort) as info:
+        srv.finish()
+    assert info.value.reason == "bad_share"
