@@ -94,7 +94,7 @@ def secure_round(
     params = SecAggParams(
         fleet="bench",
         round_id=1,
-        seed=bytes(range(32)),
+        seed=bytes(range(32)).hex(),
         devices=devices,
         threshold=default_threshold(holders),
         degree=degree,

@@ -36,7 +36,7 @@ class SecAggParams(BaseModel):
 
     fleet: Id
     round_id: int = Field(ge=0, lt=2**63)
-    seed: bytes = Field(min_length=32, max_length=32)  # public, fresh each round
+    seed: str = Field(pattern="^[0-9a-f]{64}$")  # 32 bytes in hex: public, fresh each round
     devices: tuple[Id, ...] = Field(min_length=2, max_length=MAX_HOLDERS - 1)
     threshold: int = Field(ge=2)
     degree: int | None = Field(default=None, ge=2)
@@ -69,8 +69,12 @@ class SecAggParams(BaseModel):
         return ring_bits(self.bits, len(self.devices))
 
     @property
+    def seed_bytes(self) -> bytes:
+        return bytes.fromhex(self.seed)
+
+    @property
     def context(self) -> bytes:
-        return round_context(self.fleet, self.round_id, self.seed)
+        return round_context(self.fleet, self.round_id, self.seed_bytes)
 
     @cached_property
     def position(self) -> dict[str, int]:
@@ -78,7 +82,7 @@ class SecAggParams(BaseModel):
 
     @cached_property
     def graph(self) -> dict[str, tuple[str, ...]]:
-        return graph.neighbours(self.devices, self.seed, self.degree)
+        return graph.neighbours(self.devices, self.seed_bytes, self.degree)
 
     @cached_property
     def _holders(self) -> dict[str, tuple[str, ...]]:

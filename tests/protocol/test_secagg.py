@@ -55,7 +55,7 @@ def make_params(
     return SecAggParams(
         fleet="f1",
         round_id=7,
-        seed=hashlib.sha256(seed.to_bytes(4, "little")).digest(),
+        seed=hashlib.sha256(seed.to_bytes(4, "little")).hexdigest(),
         devices=devices,
         threshold=threshold or default_threshold(holders),
         degree=degree,
@@ -425,7 +425,7 @@ def test_a_sparse_round_beyond_its_tolerance_aborts() -> None:
 def test_a_split_survivor_graph_aborts_before_any_unmasking() -> None:
     # A ring (degree 2, threshold 2 of 3 holders): two survivors far apart are not connected.
     p = make_params(8, degree=2, length=8, threshold=2)
-    ring_order = graph.ring_order(p.devices, p.seed)
+    ring_order = graph.ring_order(p.devices, p.seed_bytes)
     keep = {ring_order[0], ring_order[1], ring_order[4], ring_order[5]}
     with pytest.raises(SecAggAbort) as info:
         run(p, no_input=set(p.devices) - keep)
@@ -541,7 +541,8 @@ def test_params_are_checked() -> None:
         {"threshold": 5},  # more than the holders
         {"threshold": 1},
         {"degree": 3},  # odd
-        {"seed": bytes(31)},
+        {"seed": "00" * 31},
+        {"seed": "AB" * 32},  # upper case: one spelling only
         {"bits": 30},  # 30 + 2 > 32 bits
         {"clip": 0.0},
         {"length": 0},
@@ -721,3 +722,9 @@ def test_a_bad_unmask_share_aborts_instead_of_giving_a_wrong_sum() -> None:
     with pytest.raises(SecAggAbort) as info:
         srv.finish()
     assert info.value.reason == "bad_share"
+
+
+def test_params_travel_as_json() -> None:
+    p = make_params(5, degree=2)
+    again = SecAggParams.model_validate_json(p.model_dump_json())
+    assert again == p and again.graph == p.graph and again.context == p.context
