@@ -15,12 +15,14 @@ the median over devices of one device's work over the round (all its stages); se
 the aggregator's work over the whole round. Plain: the device encodes int8, the aggregator
 decodes N updates and sums them.
 
-The complete graph at 1,000 devices is not run in-process (it would take an hour on 2 cores:
-every device does 999 key agreements and masks); its bytes come from the message layouts
-(``wire.round_bytes``, which the tests hold to the real messages), marked "(layout)".
+By default the complete graph is run up to 100 devices (``--max-complete``): at 1,000 every
+device does 999 key agreements and masks, and the round takes 12-31 minutes on 2 cores. Above
+that its bytes come from the message layouts (``wire.round_bytes``, which the tests hold to
+the real messages), marked "(layout)".
 
     .venv/bin/python bench/secagg.py                       # N = 10, 100, 1000, both models
     .venv/bin/python bench/secagg.py --devices 10,100 --models digits_mlp --drop 0.1
+    .venv/bin/python bench/secagg.py --devices 1000 --max-complete 1000   # 43 minutes
 """
 
 from __future__ import annotations
