@@ -10,6 +10,9 @@
     ├── ChunkError (chunking.py)  a chunk that is corrupt, inconsistent, duplicate or late
     ├── SignatureError (signing.py)  a round or global model that is unsigned, signed by a
     │                             key not pinned, or whose signature fails (SIGNATURE_REASONS)
+    ├── SecAggError (secagg/errors.py)  a secure-aggregation message that cannot be trusted
+    │   │                         (SECAGG_REASONS)
+    │   └── SecAggAbort           the secure round cannot finish (too few devices left)
     └── LinkError                 the transport failed (connect, subscribe, publish); paho's
                                   own errors are converted at the boundary (``from exc``)
 
