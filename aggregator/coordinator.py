@@ -46,7 +46,6 @@ from fedge.protocol import (
     Topics,
     TrainingConfig,
     UpdateHeader,
-    clip_l2,
     encode,
     is_chunk,
     sign,
@@ -479,7 +478,7 @@ class Aggregator:
                 reason = exc.reason
             if reason is None and rnd is not None and rnd.clip is not None and self._central:
                 # Central DP: the sum's sensitivity is the clip whatever a device sent.
-                delta, _ = clip_l2(delta, rnd.clip)
+                delta = intake.clip(delta, rnd.clip)
         if reason is not None:
             # Counted and logged, never stored: a device that was not selected, or garbage,
             # must not grow the state.
