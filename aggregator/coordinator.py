@@ -211,13 +211,16 @@ class Aggregator:
         self.budget_stop: str | None = None  # why training stopped at the epsilon budget
         if self.privacy is not None:
             p = self.privacy
-            self.ledger = Ledger.load(
-                store.meta("privacy_ledger"),
-                p.mode,
-                p.noise_multiplier,
-                p.target_delta,
-                p.accountant,
-            )
+            try:
+                self.ledger = Ledger.load(
+                    store.meta("privacy_ledger"),
+                    p.mode,
+                    p.noise_multiplier,
+                    p.target_delta,
+                    p.accountant,
+                )
+            except ValueError as exc:
+                raise StoreError(f"{store.path}: {exc}") from exc
             self.clip = float(store.meta("privacy_clip") or p.clip)
             self.value_noise = p.value_noise_multiplier(config.expected_devices)
             self.count_noise = p.count_noise(config.expected_devices)

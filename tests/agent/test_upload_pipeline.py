@@ -301,7 +301,7 @@ def test_the_daemon_uploads_the_clipped_update_with_its_clip_bit(tmp_path: Path)
 
 
 def test_under_local_dp_only_the_noised_update_leaves_the_device(tmp_path: Path) -> None:
-    f = Fleet(tmp_path)
+    f = Fleet(tmp_path, noise_rng=np.random.default_rng(4))
     [msg] = f.round(1, privacy=PrivacySettings(clip=0.01, noise_multiplier=2.0), eval_fraction=0.2)
     d = decode(msg.payload)
     assert isinstance(d.msg, UpdateHeader)

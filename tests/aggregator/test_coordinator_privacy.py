@@ -10,6 +10,7 @@ import dp_accounting
 import numpy as np
 import pytest
 from fedge.aggregator.coordinator import describe_round
+from fedge.aggregator.store import StoreError
 from fedge.protocol import (
     MemoryBroker,
     RoundAnnouncement,
@@ -106,6 +107,7 @@ def test_the_adaptive_clip_is_announced_with_the_next_round(tmp_path: Path) -> N
         "count_stddev": 0.6,
     }
     agg = make(tmp_path, broker, clock, min_devices=3, rounds=2, privacy=privacy)
+    agg.noise_rng = np.random.default_rng(1)  # the bit count's noise, fixed
     devs = [Device(broker, d) for d in "abc"]
     pump(agg)
     for d in devs:  # every norm within the clip: it is too large, it shrinks
@@ -137,3 +139,32 @@ def test_local_dp_announces_the_noise_and_averages_uniformly(tmp_path: Path) -> 
     acc.compose(dp_accounting.GaussianDpEvent(3.0 / 2), 1)
     assert line["privacy"]["sampling_rate"] == 0.75
     assert line["privacy"]["epsilon"] == pytest.approx(acc.get_epsilon(1e-5))
+
+
+def test_epsilon_and_the_clip_survive_a_restart(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    privacy = {
+        "mode": "central",
+        "noise_multiplier": 1.0,
+        "clip": 2.0,
+        "target_quantile": 0.5,
+        "count_stddev": 0.6,
+    }
+    agg = make(tmp_path, broker, clock, min_devices=1, privacy=privacy)
+    agg.noise_rng = np.random.default_rng(1)
+    a = Device(broker, "a")
+    pump(agg)
+    send(a, 1, delta(0.01), within=True)
+    pump(agg)  # round 1 done (its clip moved), round 2 announced: two rounds spent
+    assert agg.ledger.rounds == 2 and agg.clip != 2.0
+    spent, clip = agg.ledger.epsilon(), agg.clip
+    agg.store.close()
+    agg.link.close()
+    again = make(tmp_path, broker, clock, min_devices=1, privacy=privacy)
+    assert again.ledger.rounds >= 2 and again.clip == clip
+    assert again.ledger.epsilon() >= spent == pytest.approx(gaussian_epsilon(1.0, 2))
+    again.store.close()
+    again.link.close()
+    local = {"mode": "local", "noise_multiplier": 1.0}
+    with pytest.raises(StoreError, match=r"holds a central-DP privacy ledger.*--reset-state"):
+        make(tmp_path, broker, clock, min_devices=1, privacy=local)
