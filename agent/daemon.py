@@ -125,6 +125,7 @@ class Agent:
         trusted_keys: Sequence[Ed25519PublicKey] = (),
         outbox: Outbox | None = None,
         readings: Callable[[], dict[str, float]] | None = None,
+        noise_rng: np.random.Generator | None = None,
     ) -> None:
         self.device_id = device_id
         self.topics = Topics(fleet)
@@ -143,6 +144,9 @@ class Agent:
         # forgets the version for the retained copy to bring again.
         self._unsaved = False
         self.rng = rng or np.random.default_rng()
+        # Local DP noise draws from the OS's entropy, never from ``rng``: a seed in a config
+        # file would let anyone who reads it subtract the noise again.
+        self.noise_rng = noise_rng or np.random.default_rng()
         self.clock = clock
         # Called with (round id, local weights) after local training, before the upload:
         # field tests use it to score each device's own model; a device needs nothing here.
@@ -544,10 +548,22 @@ class Agent:
             local = self.runtime.get_weights()
             delta = steps.local_delta(local, self.global_weights)
         steps.check_trained(result.loss, delta)
+        train_loss: float | None = result.loss
         self.last_train_loss = result.loss
         if self.on_trained is not None:
             self.on_trained(ann.round_id, local)
         update = steps.with_residual(delta, self.residual)
+        within_clip = None
+        if cfg.privacy is not None:
+            clipped = steps.clip(update, cfg.privacy)
+            update = steps.local_noise(clipped.update, cfg.privacy, self.noise_rng)
+            if cfg.privacy.noise_multiplier > 0:
+                # Local DP: what leaves the device is the noised update; its loss, its score
+                # of the global model and its clip bit would not be, so they stay here.
+                train_loss = self.last_train_loss = None
+                scored = None
+            else:
+                within_clip = clipped.within  # central DP: the aggregator noises the count
         gate = steps.gate(
             cfg,
             delta,
@@ -570,8 +586,9 @@ class Agent:
                 base_version=ann.model_version,
                 num_samples=result.samples,
                 codec=str(encoding.spec),
-                train_loss=result.loss,
+                train_loss=train_loss,
                 evaluation=scored,
+                within_clip=within_clip,
             )
             payload = encode(header, encoding.encoded.tensors)
             parts = self._parts(payload, update_id)

@@ -32,7 +32,7 @@ Weights = Mapping[str, np.ndarray]
 @dataclass(frozen=True)
 class GateDecision:
     upload: bool
-    reason: str  # "ok", "stale" (forced by the bound), "small_update", "irrelevant"
+    reason: str  # "ok", "stale" (forced by the bound), "small_update", "irrelevant", "privacy"
     relative_norm: float
     agreement: float | None
 

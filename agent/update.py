@@ -1,10 +1,18 @@
 """The device's update path as named pure steps (no I/O), in the order they run::
 
-    local_delta -> check_trained -> with_residual -> gate -> encode -> remaining
+    local_delta -> check_trained -> with_residual -> clip -> local_noise -> gate -> encode
+    -> remaining
 
-``fedge.agent.daemon`` calls them between training and publishing; a new mechanism (a clip,
-DP noise, a mask) is one step added here and tested alone. The residual (error feedback) is
-what the codec or the gate held back; ``remaining`` is what stays in it once an update is out.
+``fedge.agent.daemon`` calls them between training and publishing; a new mechanism (a mask)
+is one step added here and tested alone. The residual (error feedback) is what the codec or
+the gate held back; ``remaining`` is what stays in it once an update is out.
+
+Under differential privacy (``TrainingConfig.privacy``, docs/privacy.md) the update, its
+residual included, is clipped to the round's L2 bound; under local DP Gaussian noise is then
+added on the device. What the clip cut off is dropped, not kept as residual: the residual is
+only what the codec held back of the clipped (and, under local DP, noised) update, and it is
+clipped again with the next round's delta, so no upload exceeds the bound. The gate is off
+under DP: a skip decided on the update would tell the aggregator something about the data.
 """
 
 from __future__ import annotations
@@ -13,7 +21,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
-from fedge.protocol import CodecSpec, Encoded, TrainingConfig, encode_delta, parse_codec
+from fedge.protocol import (
+    CodecSpec,
+    Encoded,
+    PrivacySettings,
+    TrainingConfig,
+    clip_l2,
+    encode_delta,
+    parse_codec,
+)
 
 from . import residual
 from .gate import GateDecision, decide
@@ -40,6 +56,33 @@ def with_residual(delta: Weights, held: Weights | None) -> dict[str, np.ndarray]
     return residual.add(delta, held)
 
 
+@dataclass(frozen=True)
+class Clipped:
+    update: dict[str, np.ndarray]  # L2 norm at most the bound
+    norm: float  # the norm before clipping
+    within: bool  # norm <= bound: the bit the adaptive clip counts
+
+
+def clip(update: Weights, privacy: PrivacySettings) -> Clipped:
+    """``update`` scaled down to an L2 norm of at most ``privacy.clip`` (a no-op within it)."""
+    clipped, norm = clip_l2(update, privacy.clip)
+    return Clipped(clipped, norm, norm <= privacy.clip)
+
+
+def local_noise(
+    update: Weights, privacy: PrivacySettings, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Local DP: ``update`` plus N(0, (noise_multiplier * clip)^2) on every entry; the update
+    as it is under central DP (noise multiplier 0), where the aggregator adds the noise."""
+    std = privacy.noise_multiplier * privacy.clip
+    if std == 0:
+        return {k: np.asarray(v, np.float32) for k, v in update.items()}
+    return {
+        k: (np.asarray(v, np.float64) + rng.normal(0.0, std, np.shape(v))).astype(np.float32)
+        for k, v in update.items()
+    }
+
+
 def gate(
     cfg: TrainingConfig,
     delta: Weights,
@@ -51,7 +94,16 @@ def gate(
 ) -> GateDecision:
     """Upload or hold back (``fedge.agent.gate``), judged on this round's own change: under
     top-k the residual is large by design. A ``late`` update (past the round's deadline)
-    would not count, so it is held back whole."""
+    would not count, so it is held back whole. Under differential privacy the gate is off
+    (every trained update goes up, reason ``"privacy"``): the skip itself would be a signal
+    about the unclipped, un-noised delta."""
+    if cfg.privacy is not None:
+        return GateDecision(
+            upload=not late,
+            reason="other" if late else "privacy",
+            relative_norm=0.0,
+            agreement=None,
+        )
     decision = decide(
         cfg.gate,
         delta,

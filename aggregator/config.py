@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -26,6 +27,8 @@ from fedge.configfile import (
     state_folder,
 )
 
+from .accounting import require_dp_accounting
+from .privacy import PrivacyConfig
 from .schedule import Schedule, parse_window
 from .strategies.config import StrategyConfig
 
@@ -161,6 +164,7 @@ class AggregatorConfig(BaseModel):
     metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_addr: str = "127.0.0.1"
     shards: ShardsConfig | None = None  # None: this process takes every update itself
+    privacy: PrivacyConfig | None = None  # differential privacy (docs/privacy.md); None: off
 
     @field_validator("model", "eval_data", mode="after")
     @classmethod
@@ -191,6 +195,36 @@ class AggregatorConfig(BaseModel):
                 " combiner needs every delta of a round in one place"
             )
         return self
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> AggregatorConfig:
+        p = self.privacy
+        if self.training.privacy is not None:
+            raise ValueError(
+                "[training] privacy is set by the aggregator from [privacy]; configure"
+                " differential privacy there"
+            )
+        if p is None:
+            return self
+        require_dp_accounting()
+        if p.mode == "central":
+            s = self.strategy
+            if s.robust != "mean" or s.norm_bound > 0:
+                raise ValueError(
+                    '[privacy] mode = "central" needs [strategy] robust = "mean" and'
+                    " norm_bound = 0: the noise is calibrated to the sum of the clipped updates"
+                )
+            if self.shards is not None:
+                raise ValueError('[privacy] mode = "central" cannot be combined with [shards]')
+            p.value_noise_multiplier(self.expected_devices)  # adaptive clip: z must fit
+        return self
+
+    @property
+    def expected_devices(self) -> int:
+        """The devices a round selects, as far as the config tells before any is online."""
+        if self.devices_per_round:
+            return math.ceil(self.devices_per_round * self.overselect)
+        return self.min_devices
 
     @field_validator("state_dir", mode="after")
     @classmethod

@@ -38,11 +38,13 @@ from fedge.protocol import (
     InvalidId,
     Link,
     Message,
+    PrivacySettings,
     Reassembler,
     RoundAnnouncement,
     SkipNotice,
     Status,
     Topics,
+    TrainingConfig,
     UpdateHeader,
     encode,
     is_chunk,
@@ -51,8 +53,9 @@ from fedge.protocol import (
 from fedge.protocol.status import decode_status
 from fedge.protocol.wire import PUBACK_SIZE, publish_size
 
-from . import fed_eval, intake
-from .accumulate import Accumulator, make_accumulator
+from . import fed_eval, intake, privacy
+from .accounting import Ledger
+from .accumulate import Accumulator, RunningSum, make_accumulator
 from .config import AggregatorConfig
 from .sample_limits import bound_samples
 from .shard import ShardedSum, Shards
@@ -86,6 +89,11 @@ class OpenRound:
     evals: dict[str, Evaluation] = field(default_factory=dict)
     wire_up: Counter[str] = field(default_factory=Counter)  # MQTT bytes per device
     wire_down: int = 0  # MQTT bytes each selected device had to receive for this round
+    # Differential privacy: the clip announced, the rate devices were sampled at (selected
+    # / online), and each uploader's bit "my norm was within the clip" (adaptive clip).
+    clip: float | None = None
+    sampling_rate: float = 1.0
+    within_clip: dict[str, bool] = field(default_factory=dict)
 
     @property
     def uploaded(self) -> set[str]:
@@ -117,6 +125,7 @@ class Aggregator:
         sample_caps: dict[str, int] | None = None,
         revoked: set[str] | None = None,
         floor: tuple[int, int] | None = None,
+        noise_rng: np.random.Generator | None = None,
     ) -> None:
         self.cfg = config
         # Signs every round announcement and global model; None: they go out unsigned.
@@ -195,6 +204,38 @@ class Aggregator:
         self._expected_codec = intake.expected_codec(t.codec, t.topk_min_entries, size)
         # Selection draws go on where they were, not from the seed again after a restart.
         self.rng = rng or np.random.default_rng([config.seed, self.next_round_id])
+        # Differential privacy (aggregator/privacy.py): the noise draws from the OS's entropy,
+        # never from the config's seed, which would let anyone who reads it remove the noise.
+        self.noise_rng = noise_rng or np.random.default_rng()
+        self.privacy = config.privacy
+        self.budget_stop: str | None = None  # why training stopped at the epsilon budget
+        if self.privacy is not None:
+            p = self.privacy
+            try:
+                self.ledger = Ledger.load(
+                    store.meta("privacy_ledger"),
+                    p.mode,
+                    p.noise_multiplier,
+                    p.target_delta,
+                    p.accountant,
+                )
+            except ValueError as exc:
+                raise StoreError(f"{store.path}: {exc}") from exc
+            self.clip = float(store.meta("privacy_clip") or p.clip)
+            self.value_noise = p.value_noise_multiplier(config.expected_devices)
+            self.count_noise = p.count_noise(config.expected_devices)
+            log.info(
+                "differential privacy: %s, noise multiplier %g, clip %g%s; epsilon so far %.3f"
+                " at delta %g over %d round(s)%s",
+                p.mode,
+                p.noise_multiplier,
+                self.clip,
+                "" if p.target_quantile is None else f" (adaptive, quantile {p.target_quantile:g})",
+                self.ledger.epsilon(),
+                p.target_delta,
+                self.ledger.rounds,
+                "" if p.epsilon_budget is None else f", budget {p.epsilon_budget:g}",
+            )
         self._resume_open_round()
         self._resume_chunks()
         self._check_done()
@@ -239,6 +280,10 @@ class Aggregator:
             max(deadline, now + self.cfg.round_timeout / 2),
             self._accumulator(),
         )
+        if self.privacy is not None:
+            # The round goes on with the clip it announced and the rate it sampled at.
+            rnd.clip = float(self.store.meta("privacy_open_clip") or self.clip)
+            rnd.sampling_rate = float(self.store.meta("privacy_open_rate") or 1.0)
         for answer in self.store.answers(round_id):
             if answer.kind == "skip":
                 notice = SkipNotice(
@@ -251,7 +296,7 @@ class Aggregator:
                 )
                 self._take_skip(rnd, notice)
             elif answer.delta is not None:
-                rnd.acc.add(answer.device_id, answer.delta, answer.num_samples)
+                rnd.acc.add(answer.device_id, answer.delta, self._weight(answer.num_samples))
                 rnd.counts[answer.device_id] = answer.num_samples
                 if answer.train_loss is not None:
                     rnd.losses[answer.device_id] = answer.train_loss
@@ -434,6 +479,9 @@ class Aggregator:
                 delta = intake.decode(header, tensors, shapes)
             except CodecError as exc:
                 reason = exc.reason
+            if reason is None and rnd is not None and rnd.clip is not None and self._central:
+                # Central DP: the sum's sensitivity is the clip whatever a device sent.
+                delta = intake.clip(delta, rnd.clip)
         if reason is not None:
             # Counted and logged, never stored: a device that was not selected, or garbage,
             # must not grow the state.
@@ -465,7 +513,9 @@ class Aggregator:
         if isinstance(header, SkipNotice):
             self._take_skip(rnd, header)
             return
-        rnd.acc.add(header.device_id, delta, header.num_samples)  # folded in; not kept here
+        rnd.acc.add(header.device_id, delta, self._weight(header.num_samples))  # not kept here
+        if header.within_clip is not None:
+            rnd.within_clip[header.device_id] = header.within_clip
         rnd.counts[header.device_id] = header.num_samples
         if header.train_loss is not None:
             rnd.losses[header.device_id] = header.train_loss
@@ -552,6 +602,11 @@ class Aggregator:
         if not k:
             return online
         want = min(len(online), math.ceil(k * self.cfg.overselect))
+        if self.privacy is not None:
+            # Uniform: amplification by sampling needs every device equally likely to be
+            # picked (ranking by reliability would not be, though it depends on no data).
+            picked = self.rng.choice(len(online), size=want, replace=False)
+            return sorted(online[i] for i in picked)
         order = self.rng.permutation(len(online))
         ranked = sorted((-self._standing(online[i]), j, online[i]) for j, i in enumerate(order))
         return sorted(d for _, _, d in ranked[:want])
@@ -583,9 +638,18 @@ class Aggregator:
 
     def _announce(self, now: float) -> None:
         selected = self._select()
+        rate = len(selected) / max(1, len(self.online))
+        if self.privacy is not None and not self._account(selected, rate):
+            return
         rnd = OpenRound(
             self.next_round_id, selected, now, now + self.cfg.round_timeout, self._accumulator()
         )
+        if self.privacy is not None:
+            rnd.clip, rnd.sampling_rate = self.clip, rate
+            with self.store.transaction():
+                self.store.set_meta("privacy_open_clip", repr(rnd.clip))
+                self.store.set_meta("privacy_open_rate", repr(rate))
+                self.store.set_meta("privacy_ledger", self.ledger.to_json())
         self._last_start = now
         self.next_round_id += 1
         self.current = rnd
@@ -605,7 +669,7 @@ class Aggregator:
             model_version=self.version,
             deadline=rnd.deadline,
             selected=tuple(rnd.selected),
-            config=self.cfg.training,
+            config=self._training(rnd),
         )
         payload = self._signed(encode(ann), "round")
         self.link.publish(self.topics.round, payload, qos=1, retain=True)
@@ -624,13 +688,95 @@ class Aggregator:
         keep = getattr(self.strategy.combiner, "needs_all_deltas", True)
         return make_accumulator(self.weights, keep_deltas=keep)
 
-    @staticmethod
-    def _take_skip(rnd: OpenRound, notice: SkipNotice) -> None:
+    def _take_skip(self, rnd: OpenRound, notice: SkipNotice) -> None:
         """A device that trained and held its update back weighs in with a zero delta (it
         is in its residual); averaging over the uploaders alone is unstable."""
         rnd.skipped[notice.device_id] = notice
         if notice.trained and notice.num_samples > 0:
-            rnd.acc.hold(notice.device_id, notice.num_samples)
+            rnd.acc.hold(notice.device_id, self._weight(notice.num_samples))
+
+    # -- differential privacy (aggregator/privacy.py, aggregator/accounting.py) ---------
+    @property
+    def _central(self) -> bool:
+        return self.privacy is not None and self.privacy.mode == "central"
+
+    def _weight(self, num_samples: int) -> int:
+        """An update's weight in the sum: its sample count; 1 under DP (uniform)."""
+        return 1 if self.privacy is not None else num_samples
+
+    def _training(self, rnd: OpenRound) -> TrainingConfig:
+        """The [training] table a round announces; under DP with the round's clip (and,
+        under local DP, the noise each device adds)."""
+        p = self.privacy
+        if p is None or rnd.clip is None:
+            return self.cfg.training
+        noise = p.noise_multiplier if p.mode == "local" else 0.0
+        settings = PrivacySettings(clip=rnd.clip, noise_multiplier=noise)
+        return self.cfg.training.model_copy(update={"privacy": settings})
+
+    def _account(self, selected: list[str], rate: float) -> bool:
+        """Count the round about to start in the privacy ledger (by selection: a device
+        that then skips or drops counts too) and keep the ledger; False, and training
+        stops (no new rounds, said once in the log and in ``budget_stop``), when the round
+        would take epsilon past the budget."""
+        p = self.privacy
+        assert p is not None
+        if p.epsilon_budget is not None:
+            after = self.ledger.preview(q=rate, devices=selected)
+            if after > p.epsilon_budget:
+                self.budget_stop = (
+                    f"round {self.next_round_id} would take epsilon to {after:.3f} at delta"
+                    f" {p.target_delta:g}, over the budget of {p.epsilon_budget:g}"
+                    f" (spent {self.ledger.epsilon():.3f} in {self.ledger.rounds} round(s))"
+                )
+                log.warning("privacy budget reached: %s; training stops", self.budget_stop)
+                self._note(f"training stopped: {self.budget_stop}")
+                self.done = True
+                return False
+        self.ledger.add_round(q=rate, devices=selected)
+        return True
+
+    def _private_mean(self, rnd: OpenRound, used: dict[str, int]) -> dict[str, np.ndarray]:
+        """Central DP: the unweighted sum of the clipped updates plus Gaussian noise, over
+        the number of devices selected (aggregator/privacy.py)."""
+        assert isinstance(rnd.acc, RunningSum) and rnd.clip is not None
+        total = rnd.acc.weighted_sum(used, lambda device: {})
+        return privacy.noised_mean(
+            total,
+            std=self.value_noise * rnd.clip,
+            denominator=len(rnd.selected),
+            rng=self.noise_rng,
+        )
+
+    def _spend(self, rnd: OpenRound, published: bool) -> dict:
+        """Move the adaptive clip (if the round published a model) and keep it; the
+        summary's ``privacy``, with epsilon so far (the round was counted when announced)."""
+        p = self.privacy
+        assert p is not None and rnd.clip is not None
+        record: dict = {
+            "mode": p.mode,
+            "noise_multiplier": p.noise_multiplier,
+            "clip": rnd.clip,
+            "sampling_rate": round(rnd.sampling_rate, 6),
+        }
+        if p.mode == "central":
+            if published and p.target_quantile is not None:
+                fraction = privacy.unclipped_fraction(
+                    [rnd.within_clip[d] for d in sorted(rnd.within_clip)],
+                    std=self.count_noise,
+                    rng=self.noise_rng,
+                )
+                self.clip = privacy.next_clip(
+                    rnd.clip, fraction, target=p.target_quantile, lr=p.clip_lr
+                )
+                record["unclipped_fraction"] = round(fraction, 4)
+                record["next_clip"] = self.clip
+            record["value_noise_multiplier"] = self.value_noise
+        self.store.set_meta("privacy_clip", repr(self.clip))
+        record["epsilon"] = self.ledger.epsilon()
+        record["delta"] = p.target_delta
+        record["rounds_accounted"] = self.ledger.rounds
+        return record
 
     def _republish_global(self, why: str) -> None:
         """Send the current global again (retained): a device lacks it, or a round failed.
@@ -675,7 +821,8 @@ class Aggregator:
         declared.update({d: rnd.skipped[d].num_samples for d in held})
         limits = self.cfg.samples
         bounded = bound_samples(
-            declared,
+            # Under DP every device weighs 1 (aggregator/privacy.py): nothing to bound.
+            declared if self.privacy is None else dict.fromkeys(declared, 1),
             caps=self.sample_caps,
             max_per_device=limits.max_per_device,
             median_factor=limits.median_factor,
@@ -694,11 +841,14 @@ class Aggregator:
         if participants:
             before = self.strategy.state()
             with np.errstate(over="ignore", invalid="ignore"):
-                combined = rnd.acc.mean(
-                    bounded.used,
-                    lambda device: self.store.answer_delta(rnd.round_id, device),
-                    self.strategy.combiner,
-                )
+                if self._central:
+                    combined = self._private_mean(rnd, bounded.used)
+                else:
+                    combined = rnd.acc.mean(
+                        bounded.used,
+                        lambda device: self.store.answer_delta(rnd.round_id, device),
+                        self.strategy.combiner,
+                    )
                 candidate = self.strategy.apply(self.weights, combined)
             if not all(np.isfinite(w).all() for w in candidate.values()):
                 # Finite updates can still add up to infinity: publishing that would leave
@@ -752,6 +902,8 @@ class Aggregator:
         # in between must not resume at a model with a reset FedAdam state or an "abandoned"
         # round that produced it.
         with self.store.transaction():
+            if self.privacy is not None:
+                summary["privacy"] = self._spend(rnd, new_model)
             if new_model:
                 self.store.save_model(self.version, rnd.round_id, self.weights)
                 self.store.save_strategy_state(self.version, self.strategy.state())
@@ -792,6 +944,9 @@ class Aggregator:
             "bytes_down_per_device": rnd.wire_down,
             "duration_s": round(now - rnd.started, 3),
         }
+        if self.privacy is not None:
+            with self.store.transaction():
+                summary["privacy"] = self._spend(rnd, published=False)
         self._close(rnd, "failed", now, summary)
         # Devices that missed the round may lack the model it was for (a new device, a lost
         # retained copy): send it again before the next announcement.
@@ -865,6 +1020,9 @@ def describe_round(summary: dict) -> str:
         else:
             score = f"MAE {fed.get('mae', float('nan')):.4f}"
         line += f"; fed eval {score} of v{fed.get('model_version')} (n={fed.get('count')})"
+    dp = summary.get("privacy")
+    if dp:
+        line += f"; epsilon {dp['epsilon']:.3f} (delta {dp['delta']:g}, {dp['mode']} DP)"
     line += (
         f"; up {_kb(summary.get('bytes_received', 0))},"
         f" down {_kb(summary.get('bytes_down_per_device', 0))} per device"

@@ -1,6 +1,6 @@
 """The aggregator's intake as named pure steps (no I/O), in the order they run::
 
-    parse -> validate -> decode -> (the round keeps the delta; the strategy folds them)
+    parse -> validate -> decode -> [clip] -> (the round keeps the delta; the strategy folds them)
 
 ``fedge.aggregator.coordinator`` calls them for every message on ``update/{device}`` once its
 chunks are whole. Each step turns untrusted bytes or values into the next stage's input or a
@@ -19,6 +19,7 @@ from fedge.protocol import (
     DecodeError,
     SkipNotice,
     UpdateHeader,
+    clip_l2,
     decode_delta,
     decode_skip,
     is_skip,
@@ -103,3 +104,9 @@ def decode(
 ) -> dict[str, np.ndarray]:
     """The dense float32 delta, checked against the model's shapes (CodecError otherwise)."""
     return decode_delta(dict(tensors), {"codec": header.codec, "shapes": dict(shapes)})
+
+
+def clip(delta: Mapping[str, np.ndarray], bound: float) -> dict[str, np.ndarray]:
+    """Central DP: the decoded delta clipped to the round's L2 bound again, so the noised
+    sum's sensitivity holds whatever a device sent (docs/privacy.md)."""
+    return clip_l2(delta, bound)[0]

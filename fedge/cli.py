@@ -151,6 +151,12 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         hung=args.hung,
         devices_per_round=args.devices_per_round,
         clients=args.clients,
+        dp=args.dp,
+        noise_multiplier=args.noise_multiplier,
+        clip=args.clip,
+        adaptive_clip_quantile=args.adaptive_clip_quantile,
+        target_delta=args.target_delta,
+        epsilon_budget=args.epsilon_budget,
     )
     if args.source == "serial":
         return _sim_serial(args)
@@ -159,7 +165,19 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     except (SimError, DatasetError) as exc:
         raise UserError(str(exc)) from exc
     runs = summary["schemes"].values() if "schemes" in summary else [summary]
-    complete = all(run["rounds_completed"] == args.rounds for run in runs)
+    complete = all(
+        run["rounds_completed"] == args.rounds or "budget_stop" in run.get("privacy", {})
+        for run in runs
+    )
+    for run in runs:
+        if "privacy" in run:
+            dp = run["privacy"]
+            print(
+                f"differential privacy ({dp['mode']}): epsilon {dp['epsilon']:.3f} at delta"
+                f" {dp['target_delta']:g} after {dp['rounds_accounted']} round(s)"
+            )
+            if "budget_stop" in dp:
+                print(f"stopped at the privacy budget: {dp['budget_stop']}")
     print(f"results in {opts.out}/ (render them with: fedge report {opts.out})")
     return 0 if complete else 1
 
@@ -193,7 +211,7 @@ def _sim_serial(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from fedge.fleet.report import ReportError, render_report
+    from fedge.fleet.report import ReportError, load_runs, privacy_spent, render_report
 
     try:
         png, html = render_report(
@@ -201,6 +219,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
             png=Path(args.png) if args.png else None,
             html=Path(args.html) if args.html else None,
         )
+        for run in load_runs(Path(args.run_dir)):
+            if (spent := privacy_spent(run)) is not None:
+                print(f"{run.scheme}: differential privacy, {spent}")
     except ReportError as exc:
         raise UserError(str(exc)) from exc
     print(f"wrote {png} and {html}")
@@ -493,6 +514,33 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="scale each delta to at most this many times the round's median norm; 0: off",
+    )
+    dp = s.add_argument_group("differential privacy (docs/privacy.md; off by default)")
+    dp.add_argument(
+        "--dp",
+        choices=("central", "local"),
+        default=None,
+        help="central: the aggregator adds noise to the sum; local: each device to its update",
+    )
+    dp.add_argument(
+        "--noise-multiplier", type=float, default=1.0, help="z: noise std = z x clip (with --dp)"
+    )
+    dp.add_argument("--clip", type=float, default=1.0, help="L2 bound C on each update (initial)")
+    dp.add_argument(
+        "--adaptive-clip-quantile",
+        type=float,
+        default=None,
+        metavar="Q",
+        help="central DP: move the clip toward this quantile of the update norms",
+    )
+    dp.add_argument(
+        "--target-delta", type=float, default=1e-5, help="epsilon is reported at this delta"
+    )
+    dp.add_argument(
+        "--epsilon-budget",
+        type=float,
+        default=None,
+        help="stop before a round would take epsilon past this",
     )
     f = s.add_argument_group("faults (seeded by --seed; counted in summary.json)")
     f.add_argument(

@@ -319,6 +319,13 @@ def _last_round(summary: dict | None) -> Iterator[Metric]:
     if summary.get("loss") is not None:
         yield _gauge("fedge_aggregator_loss", "Held-out loss of the global model.", summary["loss"])
     yield from _federated(summary.get("fed_eval"))
+    dp = summary.get("privacy")
+    if dp:
+        yield _gauge(
+            "fedge_aggregator_privacy_epsilon",
+            "Differential privacy: epsilon spent so far, at the configured delta.",
+            dp["epsilon"],
+        )
 
 
 def _federated(scored: dict | None) -> Iterator[Metric]:

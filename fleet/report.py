@@ -120,6 +120,9 @@ class Round:
     # The devices' scores of the model the round started from (absent in older lines).
     fed_eval: dict[str, float] = field(default_factory=dict)
     fleet: str | None = None  # absent in older lines
+    # Differential privacy: epsilon spent up to this round, at delta (absent without DP).
+    epsilon: float | None = None
+    delta: float | None = None
 
     @property
     def bytes_down(self) -> int | None:
@@ -276,6 +279,7 @@ def _parse_round(obj: dict[str, Any], at: str) -> Round:
     if not isinstance(participants, list):
         raise ReportError(f"{at}: 'participants' must be a list")
     why = obj.get("why")
+    dp = _mapping(obj, "privacy", at)
     return Round(
         round=_round_number(obj, at),
         status=status,
@@ -299,6 +303,8 @@ def _parse_round(obj: dict[str, Any], at: str) -> Round:
         model_version=_int(obj, "model_version", at),
         fed_eval=_fed_eval(obj, at),
         fleet=str(obj["fleet"]) if obj.get("fleet") is not None else None,
+        epsilon=_number(dp, "epsilon", f"{at} privacy"),
+        delta=_number(dp, "delta", f"{at} privacy"),
     )
 
 
@@ -669,7 +675,20 @@ def figure_title(runs: Sequence[Run]) -> str:
         parts.append(
             f"codec {codec}" + (f", gate {gate}" if gate and float(gate.split("/")[0]) else "")
         )
+    spent = [text for run in runs if (text := privacy_spent(run))]
+    if spent:
+        parts.append(" / ".join(dict.fromkeys(spent)))
     return "fedge sim: " + ", ".join(parts) if parts else "fedge sim"
+
+
+def privacy_spent(run: Run) -> str | None:
+    """E.g. ``epsilon 7.21 at delta 1e-05 (central DP)``: after the run's last round."""
+    spent = [r for r in run.rounds if r.epsilon is not None]
+    if not spent:
+        return None
+    mode = (run.summary.get("privacy") or {}).get("mode")
+    how = f" ({mode} DP)" if mode else ""
+    return f"epsilon {spent[-1].epsilon:.2f} at delta {spent[-1].delta:g}{how}"
 
 
 def _panel_title(run: Run) -> str:
@@ -829,6 +848,7 @@ def render_html(runs: Sequence[Run], png: bytes) -> str:
         "gap",
         "bytes up",
         "bytes down",
+        "privacy",
     )
     body = []
     for run in runs:
@@ -855,6 +875,7 @@ def render_html(runs: Sequence[Run], png: bytes) -> str:
             _points(table["on_devices_gap"]),
             _bytes(s.get("bytes_up")),
             _bytes(s.get("bytes_down")),
+            privacy_spent(run) or "off",
         )
         body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
@@ -874,6 +895,8 @@ def render_html(runs: Sequence[Run], png: bytes) -> str:
         " accuracy of the same model version (percentage points)",
         "bytes up / down": "MQTT bytes of the updates received / of what the selected devices "
         "had to download (the global model and the round's announcement)",
+        "privacy": "differential privacy: epsilon spent by the end of the run at the configured"
+        " delta, by dp-accounting (docs/privacy.md); off: no differential privacy",
     }
     legend = "\n".join(
         f"<dt>{html.escape(name)}</dt><dd>{html.escape(text)}</dd>"

@@ -42,6 +42,7 @@ from fedge.agent.daemon import Agent
 from fedge.agent.dataset import Dataset
 from fedge.agent.service import build_agent
 from fedge.aggregator.config import AggregatorConfig
+from fedge.aggregator.privacy import PrivacyConfig
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategies.config import StrategyConfig
 from fedge.protocol import TrainingConfig
@@ -127,6 +128,13 @@ class SimOptions:
     # aggregator's overselect; the round closes once this many have answered.
     devices_per_round: int = 0
     clients: str = "hub"  # hub: connections on one thread (fleet.device_pool); threads: one each
+    # Differential privacy (aggregator [privacy], docs/privacy.md): None, "central" or "local".
+    dp: str | None = None
+    noise_multiplier: float = 1.0
+    clip: float = 1.0
+    adaptive_clip_quantile: float | None = None
+    target_delta: float = 1e-5
+    epsilon_budget: float | None = None
 
     def faults(self) -> FaultSettings:
         try:
@@ -229,6 +237,7 @@ def run_sim(opts: SimOptions) -> dict[str, Any]:
     opts.faults()  # refuse bad fault options before any data is loaded
     _strategy_table(opts)
     _training_table(opts)
+    _privacy_table(opts)
     if len({p.slug for p in parsed}) != len(parsed):
         raise SimError(f"--partition names a scheme twice: {opts.partition}")
     split = load_data(opts)
@@ -351,6 +360,38 @@ def _training_table(opts: SimOptions) -> TrainingConfig:
         raise SimError(f"--{where.replace('_', '-')}: {first['msg']}") from exc
 
 
+_PRIVACY_FLAGS = {
+    "mode": "dp",
+    "target_quantile": "adaptive_clip_quantile",
+}
+
+
+def _privacy_table(opts: SimOptions) -> PrivacyConfig | None:
+    """The aggregator's ``[privacy]`` table (None without ``--dp``), or a SimError naming the
+    bad option."""
+    if opts.dp is None:
+        return None
+    if opts.dp == "local" and opts.adaptive_clip_quantile is not None:
+        raise SimError(
+            "--adaptive-clip-quantile needs --dp central: under local DP the devices' clip bits"
+            " would reach the aggregator without noise"
+        )
+    try:
+        return PrivacyConfig(
+            mode=opts.dp,  # type: ignore[arg-type]
+            noise_multiplier=opts.noise_multiplier,
+            clip=opts.clip,
+            target_quantile=opts.adaptive_clip_quantile,
+            target_delta=opts.target_delta,
+            epsilon_budget=opts.epsilon_budget,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        flag = _PRIVACY_FLAGS.get(where, where) if where else "dp"
+        raise SimError(f"--{flag.replace('_', '-')}: {first['msg']}") from exc
+
+
 def _same_for_all(url: str) -> Callable[[str], str]:
     return lambda client_id: url
 
@@ -393,7 +434,24 @@ def _configs(
                 aggregator_keys=(public_key,),
             )
         )
-    agg = AggregatorConfig(
+    try:
+        agg = _aggregator_config(opts, fleet, broker_for, signing_key, model, state_dir, test, out)
+    except ValidationError as exc:
+        raise SimError(str(exc.errors()[0]["msg"]).removeprefix("Value error, ")) from exc
+    return agents, agg, parts
+
+
+def _aggregator_config(
+    opts: SimOptions,
+    fleet: str,
+    broker_for: Callable[[str], str],
+    signing_key: Path,
+    model: Path,
+    state_dir: Path,
+    test: Path,
+    out: Path,
+) -> AggregatorConfig:
+    return AggregatorConfig(
         fleet=fleet,
         broker=broker_for(f"{fleet}-aggregator"),
         client_id=f"{fleet}-aggregator"[:64],
@@ -410,8 +468,8 @@ def _configs(
         eval_data=test,
         log=out / "rounds.jsonl",
         seed=opts.seed,
+        privacy=_privacy_table(opts),
     )
-    return agents, agg, parts
 
 
 def _run_one(
@@ -568,6 +626,7 @@ def _run_one(
         injector.ledger if injector is not None else None,
         stalled,
         connect_s,
+        aggregator.budget_stop,
     )
     display.fed_eval_line(summary)
     return summary
@@ -669,6 +728,27 @@ def _fed_eval_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _privacy_summary(
+    opts: SimOptions, rounds: list[dict[str, Any]], budget_stop: str | None
+) -> dict[str, Any]:
+    """The run's differential privacy: the settings, and epsilon after its last round."""
+    spent = [r["privacy"] for r in rounds if "privacy" in r]
+    out: dict[str, Any] = {
+        "mode": opts.dp,
+        "noise_multiplier": opts.noise_multiplier,
+        "clip": opts.clip,
+        "adaptive_clip_quantile": opts.adaptive_clip_quantile,
+        "target_delta": opts.target_delta,
+        "epsilon_budget": opts.epsilon_budget,
+        "epsilon": spent[-1]["epsilon"] if spent else 0.0,
+        "rounds_accounted": spent[-1]["rounds_accounted"] if spent else 0,
+        "final_clip": spent[-1].get("next_clip", spent[-1]["clip"]) if spent else opts.clip,
+    }
+    if budget_stop is not None:
+        out["budget_stop"] = budget_stop
+    return out
+
+
 def _summarise(
     opts: SimOptions,
     scheme: str,
@@ -679,6 +759,7 @@ def _summarise(
     faults: Ledger | None = None,
     stalled: str | None = None,
     connect_s: float | None = None,
+    budget_stop: str | None = None,
 ) -> dict[str, Any]:
     log_path = out / "rounds.jsonl"
     rounds = (
@@ -726,6 +807,8 @@ def _summarise(
     }
     if stalled is not None:
         summary["stalled"] = stalled
+    if opts.dp is not None:
+        summary["privacy"] = _privacy_summary(opts, rounds, budget_stop)
     if faults is not None:
         summary["faults"] = faults.summary(rounds)
     base_path = out / "baselines.jsonl"

@@ -5,6 +5,7 @@ only ``paho_link`` imports paho, and only when a PahoLink is made.
 """
 
 from .chunking import CHUNK_REASONS, ChunkError, Expired, Reassembler, is_chunk, split
+from .clipping import clip_l2, l2_norm
 from .codecs import (
     CODEC_REASONS,
     CodecError,
@@ -24,6 +25,7 @@ from .messages import (
     GateSettings,
     GlobalModelHeader,
     Header,
+    PrivacySettings,
     RoundAnnouncement,
     ShardAccepted,
     ShardClose,
@@ -61,6 +63,7 @@ __all__ = [
     "MemoryBroker",
     "MemoryLink",
     "Message",
+    "PrivacySettings",
     "ProtocolError",
     "Reassembler",
     "RejectCounter",
@@ -75,6 +78,7 @@ __all__ = [
     "Topics",
     "TrainingConfig",
     "UpdateHeader",
+    "clip_l2",
     "decode",
     "decode_delta",
     "decode_skip",
@@ -85,6 +89,7 @@ __all__ = [
     "is_chunk",
     "is_signed",
     "is_skip",
+    "l2_norm",
     "make_link",
     "parse_codec",
     "sign",

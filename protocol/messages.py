@@ -75,6 +75,18 @@ class GateSettings(_Message):
     max_skips: int = Field(default=2, ge=0, le=1000)
 
 
+class PrivacySettings(_Message):
+    """What a device does under differential privacy (docs/privacy.md), set by the
+    aggregator's ``[privacy]`` table for each round: clip the update (its residual included)
+    to an L2 norm of ``clip``; add Gaussian noise of standard deviation
+    ``noise_multiplier * clip`` to every entry (local DP; 0 under central DP, where the
+    aggregator adds the noise to the sum). With privacy on, the upload gate is off: a skip
+    decided on the update would itself tell the aggregator something about the data."""
+
+    clip: float = Field(gt=0, le=1e6)
+    noise_multiplier: float = Field(default=0.0, ge=0, le=1000)
+
+
 class TrainingConfig(_Message):
     """How devices train in a round: the aggregator's ``[training]`` table, carried by every
     round announcement. The defaults are the fleet's defaults (the only place they live)."""
@@ -97,7 +109,10 @@ class TrainingConfig(_Message):
     # fewer examples to train on than it holds out.
     eval_fraction: float = Field(default=0.1, ge=0, le=0.5)
     eval_min_samples: int = Field(default=10, ge=1, le=1 << 30)
-    _omit_default = ("eval_fraction", "eval_min_samples")
+    # Differential privacy on the devices (clip, local noise); None: off. The aggregator
+    # sets it from its [privacy] table, and moves the clip between rounds (adaptive clip).
+    privacy: PrivacySettings | None = None
+    _omit_default = ("eval_fraction", "eval_min_samples", "privacy")
 
 
 class RoundAnnouncement(_Message):
@@ -151,7 +166,10 @@ class UpdateHeader(_Message):
     codec: Codec = "float32"  # a fedge.protocol.codecs spec, e.g. "topk:0.02+int8"
     train_loss: float | None = None
     evaluation: Evaluation | None = None  # the global model on held-out data, before training
-    _omit_unset = ("evaluation",)
+    # Under differential privacy: whether the update's norm was within the round's clip
+    # before clipping (one bit; the aggregator's adaptive clip counts them with noise).
+    within_clip: bool | None = None
+    _omit_unset = ("evaluation", "within_clip")
 
 
 class SkipNotice(_Message):

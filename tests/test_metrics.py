@@ -279,3 +279,15 @@ def test_serial_counters_faults_and_store_size_are_metrics() -> None:
     assert value(reg, "fedge_agent_serial_frame_faults_total", kind="crc") == 3
     assert value(reg, "fedge_agent_serial_crc_total") is None  # a fault is a label, not a name
     assert value(reg, "fedge_agent_store_size_bytes") == 65536
+
+
+@pytest.mark.unit
+def test_the_last_rounds_epsilon_is_a_gauge_under_dp() -> None:
+    from fedge.metrics import _last_round
+
+    base = {"round": 3, "status": "done"}
+    names = {m.name: m for m in _last_round(base)}
+    assert "fedge_aggregator_privacy_epsilon" not in names
+    spent = base | {"privacy": {"epsilon": 2.5, "delta": 1e-5}}
+    gauges = {m.name: m for m in _last_round(spent)}
+    assert gauges["fedge_aggregator_privacy_epsilon"].samples[0].value == 2.5

@@ -18,6 +18,7 @@ from fedge.protocol import (
     MemoryBroker,
     MemoryLink,
     Message,
+    PrivacySettings,
     Reassembler,
     RoundAnnouncement,
     Topics,
@@ -29,6 +30,7 @@ from fedge.protocol import (
     encode,
     is_chunk,
     is_skip,
+    l2_norm,
 )
 from helpers import DIGITS_MODEL
 
@@ -307,3 +309,27 @@ def test_a_crash_after_holding_an_update_back_does_not_hold_it_twice(tmp_path: P
         np.testing.assert_array_equal(f.agent.residual[k], v)  # type: ignore[index]
     resent = [m for m in iter(lambda: f.server.get(0), None) if m.topic == T.update("d1")]
     assert len(resent) == 2 and resent[0].payload == resent[1].payload  # the same notice again
+
+
+def test_the_daemon_uploads_the_clipped_update_with_its_clip_bit(tmp_path: Path) -> None:
+    f = Fleet(tmp_path)
+    [msg] = f.round(1, privacy=PrivacySettings(clip=0.01))
+    d = decode(msg.payload)
+    assert isinstance(d.msg, UpdateHeader)
+    shapes = {k: list(v.shape) for k, v in f.g.items()}
+    sent = decode_delta(d.tensors, {"codec": d.msg.codec, "shapes": shapes})
+    assert l2_norm(sent) <= 0.01 and d.msg.within_clip is False  # a round of SGD is longer
+    assert d.msg.train_loss is not None  # central DP: the aggregator is trusted with it
+
+
+def test_under_local_dp_only_the_noised_update_leaves_the_device(tmp_path: Path) -> None:
+    f = Fleet(tmp_path, noise_rng=np.random.default_rng(4))
+    [msg] = f.round(1, privacy=PrivacySettings(clip=0.01, noise_multiplier=2.0), eval_fraction=0.2)
+    d = decode(msg.payload)
+    assert isinstance(d.msg, UpdateHeader)
+    assert d.msg.train_loss is None and d.msg.evaluation is None and d.msg.within_clip is None
+    shapes = {k: list(v.shape) for k, v in f.g.items()}
+    sent = decode_delta(d.tensors, {"codec": d.msg.codec, "shapes": shapes})
+    entries = sum(v.size for v in sent.values())
+    # the noise (std 0.02 per entry) dwarfs the clipped update (norm 0.01)
+    assert l2_norm(sent) == pytest.approx(0.02 * np.sqrt(entries), rel=0.05)
