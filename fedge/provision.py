@@ -13,7 +13,12 @@ A provisioning directory (PKI) holds::
     devices.json              {"fleet": F, "devices": {id: {fleet, serial, max_samples,
                               revoked, role}}}; serial is the certificate's, in hex
     devices/<id>/             the bundle for one device: agent.toml, device.crt, device.key,
-                              ca.crt, aggregator.pub, and password when asked for
+                              ca.crt, aggregator.pub, and password when asked for, and
+                              he.secret when the fleet has HE keys
+    he.secret he.public       optional (``init_he_keys``, needs fedge[he]): the fleet's CKKS key
+                              files (fedge.protocol.he). he.secret (0600) goes into every device
+                              bundle made after it and NEVER to the aggregator, which gets
+                              he.public: it can add encrypted updates but not decrypt them
 
 Certificates, texts and hashes are built by pure functions; ``_write`` is the one place that
 writes a file (created with its final mode, fsync, ``os.replace``, fsync of the folder). Every
@@ -68,6 +73,8 @@ STATE_DIR = "/var/lib/fedge"
 DATA_MODEL = "digits_mlp.tflite"
 SERIAL_MODEL = "machine_forecaster.tflite"
 TASK_KINDS = ("forecast", "autoencode", "classify")
+HE_SECRET = "he.secret"
+HE_PUBLIC = "he.public"
 ROLES = ("device", "gateway", "site-gateway", "operator")
 # mosquitto_passwd (2.0): PBKDF2-HMAC-SHA512, 12-byte salt, 101 iterations, base64 fields.
 PASSWD_ITERATIONS = 101
@@ -725,6 +732,8 @@ def provision_device(
             changes.append(_write(bundle / "watch.toml", toml))
         elif not (gateway or site_gateway):
             changes.append(_write(bundle / "aggregator.pub", _read(pki / "signing.pub")))
+            if (pki / HE_SECRET).exists():  # devices decrypt the global model; nobody else
+                changes.append(_write(bundle / HE_SECRET, _read(pki / HE_SECRET), 0o600))
             toml = agent_toml(
                 device_id,
                 fleet,
@@ -760,6 +769,33 @@ def provision_device(
         hashed = mosquitto_password_hash(secret) if secret is not None else None
         changes.append(_set_password(pki, device_id, hashed))
     return [c for c in changes if c is not None]
+
+
+def init_he_keys(pki_dir: str | Path, *, force: bool = False) -> list[Change]:
+    """Make the fleet's CKKS key files in the PKI (homomorphic encryption of updates):
+    ``he.secret`` for the devices (copied into each bundle ``provision_device`` makes from now
+    on) and ``he.public`` for the aggregator. Existing keys are kept unless ``force``: new keys
+    make every device bundle made before them useless for HE, so re-provision the devices.
+    Needs ``fedge[he]``; without it, one ProvisionError line saying so."""
+    from fedge.protocol import he
+
+    pki = Path(pki_dir)
+    if not (pki / "devices.json").exists():
+        raise ProvisionError(f"{pki} has no fleet: run `fedge provision --init` first")
+    with _locked(pki):
+        if not force and (pki / HE_SECRET).exists():
+            raise ProvisionError(
+                f"{pki} already has HE keys; use --force to replace them (every device must"
+                " then get a new bundle)"
+            )
+        try:
+            files = he.generate_keys()
+        except he.HeError as exc:
+            raise ProvisionError(str(exc)) from exc
+        return [
+            _write(pki / HE_SECRET, files.secret, 0o600),
+            _write(pki / HE_PUBLIC, files.public, 0o644),
+        ]
 
 
 def revoke_device(
