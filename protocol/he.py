@@ -603,10 +603,17 @@ class HeSum:
         self.weight += payload.weight
         return payload.weight
 
+    def add_zero(self, weight: float) -> None:
+        """Count a device that trained but did not upload (a skip notice with its sample
+        count) as a zero delta: its weight joins W, nothing joins the sum."""
+        if not (math.isfinite(weight) and weight > 0):
+            raise HeError("bad_weight", f"weight {weight!r}")
+        self.weight += float(weight)
+
     def to_bytes(self) -> bytes:
         """The encrypted sum with its total weight W and count: a "sum" payload."""
         if self._vectors is None:
-            raise ValueError("no update was added to this sum")
+            raise ValueError("no update was added to this sum (a round of skips only)")
         return write_payload(
             KIND_SUM,
             self.keys.key_id,

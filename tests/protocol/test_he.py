@@ -65,11 +65,12 @@ def test_decrypted_mean_is_the_plain_weighted_mean(device: he.HeKeys, server: he
     total = he.HeSum(server, VALUES)
     for delta, n in zip(deltas, weights, strict=True):
         assert total.add(he.encrypt_update(device, delta, n), weight=n) == n
-    assert (total.count, total.weight) == (12, sum(weights))
+    total.add_zero(100)  # a device that trained but skipped: a zero delta of weight 100
+    assert (total.count, total.weight) == (12, sum(weights) + 100)
     mean = he.decrypt_mean(device, total.to_bytes(), SHAPES)
     exact = {
         k: sum(n * d[k].astype(np.float64) for d, n in zip(deltas, weights, strict=True))
-        / sum(weights)
+        / (sum(weights) + 100)
         for k in SHAPES
     }
     assert {k: v.shape for k, v in mean.items()} == SHAPES
