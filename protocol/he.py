@@ -15,7 +15,7 @@ Round under HE (FedAvg only, by construction)::
 
     device      u_i = Enc(n_i * delta_i)                       encrypt_update  kind "update"
     aggregator  S = sum_i u_i,  W = sum_i n_i                  HeSum           kind "sum"
-    aggregator  E_t = E_{t-1} + S * (1 / W)                    apply_sum       kind "model"
+    aggregator  E_t = E_{t-1} + S * (server_lr / W)            apply_sum       kind "model"
     device      w_t = Dec(E_t)                                 decrypt_model
 
 ``E_0 = encrypt_model(w_0)``: the initial model is the shipped artifact, public anyway. The
@@ -24,8 +24,10 @@ the clear; the broker neither. Model ciphertexts sit one level below fresh ones 
 by 1/W is rescaled once) and TenSEAL sets their scale back to exactly 2^scale_bits, so adding
 every round's S * (1/W) to E keeps E at that level for ever: one plaintext product per round.
 
-The aggregator cannot clip, take a median or trimmed mean, apply a server optimiser (FedAdam,
-FedAvgM) or evaluate the model: it sees only ciphertexts. ``refuse_strategy`` says so.
+The aggregator cannot clip, bound norms, take a median or trimmed mean, apply a server
+optimiser with state (FedAdam, FedAvgM) or evaluate the model: it sees only ciphertexts.
+FedAvg's server learning rate is the one thing it can apply (a plain factor). ``refuse_strategy``
+says so.
 
 Parameters (``HeParams``): poly modulus degree N = 8192 (N/2 = 4096 slots per ciphertext),
 coefficient modulus primes of (60, 40, 60) bits (the last is SEAL's special prime), scale 2^40.
@@ -168,10 +170,13 @@ def available() -> bool:
     return True
 
 
-def refuse_strategy(strategy: str, robust: str | None = None) -> None:
-    """Raise a one-line ValueError unless ``strategy`` is plain FedAvg without a robust rule."""
-    if strategy != "fedavg" or robust:
-        name = strategy + (f" with robust = {robust!r}" if robust else "")
+def refuse_strategy(strategy: str, robust: str = "mean", norm_bound: float = 0.0) -> None:
+    """Raise a one-line ValueError unless the ``[strategy]`` settings are plain FedAvg (any
+    ``server_lr``): no server optimiser, no robust combiner, no norm bound."""
+    extra = [f"robust = {robust!r}"] if robust != "mean" else []
+    extra += [f"norm_bound = {norm_bound!r}"] if norm_bound else []
+    if strategy != "fedavg" or extra:
+        name = " with ".join([strategy, ", ".join(extra)] if extra else [strategy])
         raise ValueError(f"{STRATEGY_REFUSAL}; strategy {name} is not possible")
 
 
@@ -624,14 +629,18 @@ class HeSum:
         )
 
 
-def apply_sum(keys: HeKeys, model: bytes, total: bytes, values: int) -> bytes:
-    """E_t = E_{t-1} + S * (1 / W): the next encrypted global model, from the previous one and
-    a round's encrypted sum, both of ``values`` values (the model's parameter count). One
-    plaintext product and one rescale per ciphertext; no secret key."""
+def apply_sum(
+    keys: HeKeys, model: bytes, total: bytes, values: int, server_lr: float = 1.0
+) -> bytes:
+    """E_t = E_{t-1} + server_lr * S / W: the next encrypted global model, from the previous
+    one and a round's encrypted sum, both of ``values`` values (the model's parameter count).
+    One plaintext product and one rescale per ciphertext; no secret key."""
+    if not (math.isfinite(server_lr) and server_lr > 0):
+        raise ValueError(f"server_lr must be a finite number > 0, got {server_lr!r}")
     previous = _load_vectors(keys, read_payload(model, keys, kind=KIND_MODEL, values=values))
     sums = read_payload(total, keys, kind=KIND_SUM, values=values)
     step = _load_vectors(keys, sums)
-    inverse = 1.0 / sums.weight
+    factor = server_lr / sums.weight
     for acc, vec in zip(previous, step, strict=True):
-        acc.add_(vec * inverse)
+        acc.add_(vec * factor)
     return write_payload(KIND_MODEL, keys.key_id, 0.0, 0, values, _serialize(previous))
