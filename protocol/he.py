@@ -21,8 +21,8 @@ Round under HE (FedAvg only, by construction)::
 ``E_0 = encrypt_model(w_0)``: the initial model is the shipped artifact, public anyway. The
 aggregator keeps the global model only as ``E_t`` and never sees an update, a sum or a model in
 the clear; the broker neither. Model ciphertexts sit one level below fresh ones (the product
-by 1/W is rescaled once) and TenSEAL sets their scale back to exactly 2^scale_bits, so adding
-every round's S * (1/W) to E keeps E at that level for ever: one plaintext product per round.
+by lr/W is rescaled once) and TenSEAL sets their scale back to exactly 2^scale_bits, so adding
+every round's S * (lr/W) to E keeps E at that level for ever: one plaintext product per round.
 
 The aggregator cannot clip, bound norms, take a median or trimmed mean, apply a server
 optimiser with state (FedAdam, FedAvgM) or evaluate the model: it sees only ciphertexts.
@@ -38,7 +38,7 @@ classical security with a ternary secret. ``HeParams`` refuses parameters above 
 Precision (``tests/protocol/test_he.py`` holds both to 1e-5 absolute, the stated bound): a
 decrypted mean delta (sum / W) differs from float64 arithmetic by about 1e-9 (fresh encryption
 noise at scale 2^40); a decrypted model by a few 1e-7 per round relative to max(1, |w|), because
-TenSEAL sets the scale of S * (1/W) back to exactly 2^40 after dividing by a prime that is only
+TenSEAL sets the scale of S * (lr/W) back to exactly 2^40 after dividing by a prime that is only
 near 2^40. Both are a few float32 ulps, far below the int8 codec's error. Values must stay
 below ``HeParams.value_bound`` (2^18 for the defaults) in magnitude: beyond it CKKS wraps
 silently, so encryption refuses such values (an update's check is on weight * delta).
@@ -271,6 +271,7 @@ def generate_keys(params: HeParams | None = None) -> KeyFiles:
         ts.SCHEME_TYPE.CKKS,
         poly_modulus_degree=params.poly_modulus_degree,
         coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+        n_threads=1,
     )
     ctx.global_scale = 2.0**params.scale_bits
     keep = {"save_galois_keys": False, "save_relin_keys": False, "save_public_key": True}
@@ -348,7 +349,9 @@ def keys_from_bytes(data: bytes, *, secret: bool, source: str = "key file") -> H
         raise bad(f"parameters: {str(exc).splitlines()[0]}") from exc
     ts = tenseal()
     try:
-        ctx = ts.context_from(data[start:])
+        # One worker thread: vector operations do not use TenSEAL's pool, and a simulated
+        # fleet loads one context per device (the default is a thread per core each).
+        ctx = ts.context_from(data[start:], n_threads=1)
     except Exception as exc:  # TenSEAL raises ValueError, RuntimeError or its own types
         raise bad(f"TenSEAL cannot load it (corrupt?): {str(exc).splitlines()[0][:120]}") from exc
     if bool(ctx.has_secret_key()) != (kind == KEY_SECRET) or not ctx.has_public_key():
