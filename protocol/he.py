@@ -75,6 +75,7 @@ import hashlib
 import json
 import math
 import struct
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,19 @@ class HeUnavailable(HeError):
 
 
 def tenseal() -> Any:
-    """The ``tenseal`` module, or HeUnavailable (one line, no traceback needed)."""
+    """The ``tenseal`` module, or HeUnavailable (one line, no traceback needed).
+
+    TenSEAL and TensorFlow each carry their own protobuf library: loaded after TensorFlow,
+    TenSEAL's serialisation fails ("failed to save proto") or crashes the process; loaded
+    first, both work. Devices and the aggregator never import TensorFlow; a process that
+    needs both (a simulation that builds its model) calls this first.
+    """
+    if "tenseal" not in sys.modules and "tensorflow" in sys.modules:
+        raise HeError(
+            "unavailable",
+            "TenSEAL must be loaded before TensorFlow in one process (their protobuf libraries"
+            " clash): call fedge.protocol.he.tenseal() before building a model",
+        )
     try:
         import tenseal as ts
     except ImportError as exc:  # also a wheel whose native library does not load

@@ -262,6 +262,19 @@ def test_nothing_imports_tenseal_unless_he_is_used() -> None:
     assert proc.stdout.strip() == "False"
 
 
+def test_tenseal_after_tensorflow_is_one_line_not_a_crash() -> None:
+    code = (
+        "import sys, types; sys.modules['tensorflow'] = types.ModuleType('tensorflow');"
+        "from fedge.protocol import he\n"
+        "try: he.generate_keys()\n"
+        "except he.HeError as exc: print(exc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("TenSEAL must be loaded before TensorFlow")
+    assert proc.stdout.count("\n") == 1
+
+
 def test_robust_strategies_refuse_he() -> None:
     he.refuse_strategy("fedavg")
     refused: list[dict[str, object]] = [
