@@ -39,9 +39,10 @@ Precision (``tests/protocol/test_he.py`` holds both to 1e-5 absolute, the stated
 decrypted mean delta (sum / W) differs from float64 arithmetic by about 1e-9 (fresh encryption
 noise at scale 2^40); a decrypted model by about 1e-7 relative to the initial model plus 1e-7
 relative to each round's step, because TenSEAL sets the scale of a product (Enc(w_0) * 1,
-S * lr/W) back to exactly 2^40 after dividing by a prime that is only near 2^40. Both are a few float32 ulps, far below the int8 codec's error. Values must stay
-below ``HeParams.value_bound`` (2^18 for the defaults) in magnitude: beyond it CKKS wraps
-silently, so encryption refuses such values (an update's check is on weight * delta).
+S * lr/W) back to exactly 2^40 after dividing by a prime that is only near 2^40. Both are a
+few float32 ulps, far below the int8 codec's error. Values must stay below
+``HeParams.value_bound`` (2^18 for the defaults) in magnitude: beyond it CKKS wraps silently,
+so encryption refuses such values (an update's check is on weight * delta).
 
 Payload (version 1), all integers big-endian::
 
