@@ -615,15 +615,25 @@ class HeSum:
             raise HeError(
                 "bad_weight", f"payload weight {payload.weight!r}, header says {weight!r}"
             )
-        vectors = _load_vectors(self.keys, payload)
+        self._fold(_load_vectors(self.keys, payload))
+        self.count += 1
+        self.weight += payload.weight
+        return payload.weight
+
+    def add_sum(self, data: bytes) -> None:
+        """Fold in another sum of the same round (a shard worker's partial sum, a "sum"
+        payload): its updates, weight and count join this one's."""
+        payload = read_payload(data, self.keys, kind=KIND_SUM, values=self.values)
+        self._fold(_load_vectors(self.keys, payload))
+        self.count += payload.count
+        self.weight += payload.weight
+
+    def _fold(self, vectors: list[Any]) -> None:
         if self._vectors is None:
             self._vectors = vectors
         else:
             for acc, vec in zip(self._vectors, vectors, strict=True):
                 acc.add_(vec)
-        self.count += 1
-        self.weight += payload.weight
-        return payload.weight
 
     def add_zero(self, weight: float) -> None:
         """Count a device that trained but did not upload (a skip notice with its sample

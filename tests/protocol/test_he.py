@@ -77,6 +77,26 @@ def test_decrypted_mean_is_the_plain_weighted_mean(device: he.HeKeys, server: he
     assert max_error(mean, exact) < BOUND
 
 
+def test_shard_sums_merge_into_the_round_sum(device: he.HeKeys, server: he.HeKeys) -> None:
+    rng = np.random.default_rng(5)
+    deltas, weights = [tensors(rng, 0.05) for _ in range(4)], [3, 5, 7, 11]
+    shards = [he.HeSum(server, VALUES), he.HeSum(server, VALUES)]
+    for j, (delta, n) in enumerate(zip(deltas, weights, strict=True)):
+        shards[j % 2].add(he.encrypt_update(device, delta, n))
+    merged = he.HeSum(server, VALUES)
+    for shard in shards:
+        merged.add_sum(shard.to_bytes())
+    assert (merged.count, merged.weight) == (4, 26)
+    exact = {
+        k: np.sum([n * d[k].astype(np.float64) for d, n in zip(deltas, weights, strict=True)], 0)
+        / 26
+        for k in SHAPES
+    }
+    assert max_error(he.decrypt_mean(device, merged.to_bytes(), SHAPES), exact) < BOUND
+    with pytest.raises(he.HeError, match="wrong_kind"):
+        merged.add_sum(he.encrypt_update(device, deltas[0], 1))
+
+
 def test_the_encrypted_model_follows_fedavg_over_rounds(
     device: he.HeKeys, server: he.HeKeys
 ) -> None:
