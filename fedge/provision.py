@@ -15,10 +15,11 @@ A provisioning directory (PKI) holds::
     devices/<id>/             the bundle for one device: agent.toml, device.crt, device.key,
                               ca.crt, aggregator.pub, and password when asked for, and
                               he.secret when the fleet has HE keys
-    he.secret he.public       optional (``init_he_keys``, needs fedge[he]): the fleet's CKKS key
-                              files (fedge.protocol.he). he.secret (0600) goes into every device
-                              bundle made after it and NEVER to the aggregator, which gets
-                              he.public: it can add encrypted updates but not decrypt them
+    he.secret he.public       optional (``init_he_keys``, ``fedge provision --he``, needs
+                              fedge[he]): the fleet's CKKS key files (fedge.protocol.he).
+                              he.secret (0600) goes into every device bundle made after it
+                              and NEVER to the aggregator, which gets he.public: it can add
+                              encrypted updates but not decrypt them
 
 Certificates, texts and hashes are built by pure functions; ``_write`` is the one place that
 writes a file (created with its final mode, fsync, ``os.replace``, fsync of the folder). Every

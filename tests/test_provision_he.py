@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from fedge.protocol import he
 
+from fedge.cli import main
 from fedge.provision import (
     HE_PUBLIC,
     HE_SECRET,
@@ -55,3 +56,31 @@ def test_he_keys_need_a_fleet_and_tenseal(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(ProvisionError, match=r"pip install 'fedge\[he\]'") as info:
         init_he_keys(tmp_path)
     assert "\n" not in str(info.value) and not (tmp_path / HE_SECRET).exists()
+
+
+def test_cli_makes_he_keys_with_init_or_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("tenseal", reason=he.INSTALL_HINT)
+    monkeypatch.chdir(tmp_path)
+    assert main(["provision", "--init", "--he", "--fleet", "home"]) == 0
+    assert f"wrote   fleet-pki/{HE_SECRET}" in capsys.readouterr().out
+    assert main(["provision", "pi-1"]) == 0
+    assert (tmp_path / "fleet-pki" / "devices" / "pi-1" / HE_SECRET).exists()
+    assert main(["provision", "--he"]) == 2  # keys exist: --force to replace them
+    assert "already has HE keys" in capsys.readouterr().err
+    assert main(["provision", "--he", "--force"]) == 0
+    assert "re-provision devices made before" in capsys.readouterr().out
+    assert main(["provision", "pi-2", "--he"]) == 2
+    assert "use it with --init, or alone" in capsys.readouterr().err
+
+
+def test_cli_without_tenseal_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "tenseal", None)
+    assert main(["provision", "--init", "--he", "--fleet", "home"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'fedge[he]'" in err
+    assert not (tmp_path / "fleet-pki" / "ca.key").exists()
