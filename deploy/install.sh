@@ -9,7 +9,8 @@
 #   --role ROLE     agent (default: the device daemon) or aggregator
 #   --bundle DIR    a provisioning bundle (`fedge provision` makes PKI/devices/DEVICE_ID/):
 #                   ROLE.toml and the files beside it (device.crt, device.key, ca.crt,
-#                   aggregator.pub) are copied into /etc/fedge/, so relative paths in the config
+#                   aggregator.pub, he.secret) are copied into /etc/fedge/ (keys, secrets
+#                   and passwords readable by group fedge only), so relative paths in the config
 #                   keep working; *.tflite files in it go to /opt/fedge/models/. Its config
 #                   replaces an existing different one (kept as ROLE.toml.old).
 #   --enable        also enable and start the service (restarted if this run changed something)
@@ -431,7 +432,7 @@ if [ -n "$bundle" ]; then
             continue
         fi
         case $name in
-        *.toml | *.key | *password*) put "$file" "$etc/$name" 0640 fedge ;;
+        *.toml | *.key | *.secret | *password*) put "$file" "$etc/$name" 0640 fedge ;;
         *) put "$file" "$etc/$name" 0644 root ;;
         esac
     done
