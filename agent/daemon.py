@@ -114,6 +114,7 @@ class Agent:
         data: Dataset | Callable[[], Dataset],
         state: AgentState | None = None,
         save_state: Callable[[AgentState], None] | None = None,
+        note_state: Callable[[AgentState], None] | None = None,
         rng: np.random.Generator | None = None,
         clock: Callable[[], float] = time.time,
         on_trained: Callable[[int, dict[str, np.ndarray]], None] | None = None,
@@ -137,11 +138,15 @@ class Agent:
         self._round_data: Dataset | None = data if isinstance(data, Dataset) else None
         self.state = state or AgentState()
         self._save_state = save_state or (lambda s: None)
+        # A quick save without an fsync (survives the process, not a power cut), for the
+        # model version between the durable saves; None: none.
+        self._note_state = note_state
         self._saves = 0  # how often the state was saved (one durable write each)
-        # A model applied is saved with the next state save (the round that follows, or the
-        # next idle moment), not on its own: that write sat between the model's arrival and
-        # the device's answer, on every round's critical path. A crash before it only
-        # forgets the version for the retained copy to bring again.
+        # A model applied is saved durably with the next state save (the round that follows,
+        # or the next idle moment), not on its own: that fsync sat between the model's
+        # arrival and the device's answer, on every round's critical path. Until then a
+        # quick save (``note_state``) keeps the version across a crash of the process; a
+        # power cut in between forgets it, and an older model is taken once more.
         self._unsaved = False
         self.rng = rng or np.random.default_rng()
         # Local DP noise draws from the OS's entropy, never from ``rng``: a seed in a config
@@ -410,6 +415,8 @@ class Agent:
         self.stats.models_applied += 1
         self.state.model_version = header.model_version
         self._unsaved = True
+        if self._note_state is not None:
+            self._note_state(self.state)
         log.info("applied global model v%d (round %d)", header.model_version, header.round_id)
         if self.sensor is not None:
             score = self.sensor.anomaly_score(self.runtime)

@@ -87,6 +87,7 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
         data=data,
         state=state,
         save_state=lambda s: save_state(state_path, s),
+        note_state=lambda s: save_state(state_path, s, durable=False),
         rng=np.random.default_rng(cfg.seed),
         residual_store=ResidualStore(residual_file(cfg)),
         outbox=Outbox(outbox_file(cfg)),

@@ -78,8 +78,13 @@ def _write(path: Path, data: str, *, durable: bool = True) -> None:
     os.replace(tmp, path)
 
 
-def save_state(path: Path, state: AgentState) -> None:
+def save_state(path: Path, state: AgentState, *, durable: bool = True) -> None:
+    """Replace the state file atomically. ``durable=False``: no fsync and no new backup; the
+    new state survives a crash of the process, and a power cut leaves an earlier one."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not durable:
+        _write(path, json.dumps(asdict(state)), durable=False)
+        return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
         fh.write(json.dumps(asdict(state)))

@@ -14,11 +14,12 @@
 #                   name on a site gateway); the unit instance that --enable starts
 #   --bundle DIR    a provisioning bundle (`fedge provision` makes PKI/devices/DEVICE_ID/):
 #                   CONFIG (agent.toml; aggregator.toml for aggregator and worker) and the
-#                   files beside it (device.crt, device.key, ca.crt, aggregator.pub; a site
-#                   gateway's worker.crt, worker.key) are copied into /etc/fedge/, so relative
-#                   paths in the config keep working; *.tflite files in it go to
-#                   /opt/fedge/models/. Its config replaces an existing different one (kept as
-#                   CONFIG.old).
+#                   files beside it (device.crt, device.key, ca.crt, aggregator.pub,
+#                   he.secret; a site gateway's worker.crt, worker.key) are copied into
+#                   /etc/fedge/ (keys, secrets and passwords readable by group fedge only),
+#                   so relative paths in the config keep working; *.tflite files in it go to
+#                   /opt/fedge/models/. Its config replaces an existing different one (kept
+#                   as CONFIG.old).
 #   --enable        also enable and start the service (restarted if this run changed something)
 #   --destdir DIR   stage under DIR instead of / (or set DESTDIR): every file goes under DIR and
 #                   no root is needed. Not done there, only printed: creating users and groups,
@@ -470,7 +471,7 @@ if [ -n "$bundle" ]; then
             continue
         fi
         case $name in
-        *.toml | *.key | *password*) put "$file" "$etc/$name" 0640 fedge ;;
+        *.toml | *.key | *.secret | *password*) put "$file" "$etc/$name" 0640 fedge ;;
         *) put "$file" "$etc/$name" 0644 root ;;
         esac
     done

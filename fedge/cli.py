@@ -306,6 +306,7 @@ def _cmd_provision(args: argparse.Namespace) -> int:
         DEFAULT_SERVER_NAMES,
         ProvisionError,
         init_fleet,
+        init_he_keys,
         provision_device,
         read_registry,
         revoke_device,
@@ -314,7 +315,22 @@ def _cmd_provision(args: argparse.Namespace) -> int:
     pki = Path(args.dir)
     warning = ""
     try:
-        if args.init:
+        if args.he and (args.device_id or args.revoke):
+            raise UserError("--he makes the fleet's HE keys: use it with --init, or alone")
+        if args.he:
+            from fedge.protocol import he
+
+            try:
+                he.tenseal()  # before anything is written: one line if TenSEAL is missing
+            except he.HeError as exc:
+                raise UserError(str(exc)) from exc
+        if args.he and not args.init:
+            changes = init_he_keys(pki, force=args.force)
+            done = (
+                "HE keys: he.public is for the aggregator; device bundles made from now on"
+                " carry he.secret (re-provision devices made before)"
+            )
+        elif args.init:
             if args.device_id or args.revoke or not args.fleet:
                 raise UserError("use: fedge provision --init --fleet FLEET [--dir PKI]")
             names = args.server_names or list(DEFAULT_SERVER_NAMES)
@@ -325,6 +341,9 @@ def _cmd_provision(args: argparse.Namespace) -> int:
                 )
             changes = init_fleet(pki, args.fleet, names, args.days, force=args.force)
             done = f"fleet {args.fleet}: a CA, and a broker certificate for {', '.join(names)}"
+            if args.he:  # a new fleet: new HE keys, whatever was there
+                changes += init_he_keys(pki, force=True)
+                done += "; HE keys (he.public for the aggregator, he.secret in device bundles)"
         elif not args.device_id:
             raise UserError("give a DEVICE_ID to provision or --revoke, or --init for a new fleet")
         elif args.revoke:
@@ -676,6 +695,12 @@ def parser() -> argparse.ArgumentParser:
     pv.add_argument("device_id", nargs="?", help="the device (or gateway) to provision or revoke")
     pv.add_argument("--init", action="store_true", help="make a new fleet CA and broker files")
     pv.add_argument("--revoke", action="store_true", help="revoke DEVICE_ID")
+    pv.add_argument(
+        "--he",
+        action="store_true",
+        help="also (with --init) or only make the fleet's CKKS keys for homomorphic encryption"
+        " (needs fedge[he]; docs/homomorphic-encryption.md)",
+    )
     pv.add_argument("--fleet", default=None, help="fleet id (required with --init)")
     pv.add_argument("--dir", default="fleet-pki", help="provisioning folder (default: %(default)s)")
     pv.add_argument(

@@ -13,7 +13,13 @@ A provisioning directory (PKI) holds::
     devices.json              {"fleet": F, "devices": {id: {fleet, serial, max_samples,
                               revoked, role, site}}}; serial is the certificate's, in hex
     devices/<id>/             the bundle for one device: agent.toml, device.crt, device.key,
-                              ca.crt, aggregator.pub, and password when asked for
+                              ca.crt, aggregator.pub, and password when asked for, and
+                              he.secret when the fleet has HE keys
+    he.secret he.public       optional (``init_he_keys``, ``fedge provision --he``, needs
+                              fedge[he]): the fleet's CKKS key files (fedge.protocol.he).
+                              he.secret (0600) goes into every device bundle made after it
+                              and NEVER to the aggregator, which gets he.public: it can add
+                              encrypted updates but not decrypt them
     sites/<site>/             a site gateway's broker (--site-gateway): as the central broker's
                               files above (ca.crt, ca.crl, server.crt/.key, passwd, fedge.acl
                               for the site's devices and its worker) plus bridge.crt/.key and
@@ -79,6 +85,8 @@ STATE_DIR = "/var/lib/fedge"
 DATA_MODEL = "digits_mlp.tflite"
 SERIAL_MODEL = "machine_forecaster.tflite"
 TASK_KINDS = ("forecast", "autoencode", "classify")
+HE_SECRET = "he.secret"
+HE_PUBLIC = "he.public"
 ROLES = ("device", "gateway", "site-gateway", "operator")
 # A site gateway's worker is the identity "<site>.worker" on its site's broker.
 WORKER_SUFFIX = ".worker"
@@ -972,6 +980,8 @@ def provision_device(
             changes.append(_write(bundle / "watch.toml", toml))
         elif not (gateway or site_gateway):
             changes.append(_write(bundle / "aggregator.pub", _read(pki / "signing.pub")))
+            if (pki / HE_SECRET).exists():  # devices decrypt the global model; nobody else
+                changes.append(_write(bundle / HE_SECRET, _read(pki / HE_SECRET), 0o600))
             toml = agent_toml(
                 device_id,
                 fleet,
@@ -1052,6 +1062,33 @@ def _revoke_serials(
     """Every certificate of a registry entry on the CRL (a site gateway has three)."""
     keys = ("serial", "worker_serial", "server_serial")
     return [_add_to_crl(pki, ca, int(entry[k], 16), reason, now) for k in keys if k in entry]
+
+
+def init_he_keys(pki_dir: str | Path, *, force: bool = False) -> list[Change]:
+    """Make the fleet's CKKS key files in the PKI (homomorphic encryption of updates):
+    ``he.secret`` for the devices (copied into each bundle ``provision_device`` makes from now
+    on) and ``he.public`` for the aggregator. Existing keys are kept unless ``force``: new keys
+    make every device bundle made before them useless for HE, so re-provision the devices.
+    Needs ``fedge[he]``; without it, one ProvisionError line saying so."""
+    from fedge.protocol import he
+
+    pki = Path(pki_dir)
+    if not (pki / "devices.json").exists():
+        raise ProvisionError(f"{pki} has no fleet: run `fedge provision --init` first")
+    with _locked(pki):
+        if not force and (pki / HE_SECRET).exists():
+            raise ProvisionError(
+                f"{pki} already has HE keys; use --force to replace them (every device must"
+                " then get a new bundle)"
+            )
+        try:
+            files = he.generate_keys()
+        except he.HeError as exc:
+            raise ProvisionError(str(exc)) from exc
+        return [
+            _write(pki / HE_SECRET, files.secret, 0o600),
+            _write(pki / HE_PUBLIC, files.public, 0o644),
+        ]
 
 
 def revoke_device(

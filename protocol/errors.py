@@ -7,6 +7,8 @@
     ├── DecodeError               bytes from the wire that cannot be trusted; ``reason`` is a
     │                             short stable code from ``DECODE_REASONS`` for metrics
     ├── CodecError (codecs.py)    delta tensors/meta that cannot be trusted (CODEC_REASONS)
+    ├── HeError (he.py)           HE key files and encrypted payloads that cannot be used
+    │   (ValueError)              (HE_REASONS); HeUnavailable: TenSEAL is not installed
     ├── ChunkError (chunking.py)  a chunk that is corrupt, inconsistent, duplicate or late
     ├── SignatureError (signing.py)  a round or global model that is unsigned, signed by a
     │                             key not pinned, or whose signature fails (SIGNATURE_REASONS)

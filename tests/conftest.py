@@ -3,6 +3,7 @@ free ports."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# TenSEAL (the he extra) must load before TensorFlow (the build tests): each carries its own
+# protobuf, and TenSEAL loaded second cannot serialise (fedge.protocol.he.tenseal()).
+with contextlib.suppress(ImportError):
+    import tenseal  # noqa: F401
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

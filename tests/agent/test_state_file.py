@@ -84,3 +84,14 @@ def test_fedge_agent_with_a_damaged_state_exits_78_then_reset_state_starts(tmp_p
         if child.stderr is not None:
             child.stderr.close()
     assert list(tmp_path.glob("agent-pi-1.json.reset-*"))
+
+
+def test_a_quick_save_replaces_the_state_and_leaves_the_backup(tmp_path: Path) -> None:
+    """The model version noted between durable saves: the file changes, the backup (the last
+    durable save before) does not."""
+    path = tmp_path / "agent.json"
+    save_state(path, AgentState(last_round=1, model_version=1))
+    save_state(path, AgentState(last_round=2, model_version=2))
+    save_state(path, AgentState(last_round=2, model_version=3), durable=False)
+    assert load_state(path).model_version == 3
+    assert load_state(Path(f"{path}.bak")).model_version == 1

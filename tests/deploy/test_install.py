@@ -145,6 +145,20 @@ def test_installs_models_unit_and_bundle(tmp_path: Path) -> None:
     assert stat.S_IMODE(unit.stat().st_mode) == 0o644
 
 
+def test_the_he_secret_key_is_for_the_service_only(tmp_path: Path) -> None:
+    pytest.importorskip("tenseal", reason="the he extra is not installed")
+    from fedge.provision import init_he_keys
+
+    root = tmp_path / "root"
+    init_fleet(tmp_path / "pki", FLEET)
+    init_he_keys(tmp_path / "pki")
+    bundle = make_bundle(tmp_path)
+    install("--destdir", root, "--bundle", bundle)
+    secret = root / "etc/fedge/he.secret"
+    assert secret.read_bytes() == (bundle / "he.secret").read_bytes()
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o640
+
+
 @pytest.mark.parametrize("kind", ["certificate", "password", "serial sensor"])
 def test_installed_bundle_config_loads(tmp_path: Path, kind: str) -> None:
     """A provisioned bundle, installed twice, is a config the agent accepts: its [tls] files,
