@@ -244,13 +244,9 @@ def test_one_masked_input_is_indistinguishable_from_uniform() -> None:
 
 def test_a_device_never_reveals_both_secrets_of_a_neighbour() -> None:
     p = make_params(6, length=8)
-    r = start(p)
+    r, _, fwd = ready_client(p)
     srv = r.server
-    for d, c in r.clients.items():
-        srv.add_advertise(d, c.advertise())
-    for d, msg in srv.close_advertise().items():
-        srv.add_shares(d, r.clients[d].share_keys(msg))
-    for d, msg in srv.close_shares().items():
+    for d, msg in fwd.items():
         r.clients[d].receive_shares(msg)
         srv.add_masked(d, r.clients[d].masked_input(to_ring(r.inputs[d], p.k)))
     me = r.clients[p.devices[0]]
@@ -275,13 +271,7 @@ def test_a_device_refuses_a_survivor_list_that_would_expose_it(
     flags: list[bool], reason: str
 ) -> None:
     p = make_params(6, length=8)
-    r = start(p)
-    srv = r.server
-    for d, c in r.clients.items():
-        srv.add_advertise(d, c.advertise())
-    for d, msg in srv.close_advertise().items():
-        srv.add_shares(d, r.clients[d].share_keys(msg))
-    fwd = srv.close_shares()
+    r, _, fwd = ready_client(p)
     me = r.clients[p.devices[0]]
     me.receive_shares(fwd[p.devices[0]])
     me.masked_input(to_ring(r.inputs[p.devices[0]], p.k))
@@ -356,13 +346,8 @@ def test_a_ciphertext_moved_to_another_receiver_or_round_is_rejected() -> None:
 
 def test_forwarded_shares_swapped_between_senders_are_rejected() -> None:
     p = make_params(5, length=8)
-    r = start(p)
-    srv = r.server
-    for d, c in r.clients.items():
-        srv.add_advertise(d, c.advertise())
-    for d, msg in srv.close_advertise().items():
-        srv.add_shares(d, r.clients[d].share_keys(msg))
-    fwd = srv.close_shares()[p.devices[0]]
+    r, _, shares = ready_client(p)
+    fwd = shares[p.devices[0]]
     head = wire.HEADER_BYTES + 1
     first, second = fwd[head : head + 56], fwd[head + 56 : head + 112]
     swapped = fwd[:head] + second + first + fwd[head + 112 :]
@@ -493,13 +478,8 @@ def test_a_key_list_without_the_devices_own_keys_is_refused() -> None:
 
 def test_a_masked_input_of_the_wrong_length_is_refused() -> None:
     p = make_params(4, length=10)  # k = 10: 100 bits, 13 bytes
-    r = start(p)
+    r, _, fwd = ready_client(p)
     srv = r.server
-    for d, c in r.clients.items():
-        srv.add_advertise(d, c.advertise())
-    for d, msg in srv.close_advertise().items():
-        srv.add_shares(d, r.clients[d].share_keys(msg))
-    fwd = srv.close_shares()
     d = p.devices[0]
     r.clients[d].receive_shares(fwd[d])
     good = r.clients[d].masked_input(to_ring(r.inputs[d], p.k))
