@@ -643,8 +643,8 @@ class Agent:
         durable: bool = False,
     ) -> None:
         """Residual, then state: the outbox written before the publish covers the gap. The
-        outbox also holds ``kept`` until the next one replaces it, so the residual file needs
-        no fsync of its own (``durable``: it does, the outbox is about to go)."""
+        outbox also holds ``kept`` until the next one replaces it, so the residual file is not
+        written while there is an outbox (``durable``: it is, the outbox is about to go)."""
         self._hold(kept, durable=durable or self.outbox is None)
         self.state.last_round = max(self.state.last_round, round_id)
         if kind == "skip":
@@ -672,16 +672,18 @@ class Agent:
         if not committed:
             self._commit(pending.round_id, pending.kept, kind=pending.kind, durable=True)
         else:
-            # The residual file was written without an fsync: a power cut may have left an
-            # older one. The outbox's is the residual since (every change goes through it).
+            # The residual file is not written while an outbox holds the residual: the file
+            # is older. The outbox's is the residual since (every change goes through it).
             self._hold(pending.kept, durable=True)
         self.outbox.clear()
         return True
 
     def _hold(self, kept: dict[str, np.ndarray] | None, *, durable: bool = True) -> None:
+        """Keep ``kept`` as the residual. Not ``durable``: in memory only, the outbox holds it
+        on disk (every residual comes through it) until a restart writes it back."""
         self.residual = kept
-        if self._residual_store is not None:
-            self._residual_store.save(kept, durable=durable)
+        if self._residual_store is not None and durable:
+            self._residual_store.save(kept)
 
     def _upload_estimate(self, cfg: TrainingConfig) -> int:
         """Bytes the next update will likely cost, before training."""

@@ -52,10 +52,7 @@ def load(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndar
     return stored
 
 
-def save(path: Path, residual: Weights | None, *, durable: bool = True) -> None:
-    """Replace the residual file atomically; ``durable``: fsync before the rename (without
-    it a power cut may leave the file before, or none: only when another durable copy, the
-    agent's outbox, holds the same residual)."""
+def save(path: Path, residual: Weights | None) -> None:
     if not residual:
         path.unlink(missing_ok=True)
         return
@@ -63,9 +60,8 @@ def save(path: Path, residual: Weights | None, *, durable: bool = True) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         np.savez(fh, **{k: np.asarray(v, np.float32) for k, v in residual.items()})  # type: ignore[arg-type]
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -78,5 +74,5 @@ class ResidualStore:
     def load(self, like: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         return load(self.path, {k: v.shape for k, v in like.items()})
 
-    def save(self, kept: dict[str, np.ndarray] | None, *, durable: bool = True) -> None:
-        save(self.path, kept, durable=durable)
+    def save(self, kept: dict[str, np.ndarray] | None) -> None:
+        save(self.path, kept)

@@ -31,7 +31,7 @@ from .eligibility import (
 from .outbox import Outbox
 from .residual import ResidualStore
 from .sensor_source import SensorSource
-from .state import load_state, reset_state, save_state
+from .state import load_state, note_state, reset_state, save_state
 
 log = logging.getLogger("fedge.agent")
 
@@ -87,7 +87,7 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
         data=data,
         state=state,
         save_state=lambda s: save_state(state_path, s),
-        note_state=lambda s: save_state(state_path, s, durable=False),
+        note_state=lambda s: note_state(state_path, s),
         rng=np.random.default_rng(cfg.seed),
         residual_store=ResidualStore(residual_file(cfg)),
         outbox=Outbox(outbox_file(cfg)),

@@ -78,13 +78,29 @@ def _write(path: Path, data: str, *, durable: bool = True) -> None:
     os.replace(tmp, path)
 
 
-def save_state(path: Path, state: AgentState, *, durable: bool = True) -> None:
-    """Replace the state file atomically. ``durable=False``: no fsync and no new backup; the
-    new state survives a crash of the process, and a power cut leaves an earlier one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not durable:
-        _write(path, json.dumps(asdict(state)), durable=False)
+def note_state(path: Path, state: AgentState) -> None:
+    """Overwrite the state file in place, without an fsync: it survives a crash of the process
+    (one small write), and a power cut leaves the file as it was or as noted. Between durable
+    saves (``save_state``): a rename over the file would cost about as much as an fsync here
+    (ext4 flushes a file renamed over another). Shorter text is padded with spaces, which JSON
+    ignores, so the file never needs truncating."""
+    data = json.dumps(asdict(state)).encode()
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except FileNotFoundError:
+        _write(path, data.decode(), durable=False)
         return
+    try:
+        size = os.fstat(fd).st_size
+        os.pwrite(fd, data.ljust(size, b" "), 0)
+    finally:
+        os.close(fd)
+
+
+def save_state(path: Path, state: AgentState) -> None:
+    """Replace the state file atomically and durably (write, fsync, rename); the file it
+    replaces stays as the backup."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
         fh.write(json.dumps(asdict(state)))

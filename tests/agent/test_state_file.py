@@ -9,7 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedge.agent.state import AgentState, StateCorrupt, load_state, reset_state, save_state
+from fedge.agent.state import (
+    AgentState,
+    StateCorrupt,
+    load_state,
+    note_state,
+    reset_state,
+    save_state,
+)
 from helpers import DIGITS_MODEL
 
 pytestmark = pytest.mark.unit
@@ -92,6 +99,11 @@ def test_a_quick_save_replaces_the_state_and_leaves_the_backup(tmp_path: Path) -
     path = tmp_path / "agent.json"
     save_state(path, AgentState(last_round=1, model_version=1))
     save_state(path, AgentState(last_round=2, model_version=2))
-    save_state(path, AgentState(last_round=2, model_version=3), durable=False)
+    note_state(path, AgentState(last_round=2, model_version=3))
     assert load_state(path).model_version == 3
     assert load_state(Path(f"{path}.bak")).model_version == 1
+    note_state(path, AgentState(last_round=2, model_version=4, trusted_keys=["ab" * 8] * 3))
+    note_state(path, AgentState(last_round=2, model_version=5))  # shorter: padded
+    assert load_state(path) == AgentState(last_round=2, model_version=5)
+    save_state(path, AgentState(last_round=3, model_version=5))
+    assert load_state(Path(f"{path}.bak")).model_version == 5  # what was noted

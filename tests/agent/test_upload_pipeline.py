@@ -223,10 +223,10 @@ def test_a_crash_between_publish_and_state_save_sends_nothing_twice(tmp_path: Pa
 
     f = Fleet(tmp_path, outbox=Outbox(tmp_path / "outbox.npz"))
 
-    def power_cut(kept: object, **_: object) -> None:  # after the publish, before any save
+    def power_cut(state: object) -> None:  # right after the publish, before the state save
         raise KeyboardInterrupt
 
-    f.agent._residual_store.save = power_cut  # type: ignore[method-assign,union-attr]
+    f.agent._save = power_cut  # type: ignore[method-assign]
     g = f.g
     header = GlobalModelHeader(fleet=FLEET, model_version=0, round_id=0)
     f.server.publish(T.global_model, encode(header, g), retain=True)
@@ -265,8 +265,8 @@ def test_a_crash_between_publish_and_state_save_sends_nothing_twice(tmp_path: Pa
 
 
 def test_a_residual_file_lost_to_a_power_cut_comes_back_from_the_outbox(tmp_path: Path) -> None:
-    """The residual file is written without an fsync (the outbox is its durable copy): a
-    power cut after the state save may leave the residual from before the round."""
+    """While the outbox holds the residual the file is not written: after a restart the
+    file is older than the residual, which comes back from the outbox."""
     from fedge.agent.outbox import Outbox
 
     f = Fleet(tmp_path, outbox=Outbox(tmp_path / "outbox.npz"))
@@ -275,7 +275,7 @@ def test_a_residual_file_lost_to_a_power_cut_comes_back_from_the_outbox(tmp_path
     f.round(2, codec="topk:0.05")
     after = {k: v.copy() for k, v in f.agent.residual.items()}  # type: ignore[union-attr]
     assert any(not np.array_equal(before[k], after[k]) for k in after)
-    ResidualStore(tmp_path / "residual.npz").save(before)  # the disk lost round 2's write
+    ResidualStore(tmp_path / "residual.npz").save(before)  # an older residual on disk
     f.agent.link.close()
     f.agent = f.make_agent()
     assert load_state(tmp_path / "state.json").last_round == 2
