@@ -42,7 +42,7 @@ def load_state(path: Path) -> AgentState:
         raise _corrupt(path, f"cannot be read ({exc.strerror})") from exc
     try:
         raw = json.loads(text)
-        return AgentState(
+        state = AgentState(
             last_round=int(raw["last_round"]),
             round_seen=int(raw.get("round_seen", raw["last_round"])),
             model_version=int(raw["model_version"]),
@@ -53,6 +53,10 @@ def load_state(path: Path) -> AgentState:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         what = "is empty" if not text.strip() else f"is not a fedge agent state ({exc})"
         raise _corrupt(path, what) from exc
+    noted = _noted_version(path, state)
+    if noted is not None and noted > state.model_version:
+        state.model_version = noted
+    return state
 
 
 def _corrupt(path: Path, what: str) -> StateCorrupt:
@@ -78,23 +82,38 @@ def _write(path: Path, data: str, *, durable: bool = True) -> None:
     os.replace(tmp, path)
 
 
+def note_path(path: Path) -> Path:
+    return path.with_name(path.name + ".model")
+
+
 def note_state(path: Path, state: AgentState) -> None:
-    """Overwrite the state file in place, without an fsync: it survives a crash of the process
-    (one small write), and a power cut leaves the file as it was or as noted. Between durable
-    saves (``save_state``): a rename over the file would cost about as much as an fsync here
-    (ext4 flushes a file renamed over another). Shorter text is padded with spaces, which JSON
-    ignores, so the file never needs truncating."""
-    data = json.dumps(asdict(state)).encode()
+    """Note the model version (with the keys it was checked against) beside the state file,
+    without an fsync and without a rename: between durable saves (``save_state``), a rename
+    over a file costs about as much as an fsync here (ext4 flushes a file renamed over
+    another). One small write in place survives a crash of the process; a power cut may leave
+    the note old or torn, and a torn note is ignored (``load_state``), never the state file.
+    Shorter text is padded with spaces, which JSON ignores, so the file is never truncated."""
+    note = {"model_version": state.model_version, "trusted_keys": state.trusted_keys}
+    data = json.dumps(note).encode()
+    fd = os.open(note_path(path), os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        fd = os.open(path, os.O_WRONLY)
-    except FileNotFoundError:
-        _write(path, data.decode(), durable=False)
-        return
-    try:
-        size = os.fstat(fd).st_size
-        os.pwrite(fd, data.ljust(size, b" "), 0)
+        os.pwrite(fd, data.ljust(os.fstat(fd).st_size, b" "), 0)
     finally:
         os.close(fd)
+
+
+def _noted_version(path: Path, state: AgentState) -> int | None:
+    """The model version noted after the last durable save, if the note is whole and was
+    made under the same pinned keys."""
+    try:
+        note = json.loads(note_path(path).read_bytes())
+        version = int(note["model_version"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("model note %s unreadable (%s); ignored", note_path(path), exc)
+        return None
+    return version if note.get("trusted_keys") == state.trusted_keys else None
 
 
 def save_state(path: Path, state: AgentState) -> None:
@@ -130,5 +149,6 @@ def reset_state(path: Path, stamp: str) -> Path | None:
         return None
     aside = path.with_name(f"{path.name}.reset-{stamp}")
     os.replace(path, aside)
+    note_path(path).unlink(missing_ok=True)  # its model note goes with it
     log.warning("--reset-state: moved %s to %s", path, aside)
     return aside

@@ -93,17 +93,25 @@ def test_fedge_agent_with_a_damaged_state_exits_78_then_reset_state_starts(tmp_p
     assert list(tmp_path.glob("agent-pi-1.json.reset-*"))
 
 
-def test_a_quick_save_replaces_the_state_and_leaves_the_backup(tmp_path: Path) -> None:
-    """The model version noted between durable saves: the file changes, the backup (the last
-    durable save before) does not."""
+def test_a_noted_model_version_counts_unless_torn_or_under_other_keys(tmp_path: Path) -> None:
+    """The version of a model applied between durable saves is noted beside the state file;
+    the state file itself and its backup stay as saved."""
     path = tmp_path / "agent.json"
     save_state(path, AgentState(last_round=1, model_version=1))
     save_state(path, AgentState(last_round=2, model_version=2))
+    before = path.read_bytes()
     note_state(path, AgentState(last_round=2, model_version=3))
-    assert load_state(path).model_version == 3
+    assert path.read_bytes() == before
+    assert load_state(path) == AgentState(last_round=2, model_version=3)
     assert load_state(Path(f"{path}.bak")).model_version == 1
     note_state(path, AgentState(last_round=2, model_version=4, trusted_keys=["ab" * 8] * 3))
+    assert load_state(path).model_version == 2  # noted under other keys: not these
     note_state(path, AgentState(last_round=2, model_version=5))  # shorter: padded
-    assert load_state(path) == AgentState(last_round=2, model_version=5)
-    save_state(path, AgentState(last_round=3, model_version=5))
-    assert load_state(Path(f"{path}.bak")).model_version == 5  # what was noted
+    assert load_state(path).model_version == 5
+    save_state(path, AgentState(last_round=3, model_version=6))
+    assert load_state(path).model_version == 6  # an older note does not lower it
+    note = Path(f"{path}.model")
+    note.write_bytes(note.read_bytes()[:9])  # torn by a power cut
+    assert load_state(path) == AgentState(last_round=3, model_version=6)
+    assert reset_state(path, "now") is not None
+    assert load_state(path) == AgentState() and not note.exists()
