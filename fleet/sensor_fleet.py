@@ -13,6 +13,7 @@ import json
 import os
 import threading
 import time
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,7 @@ def run_sensor_fleet(
         "last_value_baseline_loss": baseline,
         "samples_read": sum(a.sensor.reader.counters["samples"] for a in agents),
         "frame_faults": sum(sum(a.sensor.decoder.faults.values()) for a in agents),
+        "frame_faults_by_kind": dict(sum((a.sensor.decoder.faults for a in agents), Counter())),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
