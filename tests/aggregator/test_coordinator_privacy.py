@@ -25,6 +25,16 @@ from test_coordinator import Clock, Device, T, close_stores, delta, make, pump  
 pytestmark = pytest.mark.link
 
 
+# Central DP with the adaptive clip (toward the median norm), the bit count's noise fixed.
+ADAPTIVE = {
+    "mode": "central",
+    "noise_multiplier": 1.0,
+    "clip": 2.0,
+    "target_quantile": 0.5,
+    "count_stddev": 0.6,
+}
+
+
 def send(dev: Device, round_id: int, update: dict[str, np.ndarray], within: bool) -> None:
     header = UpdateHeader(
         device_id=dev.id,
@@ -99,13 +109,7 @@ def test_the_budget_stops_training_before_a_round_would_exceed_it(tmp_path: Path
 
 def test_the_adaptive_clip_is_announced_with_the_next_round(tmp_path: Path) -> None:
     broker, clock = MemoryBroker(), Clock()
-    privacy = {
-        "mode": "central",
-        "noise_multiplier": 1.0,
-        "clip": 2.0,
-        "target_quantile": 0.5,
-        "count_stddev": 0.6,
-    }
+    privacy = ADAPTIVE
     agg = make(tmp_path, broker, clock, min_devices=3, rounds=2, privacy=privacy)
     agg.noise_rng = np.random.default_rng(1)  # the bit count's noise, fixed
     devs = [Device(broker, d) for d in "abc"]
@@ -143,13 +147,7 @@ def test_local_dp_announces_the_noise_and_averages_uniformly(tmp_path: Path) -> 
 
 def test_epsilon_and_the_clip_survive_a_restart(tmp_path: Path) -> None:
     broker, clock = MemoryBroker(), Clock()
-    privacy = {
-        "mode": "central",
-        "noise_multiplier": 1.0,
-        "clip": 2.0,
-        "target_quantile": 0.5,
-        "count_stddev": 0.6,
-    }
+    privacy = ADAPTIVE
     agg = make(tmp_path, broker, clock, min_devices=1, privacy=privacy)
     agg.noise_rng = np.random.default_rng(1)
     a = Device(broker, "a")
