@@ -48,6 +48,7 @@ from fedge.protocol import (
     verify,
 )
 from fedge.protocol.messages import MAX_READINGS
+from fedge.protocol.secagg import SecAggError
 from fedge.protocol.signing import OVERHEAD as SIGNATURE_OVERHEAD
 from fedge.protocol.signing import key_id
 from fedge.protocol.status import encode_status
@@ -63,6 +64,7 @@ from .eligibility import ByteBudget, Decision
 from .gate import GateDecision
 from .outbox import Outbox, Pending
 from .residual import ResidualStore
+from .secure import Action, Prepared, SecureTurn
 from .state import AgentState
 from .tasks import TaskError
 from .trainer import train_local
@@ -186,6 +188,9 @@ class Agent:
         self.global_weights: dict[str, np.ndarray] | None = None
         self.global_version = -1
         self.pending: RoundAnnouncement | None = None
+        # This device's part in the secure round that is open (docs/secure-aggregation.md).
+        self.secure: SecureTurn | None = None
+        self._secagg_subscribed = False
 
     def _check_trust_root(self) -> None:
         """Rounds and versions seen under other keys do not bind this device.
@@ -334,6 +339,8 @@ class Agent:
             kind = "global"
         elif msg.topic == self.topics.round:
             kind = "round"
+        elif msg.topic in (self.topics.secagg(self.device_id), self.topics.secagg_all):
+            kind = "secagg"
         else:
             # Some brokers (amqtt) also hand over retained messages of other topics.
             self.stats.rejected["unexpected_topic"] += 1
@@ -345,6 +352,9 @@ class Agent:
                 payload = verify(payload, self.trusted_keys, fleet=self.topics.fleet, kind=kind)
             elif is_signed(payload):  # nothing pinned to check it with (development)
                 payload = payload[SIGNATURE_OVERHEAD:]
+            if kind == "secagg":
+                self._on_secagg(msg.topic, payload)
+                return
             decoded = decode(payload)
         except (SignatureError, DecodeError) as exc:
             self._refuse(exc.reason, msg.topic, str(exc))
@@ -429,8 +439,13 @@ class Agent:
             self._on_round(pending)
 
     def _on_round(self, ann: RoundAnnouncement) -> None:
+        if self.secure is not None and self.secure.round_id != ann.round_id:
+            self.secure.abort()  # a new round: the secure one it was part of is over
+            self.secure = None
         if self.device_id not in ann.selected or ann.round_id <= self.state.last_round:
             return
+        if self.secure is not None:
+            return  # taking part already (the retained announcement again, on a reconnect)
         if ann.deadline < self.clock():
             log.info("round %d: deadline already passed, sitting out", ann.round_id)
             return
@@ -513,6 +528,9 @@ class Agent:
             # retained announcement would bring the same failure back after a restart.
             log.error("round %d: %s: %s; sitting it out", ann.round_id, type(exc).__name__, exc)
             self.stats.failed += 1
+            if self.secure is not None:
+                self.secure.abort()
+                self.secure = None
             self._skip(ann, "other", trained=False, outcome="failed")
 
     def _round(self, ann: RoundAnnouncement) -> None:
@@ -532,6 +550,9 @@ class Agent:
                 log.info("round %d: no training data yet (%s)", ann.round_id, exc)
                 self._skip(ann, "not_ready", trained=False)
                 return
+        if cfg.secure is not None and not self._join_secure(ann):
+            self._skip(ann, "other", trained=False, outcome="failed")
+            return
         self._status("training")
         started = time.perf_counter()
         # The newest examples score the global model and sit this round's training out.
@@ -577,14 +598,20 @@ class Agent:
             self.global_weights,
             consecutive_skips=self.state.consecutive_skips,
             last_global_update=self.last_global_update,
-            late=self.clock() > ann.deadline,
+            # A secure round's stages say whether it is still open; its deadline is the
+            # aggregator's to judge (the masked input goes once the shares are in).
+            late=self.secure is None and self.clock() > ann.deadline,
         )
         self.last_gate = gate
         payload = b""
         parts: list[bytes] = []
         encoding = None
         update_id = secrets.token_hex(8)
-        if gate.upload:
+        if gate.upload and self.secure is not None:
+            if self._prepare_secure(ann, update, result, train_loss, scored, within_clip):
+                return  # masked and sent when the neighbours' shares are in
+            gate = replace(gate, upload=False, reason="budget")
+        elif gate.upload:
             encoding = steps.encode(update, cfg, self.rng)
             header = UpdateHeader(
                 device_id=self.device_id,
@@ -604,6 +631,9 @@ class Agent:
                 if not decision.upload:  # e.g. the daily budget is spent: keep it all for later
                     gate = replace(gate, upload=False, reason=decision.reason)
         if not gate.upload:
+            if self.secure is not None:  # held back: a dropout of the secure round
+                self.secure.abort()
+                self.secure = None
             self._skip(ann, gate.reason, trained=True, held=update, scored=scored)
             return
         assert encoding is not None
@@ -633,6 +663,127 @@ class Agent:
             encoding.spec,
             gate.reason,
         )
+
+    # -- secure aggregation (agent/secure.py, docs/secure-aggregation.md) -----------------
+    def _join_secure(self, ann: RoundAnnouncement) -> bool:
+        """Take part in a secure round: derive it, listen for the aggregator's messages and
+        advertise this device's keys. False when the announcement makes no valid round."""
+        assert ann.config.secure is not None and self.global_weights is not None
+        try:
+            plan = steps.secure_plan(
+                ann.config,
+                ann.config.secure,
+                fleet=self.topics.fleet,
+                round_id=ann.round_id,
+                devices=ann.selected,
+                shapes={k: tuple(v.shape) for k, v in self.global_weights.items()},
+            )
+            turn = SecureTurn(plan, self.device_id)
+        except SecAggError as exc:
+            log.error("round %d: secure aggregation: %s", ann.round_id, exc)
+            return False
+        if not self._secagg_subscribed:
+            # Before the keys go out: the broker sends what follows on this connection.
+            self.link.subscribe(self.topics.secagg(self.device_id), qos=1)
+            self.link.subscribe(self.topics.secagg_all, qos=1)
+            self._secagg_subscribed = True
+        self.secure = turn
+        topic = self.topics.update(self.device_id)
+        payload = turn.advertise()
+        self.link.publish(topic, payload, qos=1)
+        self._sent(publish_size(topic, len(payload), 1))
+        return True
+
+    def _prepare_secure(
+        self,
+        ann: RoundAnnouncement,
+        update: dict[str, np.ndarray],
+        result: Any,
+        train_loss: float | None,
+        scored: Evaluation | None,
+        within_clip: bool | None,
+    ) -> bool:
+        """Seal the update and keep it for the masking; False if the byte budget says no."""
+        assert self.secure is not None
+        sealed = steps.seal(update, self.secure.plan, self.rng)
+        p = self.secure.plan.params
+        if self.eligibility is not None:
+            estimate = (p.length * p.k + 7) // 8 + 1024
+            if not self.eligibility(estimate).upload:
+                return False
+        self.secure.prepare(
+            Prepared(
+                update_id=secrets.token_hex(8),
+                base_version=ann.model_version,
+                sealed=sealed,
+                kept=steps.remaining(update, sealed),
+                num_samples=result.samples,
+                train_loss=train_loss,
+                evaluation=scored,
+                within_clip=within_clip,
+                log_line=(result.steps, result.samples, result.loss),
+            )
+        )
+        self.stats.rounds_trained += 1
+        log.info(
+            "round %d: trained %d steps on %d samples, loss %.4f; waiting for the shares",
+            ann.round_id,
+            result.steps,
+            result.samples,
+            result.loss,
+        )
+        return True
+
+    def _on_secagg(self, topic: str, payload: bytes) -> None:
+        turn = self.secure
+        if turn is None:
+            self._refuse("secagg_wrong_round", topic, "no secure round open on this device")
+            return
+        try:
+            answer = turn.answer(payload)
+        except SecAggError as exc:
+            turn.abort()
+            self.secure = None
+            self._refuse(f"secagg_{exc.reason}", topic, f"round {turn.round_id}: {exc}")
+            return
+        out = self.topics.update(self.device_id)
+        if answer.action is Action.PUBLISH:
+            self.link.publish(out, answer.payload, qos=1)
+            self._sent(publish_size(out, len(answer.payload), 1))
+        elif answer.action is Action.MASKED:
+            self._send_masked(turn, answer.payload)
+        if answer.done:
+            self.secure = None
+
+    def _send_masked(self, turn: SecureTurn, masked: bytes) -> None:
+        """The masked input in the usual update envelope: chunked, kept in the outbox,
+        committed with its residual, as any update."""
+        prep = turn.prepared
+        assert prep is not None
+        header = UpdateHeader(
+            device_id=self.device_id,
+            round_id=turn.round_id,
+            update_id=prep.update_id,
+            base_version=prep.base_version,
+            num_samples=prep.num_samples,
+            codec="secagg",
+            train_loss=prep.train_loss,
+            evaluation=prep.evaluation,  # type: ignore[arg-type]
+            within_clip=prep.within_clip,
+        )
+        payload = encode(header, {"masked": np.frombuffer(masked, np.uint8)})
+        parts = self._parts(payload, prep.update_id)
+        topic = self.topics.update(self.device_id)
+        if self.outbox is not None:
+            self.outbox.put(Pending(turn.round_id, prep.update_id, topic, parts, prep.kept))
+        for part in parts:
+            self.link.publish(topic, part, qos=1)
+        self.last_update_bytes = self._wire_size(parts)
+        self._sent(self.last_update_bytes)
+        self._commit(turn.round_id, prep.kept, kind="update")
+        self.outcome = ("sent", None)
+        self._status("idle")
+        log.info("round %d: sent the masked update, %d bytes", turn.round_id, len(payload))
 
     def _commit(
         self,

@@ -3,6 +3,11 @@
     local_delta -> check_trained -> with_residual -> clip -> local_noise -> gate -> encode
     -> remaining
 
+and, in a secure round (``TrainingConfig.secure``, docs/secure-aggregation.md), ``seal`` in
+place of ``encode``: quantise onto the round's shared range and index set, the vector the
+device's ``SecAggClient`` masks once its neighbours' shares are in; ``remaining`` then keeps
+what the quantisation, the range and the index set left out.
+
 ``fedge.agent.daemon`` calls them between training and publishing; a new mechanism (a mask)
 is one step added here and tested alone. The residual (error feedback) is what the codec or
 the gate held back; ``remaining`` is what stays in it once an update is out.
@@ -25,11 +30,13 @@ from fedge.protocol import (
     CodecSpec,
     Encoded,
     PrivacySettings,
+    SecureSettings,
     TrainingConfig,
     clip_l2,
     encode_delta,
     parse_codec,
 )
+from fedge.protocol.secagg import SecureRound, quantize, secure_round, to_ring
 
 from . import residual
 from .gate import GateDecision, decide
@@ -129,8 +136,43 @@ def encode(update: Weights, cfg: TrainingConfig, rng: np.random.Generator) -> En
     return Encoding(spec, encode_delta(update, spec, rng))
 
 
-def remaining(update: Weights, encoding: Encoding) -> dict[str, np.ndarray] | None:
+def remaining(update: Weights, encoding: Encoding | Sealed) -> dict[str, np.ndarray] | None:
     """The residual once ``encoding`` is sent: none after a lossless codec."""
+    if isinstance(encoding, Sealed):
+        return residual.subtract(update, encoding.sent)
     if str(encoding.spec) == "float32":
         return None
     return residual.subtract(update, encoding.encoded.decoded)
+
+
+def secure_plan(
+    cfg: TrainingConfig,
+    secure: SecureSettings,
+    *,
+    fleet: str,
+    round_id: int,
+    devices: tuple[str, ...],
+    shapes: dict[str, tuple[int, ...]],
+) -> SecureRound:
+    """The secure round's parameters, tensor order and index set, as the aggregator derives
+    them (``fedge.protocol.secagg.rounds``); SecAggError("bad_params") for a bad round."""
+    size = sum(int(np.prod(s)) for s in shapes.values())
+    spec = parse_codec(cfg.codec).with_min_entries(size, cfg.topk_min_entries)
+    return secure_round(fleet, round_id, devices, secure, shapes, spec)
+
+
+@dataclass(frozen=True)
+class Sealed:
+    vector: np.ndarray  # the update in the ring Z_{2^k} (uint32), ready to be masked
+    sent: dict[str, np.ndarray]  # what the sum gets of this update (float32 tensors)
+
+
+def seal(update: Weights, plan: SecureRound, rng: np.random.Generator) -> Sealed:
+    """Secure aggregation's encoding: the round's entries of ``update``, clipped to the
+    shared range [-clip, clip] and rounded stochastically to ``bits`` bits (unbiased), as
+    elements of the ring the masks live in."""
+    p = plan.params
+    q = quantize(plan.flatten(update), p.clip, p.bits, rng)
+    scale = p.clip / ((1 << (p.bits - 1)) - 1)
+    sent = plan.unflatten(q.astype(np.float64) * scale)
+    return Sealed(to_ring(q, p.k), {k: np.asarray(v, np.float32) for k, v in sent.items()})

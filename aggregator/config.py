@@ -123,6 +123,36 @@ def _zone(name: str) -> ZoneInfo:
         raise ValueError(f"unknown time zone {name!r} (an IANA name, e.g. Europe/Berlin)") from exc
 
 
+class SecureConfig(BaseModel):
+    """``[secure]``: secure aggregation (docs/secure-aggregation.md). Each round the devices
+    agree pairwise keys, secret-share their mask seeds and upload masked, quantised updates;
+    the aggregator learns only their sum, and survives up to just under half of a device's
+    share holders dropping out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Neighbours per device (even): None is the complete graph (every device shares with
+    # every other: O(N) keys and shares per device); SecAgg+ with k of O(log N) above a few
+    # dozen devices per round (e.g. 20 at 100, 30 at 1,000).
+    degree: int | None = Field(default=None, ge=2, le=1 << 16)
+    # Shares needed to rebuild a device's secrets; None: a strict majority of its holders.
+    threshold: int | None = Field(default=None, ge=2, le=1 << 16)
+    bits: int = Field(default=8, ge=2, le=24)  # quantisation bits per entry
+    # Every entry is clipped to [-clip, clip] before quantising (the same range on every
+    # device, or the integers would not add up); under [privacy] the L2 clip bounds it.
+    clip: float = Field(default=0.05, gt=0, le=1e6)
+    # Seconds the aggregator waits for the devices' keys, and for their unmask answers;
+    # the shares and the masked inputs have until the round's deadline.
+    stage_timeout: float = Field(default=15.0, gt=0)
+
+    @field_validator("degree")
+    @classmethod
+    def _even(cls, value: int | None) -> int | None:
+        if value is not None and value % 2:
+            raise ValueError(f"the graph's degree must be even, not {value}")
+        return value
+
+
 class AggregatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -165,6 +195,7 @@ class AggregatorConfig(BaseModel):
     metrics_addr: str = "127.0.0.1"
     shards: ShardsConfig | None = None  # None: this process takes every update itself
     privacy: PrivacyConfig | None = None  # differential privacy (docs/privacy.md); None: off
+    secure: SecureConfig | None = None  # secure aggregation; None: off
 
     @field_validator("model", "eval_data", mode="after")
     @classmethod
@@ -217,6 +248,30 @@ class AggregatorConfig(BaseModel):
             if self.shards is not None:
                 raise ValueError('[privacy] mode = "central" cannot be combined with [shards]')
             p.value_noise_multiplier(self.expected_devices)  # adaptive clip: z must fit
+        return self
+
+    @model_validator(mode="after")
+    def _secure_fits(self) -> AggregatorConfig:
+        if self.training.secure is not None:
+            raise ValueError(
+                "[training] secure is set by the aggregator from [secure]; configure secure"
+                " aggregation there"
+            )
+        if self.secure is None:
+            return self
+        s = self.strategy
+        if s.robust != "mean" or s.norm_bound > 0:
+            raise ValueError(
+                '[secure] needs [strategy] robust = "mean" and norm_bound = 0: a robust'
+                " combiner needs every update, and the aggregator sees only their sum"
+            )
+        if self.shards is not None:
+            raise ValueError("[secure] cannot be combined with [shards]")
+        if self.min_devices < 3:
+            raise ValueError(
+                f"[secure] needs min_devices of at least 3, not {self.min_devices}: with"
+                " two, each device could subtract its own update from the sum"
+            )
         return self
 
     @property

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import sqlite3
 import threading
 import time
@@ -41,6 +42,7 @@ from fedge.protocol import (
     PrivacySettings,
     Reassembler,
     RoundAnnouncement,
+    SecureSettings,
     SkipNotice,
     Status,
     Topics,
@@ -48,8 +50,10 @@ from fedge.protocol import (
     UpdateHeader,
     encode,
     is_chunk,
+    parse_codec,
     sign,
 )
+from fedge.protocol.secagg import SecAggAbort, SecAggError, address, is_secagg, secure_round
 from fedge.protocol.status import decode_status
 from fedge.protocol.wire import PUBACK_SIZE, publish_size
 
@@ -58,6 +62,7 @@ from .accounting import Ledger
 from .accumulate import Accumulator, RunningSum, make_accumulator
 from .config import AggregatorConfig
 from .sample_limits import bound_samples
+from .secure import SecureSum
 from .shard import ShardedSum, Shards
 from .store import Store, StoreError
 from .strategies.factory import make_strategy
@@ -80,7 +85,7 @@ class OpenRound:
     deadline: float
     # The accepted updates, folded into a running sum (or kept, for a robust combiner; or
     # held by the shard workers, which send their partial sums when the round closes).
-    acc: Accumulator | ShardedSum
+    acc: Accumulator | ShardedSum | SecureSum
     counts: dict[str, int] = field(default_factory=dict)
     losses: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, SkipNotice] = field(default_factory=dict)
@@ -94,6 +99,8 @@ class OpenRound:
     clip: float | None = None
     sampling_rate: float = 1.0
     within_clip: dict[str, bool] = field(default_factory=dict)
+    # Secure aggregation: the round's settings as announced (a fresh seed each round).
+    secure: SecureSettings | None = None
 
     @property
     def uploaded(self) -> set[str]:
@@ -264,6 +271,12 @@ class Aggregator:
                 "round %d was for model v%d, have v%d: abandoned", round_id, version, self.version
             )
             return
+        if self.cfg.secure is not None:
+            # The protocol's state (keys, the masked sum) lives in memory only, and the
+            # devices' secrets in theirs: the round starts afresh.
+            self.store.abandon_open_rounds()
+            log.warning("secure round %d was open when the aggregator stopped: abandoned", round_id)
+            return
         if self.shards is not None:
             # Which worker holds which of its updates is not kept: the round starts afresh.
             self.store.abandon_open_rounds()
@@ -295,7 +308,7 @@ class Aggregator:
                     num_samples=answer.num_samples,
                 )
                 self._take_skip(rnd, notice)
-            elif answer.delta is not None:
+            elif answer.delta is not None and not isinstance(rnd.acc, SecureSum):
                 rnd.acc.add(answer.device_id, answer.delta, self._weight(answer.num_samples))
                 rnd.counts[answer.device_id] = answer.num_samples
                 if answer.train_loss is not None:
@@ -336,6 +349,14 @@ class Aggregator:
             self.version,
             self.strategy.describe(),
         )
+        if self.cfg.secure is not None and "topk" in self.cfg.training.codec:
+            log.warning(
+                "[secure] with codec %s: every device sends the round's shared random index"
+                " set (random-k), which learns far slower than top-k (bench/README.md); a"
+                ' dense codec = "float32" is quantised to the ring at %d bits an entry',
+                self.cfg.training.codec,
+                self.cfg.secure.bits,
+            )
         s = self.cfg.strategy
         if s.robust != "mean" and not s.norm_bound and "topk" in self.cfg.training.codec:
             log.warning(
@@ -414,6 +435,9 @@ class Aggregator:
             self.store.forget_chunks(key[1], device)
             payload = full
             wire = self._chunk_wire.pop(key, wire)
+        if is_secagg(payload):
+            self._on_secagg(msg.topic, device, payload, wire)
+            return
         try:
             parsed = intake.parse(payload, device)
         except DecodeError as exc:
@@ -470,10 +494,17 @@ class Aggregator:
             else intake.OpenRoundView(rnd.round_id, rnd.selected, rnd.answered),
             model_version=self.version,
             seen=self.store.seen_update(header.device_id, header.update_id),
-            codec=self._expected_codec,
+            codec=self._expected_codec if rnd is None or rnd.secure is None else "secagg",
         )
         delta: dict[str, np.ndarray] = {}
-        if reason is None and isinstance(header, UpdateHeader):
+        if reason is None and rnd is not None and isinstance(rnd.acc, SecureSum):
+            if isinstance(header, UpdateHeader):
+                # Unmask comes later, for the sum only: this input is masked, never decoded.
+                try:
+                    rnd.acc.add_masked(header.device_id, intake.masked_input(tensors))
+                except SecAggError as exc:
+                    reason = f"secagg_{exc.reason}"
+        elif reason is None and isinstance(header, UpdateHeader):
             shapes = {k: list(w.shape) for k, w in self.weights.items()}
             try:
                 delta = intake.decode(header, tensors, shapes)
@@ -506,14 +537,15 @@ class Aggregator:
             train_loss=getattr(header, "train_loss", None),
             nbytes=nbytes,
             received=self.clock(),
-            delta=delta if is_update else None,
+            delta=delta if is_update and rnd.secure is None else None,
         )
         if header.evaluation is not None:
             rnd.evals[header.device_id] = header.evaluation
         if isinstance(header, SkipNotice):
             self._take_skip(rnd, header)
             return
-        rnd.acc.add(header.device_id, delta, self._weight(header.num_samples))  # not kept here
+        if not isinstance(rnd.acc, SecureSum):  # (a masked input is in the sum already)
+            rnd.acc.add(header.device_id, delta, self._weight(header.num_samples))
         if header.within_clip is not None:
             rnd.within_clip[header.device_id] = header.within_clip
         rnd.counts[header.device_id] = header.num_samples
@@ -536,7 +568,9 @@ class Aggregator:
                 f"{gone.missing} of {gone.chunk_count} chunks missing",
             )
         rnd = self.current
-        if rnd is not None:
+        if rnd is not None and isinstance(rnd.acc, SecureSum):
+            self._secure_tick(rnd, rnd.acc, now)
+        elif rnd is not None:
             target = self.cfg.devices_per_round
             waiting = set(rnd.selected) - rnd.answered
             needed = max(1, math.ceil(self.cfg.quorum * len(rnd.selected)))
@@ -641,8 +675,19 @@ class Aggregator:
         rate = len(selected) / max(1, len(self.online))
         if self.privacy is not None and not self._account(selected, rate):
             return
+        deadline = now + self.cfg.round_timeout
+        secure = None
+        if self.cfg.secure is not None:
+            secure = self._secure_round(self.next_round_id, selected, now, deadline)
+            if secure is None:
+                return
         rnd = OpenRound(
-            self.next_round_id, selected, now, now + self.cfg.round_timeout, self._accumulator()
+            self.next_round_id,
+            selected,
+            now,
+            deadline,
+            self._accumulator() if secure is None else secure[1],
+            secure=None if secure is None else secure[0],
         )
         if self.privacy is not None:
             rnd.clip, rnd.sampling_rate = self.clip, rate
@@ -701,18 +746,22 @@ class Aggregator:
         return self.privacy is not None and self.privacy.mode == "central"
 
     def _weight(self, num_samples: int) -> int:
-        """An update's weight in the sum: its sample count; 1 under DP (uniform)."""
-        return 1 if self.privacy is not None else num_samples
+        """An update's weight in the sum: its sample count; 1 under DP (uniform) and in
+        secure rounds (the aggregator sees only the sum)."""
+        return 1 if self.privacy is not None or self.cfg.secure is not None else num_samples
 
     def _training(self, rnd: OpenRound) -> TrainingConfig:
         """The [training] table a round announces; under DP with the round's clip (and,
         under local DP, the noise each device adds)."""
         p = self.privacy
+        training = self.cfg.training
+        if rnd.secure is not None:
+            training = training.model_copy(update={"secure": rnd.secure})
         if p is None or rnd.clip is None:
-            return self.cfg.training
+            return training
         noise = p.noise_multiplier if p.mode == "local" else 0.0
         settings = PrivacySettings(clip=rnd.clip, noise_multiplier=noise)
-        return self.cfg.training.model_copy(update={"privacy": settings})
+        return training.model_copy(update={"privacy": settings})
 
     def _account(self, selected: list[str], rate: float) -> bool:
         """Count the round about to start in the privacy ledger (by selection: a device
@@ -739,7 +788,7 @@ class Aggregator:
     def _private_mean(self, rnd: OpenRound, used: dict[str, int]) -> dict[str, np.ndarray]:
         """Central DP: the unweighted sum of the clipped updates plus Gaussian noise, over
         the number of devices selected (aggregator/privacy.py)."""
-        assert isinstance(rnd.acc, RunningSum) and rnd.clip is not None
+        assert isinstance(rnd.acc, (RunningSum, SecureSum)) and rnd.clip is not None
         total = rnd.acc.weighted_sum(used, lambda device: {})
         return privacy.noised_mean(
             total,
@@ -777,6 +826,87 @@ class Aggregator:
         record["delta"] = p.target_delta
         record["rounds_accounted"] = self.ledger.rounds
         return record
+
+    # -- secure aggregation (aggregator/secure.py, docs/secure-aggregation.md) ------------
+    def _secure_round(
+        self, round_id: int, selected: list[str], now: float, deadline: float
+    ) -> tuple[SecureSettings, SecureSum] | None:
+        """The settings a secure round announces (a fresh public seed) and its sum; None
+        (and training stops, said in the log) when they make no valid round."""
+        c = self.cfg.secure
+        assert c is not None
+        settings = SecureSettings(
+            seed=secrets.token_hex(32),
+            threshold=c.threshold,
+            degree=c.degree,
+            bits=c.bits,
+            clip=c.clip,
+        )
+        t = self.cfg.training
+        size = sum(int(np.size(w)) for w in self.weights.values())
+        spec = parse_codec(t.codec).with_min_entries(size, t.topk_min_entries)
+        shapes = {k: tuple(w.shape) for k, w in self.weights.items()}
+        try:
+            plan = secure_round(self.cfg.fleet, round_id, selected, settings, shapes, spec)
+        except SecAggError as exc:
+            log.error("[secure] makes no valid round of %d device(s): %s", len(selected), exc)
+            self._note(f"training stopped: [secure]: {exc}")
+            self.done = True
+            return None
+        acc = SecureSum(plan, started=now, deadline=deadline, stage_timeout=c.stage_timeout)
+        return settings, acc
+
+    def _on_secagg(self, topic: str, device: str, payload: bytes, wire: int) -> None:
+        """A device's secure-aggregation stage message (advertise, shares, unmask)."""
+        rnd = self.current
+        if rnd is None or not isinstance(rnd.acc, SecureSum):
+            self.stray_bytes += wire
+            self._reject("secagg_wrong_round", topic, f"from {device}: no secure round open")
+            return
+        rnd.wire_up[device] += wire
+        try:
+            rnd.acc.add_stage(device, payload)
+        except SecAggError as exc:
+            self._reject(f"secagg_{exc.reason}", topic, f"from {device}: {exc}")
+
+    def _secure_tick(self, rnd: OpenRound, acc: SecureSum, now: float) -> None:
+        stage = acc.stage
+        try:
+            out = acc.advance(now, rnd.selected, set(rnd.skipped))
+        except SecAggAbort as exc:
+            self._fail(now, f"secure aggregation aborted at {stage} ({exc})")
+            return
+        down = 0
+        for device, message in out.to_devices.items():
+            payload = self._signed(address(device, message), "secagg")
+            self.link.publish(self.topics.secagg(device), payload, qos=1)
+            down = max(down, publish_size(self.topics.secagg(device), len(payload), 1))
+        if out.to_all is not None:
+            payload = self._signed(address("", out.to_all), "secagg")
+            self.link.publish(self.topics.secagg_all, payload, qos=1)
+            down = max(down, publish_size(self.topics.secagg_all, len(payload), 1))
+        if down:
+            rnd.wire_down += down + PUBACK_SIZE
+            log.debug("round %d: secure aggregation past %s", rnd.round_id, out.stage)
+        if acc.finished:
+            self._finish(now)
+
+    def _secure_summary(self, rnd: OpenRound, acc: SecureSum) -> dict:
+        p = acc.plan.params
+        server = acc.server
+        return {
+            "stage": acc.stage,
+            "degree": p.degree,
+            "threshold": p.threshold,
+            "bits": p.bits,
+            "ring_bits": p.k,
+            "clip": p.clip,
+            "entries": p.length,
+            "advertised": len(server.u1 or server.advertised),
+            "shared": len(server.u2 or server.shared),
+            "survivors": len(server.u3),
+            "dropped_after_sharing": len(server.u2 - server.u3) if server.u3 else 0,
+        }
 
     def _republish_global(self, why: str) -> None:
         """Send the current global again (retained): a device lacks it, or a round failed.
@@ -821,8 +951,8 @@ class Aggregator:
         declared.update({d: rnd.skipped[d].num_samples for d in held})
         limits = self.cfg.samples
         bounded = bound_samples(
-            # Under DP every device weighs 1 (aggregator/privacy.py): nothing to bound.
-            declared if self.privacy is None else dict.fromkeys(declared, 1),
+            # Under DP, and in a secure round, every device weighs 1: nothing to bound.
+            declared if self._weight(2) == 2 else dict.fromkeys(declared, 1),
             caps=self.sample_caps,
             max_per_device=limits.max_per_device,
             median_factor=limits.median_factor,
@@ -890,6 +1020,8 @@ class Aggregator:
             "bytes_received": rnd.bytes_received,
             "duration_s": round(now - rnd.started, 3),
         }
+        if isinstance(rnd.acc, SecureSum):
+            summary["secure"] = self._secure_summary(rnd, rnd.acc)
         scored = fed_eval.combine(rnd.evals, bounded.used, announced)
         if scored is not None:
             summary["fed_eval"] = scored
@@ -944,6 +1076,8 @@ class Aggregator:
             "bytes_down_per_device": rnd.wire_down,
             "duration_s": round(now - rnd.started, 3),
         }
+        if isinstance(rnd.acc, SecureSum):
+            summary["secure"] = self._secure_summary(rnd, rnd.acc)
         if self.privacy is not None:
             with self.store.transaction():
                 summary["privacy"] = self._spend(rnd, published=False)

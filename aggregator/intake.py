@@ -2,6 +2,12 @@
 
     parse -> validate -> decode -> [clip] -> (the round keeps the delta; the strategy folds them)
 
+and in a secure round (``aggregator/secure.py``)::
+
+    [is_secagg: a stage message -> the round's SecAggServer]
+    parse -> validate -> masked_input -> (folded into the masked sum) ... unmask, once, for
+    the sum of the round (``SecureSum.advance``), never for one update
+
 ``fedge.aggregator.coordinator`` calls them for every message on ``update/{device}`` once its
 chunks are whole. Each step turns untrusted bytes or values into the next stage's input or a
 short reason (counted by the coordinator); a new mechanism (unmasking, a clip) is one step
@@ -26,6 +32,7 @@ from fedge.protocol import (
     parse_codec,
 )
 from fedge.protocol import decode as decode_envelope
+from fedge.protocol.secagg import SecAggError
 
 Answer: TypeAlias = UpdateHeader | SkipNotice
 
@@ -104,6 +111,15 @@ def decode(
 ) -> dict[str, np.ndarray]:
     """The dense float32 delta, checked against the model's shapes (CodecError otherwise)."""
     return decode_delta(dict(tensors), {"codec": header.codec, "shapes": dict(shapes)})
+
+
+def masked_input(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """The masked input of a secure round's update envelope: one uint8 tensor ``masked``
+    (its size is checked against the round by ``SecAggServer.add_masked``)."""
+    masked = tensors.get("masked")
+    if set(tensors) != {"masked"} or masked is None or masked.dtype != np.uint8:
+        raise SecAggError("bad_magic", "a secure update carries one uint8 tensor, masked")
+    return masked.tobytes()
 
 
 def clip(delta: Mapping[str, np.ndarray], bound: float) -> dict[str, np.ndarray]:

@@ -157,6 +157,10 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         adaptive_clip_quantile=args.adaptive_clip_quantile,
         target_delta=args.target_delta,
         epsilon_budget=args.epsilon_budget,
+        secure=args.secure,
+        secure_degree=args.secure_degree,
+        secure_bits=args.secure_bits,
+        secure_clip=args.secure_clip,
     )
     if args.source == "serial":
         return _sim_serial(args)
@@ -560,6 +564,28 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="stop before a round would take epsilon past this",
+    )
+    sa = s.add_argument_group("secure aggregation (docs/secure-aggregation.md; off by default)")
+    sa.add_argument(
+        "--secure",
+        action="store_true",
+        help="devices mask their updates; the aggregator sees only the sum (Bonawitz et al.)",
+    )
+    sa.add_argument(
+        "--secure-degree",
+        type=int,
+        default=None,
+        metavar="K",
+        help="neighbours per device (even; SecAgg+); default: every device (complete graph)",
+    )
+    sa.add_argument(
+        "--secure-bits", type=int, default=8, help="quantisation bits per entry (default 8)"
+    )
+    sa.add_argument(
+        "--secure-clip",
+        type=float,
+        default=0.05,
+        help="each entry is clipped to [-clip, clip] before quantising (default 0.05)",
     )
     f = s.add_argument_group("faults (seeded by --seed; counted in summary.json)")
     f.add_argument(

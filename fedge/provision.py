@@ -387,6 +387,8 @@ def acl_text(
         f"topic read {base}/shard/+/accepted",  # [shards]: workers' reports and partial sums
         f"topic read {base}/shard/+/partial",
         f"topic write {base}/shard/+/close",
+        f"topic write {base}/secagg/+",  # [secure]: key lists, shares, the survivors
+        f"topic write {base}/secagg",
     ]
     for ident, role in sorted(identities.items()):
         check_id("identity", ident)
@@ -416,13 +418,18 @@ def acl_text(
     return "\n".join(lines) + "\n"
 
 
-def _device_grants(base: str, device: str) -> list[str]:
-    return [
+def _device_grants(base: str, device: str, *, secagg: bool = True) -> list[str]:
+    """A device's topics; ``secagg``: also the aggregator's secure-aggregation messages
+    (not on a site's broker: [secure] does not combine with the gateways' [shards])."""
+    grants = [
         f"topic write {base}/update/{device}",
         f"topic write {base}/status/{device}",
         f"topic read {base}/round",
         f"topic read {base}/global",
     ]
+    if secagg:
+        grants += [f"topic read {base}/secagg/{device}", f"topic read {base}/secagg"]
+    return grants
 
 
 def site_acl_text(fleet: str, site: str, devices: Iterable[str]) -> str:
@@ -448,7 +455,7 @@ def site_acl_text(fleet: str, site: str, devices: Iterable[str]) -> str:
     ]
     for device in sorted(devices):
         lines += ["", "# device", f"user {check_id('identity', device)}"]
-        lines += _device_grants(base, device)
+        lines += _device_grants(base, device, secagg=False)
     return "\n".join(lines) + "\n"
 
 

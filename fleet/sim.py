@@ -41,7 +41,7 @@ from fedge.agent.config import AgentConfig
 from fedge.agent.daemon import Agent
 from fedge.agent.dataset import Dataset
 from fedge.agent.service import build_agent
-from fedge.aggregator.config import AggregatorConfig
+from fedge.aggregator.config import AggregatorConfig, SecureConfig
 from fedge.aggregator.privacy import PrivacyConfig
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategies.config import StrategyConfig
@@ -135,6 +135,11 @@ class SimOptions:
     adaptive_clip_quantile: float | None = None
     target_delta: float = 1e-5
     epsilon_budget: float | None = None
+    # Secure aggregation (aggregator [secure], docs/secure-aggregation.md): off by default.
+    secure: bool = False
+    secure_degree: int | None = None  # None: the complete graph
+    secure_bits: int = 8
+    secure_clip: float = 0.05
 
     def faults(self) -> FaultSettings:
         try:
@@ -238,6 +243,7 @@ def run_sim(opts: SimOptions) -> dict[str, Any]:
     _strategy_table(opts)
     _training_table(opts)
     _privacy_table(opts)
+    _secure_table(opts)
     if len({p.slug for p in parsed}) != len(parsed):
         raise SimError(f"--partition names a scheme twice: {opts.partition}")
     split = load_data(opts)
@@ -392,6 +398,25 @@ def _privacy_table(opts: SimOptions) -> PrivacyConfig | None:
         raise SimError(f"--{flag.replace('_', '-')}: {first['msg']}") from exc
 
 
+def _secure_table(opts: SimOptions) -> SecureConfig | None:
+    """The aggregator's ``[secure]`` table (None without ``--secure``), or a SimError naming
+    the bad option."""
+    if not opts.secure:
+        return None
+    if opts.devices < 3:
+        raise SimError(f"--secure needs at least 3 devices, not {opts.devices}")
+    if opts.robust != "mean" or opts.norm_bound:
+        raise SimError("--secure needs --robust mean and no --norm-bound: it sees only the sum")
+    if opts.poison is not None:
+        raise SimError("--secure cannot be combined with --poison (a masked update hides it)")
+    try:
+        return SecureConfig(degree=opts.secure_degree, bits=opts.secure_bits, clip=opts.secure_clip)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "secure"
+        raise SimError(f"--secure-{where}: {first['msg']}") from exc
+
+
 def _same_for_all(url: str) -> Callable[[str], str]:
     return lambda client_id: url
 
@@ -469,6 +494,7 @@ def _aggregator_config(
         log=out / "rounds.jsonl",
         seed=opts.seed,
         privacy=_privacy_table(opts),
+        secure=_secure_table(opts),
     )
 
 
@@ -809,6 +835,13 @@ def _summarise(
         summary["stalled"] = stalled
     if opts.dp is not None:
         summary["privacy"] = _privacy_summary(opts, rounds, budget_stop)
+    if opts.secure:
+        summary["secure"] = {
+            "degree": opts.secure_degree,
+            "bits": opts.secure_bits,
+            "clip": opts.secure_clip,
+            "survivors": [r.get("secure", {}).get("survivors") for r in rounds],
+        }
     if faults is not None:
         summary["faults"] = faults.summary(rounds)
     base_path = out / "baselines.jsonl"

@@ -37,6 +37,18 @@ def _canonical_codec(text: str) -> str:
 Codec = Annotated[
     str, StringConstraints(max_length=MAX_CODEC_TEXT), AfterValidator(_canonical_codec)
 ]
+# Uploads that are not a codec's encoding of a delta, read by a step of their own on the
+# aggregator: a secure-aggregation masked input (``fedge.protocol.secagg``).
+SEALED_CODECS = ("secagg",)
+
+
+def _upload_codec(text: str) -> str:
+    return text if text in SEALED_CODECS else _canonical_codec(text)
+
+
+UploadCodec = Annotated[
+    str, StringConstraints(max_length=MAX_CODEC_TEXT), AfterValidator(_upload_codec)
+]
 
 
 class _Message(BaseModel):
@@ -87,6 +99,22 @@ class PrivacySettings(_Message):
     noise_multiplier: float = Field(default=0.0, ge=0, le=1000)
 
 
+class SecureSettings(_Message):
+    """Secure aggregation for a round (docs/secure-aggregation.md), set by the aggregator's
+    ``[secure]`` table: the public round ``seed`` (fresh each round: it keys the sparse graph,
+    top-k's shared index set and every derived key), the Shamir ``threshold`` (None: a strict
+    majority of a device's share holders), the graph's ``degree`` (None: complete; SecAgg+
+    otherwise), and the quantisation every device shares: ``bits`` per entry over the range
+    [-clip, clip]. The round's devices are its selected devices."""
+
+    seed: str = Field(pattern="^[0-9a-f]{64}$")
+    threshold: int | None = Field(default=None, ge=2, le=1 << 16)
+    degree: int | None = Field(default=None, ge=2, le=1 << 16)
+    bits: int = Field(default=8, ge=2, le=24)
+    clip: float = Field(gt=0, le=1e6)
+    _omit_unset = ("threshold", "degree")
+
+
 class TrainingConfig(_Message):
     """How devices train in a round: the aggregator's ``[training]`` table, carried by every
     round announcement. The defaults are the fleet's defaults (the only place they live)."""
@@ -112,7 +140,10 @@ class TrainingConfig(_Message):
     # Differential privacy on the devices (clip, local noise); None: off. The aggregator
     # sets it from its [privacy] table, and moves the clip between rounds (adaptive clip).
     privacy: PrivacySettings | None = None
-    _omit_default = ("eval_fraction", "eval_min_samples", "privacy")
+    # Secure aggregation (the aggregator sees only the sum); None: off. Set by the
+    # aggregator's [secure] table, with a fresh seed each round.
+    secure: SecureSettings | None = None
+    _omit_default = ("eval_fraction", "eval_min_samples", "privacy", "secure")
 
 
 class RoundAnnouncement(_Message):
@@ -163,7 +194,8 @@ class UpdateHeader(_Message):
     update_id: Id  # unique per update; the aggregator ignores duplicates
     base_version: int = Field(ge=0, le=U32)  # global model version the delta is relative to
     num_samples: int = Field(ge=1, le=U32)
-    codec: Codec = "float32"  # a fedge.protocol.codecs spec, e.g. "topk:0.02+int8"
+    # a fedge.protocol.codecs spec, e.g. "topk:0.02+int8", or one of SEALED_CODECS
+    codec: UploadCodec = "float32"
     train_loss: float | None = None
     evaluation: Evaluation | None = None  # the global model on held-out data, before training
     # Under differential privacy: whether the update's norm was within the round's clip

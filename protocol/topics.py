@@ -117,6 +117,15 @@ class Topics:
     def statuses(self) -> str:
         return f"{self.base}/status/+"
 
+    def secagg(self, device: str) -> str:
+        """Where the aggregator sends one device its secure-aggregation messages."""
+        return f"{self.base}/secagg/{validate_id('device id', device)}"
+
+    @property
+    def secagg_all(self) -> str:
+        """Where the aggregator sends the secure-aggregation messages of every device."""
+        return f"{self.base}/secagg"
+
     def shared_updates(self, group: str) -> str:
         """``update/+`` shared by a group of subscribers: each message goes to one of them."""
         return f"$share/{validate_id('share group', group)}/{self.updates}"

@@ -501,19 +501,25 @@ def test_the_acl_grants_each_identity_exactly_its_topics() -> None:
         "topic readwrite fedge/v1/f1/global\n"
         "topic read fedge/v1/f1/shard/+/accepted\n"
         "topic read fedge/v1/f1/shard/+/partial\n"
-        "topic write fedge/v1/f1/shard/+/close",
+        "topic write fedge/v1/f1/shard/+/close\n"
+        "topic write fedge/v1/f1/secagg/+\n"
+        "topic write fedge/v1/f1/secagg",
         "# device\n"
         "user dev-a\n"
         "topic write fedge/v1/f1/update/dev-a\n"
         "topic write fedge/v1/f1/status/dev-a\n"
         "topic read fedge/v1/f1/round\n"
-        "topic read fedge/v1/f1/global",
+        "topic read fedge/v1/f1/global\n"
+        "topic read fedge/v1/f1/secagg/dev-a\n"
+        "topic read fedge/v1/f1/secagg",
         "# gateway\n"
         "user gw-1\n"
         "topic write fedge/v1/f1/update/+\n"
         "topic write fedge/v1/f1/status/+\n"
         "topic read fedge/v1/f1/round\n"
-        "topic read fedge/v1/f1/global",
+        "topic read fedge/v1/f1/global\n"
+        "topic read fedge/v1/f1/secagg/+\n"
+        "topic read fedge/v1/f1/secagg",
         "# site-gateway (its bridge)\n"
         "user site-a\n"
         "topic write fedge/v1/f1/status/dev-s1\n"

@@ -44,6 +44,7 @@ from fedge.protocol import (
     is_skip,
     parse_codec,
 )
+from fedge.protocol.secagg import is_secagg
 from fedge.protocol.signing import OVERHEAD as SIGNATURE_OVERHEAD
 
 from . import plan
@@ -164,6 +165,8 @@ class FaultyLink:
                 del self._deadlines[old]
 
     def _round_of(self, payload: bytes) -> int | None:
+        if is_secagg(payload):
+            return None  # a secure round's key exchange: a device drops with its update
         if is_chunk(payload):  # chunks do not say; they follow the announcement just received
             return self._latest
         try:

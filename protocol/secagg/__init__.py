@@ -12,6 +12,8 @@ machines, no I/O; the MQTT wiring is separate.
     wire     the bytes of each stage's message, size-checked on decode
     client   SecAggClient, the device's stages
     server   SecAggServer, the aggregator's stages
+    rounds   SecureRound: what both sides derive from a round's announcement (parameters,
+             tensor order, top-k's shared index set); the addressing of signed messages
     errors   SecAggError (a message rejected, with a reason), SecAggAbort (the round ends)
 
 docs/secure-aggregation.md says what it protects against and what it does not.
@@ -20,7 +22,8 @@ docs/secure-aggregation.md says what it protects against and what it does not.
 from .client import SecAggClient
 from .errors import SECAGG_REASONS, SecAggAbort, SecAggError
 from .params import SecAggParams, default_threshold
-from .ring import dequantize_sum, quantize, ring_bits, shared_indices, to_ring
+from .ring import dequantize_sum, from_ring, quantize, ring_bits, shared_indices, to_ring
+from .rounds import SecureRound, address, addressed, is_secagg, secure_round
 from .server import SecAggServer
 
 __all__ = [
@@ -30,10 +33,16 @@ __all__ = [
     "SecAggError",
     "SecAggParams",
     "SecAggServer",
+    "SecureRound",
+    "address",
+    "addressed",
     "default_threshold",
     "dequantize_sum",
+    "from_ring",
+    "is_secagg",
     "quantize",
     "ring_bits",
+    "secure_round",
     "shared_indices",
     "to_ring",
 ]

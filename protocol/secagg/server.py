@@ -65,6 +65,24 @@ class SecAggServer:
         self._needed: list[str] = []
         self._answers: dict[str, dict[str, np.ndarray]] = {}  # responder -> device -> share
 
+    # -- who answered the stage that is open ---------------------------------------------------
+
+    @property
+    def advertised(self) -> frozenset[str]:
+        return frozenset(self._keys)
+
+    @property
+    def shared(self) -> frozenset[str]:
+        return frozenset(self._shared)
+
+    @property
+    def masked(self) -> frozenset[str]:
+        return frozenset(self._masked)
+
+    @property
+    def unmasked(self) -> frozenset[str]:
+        return frozenset(self._answers)
+
     # -- stage 0: advertise keys ----------------------------------------------------------------
 
     def add_advertise(self, device: str, payload: bytes) -> None:

@@ -1,0 +1,99 @@
+"""A device's part in a secure round (docs/secure-aggregation.md), without I/O.
+
+``fedge.agent.daemon`` opens one ``SecureTurn`` when a round with ``TrainingConfig.secure``
+selects the device and publishes its ``advertise()``; it trains while the other devices
+advertise, and keeps the sealed update here (``prepare``). The aggregator's messages then
+come on ``secagg/{device}`` and ``secagg``, signed; ``answer`` takes one (its signature
+already checked) and says what to do::
+
+    KEYS       -> publish SHARES                    (our shares, for our neighbours)
+    FORWARD    -> mask the prepared update, publish it in an update envelope
+    SURVIVORS  -> publish UNMASK, and the turn is over
+
+A message that cannot be trusted (``SecAggError``) ends the turn: the client forgets its
+secrets and the device counts as a dropout, which the protocol survives. A device that holds
+its update back (the gate, the byte budget) sends its skip notice instead of a masked input,
+and so drops out after sharing its keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from fedge.protocol.secagg import SecAggClient, SecAggError, SecureRound, addressed
+from fedge.protocol.secagg.wire import HEADER_BYTES, MAGIC, Kind
+
+from .update import Sealed
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A trained update waiting for the neighbours' shares before it can be masked."""
+
+    update_id: str
+    base_version: int
+    sealed: Sealed
+    kept: dict | None  # the residual once it is sent
+    num_samples: int
+    train_loss: float | None
+    evaluation: object | None
+    within_clip: bool | None
+    log_line: tuple
+
+
+class Action(Enum):
+    PUBLISH = "publish"  # send ``payload`` on the update topic
+    MASKED = "masked"  # ``payload`` is the masked input: send it in an update envelope
+    NOTHING = "nothing"
+
+
+@dataclass(frozen=True)
+class Answer:
+    action: Action
+    payload: bytes = b""
+    done: bool = False  # the turn is over
+
+
+class SecureTurn:
+    def __init__(self, plan: SecureRound, device: str) -> None:
+        self.plan = plan
+        self.round_id = plan.params.round_id
+        self.device = device
+        self.client = SecAggClient(plan.params, device)
+        self.prepared: Prepared | None = None
+        self._forwarded = False
+
+    def advertise(self) -> bytes:
+        return self.client.advertise()
+
+    def prepare(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+
+    def kind_of(self, data: bytes) -> tuple[int, bytes]:
+        """The stage kind and the message of an addressed payload (for this device or all)."""
+        message = addressed(data, self.device)
+        if len(message) < HEADER_BYTES or message[:3] != MAGIC:
+            raise SecAggError("bad_magic", "not a secure-aggregation message")
+        return message[4], message
+
+    def answer(self, data: bytes) -> Answer:
+        """What to send for one of the aggregator's messages (SecAggError if it cannot be
+        trusted or comes out of order; the turn is then over)."""
+        kind, message = self.kind_of(data)
+        if kind == Kind.KEYS:
+            return Answer(Action.PUBLISH, self.client.share_keys(message))
+        if kind == Kind.FORWARD:
+            self.client.receive_shares(message)
+            self._forwarded = True
+            if self.prepared is None:
+                # No update to mask (not trained yet, or held back): a dropout from here.
+                self.client.abort()
+                return Answer(Action.NOTHING, done=True)
+            return Answer(Action.MASKED, self.client.masked_input(self.prepared.sealed.vector))
+        if kind == Kind.SURVIVORS:
+            return Answer(Action.PUBLISH, self.client.unmask(message), done=True)
+        raise SecAggError("wrong_stage", f"a message of kind {kind} from the aggregator")
+
+    def abort(self) -> None:
+        self.client.abort()
