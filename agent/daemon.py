@@ -28,6 +28,7 @@ from fedge.protocol import (
     DecodeError,
     EncodeError,
     Evaluation,
+    GlobalDeltaHeader,
     GlobalModelHeader,
     Link,
     LinkError,
@@ -47,6 +48,7 @@ from fedge.protocol import (
     split,
     verify,
 )
+from fedge.protocol.downlink import DeltaMismatch, apply_delta
 from fedge.protocol.messages import MAX_READINGS
 from fedge.protocol.secagg import SecAggError
 from fedge.protocol.signing import OVERHEAD as SIGNATURE_OVERHEAD
@@ -243,6 +245,12 @@ class Agent:
         else:
             self.link.connect(timeout=timeout)
         self.link.subscribe(self.topics.global_model, qos=1)
+        try:
+            self.link.subscribe(self.topics.global_delta, qos=1)
+        except LinkError as exc:
+            # A broker ACL from before compact globals: full models only (asked for when a
+            # round names a version this device lacks).
+            log.warning("no compact globals: %s", exc)
         self.link.subscribe(self.topics.round, qos=1)
         self._status("online")
         self.resend_interrupted()
@@ -337,6 +345,8 @@ class Agent:
             return
         if msg.topic == self.topics.global_model:
             kind = "global"
+        elif msg.topic == self.topics.global_delta:
+            kind = "global_delta"
         elif msg.topic == self.topics.round:
             kind = "round"
         elif msg.topic in (self.topics.secagg(self.device_id), self.topics.secagg_all):
@@ -360,12 +370,14 @@ class Agent:
             self._refuse(exc.reason, msg.topic, str(exc))
             return
         header = decoded.msg
-        if isinstance(header, (GlobalModelHeader, RoundAnnouncement)) and (
+        if isinstance(header, (GlobalModelHeader, GlobalDeltaHeader, RoundAnnouncement)) and (
             header.fleet != self.topics.fleet
         ):
             self._refuse("other_fleet", msg.topic, f"{header.kind} of fleet {header.fleet}")
         elif isinstance(header, GlobalModelHeader) and kind == "global":
             self._on_global(header, decoded.tensors)
+        elif isinstance(header, GlobalDeltaHeader) and kind == "global_delta":
+            self._on_global_delta(header, decoded.tensors)
         elif isinstance(header, RoundAnnouncement) and kind == "round":
             self._on_round_announced(header)
         else:
@@ -395,6 +407,34 @@ class Agent:
             return  # answered: the commit saved round_seen with the answer, one write for both
         self._on_round(ann)
 
+    def _on_global_delta(self, header: GlobalDeltaHeader, tensors: dict[str, np.ndarray]) -> None:
+        """Compact globals (``fedge.protocol.downlink``): the change from the model this
+        device holds to the next. One for another base version is skipped (the device asks
+        for the whole model when a round names a version it lacks)."""
+        if header.model_version <= self.global_version:
+            return  # the retained copy again, or a version it has
+        if self.global_weights is None or header.base_version != self.global_version:
+            self.stats.rejected["delta_gap"] += 1
+            log.info(
+                "model v%d comes as a change to v%d; this device has v%d: it waits for the"
+                " whole model",
+                header.model_version,
+                header.base_version,
+                self.global_version,
+            )
+            return
+        try:
+            weights = apply_delta(self.global_weights, header, tensors)
+        except DeltaMismatch as exc:
+            self._refuse(exc.reason, self.topics.global_delta, str(exc))
+            return
+        self._on_global(
+            GlobalModelHeader(
+                fleet=header.fleet, model_version=header.model_version, round_id=header.round_id
+            ),
+            weights,
+        )
+
     def _on_global(self, header: GlobalModelHeader, tensors: dict[str, np.ndarray]) -> None:
         newest = max(self.global_version, self.state.model_version)
         if header.model_version < newest:
@@ -404,8 +444,10 @@ class Agent:
                 f"model v{header.model_version} after v{newest}",
             )
             return
-        if header.model_version == self.global_version:
+        if header.model_version == self.global_version and self._holds(tensors):
             return  # the retained copy again (a reconnect)
+        # (The same version with other bits: the aggregator's whole copy replaces one rebuilt
+        # from compact deltas, after it restarted or sent the model again on request.)
         if not all(np.isfinite(t).all() for t in tensors.values()):
             self._refuse("not_finite", self.topics.global_model, f"model v{header.model_version}")
             return
@@ -437,6 +479,14 @@ class Agent:
         if self.pending is not None:
             pending, self.pending = self.pending, None
             self._on_round(pending)
+
+    def _holds(self, tensors: dict[str, np.ndarray]) -> bool:
+        held = self.global_weights
+        return (
+            held is not None
+            and held.keys() == tensors.keys()
+            and all(np.array_equal(held[k], tensors[k]) for k in held)
+        )
 
     def _on_round(self, ann: RoundAnnouncement) -> None:
         if self.secure is not None and self.secure.round_id != ann.round_id:
@@ -550,8 +600,11 @@ class Agent:
                 log.info("round %d: no training data yet (%s)", ann.round_id, exc)
                 self._skip(ann, "not_ready", trained=False)
                 return
-        if cfg.secure is not None and not self._join_secure(ann):
-            self._skip(ann, "other", trained=False, outcome="failed")
+        if cfg.secure is not None and self.secure is None:
+            # A secure round: keys first (cheap, so the key list closes quickly), training
+            # once the key list is in and the shares are out (``_on_secagg``).
+            if not self._join_secure(ann):
+                self._skip(ann, "other", trained=False, outcome="failed")
             return
         self._status("training")
         started = time.perf_counter()
@@ -678,7 +731,7 @@ class Agent:
                 devices=ann.selected,
                 shapes={k: tuple(v.shape) for k, v in self.global_weights.items()},
             )
-            turn = SecureTurn(plan, self.device_id)
+            turn = SecureTurn(plan, self.device_id, ann)
         except SecAggError as exc:
             log.error("round %d: secure aggregation: %s", ann.round_id, exc)
             return False
@@ -754,6 +807,8 @@ class Agent:
             self._send_masked(turn, answer.payload)
         if answer.done:
             self.secure = None
+        elif answer.trains:  # the shares are out: train, and keep the update for the mask
+            self._train_and_upload(turn.announcement)
 
     def _send_masked(self, turn: SecureTurn, masked: bytes) -> None:
         """The masked input in the usual update envelope: chunked, kept in the outbox,

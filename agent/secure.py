@@ -1,12 +1,12 @@
 """A device's part in a secure round (docs/secure-aggregation.md), without I/O.
 
 ``fedge.agent.daemon`` opens one ``SecureTurn`` when a round with ``TrainingConfig.secure``
-selects the device and publishes its ``advertise()``; it trains while the other devices
-advertise, and keeps the sealed update here (``prepare``). The aggregator's messages then
-come on ``secagg/{device}`` and ``secagg``, signed; ``answer`` takes one (its signature
-already checked) and says what to do::
+selects the device and publishes its ``advertise()``. The aggregator's messages then come on
+``secagg/{device}`` and ``secagg``, signed; ``answer`` takes one (its signature already
+checked) and says what to do::
 
-    KEYS       -> publish SHARES                    (our shares, for our neighbours)
+    KEYS       -> publish SHARES, then train        (our shares, for our neighbours; the
+                                                    sealed update is kept here: ``prepare``)
     FORWARD    -> mask the prepared update, publish it in an update envelope
     SURVIVORS  -> publish UNMASK, and the turn is over
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from fedge.protocol import RoundAnnouncement
 from fedge.protocol.secagg import SecAggClient, SecAggError, SecureRound, addressed
 from fedge.protocol.secagg.wire import HEADER_BYTES, MAGIC, Kind
 
@@ -53,11 +54,13 @@ class Answer:
     action: Action
     payload: bytes = b""
     done: bool = False  # the turn is over
+    trains: bool = False  # now train, and prepare the update
 
 
 class SecureTurn:
-    def __init__(self, plan: SecureRound, device: str) -> None:
+    def __init__(self, plan: SecureRound, device: str, announcement: RoundAnnouncement) -> None:
         self.plan = plan
+        self.announcement = announcement
         self.round_id = plan.params.round_id
         self.device = device
         self.client = SecAggClient(plan.params, device)
@@ -82,7 +85,7 @@ class SecureTurn:
         trusted or comes out of order; the turn is then over)."""
         kind, message = self.kind_of(data)
         if kind == Kind.KEYS:
-            return Answer(Action.PUBLISH, self.client.share_keys(message))
+            return Answer(Action.PUBLISH, self.client.share_keys(message), trains=True)
         if kind == Kind.FORWARD:
             self.client.receive_shares(message)
             self._forwarded = True

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from fedge.protocol import TrainingConfig
+from fedge.protocol import TrainingConfig, parse_codec
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -153,6 +153,24 @@ class SecureConfig(BaseModel):
         return value
 
 
+class DownlinkConfig(BaseModel):
+    """``[downlink]``: compact globals (``fedge.protocol.downlink``). Between full syncs the
+    aggregator sends the change to the devices' copy of the model, compressed with
+    ``codec`` (with error feedback: what one delta leaves out, the next carries), on the
+    retained ``global/delta`` topic; the whole model goes out every ``resync_every``
+    versions, and when a device that is behind asks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    codec: str = "topk:0.05+int8"
+    resync_every: int = Field(default=20, ge=1, le=1_000_000)
+
+    @field_validator("codec")
+    @classmethod
+    def _codec(cls, value: str) -> str:
+        return str(parse_codec(value))
+
+
 class AggregatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -196,6 +214,7 @@ class AggregatorConfig(BaseModel):
     shards: ShardsConfig | None = None  # None: this process takes every update itself
     privacy: PrivacyConfig | None = None  # differential privacy (docs/privacy.md); None: off
     secure: SecureConfig | None = None  # secure aggregation; None: off
+    downlink: DownlinkConfig | None = None  # compact globals; None: the whole model each time
 
     @field_validator("model", "eval_data", mode="after")
     @classmethod

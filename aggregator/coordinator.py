@@ -53,6 +53,7 @@ from fedge.protocol import (
     parse_codec,
     sign,
 )
+from fedge.protocol.downlink import Shadow
 from fedge.protocol.secagg import SecAggAbort, SecAggError, address, is_secagg, secure_round
 from fedge.protocol.status import decode_status
 from fedge.protocol.wire import PUBACK_SIZE, publish_size
@@ -177,6 +178,11 @@ class Aggregator:
             clock=clock,
         )
         self._global_wire_size = 0
+        # Compact globals ([downlink]): the devices' copy of the model, moved by deltas
+        # between full syncs (set by _publish_global).
+        self.shadow: Shadow | None = None
+        self.deltas_sent = 0  # model versions sent as a delta
+        self._last_full = -1  # the version last sent whole
         self._chunk_wire: dict[tuple[str, bytes], int] = {}  # bytes of incomplete messages
         self.stray_bytes = 0  # update bytes that no open round could be credited with
         self._last_republish = -float("inf")  # when the global was last sent again
@@ -932,6 +938,32 @@ class Aggregator:
         payload = self._signed(encode(header, self.weights), "global")
         self.link.publish(self.topics.global_model, payload, qos=1, retain=True)
         self._global_wire_size = publish_size(self.topics.global_model, len(payload), 1)
+        if self.cfg.downlink is not None:
+            if self.shadow is None:
+                self.shadow = Shadow(self.weights, self.version)
+            else:
+                self.shadow.sync(self.weights, self.version)
+            self._last_full = self.version
+
+    def _publish_model(self, round_id: int) -> None:
+        """A new global model: whole, or (``[downlink]``) as the change to the devices' copy
+        until ``resync_every`` versions have gone by since the last full sync."""
+        d = self.cfg.downlink
+        if d is None or self.shadow is None or self.version - self._last_full >= d.resync_every:
+            self._publish_global(round_id)
+            return
+        header, tensors = self.shadow.advance(
+            self.weights,
+            version=self.version,
+            round_id=round_id,
+            spec=parse_codec(d.codec),
+            fleet=self.cfg.fleet,
+            rng=self.rng,
+        )
+        payload = self._signed(encode(header, tensors), "global_delta")
+        self.link.publish(self.topics.global_delta, payload, qos=1, retain=True)
+        self._global_wire_size = publish_size(self.topics.global_delta, len(payload), 1)
+        self.deltas_sent += 1
 
     def _signed(self, envelope: bytes, kind: str) -> bytes:
         if self.signing_key is None:
@@ -1042,7 +1074,18 @@ class Aggregator:
             self.store.close_round(rnd.round_id, "done", now, summary)
             self.store.compact(rnd.round_id, keep_from_version=self.version - KEEP_MODELS + 1)
         if new_model:
-            self._publish_global(rnd.round_id)
+            self._publish_model(rnd.round_id)
+            if self.shadow is not None:
+                summary["downlink"] = {
+                    "sent": "full" if self._last_full == self.version else "delta",
+                    "bytes": self._global_wire_size,
+                    "error_bound": float(
+                        max(
+                            (np.abs(self.weights[k] - w).max(initial=0.0))
+                            for k, w in self.shadow.weights.items()
+                        )
+                    ),
+                }
         self._close(rnd, "done", now, summary, stored=True)
         self.completed += 1
         if self.cfg.backup_every and self.completed % self.cfg.backup_every == 0:

@@ -33,11 +33,14 @@ def model_50k() -> Path:
 def measure(out: Path, target: float) -> dict[str, Any]:
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
-    cumulative, first, to_target = 0, None, None
+    cumulative, both, first, to_target, both_to_target = 0, 0, None, None, None
     for r in rounds:
         cumulative += r["bytes_received"]
+        # What the devices downloaded: the announcement and the model (whole, or a delta)
+        # each selected device received for the round, with their acknowledgements.
+        both += r["bytes_received"] + r.get("bytes_down_per_device", 0) * r["selected"]
         if first is None and r.get("accuracy", 0.0) >= target:
-            first, to_target = r["round"], cumulative
+            first, to_target, both_to_target = r["round"], cumulative, both
     late = [r for r in rounds if r["round"] > 30]
     scheduled = sum(r["selected"] for r in late)
     held = sum(len(r.get("skipped", [])) for r in late)
@@ -45,6 +48,8 @@ def measure(out: Path, target: float) -> dict[str, Any]:
         "rounds_to_target": first,
         "bytes_to_target": to_target,
         "bytes_total": cumulative,
+        "both_to_target": both_to_target,
+        "both_total": both,
         "suppressed_31_60": held / scheduled if scheduled else 0.0,
         "final_accuracy": summary["last5_accuracy"],
         "energy": summary.get("energy_j_per_device_round", {}),
@@ -62,6 +67,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--target", type=float, default=0.93)
     p.add_argument("--out", default="runs/bench-bytes")
+    p.add_argument("--devices", type=int, default=10)
     p.add_argument(
         "--variant",
         action="append",
@@ -73,6 +79,8 @@ def main() -> None:
     for item in args.variant:
         key, _, value = item.partition("=")
         field_type = type(getattr(SimOptions(), key))
+        if key == "downlink_codec":
+            field_type = str
         overrides[key] = field_type(value) if field_type is not type(None) else float(value)
     configs = {
         "float32 FedAvg": {"strategy": "fedavg", "codec": "float32", "gate_threshold": 0.0},
@@ -81,7 +89,9 @@ def main() -> None:
     d = SimOptions(**overrides)
     print(
         f"fedge run: strategy {d.strategy}, codec {d.codec}, gate threshold {d.gate_threshold}, "
-        f"max skips {d.gate_max_skips}; 10 devices, dominant:0.9, {args.rounds} rounds, "
+        f"max skips {d.gate_max_skips}, downlink {d.downlink_codec or 'whole models'}"
+        f" (resync every {d.resync_every}); {args.devices} devices, dominant:0.9,"
+        f" {args.rounds} rounds, "
         f"E={d.epochs}, target {args.target:.0%}"
     )
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
@@ -90,7 +100,7 @@ def main() -> None:
             out = Path(args.out) / name.replace(" ", "-") / f"seed{seed}"
             run_sim(
                 SimOptions(
-                    devices=10,
+                    devices=args.devices,
                     rounds=args.rounds,
                     partition="dominant:0.9",
                     seed=seed,
@@ -105,7 +115,8 @@ def main() -> None:
             results[name].append(m)
             print(
                 f"  seed {seed} {name:15s} rounds {m['rounds_to_target']}, to target "
-                f"{m['bytes_to_target']} B, total {m['bytes_total']} B, suppressed "
+                f"{m['bytes_to_target']} B (up + down {m['both_to_target']} B), total"
+                f" {m['bytes_total']} B (up + down {m['both_total']} B), suppressed "
                 f"{m['suppressed_31_60']:.0%}, final {m['final_accuracy']:.2%}",
                 flush=True,
             )
@@ -113,6 +124,7 @@ def main() -> None:
     print(
         f"{'':15s} {'rounds':>6s} {'bytes to target':>16s} {'bytes, all rounds':>18s} "
         f"{'suppressed 31-60':>16s} {'final acc':>9s} {'J/dev/round wifi':>16s} {'lte':>6s}"
+        f" {'up+down to target':>18s} {'up+down, all':>14s}"
     )
     med = {}
     for name, rows in results.items():
@@ -123,7 +135,7 @@ def main() -> None:
         print(
             f"{name:15s} {m['rounds_to_target'] or '-':>6} {m['bytes_to_target'] or 0:>16,} "
             f"{m['bytes_total']:>18,} {m['suppressed_31_60']:>16.0%} {m['final_accuracy']:>9.2%} "
-            f"{wifi:>16.3f} {lte:>6.2f}"
+            f"{wifi:>16.3f} {lte:>6.2f} {m['both_to_target'] or 0:>18,} {m['both_total']:>14,}"
         )
     base, ours = med["float32 FedAvg"], med["fedge default"]
     if base["rounds_to_target"] and ours["rounds_to_target"]:
@@ -134,8 +146,15 @@ def main() -> None:
     )
     if base["bytes_to_target"] and ours["bytes_to_target"]:
         print(f"bytes to target: {base['bytes_to_target'] / ours['bytes_to_target']:.1f}x fewer")
+        print(
+            f"up + down to target: {base['both_to_target'] / ours['both_to_target']:.1f}x fewer;"
+            f" over all rounds {base['both_total'] / ours['both_total']:.1f}x"
+        )
     else:
         print("bytes to target: a run did not reach the target")
+    lte = [median([r["energy"].get("lte") for r in rows]) for rows in results.values()]
+    if all(lte):
+        print(f"LTE energy per device and round: {lte[0] / lte[1]:.2f}x lower")
 
 
 if __name__ == "__main__":

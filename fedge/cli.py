@@ -161,6 +161,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         secure_degree=args.secure_degree,
         secure_bits=args.secure_bits,
         secure_clip=args.secure_clip,
+        downlink_codec=args.downlink_codec,
+        resync_every=args.resync_every,
     )
     if args.source == "serial":
         return _sim_serial(args)
@@ -564,6 +566,19 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="stop before a round would take epsilon past this",
+    )
+    dl = s.add_argument_group("compact globals (docs/bandwidth.md; off by default)")
+    dl.add_argument(
+        "--downlink-codec",
+        default=None,
+        metavar="CODEC",
+        help="send each new global model as a delta in this codec, e.g. topk:0.05+int8",
+    )
+    dl.add_argument(
+        "--resync-every",
+        type=int,
+        default=20,
+        help="with --downlink-codec: the whole model every this many versions (default 20)",
     )
     sa = s.add_argument_group("secure aggregation (docs/secure-aggregation.md; off by default)")
     sa.add_argument(

@@ -384,6 +384,7 @@ def acl_text(
         f"topic read {base}/status/+",
         f"topic readwrite {base}/round",
         f"topic readwrite {base}/global",
+        f"topic readwrite {base}/global/delta",  # [downlink]: compact globals
         f"topic read {base}/shard/+/accepted",  # [shards]: workers' reports and partial sums
         f"topic read {base}/shard/+/partial",
         f"topic write {base}/shard/+/close",
@@ -410,6 +411,7 @@ def acl_text(
                 f"topic write {shard}/partial",
                 f"topic read {base}/round",
                 f"topic read {base}/global",
+                f"topic read {base}/global/delta",
                 f"topic read {shard}/close",
             ]
             continue
@@ -426,6 +428,7 @@ def _device_grants(base: str, device: str, *, secagg: bool = True) -> list[str]:
         f"topic write {base}/status/{device}",
         f"topic read {base}/round",
         f"topic read {base}/global",
+        f"topic read {base}/global/delta",
     ]
     if secagg:
         grants += [f"topic read {base}/secagg/{device}", f"topic read {base}/secagg"]
@@ -524,6 +527,7 @@ topic fedge/v1/+/shard/{site}/partial out 1
 #   and the coordinator's close requests for this site's worker.
 topic fedge/v1/+/round in 1
 topic fedge/v1/+/global in 1
+topic fedge/v1/+/global/delta in 1
 topic fedge/v1/+/shard/{site}/close in 1
 """
 

@@ -41,7 +41,7 @@ from fedge.agent.config import AgentConfig
 from fedge.agent.daemon import Agent
 from fedge.agent.dataset import Dataset
 from fedge.agent.service import build_agent
-from fedge.aggregator.config import AggregatorConfig, SecureConfig
+from fedge.aggregator.config import AggregatorConfig, DownlinkConfig, SecureConfig
 from fedge.aggregator.privacy import PrivacyConfig
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategies.config import StrategyConfig
@@ -140,6 +140,10 @@ class SimOptions:
     secure_degree: int | None = None  # None: the complete graph
     secure_bits: int = 8
     secure_clip: float = 0.05
+    # Compact globals (aggregator [downlink]): the codec of the model deltas; None: whole
+    # models every round.
+    downlink_codec: str | None = None
+    resync_every: int = 20
 
     def faults(self) -> FaultSettings:
         try:
@@ -244,6 +248,7 @@ def run_sim(opts: SimOptions) -> dict[str, Any]:
     _training_table(opts)
     _privacy_table(opts)
     _secure_table(opts)
+    _downlink_table(opts)
     if len({p.slug for p in parsed}) != len(parsed):
         raise SimError(f"--partition names a scheme twice: {opts.partition}")
     split = load_data(opts)
@@ -417,6 +422,18 @@ def _secure_table(opts: SimOptions) -> SecureConfig | None:
         raise SimError(f"--secure-{where}: {first['msg']}") from exc
 
 
+def _downlink_table(opts: SimOptions) -> DownlinkConfig | None:
+    """The aggregator's ``[downlink]`` table (None without ``--downlink-codec``)."""
+    if opts.downlink_codec is None:
+        return None
+    try:
+        return DownlinkConfig(codec=opts.downlink_codec, resync_every=opts.resync_every)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        flag = {"codec": "downlink-codec"}.get(str(first["loc"][0]), "resync-every")
+        raise SimError(f"--{flag}: {first['msg']}".replace("Value error, ", "")) from exc
+
+
 def _same_for_all(url: str) -> Callable[[str], str]:
     return lambda client_id: url
 
@@ -495,6 +512,7 @@ def _aggregator_config(
         seed=opts.seed,
         privacy=_privacy_table(opts),
         secure=_secure_table(opts),
+        downlink=_downlink_table(opts),
     )
 
 

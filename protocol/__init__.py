@@ -23,6 +23,7 @@ from .memory_link import MemoryBroker, MemoryLink
 from .messages import (
     Evaluation,
     GateSettings,
+    GlobalDeltaHeader,
     GlobalModelHeader,
     Header,
     PrivacySettings,
@@ -55,6 +56,7 @@ __all__ = [
     "Evaluation",
     "Expired",
     "GateSettings",
+    "GlobalDeltaHeader",
     "GlobalModelHeader",
     "Header",
     "InvalidId",

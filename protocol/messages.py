@@ -167,6 +167,30 @@ class GlobalModelHeader(_Message):
     round_id: int = Field(ge=0, le=U32)  # the round that produced it; 0 = initial model
 
 
+class GlobalDeltaHeader(_Message):
+    """Retained on ``global/delta`` (compact globals, ``fedge.protocol.downlink``), followed
+    by the change from model ``base_version`` to ``model_version``, encoded by ``codec``. A
+    device that holds ``base_version`` adds it and checks ``checksum`` (SHA-256 of the
+    resulting weights, 16 hex digits) against what it got: then it holds exactly the
+    aggregator's copy of version ``model_version``, which is within ``error_bound`` (the
+    largest entry of the difference) of the true global model."""
+
+    kind: Literal["global_delta"] = "global_delta"
+    fleet: Id
+    base_version: int = Field(ge=0, le=U32)
+    model_version: int = Field(ge=1, le=U32)
+    round_id: int = Field(ge=0, le=U32)
+    codec: Codec
+    checksum: str = Field(pattern="^[0-9a-f]{16}$")
+    error_bound: float = Field(ge=0, le=F32_MAX)
+
+    @model_validator(mode="after")
+    def _forward(self) -> GlobalDeltaHeader:
+        if self.model_version <= self.base_version:
+            raise ValueError("a model delta goes from an older version to a newer one")
+        return self
+
+
 class Evaluation(_Message):
     """What a device measured of the round's global model on examples it held out of
     training: the mean loss, and accuracy (classifiers) or mean absolute error (regression,
@@ -292,6 +316,7 @@ class Status(_Message):
 Header = Annotated[
     RoundAnnouncement
     | GlobalModelHeader
+    | GlobalDeltaHeader
     | UpdateHeader
     | SkipNotice
     | Status
@@ -303,6 +328,7 @@ Header = Annotated[
 MESSAGE_TYPES = (
     RoundAnnouncement,
     GlobalModelHeader,
+    GlobalDeltaHeader,
     UpdateHeader,
     SkipNotice,
     Status,

@@ -10,9 +10,9 @@ Anyone who may publish on the broker could otherwise replace the retained ``roun
     76      ...   the envelope (envelope.py)
 
 The signature covers ``b"fedge/v1 signed\\0" + fleet + b"\\0" + kind + b"\\0" + envelope``:
-the fleet and the topic kind (``round``, ``global``, or ``secagg`` for the aggregator's
-secure-aggregation messages, whose payload names the device they are for) bind it to where it
-was published, and
+the fleet and the topic kind (``round``, ``global``, ``global_delta``, or ``secagg`` for the
+aggregator's secure-aggregation messages, whose payload names the device they are for) bind it
+to where it was published, and
 the envelope's header carries the round id and the model version, so a verified payload says
 exactly which fleet, round and model it is for. Whether it is new is for the receiver to judge
 (a replayed old message verifies); see ``fedge.agent.daemon``.
@@ -38,7 +38,7 @@ KEY_ID_SIZE = 8
 SIGNATURE_SIZE = 64
 _LAYOUT = struct.Struct(f">4s{KEY_ID_SIZE}s{SIGNATURE_SIZE}s")
 OVERHEAD = _LAYOUT.size  # 76 bytes in front of the envelope
-KINDS = ("round", "global", "secagg")
+KINDS = ("round", "global", "global_delta", "secagg")
 _CONTEXT = b"fedge/v1 signed\0"
 
 SIGNATURE_REASONS = frozenset(

@@ -103,6 +103,11 @@ class Topics:
     def global_model(self) -> str:
         return f"{self.base}/global"
 
+    @property
+    def global_delta(self) -> str:
+        """Retained: the compressed change to the newest global model (compact globals)."""
+        return f"{self.base}/global/delta"
+
     def update(self, device: str) -> str:
         return f"{self.base}/update/{validate_id('device id', device)}"
 

@@ -499,6 +499,7 @@ def test_the_acl_grants_each_identity_exactly_its_topics() -> None:
         "topic read fedge/v1/f1/status/+\n"
         "topic readwrite fedge/v1/f1/round\n"
         "topic readwrite fedge/v1/f1/global\n"
+        "topic readwrite fedge/v1/f1/global/delta\n"
         "topic read fedge/v1/f1/shard/+/accepted\n"
         "topic read fedge/v1/f1/shard/+/partial\n"
         "topic write fedge/v1/f1/shard/+/close\n"
@@ -510,6 +511,7 @@ def test_the_acl_grants_each_identity_exactly_its_topics() -> None:
         "topic write fedge/v1/f1/status/dev-a\n"
         "topic read fedge/v1/f1/round\n"
         "topic read fedge/v1/f1/global\n"
+        "topic read fedge/v1/f1/global/delta\n"
         "topic read fedge/v1/f1/secagg/dev-a\n"
         "topic read fedge/v1/f1/secagg",
         "# gateway\n"
@@ -518,6 +520,7 @@ def test_the_acl_grants_each_identity_exactly_its_topics() -> None:
         "topic write fedge/v1/f1/status/+\n"
         "topic read fedge/v1/f1/round\n"
         "topic read fedge/v1/f1/global\n"
+        "topic read fedge/v1/f1/global/delta\n"
         "topic read fedge/v1/f1/secagg/+\n"
         "topic read fedge/v1/f1/secagg",
         "# site-gateway (its bridge)\n"
@@ -528,6 +531,7 @@ def test_the_acl_grants_each_identity_exactly_its_topics() -> None:
         "topic write fedge/v1/f1/shard/site-a/partial\n"
         "topic read fedge/v1/f1/round\n"
         "topic read fedge/v1/f1/global\n"
+        "topic read fedge/v1/f1/global/delta\n"
         "topic read fedge/v1/f1/shard/site-a/close\n",
     ]
     lines = acl_text("f1", {"dev-a": "device"}).splitlines()
@@ -548,7 +552,8 @@ def test_the_site_acl_grants_the_worker_and_each_device_exactly_their_topics() -
         "topic write fedge/v1/f1/update/dev-s1\n"
         "topic write fedge/v1/f1/status/dev-s1\n"
         "topic read fedge/v1/f1/round\n"
-        "topic read fedge/v1/f1/global\n",
+        "topic read fedge/v1/f1/global\n"
+        "topic read fedge/v1/f1/global/delta\n",
     ]
 
 
