@@ -1,7 +1,7 @@
 """The device's update path as named pure steps (no I/O), in the order they run::
 
     local_delta -> check_trained -> with_residual -> clip -> local_noise -> gate -> encode
-    -> remaining
+    -> remaining                          (under homomorphic encryption: gate -> encrypt)
 
 ``fedge.agent.daemon`` calls them between training and publishing; a new mechanism (a mask)
 is one step added here and tested alone. The residual (error feedback) is what the codec or
@@ -30,6 +30,7 @@ from fedge.protocol import (
     encode_delta,
     parse_codec,
 )
+from fedge.protocol.he import HeKeys, as_tensors, encrypt_update
 
 from . import residual
 from .gate import GateDecision, decide
@@ -134,3 +135,18 @@ def remaining(update: Weights, encoding: Encoding) -> dict[str, np.ndarray] | No
     if str(encoding.spec) == "float32":
         return None
     return residual.subtract(update, encoding.encoded.decoded)
+
+
+# -- homomorphic encryption (docs/homomorphic-encryption.md) ---------------------------------
+
+
+def encrypt(
+    update: Weights, keys: HeKeys, num_samples: int, cfg: TrainingConfig
+) -> dict[str, np.ndarray]:
+    """Under HE, instead of ``encode``: the whole update (no codec, so nothing is left over
+    for a residual) encrypted as ``weight * update``, the one uint8 tensor an update carries.
+    ``weight`` is what the aggregator weighs the update with: the sample count, or 1 under
+    differential privacy (it cannot re-weight a ciphertext). The gate runs before as it does
+    without HE: an update it holds back is a trained skip, kept here as the residual."""
+    weight = 1 if cfg.privacy is not None else num_samples
+    return as_tensors(encrypt_update(keys, update, weight))

@@ -38,6 +38,19 @@ Codec = Annotated[
     str, StringConstraints(max_length=MAX_CODEC_TEXT), AfterValidator(_canonical_codec)
 ]
 
+# -- homomorphic encryption (fedge.protocol.he): an update's codec may also be "ckks" --------
+HE_CODEC = "ckks"  # fedge.protocol.he.HE_CODEC (that module loads TenSEAL lazily; not here)
+
+
+def _update_codec(text: str) -> str:
+    return text if text == HE_CODEC else _canonical_codec(text)
+
+
+UpdateCodec = Annotated[
+    str, StringConstraints(max_length=MAX_CODEC_TEXT), AfterValidator(_update_codec)
+]
+# -- end homomorphic encryption ------------------------------------------------------------
+
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -112,7 +125,11 @@ class TrainingConfig(_Message):
     # Differential privacy on the devices (clip, local noise); None: off. The aggregator
     # sets it from its [privacy] table, and moves the clip between rounds (adaptive clip).
     privacy: PrivacySettings | None = None
-    _omit_default = ("eval_fraction", "eval_min_samples", "privacy")
+    # Homomorphic encryption (docs/homomorphic-encryption.md): devices encrypt their updates
+    # under the fleet's CKKS key and the global model comes encrypted. The aggregator sets it
+    # from its [he] table; a device without the key sits such a round out.
+    he: bool = False
+    _omit_default = ("eval_fraction", "eval_min_samples", "privacy", "he")
 
 
 class RoundAnnouncement(_Message):
@@ -163,7 +180,8 @@ class UpdateHeader(_Message):
     update_id: Id  # unique per update; the aggregator ignores duplicates
     base_version: int = Field(ge=0, le=U32)  # global model version the delta is relative to
     num_samples: int = Field(ge=1, le=U32)
-    codec: Codec = "float32"  # a fedge.protocol.codecs spec, e.g. "topk:0.02+int8"
+    # a fedge.protocol.codecs spec, e.g. "topk:0.02+int8"; "ckks": encrypted (fedge.protocol.he)
+    codec: UpdateCodec = "float32"
     train_loss: float | None = None
     evaluation: Evaluation | None = None  # the global model on held-out data, before training
     # Under differential privacy: whether the update's norm was within the round's clip

@@ -46,6 +46,7 @@ REASONS = (
     "busy",
     "budget_exhausted",
     "not_ready",
+    "he_no_key",  # the round is homomorphically encrypted and the device has no key
 )
 _CODES = {reason: code for code, reason in enumerate(REASONS)}
 
