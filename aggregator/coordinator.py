@@ -696,7 +696,7 @@ class Aggregator:
             + 2 * PUBACK_SIZE
         )
 
-    def _accumulator(self) -> Accumulator | ShardedSum:
+    def _accumulator(self) -> Accumulator | ShardedSum | he_round.HeAccumulator:
         """A running sum for the plain mean; the deltas themselves for a robust combiner."""
         if self.he is not None:  # homomorphic encryption: the encrypted sum (he_round.py)
             return self.he.accumulator()

@@ -46,10 +46,12 @@ from fedge.aggregator.privacy import PrivacyConfig
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategies.config import StrategyConfig
 from fedge.protocol import TrainingConfig
+from fedge.protocol import he as fhe
 from fedge.protocol.paho_hub import PahoHub
 from pydantic import ValidationError
 
 from fedge.brokerconfig import broker_link
+from fedge.heconfig import AggregatorHeConfig, DeviceHeConfig
 
 from .baselines import LocalModels, Scorer, SoloTrainer
 from .datasets import Split, check_split, digits, load_user_dataset
@@ -64,6 +66,7 @@ from .device_pool import (
 from .embedded_broker import EmbeddedBroker
 from .faults import FaultInjector, FaultSettings, FaultSpecError, Ledger, fault_settings
 from .fed_eval import aligned, median_gap
+from .he_report import DecryptedScores, merge, write_he_keys
 from .mosquitto import LocalMosquitto, MosquittoError, find_mosquitto
 from .partition import parse_scheme, partition
 from .signing_keys import write_signing_pair
@@ -135,6 +138,9 @@ class SimOptions:
     adaptive_clip_quantile: float | None = None
     target_delta: float = 1e-5
     epsilon_budget: float | None = None
+    # Homomorphic encryption (docs/homomorphic-encryption.md): throwaway CKKS keys; the sim
+    # decrypts each round's model outside the aggregator to score it (fleet/he_report.py).
+    he: bool = False
 
     def faults(self) -> FaultSettings:
         try:
@@ -238,6 +244,11 @@ def run_sim(opts: SimOptions) -> dict[str, Any]:
     _strategy_table(opts)
     _training_table(opts)
     _privacy_table(opts)
+    if opts.he:  # TenSEAL before anything loads TensorFlow (a model built from a spec)
+        try:
+            fhe.tenseal()
+        except fhe.HeError as exc:
+            raise SimError(str(exc)) from exc
     if len({p.slug for p in parsed}) != len(parsed):
         raise SimError(f"--partition names a scheme twice: {opts.partition}")
     split = load_data(opts)
@@ -416,6 +427,7 @@ def _configs(
         raise SimError(f"--partition {scheme}: {exc}") from exc
     test = _write_npz(data_dir / "test.npz", split.x_test, split.y_test)
     signing_key, public_key = write_signing_pair(state_dir)
+    he_keys = write_he_keys(state_dir) if opts.he else None  # (he.secret, he.public)
     agents = []
     for i, idx in enumerate(parts):
         device = f"dev{i:03d}"
@@ -432,10 +444,13 @@ def _configs(
                 seed=opts.seed * 1000 + i,
                 max_payload=opts.max_payload,
                 aggregator_keys=(public_key,),
+                he=None if he_keys is None else DeviceHeConfig(key_file=he_keys[0]),
             )
         )
     try:
-        agg = _aggregator_config(opts, fleet, broker_for, signing_key, model, state_dir, test, out)
+        agg = _aggregator_config(
+            opts, fleet, broker_for, signing_key, model, state_dir, test, out, he_keys
+        )
     except ValidationError as exc:
         raise SimError(str(exc.errors()[0]["msg"]).removeprefix("Value error, ")) from exc
     return agents, agg, parts
@@ -450,6 +465,7 @@ def _aggregator_config(
     state_dir: Path,
     test: Path,
     out: Path,
+    he_keys: tuple[Path, Path] | None = None,
 ) -> AggregatorConfig:
     return AggregatorConfig(
         fleet=fleet,
@@ -469,6 +485,7 @@ def _aggregator_config(
         log=out / "rounds.jsonl",
         seed=opts.seed,
         privacy=_privacy_table(opts),
+        he=None if he_keys is None else AggregatorHeConfig(key_file=he_keys[1]),
     )
 
 
@@ -492,7 +509,15 @@ def _run_one(
         _Baselines(opts, split, model, parts, out / "baselines.jsonl") if opts.baselines else None
     )
 
+    decrypted = None
+    if opts.he:  # the sim holds the throwaway secret key: it scores E_t for the report
+        secret = next(c.he.key_file for c in agent_cfgs if c.he is not None)
+        decrypted = DecryptedScores(secret, model, split.x_test, split.y_test, out)
+
     def on_round(summary: dict[str, Any]) -> None:
+        if decrypted is not None and summary["status"] == "done":
+            assert aggregator.he is not None
+            decrypted.round(summary, aggregator.he.payload)
         extra = None
         if tracker is not None and summary["status"] == "done":
             extra = tracker.round(summary)
@@ -767,6 +792,7 @@ def _summarise(
         if log_path.exists()
         else []
     )
+    merge(out, rounds)  # under HE: the scores the sim decrypted (fleet/he_report.py)
     done = [r for r in rounds if r["status"] == "done"]
     accs = [r["accuracy"] for r in done if "accuracy" in r]
     summary: dict[str, Any] = {
@@ -809,6 +835,8 @@ def _summarise(
         summary["stalled"] = stalled
     if opts.dp is not None:
         summary["privacy"] = _privacy_summary(opts, rounds, budget_stop)
+    if opts.he:
+        summary["he"] = {"accuracy_from": "the sim, decrypting each model outside the aggregator"}
     if faults is not None:
         summary["faults"] = faults.summary(rounds)
     base_path = out / "baselines.jsonl"
