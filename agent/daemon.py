@@ -406,6 +406,10 @@ class Agent:
             except HeError as exc:
                 self._refuse(f"he_{exc.reason}", self.topics.global_model, str(exc))
                 return  # ... then checked as any model
+        elif self.he_keys is not None:
+            detail = "a plain global model; with [he] key_file this device takes encrypted ones"
+            self._refuse("he_plain_model", self.topics.global_model, detail)
+            return
         if not all(np.isfinite(t).all() for t in tensors.values()):
             self._refuse("not_finite", self.topics.global_model, f"model v{header.model_version}")
             return
@@ -444,9 +448,11 @@ class Agent:
         if ann.deadline < self.clock():
             log.info("round %d: deadline already passed, sitting out", ann.round_id)
             return
-        if ann.config.he and self.he_keys is None:  # HE without the key (agent/he_model.py)
-            log.warning(he_model.NO_KEY, ann.round_id)
-            self._skip(ann, he_model.SKIP_NO_KEY, trained=False)
+        if ann.config.he != (self.he_keys is not None):  # HE (agent/he_model.py)
+            log.warning(he_model.NO_KEY if ann.config.he else he_model.PLAIN_ROUND, ann.round_id)
+            self._skip(
+                ann, he_model.SKIP_NO_KEY if ann.config.he else he_model.SKIP_PLAIN, trained=False
+            )
             return
         if self.global_version < ann.model_version:
             # The global model it names has not arrived yet: wait for it, and say which

@@ -33,6 +33,7 @@ in-process, Mosquitto above 200 devices is not), bytes up per round (every updat
 down per device per round, and the final accuracy (under HE: of the model the sim decrypts).
 
     .venv/bin/python bench/he.py --sim --devices 10 100 --rounds 3
+    .venv/bin/python bench/he.py --sim --devices 100 1000 --rounds 2 --broker mosquitto
 """
 
 from __future__ import annotations
@@ -173,13 +174,14 @@ def main() -> None:
     ap.add_argument("--sim", action="store_true", help="whole fedge sim rounds, plain and --he")
     ap.add_argument("--rounds", type=int, default=3, help="--sim: rounds per run")
     ap.add_argument("--out", default="runs/bench-he", help="--sim: run folders")
+    ap.add_argument("--broker", default=None, help="--sim: as fedge sim's (default: embedded)")
     args = ap.parse_args()
     if not he.available():
         print(he.INSTALL_HINT)
         raise SystemExit(1)
     print(machine_line())
     if args.sim:
-        sim_rounds(args.devices, args.rounds, Path(args.out))
+        sim_rounds(args.devices, args.rounds, Path(args.out), args.broker)
         return
     print("CPU is process time (one core); times are medians; 'round' is one round at N devices")
     for model_name in args.models:
@@ -229,7 +231,7 @@ def measure(
     return line
 
 
-def sim_rounds(devices: list[int], rounds: int, out: Path) -> None:
+def sim_rounds(devices: list[int], rounds: int, out: Path, broker: str | None) -> None:
     """One ``fedge sim`` per (way, N): the table of ``--sim`` (see the module docstring)."""
     he.tenseal()  # before anything could load TensorFlow
     from fedge.aggregator.coordinator import Aggregator
@@ -272,6 +274,7 @@ def sim_rounds(devices: list[int], rounds: int, out: Path) -> None:
                 show_progress=False,
                 out=out / f"{way}-{n}",
                 round_timeout=600.0,
+                broker=broker,
             )
             cpu = time.process_time()
             summary = run_sim(opts)

@@ -255,3 +255,20 @@ def test_a_device_without_the_key_sits_encrypted_rounds_out(
     ]
     assert {n.reason for n in notices} == {"he_no_key"}
     assert all(isinstance(n, SkipNotice) and not n.trained for n in notices)
+
+
+def test_a_device_with_the_key_sends_nothing_in_the_clear(
+    tmp_path: Path, stores: list[Store], secret: he.HeKeys
+) -> None:
+    broker = MemoryBroker()
+    spy = MemoryLink(broker, "spy")
+    spy.connect()
+    spy.subscribe(T.updates)
+    plain = aggregator(tmp_path, broker, stores, keys=None, key_file=None, rounds=1)
+    fleet = agents(broker, secret)  # an aggregator that announces plain rounds: a downgrade
+    run(plain, fleet, until=lambda: all(a.state.last_round == 1 for a in fleet))
+    for agent in fleet:
+        assert agent.global_version == -1 and agent.stats.rejected["he_plain_model"] == 1
+        assert agent.outcome == ("skipped", "he_required")
+    sent = list(iter(lambda: spy.get(0), None))
+    assert sent and all(is_skip(m.payload) for m in sent)
