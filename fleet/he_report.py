@@ -19,8 +19,6 @@ from typing import Any
 import numpy as np
 from fedge.protocol import he
 
-from .baselines import Scorer
-
 DECRYPTED = "decrypted.jsonl"
 
 
@@ -42,6 +40,8 @@ class DecryptedScores:
     """Decrypts the aggregator's E_t after each round and scores it (``decrypted.jsonl``)."""
 
     def __init__(self, secret: Path, model: Path, x: np.ndarray, y: np.ndarray, out: Path):
+        from .baselines import Scorer  # a runtime: not for `fedge report`, which merges only
+
         self.keys = he.load_keys(secret, secret=True)
         self.scorer = Scorer(model, x, y)
         self.shapes = {k: tuple(w.shape) for k, w in self.scorer.runtime.get_weights().items()}

@@ -33,5 +33,10 @@ def test_sim_he_trains_and_reports_the_decrypted_accuracy(tmp_path: Path) -> Non
     rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert all(r["he"]["encrypted"] and "accuracy" not in r for r in rounds)
     assert summary["bytes_received_by_aggregator"] > 2 * 3 * 400_000  # ciphertexts went up
+    from fedge.fleet.report import load_run
+
+    run = load_run(tmp_path)  # fedge report plots the decrypted scores
+    assert [r.accuracy for r in run.rounds] == [s["accuracy"] for s in scored]
+    assert run.summary["codec"] == "ckks"
     with pytest.raises(SimError, match="FedAvg only"):
         run_sim(SimOptions(devices=3, rounds=1, he=True, out=tmp_path / "x", show_progress=False))
