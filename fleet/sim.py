@@ -812,7 +812,7 @@ def _summarise(
         "batch_size": opts.batch_size,
         "lr": opts.lr,
         "mu": opts.mu,
-        "codec": opts.codec,
+        "codec": fhe.HE_CODEC if opts.he else opts.codec,
         "gate_threshold": opts.gate_threshold,
         "gate_max_skips": opts.gate_max_skips,
         "uploads": sum(len(r["participants"]) for r in rounds),
