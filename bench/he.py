@@ -6,7 +6,7 @@ For each model and each way of sending an update, side by side in one run:
   encrypt n * delta) and taking the global model in (plain: decode the envelope; HE: decrypt
   the encrypted global model), medians over ``--repeats`` rounds;
 - bytes up (one update) and down (the global model) per device; HE bytes are the payload of
-  ``fedge.protocol.he`` (the envelope would add its ~200-byte header once wired);
+  ``fedge.protocol.he`` (the envelope adds its ~200-byte header on the wire);
 - server CPU per round at N devices: every update read, checked and folded into the round's
   sum, then the close (plain: the mean and the global model's envelope; HE: the encrypted sum
   and E_t = E_{t-1} + S * (1/W)). Per update is the median; the round is the sum of all.
