@@ -34,6 +34,7 @@ from pydantic import (
 
 from fedge.brokerconfig import BrokerTls, check_public_key, check_tls_scheme
 from fedge.configfile import BROKER_URL_PATTERN, ID_PATTERN, existing_file, state_folder
+from fedge.heconfig import DeviceHeConfig
 
 from .eligibility import EligibilityConfig
 
@@ -104,6 +105,9 @@ class AgentConfig(BaseModel):
     # Prometheus /metrics on metrics_addr:metrics_port (fedge.metrics); 0: off.
     metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_addr: str = "127.0.0.1"
+    # Homomorphic encryption: the fleet's he.secret (docs/homomorphic-encryption.md). None:
+    # rounds that announce HE are sat out (skip notice "he_no_key").
+    he: DeviceHeConfig | None = None
 
     @field_validator("aggregator_keys", mode="after")
     @classmethod

@@ -49,6 +49,7 @@ from fedge.protocol import (
     verify,
 )
 from fedge.protocol.downlink import DeltaMismatch, apply_delta
+from fedge.protocol.he import HE_CODEC, HeError, HeKeys, is_encrypted
 from fedge.protocol.messages import MAX_READINGS
 from fedge.protocol.secagg import SecAggError
 from fedge.protocol.signing import OVERHEAD as SIGNATURE_OVERHEAD
@@ -59,7 +60,7 @@ from pydantic import ValidationError
 
 from fedge import __version__
 
-from . import evaluation
+from . import evaluation, he_model
 from . import update as steps
 from .dataset import Dataset
 from .eligibility import ByteBudget, Decision
@@ -131,6 +132,7 @@ class Agent:
         outbox: Outbox | None = None,
         readings: Callable[[], dict[str, float]] | None = None,
         noise_rng: np.random.Generator | None = None,
+        he_keys: HeKeys | None = None,
     ) -> None:
         self.device_id = device_id
         self.topics = Topics(fleet)
@@ -156,6 +158,8 @@ class Agent:
         # Local DP noise draws from the OS's entropy, never from ``rng``: a seed in a config
         # file would let anyone who reads it subtract the noise again.
         self.noise_rng = noise_rng or np.random.default_rng()
+        # Homomorphic encryption: the fleet's CKKS secret key (agent/he_model.py); None: off.
+        self.he_keys = he_keys
         self.clock = clock
         # Called with (round id, local weights) after local training, before the upload:
         # field tests use it to score each device's own model; a device needs nothing here.
@@ -448,6 +452,16 @@ class Agent:
             return  # the retained copy again (a reconnect)
         # (The same version with other bits: the aggregator's whole copy replaces one rebuilt
         # from compact deltas, after it restarted or sent the model again on request.)
+        if is_encrypted(tensors):  # homomorphic encryption: decrypt (agent/he_model.py) ...
+            try:
+                tensors = he_model.open_global(self.he_keys, tensors, self.runtime.get_weights())
+            except HeError as exc:
+                self._refuse(f"he_{exc.reason}", self.topics.global_model, str(exc))
+                return  # ... then checked as any model
+        elif self.he_keys is not None:
+            detail = "a plain global model; with [he] key_file this device takes encrypted ones"
+            self._refuse("he_plain_model", self.topics.global_model, detail)
+            return
         if not all(np.isfinite(t).all() for t in tensors.values()):
             self._refuse("not_finite", self.topics.global_model, f"model v{header.model_version}")
             return
@@ -498,6 +512,12 @@ class Agent:
             return  # taking part already (the retained announcement again, on a reconnect)
         if ann.deadline < self.clock():
             log.info("round %d: deadline already passed, sitting out", ann.round_id)
+            return
+        if ann.config.he != (self.he_keys is not None):  # HE (agent/he_model.py)
+            log.warning(he_model.NO_KEY if ann.config.he else he_model.PLAIN_ROUND, ann.round_id)
+            self._skip(
+                ann, he_model.SKIP_NO_KEY if ann.config.he else he_model.SKIP_PLAIN, trained=False
+            )
             return
         if self.global_version < ann.model_version:
             # The global model it names has not arrived yet: wait for it, and say which
@@ -665,19 +685,24 @@ class Agent:
                 return  # masked and sent when the neighbours' shares are in
             gate = replace(gate, upload=False, reason="budget")
         elif gate.upload:
-            encoding = steps.encode(update, cfg, self.rng)
+            if cfg.he:  # homomorphic encryption: the whole update, encrypted; no residual
+                assert self.he_keys is not None  # _on_round sits the round out without it
+                codec, tensors = HE_CODEC, steps.encrypt(update, self.he_keys, result.samples, cfg)
+            else:
+                encoding = steps.encode(update, cfg, self.rng)
+                codec, tensors = str(encoding.spec), encoding.encoded.tensors
             header = UpdateHeader(
                 device_id=self.device_id,
                 round_id=ann.round_id,
                 update_id=update_id,
                 base_version=ann.model_version,
                 num_samples=result.samples,
-                codec=str(encoding.spec),
+                codec=codec,
                 train_loss=train_loss,
                 evaluation=scored,
                 within_clip=within_clip,
             )
-            payload = encode(header, encoding.encoded.tensors)
+            payload = encode(header, tensors)
             parts = self._parts(payload, update_id)
             if self.eligibility is not None:
                 decision = self.eligibility(self._wire_size(parts))
@@ -689,10 +714,9 @@ class Agent:
                 self.secure = None
             self._skip(ann, gate.reason, trained=True, held=update, scored=scored)
             return
-        assert encoding is not None
         self.last_update_bytes = self._wire_size(parts)
         topic = self.topics.update(self.device_id)
-        kept = steps.remaining(update, encoding)
+        kept = None if encoding is None else steps.remaining(update, encoding)  # None: HE
         # Outbox first: a crash from here until it is cleared sends these same parts again
         # at the next start (the aggregator applies an update id once) and keeps ``kept``;
         # never the old residual, which still holds what is being sent.
@@ -713,7 +737,7 @@ class Agent:
             time.perf_counter() - started,
             result.loss,
             len(payload),
-            encoding.spec,
+            header.codec,
             gate.reason,
         )
 
@@ -896,6 +920,8 @@ class Agent:
         if self.last_update_bytes:
             return self.last_update_bytes
         weights = self.global_weights or {}
+        if cfg.he:  # homomorphic encryption: a ciphertext is full whatever it holds
+            return he_model.estimate(weights)
         size = sum(int(w.size) for w in weights.values())
         spec = parse_codec(cfg.codec)
         if spec.fraction is None:

@@ -13,6 +13,7 @@ from fedge.protocol import Link, Status
 from fedge.protocol.signing import load_public_key
 
 from fedge.brokerconfig import broker_link
+from fedge.heconfig import load_he_keys
 from fedge.metrics import AgentCollector, serve_metrics
 from fedge.systemd import notify, serve_until_stopped, watchdog_petter
 
@@ -97,6 +98,7 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
         sensor=sensor,
         trusted_keys=[load_public_key(path.read_bytes()) for path in cfg.aggregator_keys],
         readings=lambda: readings_dict(read_readings(problems=problems)),
+        he_keys=None if cfg.he is None else load_he_keys(cfg.he.key_file, secret=True),
     )
 
 

@@ -1,7 +1,7 @@
 """The device's update path as named pure steps (no I/O), in the order they run::
 
     local_delta -> check_trained -> with_residual -> clip -> local_noise -> gate -> encode
-    -> remaining
+    -> remaining                          (under homomorphic encryption: gate -> encrypt)
 
 and, in a secure round (``TrainingConfig.secure``, docs/secure-aggregation.md), ``seal`` in
 place of ``encode``: quantise onto the round's shared range and index set, the vector the
@@ -36,6 +36,7 @@ from fedge.protocol import (
     encode_delta,
     parse_codec,
 )
+from fedge.protocol.he import HeKeys, as_tensors, encrypt_update
 from fedge.protocol.secagg import SecureRound, quantize, secure_round, to_ring
 
 from . import residual
@@ -176,3 +177,18 @@ def seal(update: Weights, plan: SecureRound, rng: np.random.Generator) -> Sealed
     scale = p.clip / ((1 << (p.bits - 1)) - 1)
     sent = plan.unflatten(q.astype(np.float64) * scale)
     return Sealed(to_ring(q, p.k), {k: np.asarray(v, np.float32) for k, v in sent.items()})
+
+
+# -- homomorphic encryption (docs/homomorphic-encryption.md) ---------------------------------
+
+
+def encrypt(
+    update: Weights, keys: HeKeys, num_samples: int, cfg: TrainingConfig
+) -> dict[str, np.ndarray]:
+    """Under HE, instead of ``encode``: the whole update (no codec, so nothing is left over
+    for a residual) encrypted as ``weight * update``, the one uint8 tensor an update carries.
+    ``weight`` is what the aggregator weighs the update with: the sample count, or 1 under
+    differential privacy (it cannot re-weight a ciphertext). The gate runs before as it does
+    without HE: an update it holds back is a trained skip, kept here as the residual."""
+    weight = 1 if cfg.privacy is not None else num_samples
+    return as_tensors(encrypt_update(keys, update, weight))

@@ -54,11 +54,12 @@ from fedge.protocol import (
     sign,
 )
 from fedge.protocol.downlink import Shadow
+from fedge.protocol.he import HE_CODEC, HeKeys
 from fedge.protocol.secagg import SecAggAbort, SecAggError, address, is_secagg, secure_round
 from fedge.protocol.status import decode_status
 from fedge.protocol.wire import PUBACK_SIZE, publish_size
 
-from . import fed_eval, intake, privacy
+from . import fed_eval, he_round, intake, privacy
 from .accounting import Ledger
 from .accumulate import Accumulator, RunningSum, make_accumulator
 from .config import AggregatorConfig
@@ -86,7 +87,7 @@ class OpenRound:
     deadline: float
     # The accepted updates, folded into a running sum (or kept, for a robust combiner; or
     # held by the shard workers, which send their partial sums when the round closes).
-    acc: Accumulator | ShardedSum | SecureSum
+    acc: Accumulator | ShardedSum | SecureSum | he_round.HeAccumulator
     counts: dict[str, int] = field(default_factory=dict)
     losses: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, SkipNotice] = field(default_factory=dict)
@@ -134,6 +135,7 @@ class Aggregator:
         revoked: set[str] | None = None,
         floor: tuple[int, int] | None = None,
         noise_rng: np.random.Generator | None = None,
+        he_keys: HeKeys | None = None,
     ) -> None:
         self.cfg = config
         # Signs every round announcement and global model; None: they go out unsigned.
@@ -210,11 +212,20 @@ class Aggregator:
                     " model, start afresh with `fedge aggregator --config CONFIG --reset-state`"
                 )
             self.strategy.load_state(store.strategy_state(self.version))
+        # Homomorphic encryption (aggregator/he_round.py): the model only as ciphertexts;
+        # ``weights`` is then a template of zeros (shapes), and nothing can evaluate it.
+        self.he = he_round.start(
+            he_keys, store, self.version, self.weights, config.strategy.server_lr
+        )
+        if self.he is not None:
+            self.weights, self.evaluator = self.he.template, None
         self.completed = store.completed_rounds()
         self.next_round_id = store.last_round_id() + 1
         t = config.training
         size = sum(int(np.size(w)) for w in self.weights.values())
         self._expected_codec = intake.expected_codec(t.codec, t.topk_min_entries, size)
+        if self.he is not None:  # homomorphic encryption
+            self._expected_codec = HE_CODEC
         # Selection draws go on where they were, not from the seed again after a restart.
         self.rng = rng or np.random.default_rng([config.seed, self.next_round_id])
         # Differential privacy (aggregator/privacy.py): the noise draws from the OS's entropy,
@@ -510,6 +521,10 @@ class Aggregator:
                     rnd.acc.add_masked(header.device_id, intake.masked_input(tensors))
                 except SecAggError as exc:
                     reason = f"secagg_{exc.reason}"
+        elif reason is None and self.he is not None and rnd is not None:  # HE (he_round.py)
+            cap = he_round.cap_of(device, self.sample_caps, self.cfg.samples.max_per_device)
+            weight = self._weight(header.num_samples)
+            delta, reason = self.he.take(rnd.acc, header, tensors, weight, cap)
         elif reason is None and isinstance(header, UpdateHeader):
             shapes = {k: list(w.shape) for k, w in self.weights.items()}
             try:
@@ -732,8 +747,10 @@ class Aggregator:
             + 2 * PUBACK_SIZE
         )
 
-    def _accumulator(self) -> Accumulator | ShardedSum:
+    def _accumulator(self) -> Accumulator | ShardedSum | he_round.HeAccumulator:
         """A running sum for the plain mean; the deltas themselves for a robust combiner."""
+        if self.he is not None:  # homomorphic encryption: the encrypted sum (he_round.py)
+            return self.he.accumulator()
         if self.shards is not None:
             return self.shards.accumulator()
         keep = getattr(self.strategy.combiner, "needs_all_deltas", True)
@@ -935,7 +952,8 @@ class Aggregator:
         header = GlobalModelHeader(
             fleet=self.cfg.fleet, model_version=self.version, round_id=round_id
         )
-        payload = self._signed(encode(header, self.weights), "global")
+        tensors = self.weights if self.he is None else self.he.tensors()  # HE: E_t
+        payload = self._signed(encode(header, tensors), "global")
         self.link.publish(self.topics.global_model, payload, qos=1, retain=True)
         self._global_wire_size = publish_size(self.topics.global_model, len(payload), 1)
         if self.cfg.downlink is not None:
@@ -987,7 +1005,8 @@ class Aggregator:
             declared if self._weight(2) == 2 else dict.fromkeys(declared, 1),
             caps=self.sample_caps,
             max_per_device=limits.max_per_device,
-            median_factor=limits.median_factor,
+            # HE: a count is fixed inside its ciphertext; over a fixed cap it was refused.
+            median_factor=limits.median_factor if self.he is None else 0.0,
         )
         if self.shards is not None and not self.shards.merged(self, rnd, bounded.used, now):
             return  # waiting for the workers' partial sums (a later tick closes the round)
@@ -1003,7 +1022,9 @@ class Aggregator:
         if participants:
             before = self.strategy.state()
             with np.errstate(over="ignore", invalid="ignore"):
-                if self._central:
+                if self.he is not None:  # HE: E_t from E_{t-1} and the round's sum, blind
+                    combined = self.he.advance(rnd.acc)
+                elif self._central:
                     combined = self._private_mean(rnd, bounded.used)
                 else:
                     combined = rnd.acc.mean(
@@ -1057,6 +1078,8 @@ class Aggregator:
         scored = fed_eval.combine(rnd.evals, bounded.used, announced)
         if scored is not None:
             summary["fed_eval"] = scored
+        if self.he is not None:  # homomorphic encryption: no held-out evaluation
+            summary["he"] = he_round.SUMMARY
         if self.evaluator is not None:
             loss, metric = self.evaluator(self.weights)
             # classifiers report accuracy; regression models (forecasters) the mean abs. error
@@ -1071,6 +1094,8 @@ class Aggregator:
             if new_model:
                 self.store.save_model(self.version, rnd.round_id, self.weights)
                 self.store.save_strategy_state(self.version, self.strategy.state())
+                if self.he is not None:  # E_t beside the template (he_round.py)
+                    self.he.save(self.store, self.version)
             self.store.close_round(rnd.round_id, "done", now, summary)
             self.store.compact(rnd.round_id, keep_from_version=self.version - KEEP_MODELS + 1)
         if new_model:
@@ -1197,6 +1222,8 @@ def describe_round(summary: dict) -> str:
         else:
             score = f"MAE {fed.get('mae', float('nan')):.4f}"
         line += f"; fed eval {score} of v{fed.get('model_version')} (n={fed.get('count')})"
+    if summary.get("he"):
+        line += "; model encrypted (HE)"
     dp = summary.get("privacy")
     if dp:
         line += f"; epsilon {dp['epsilon']:.3f} (delta {dp['delta']:g}, {dp['mode']} DP)"

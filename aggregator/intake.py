@@ -11,7 +11,8 @@ and in a secure round (``aggregator/secure.py``)::
 ``fedge.aggregator.coordinator`` calls them for every message on ``update/{device}`` once its
 chunks are whole. Each step turns untrusted bytes or values into the next stage's input or a
 short reason (counted by the coordinator); a new mechanism (unmasking, a clip) is one step
-added here and tested alone.
+added here and tested alone. Under homomorphic encryption ``he_round.HeModel.take`` stands
+where ``decode`` does: a ciphertext is checked whole and folded into an encrypted sum.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from fedge.protocol.signing import load_private_key
 
 from fedge.brokerconfig import broker_link
 from fedge.configfile import ConfigError
+from fedge.heconfig import load_he_keys
 from fedge.metrics import AggregatorCollector, RoundRecorder, serve_metrics
 from fedge.systemd import notify, serve_until_stopped
 
@@ -147,6 +148,8 @@ def build_aggregator(
     floor: tuple[int, int] | None = None,
 ) -> Aggregator:
     evaluator = make_evaluator(cfg)  # the files the config names first: one clear line
+    # Homomorphic encryption: the public key only (the config refused the secret one).
+    he_keys = None if cfg.he is None else load_he_keys(cfg.he.key_file, secret=False)
     caps, revoked = load_registry(cfg)
     db = cfg.state_dir / STATE_FILE
     if floor is None and not db.exists():
@@ -175,6 +178,7 @@ def build_aggregator(
         sample_caps=caps,
         revoked=revoked,
         floor=floor,
+        he_keys=he_keys,
     )
 
 

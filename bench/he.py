@@ -6,7 +6,7 @@ For each model and each way of sending an update, side by side in one run:
   encrypt n * delta) and taking the global model in (plain: decode the envelope; HE: decrypt
   the encrypted global model), medians over ``--repeats`` rounds;
 - bytes up (one update) and down (the global model) per device; HE bytes are the payload of
-  ``fedge.protocol.he`` (the envelope would add its ~200-byte header once wired);
+  ``fedge.protocol.he`` (the envelope adds its ~200-byte header on the wire);
 - server CPU per round at N devices: every update read, checked and folded into the round's
   sum, then the close (plain: the mean and the global model's envelope; HE: the encrypted sum
   and E_t = E_{t-1} + S * (1/W)). Per update is the median; the round is the sum of all.
@@ -22,11 +22,24 @@ is the same whatever the values.
 
     .venv/bin/python bench/he.py                      # 10, 100 and 1,000 devices, both models
     .venv/bin/python bench/he.py --devices 10 100 --models digits_mlp.tflite
+
+``--sim`` measures whole rounds instead: ``fedge sim`` (digits model, IID, FedAvg, every device
+in every round, no baselines) plain (the default codec) and with ``--he``, at each
+``--devices``, for ``--rounds`` rounds: the median round time (announcement to the new
+global model, ``duration_s``), CPU per round of the aggregator's loop (its thread; under HE
+without the sim's own decrypt-and-score, which is reporting, not the aggregator's) and of the
+whole sim process (devices, broker client threads, aggregator; the embedded broker is
+in-process, Mosquitto above 200 devices is not), bytes up per round (every update, MQTT) and
+down per device per round, and the final accuracy (under HE: of the model the sim decrypts).
+
+    .venv/bin/python bench/he.py --sim --devices 10 100 --rounds 3
+    .venv/bin/python bench/he.py --sim --devices 100 1000 --rounds 2 --broker mosquitto
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -158,11 +171,18 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--repeats", type=int, default=5, help="device rounds timed (median)")
     ap.add_argument("--distinct", type=int, default=20, help="distinct updates per round")
+    ap.add_argument("--sim", action="store_true", help="whole fedge sim rounds, plain and --he")
+    ap.add_argument("--rounds", type=int, default=3, help="--sim: rounds per run")
+    ap.add_argument("--out", default="runs/bench-he", help="--sim: run folders")
+    ap.add_argument("--broker", default=None, help="--sim: as fedge sim's (default: embedded)")
     args = ap.parse_args()
     if not he.available():
         print(he.INSTALL_HINT)
         raise SystemExit(1)
     print(machine_line())
+    if args.sim:
+        sim_rounds(args.devices, args.rounds, Path(args.out), args.broker)
+        return
     print("CPU is process time (one core); times are medians; 'round' is one round at N devices")
     for model_name in args.models:
         weights = load_runtime(ROOT / "models" / "artifacts" / model_name, prefer=("numpy",))
@@ -209,6 +229,70 @@ def measure(
         line += f" {1000 * statistics.median(per_update):>13.3f}"
         line += f" {sum(per_update) + close:>8.2f}"
     return line
+
+
+def sim_rounds(devices: list[int], rounds: int, out: Path, broker: str | None) -> None:
+    """One ``fedge sim`` per (way, N): the table of ``--sim`` (see the module docstring)."""
+    he.tenseal()  # before anything could load TensorFlow
+    from fedge.aggregator.coordinator import Aggregator
+    from fedge.fleet import he_report
+    from fedge.fleet.sim import SimOptions, run_sim
+
+    spent = {"aggregator": 0.0, "report": 0.0}
+
+    def timed_in_thread(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            started = time.thread_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[key] += time.thread_time() - started
+
+        return wrapper
+
+    Aggregator.step = timed_in_thread(Aggregator.step, "aggregator")  # type: ignore[method-assign]
+    he_report.DecryptedScores.round = timed_in_thread(  # type: ignore[method-assign]
+        he_report.DecryptedScores.round, "report"
+    )
+    print(
+        f"fedge sim, digits_mlp, IID, FedAvg, every device each round, {rounds} rounds;"
+        " CPU is process/thread time in seconds per round; bytes are MQTT bytes per round"
+    )
+    print(
+        f"{'':>6} {'devices':>7} {'done':>5} {'round s':>8} {'agg CPU':>8} {'sim CPU':>8}"
+        f" {'up/round':>12} {'up/device':>10} {'down/device':>12} {'accuracy':>9}"
+    )
+    for n in devices:
+        for way in ("plain", "he"):
+            spent.update(aggregator=0.0, report=0.0)
+            opts = SimOptions(
+                devices=n,
+                rounds=rounds,
+                strategy="fedavg",
+                he=way == "he",
+                baselines=False,
+                show_progress=False,
+                out=out / f"{way}-{n}",
+                round_timeout=600.0,
+                broker=broker,
+            )
+            cpu = time.process_time()
+            summary = run_sim(opts)
+            cpu = time.process_time() - cpu
+            lines = (opts.out / "rounds.jsonl").read_text().splitlines()
+            done = [r for r in map(json.loads, lines) if r["status"] == "done"]
+            k = max(1, len(done))
+            up = statistics.median(r["bytes_received"] for r in done) if done else 0
+            down = statistics.median(r["bytes_down_per_device"] for r in done) if done else 0
+            acc = summary.get("final_accuracy")
+            print(
+                f"{way:>6} {n:>7} {len(done):>2}/{rounds:<2} "
+                f"{statistics.median(r['duration_s'] for r in done) if done else 0:>8.2f}"
+                f" {(spent['aggregator'] - spent['report']) / k:>8.2f} {cpu / k:>8.2f}"
+                f" {up:>12,.0f} {up / n:>10,.0f} {down:>12,.0f}"
+                f" {'-' if acc is None else f'{100 * acc:.2f}%':>9}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

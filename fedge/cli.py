@@ -129,7 +129,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         round_timeout=args.round_timeout,
         quorum=args.quorum,
-        strategy=args.strategy,
+        strategy=args.strategy or ("fedavg" if args.he else "fedadam"),
         server_lr=args.server_lr,
         momentum=args.momentum,
         mu=args.mu,
@@ -163,6 +163,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         secure_clip=args.secure_clip,
         downlink_codec=args.downlink_codec,
         resync_every=args.resync_every,
+        he=args.he,
     )
     if args.source == "serial":
         return _sim_serial(args)
@@ -497,7 +498,12 @@ def parser() -> argparse.ArgumentParser:
         " --seed, --out, --broker and --round-timeout only)",
     )
     s.add_argument("--label-column", default=None, help="label column of a CSV data set")
-    s.add_argument("--strategy", default="fedadam", choices=["fedavg", "fedavgm", "fedadam"])
+    s.add_argument(
+        "--strategy",
+        default=None,
+        choices=["fedavg", "fedavgm", "fedadam"],
+        help="server strategy (default: fedadam; fedavg with --he)",
+    )
     s.add_argument("--server-lr", type=float, default=None, help="server step (strategy default)")
     s.add_argument("--momentum", type=float, default=0.9, help="FedAvgM server momentum")
     s.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight (0: off)")
@@ -601,6 +607,12 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=0.05,
         help="each entry is clipped to [-clip, clip] before quantising (default 0.05)",
+    )
+    s.add_argument(
+        "--he",
+        action="store_true",
+        help="homomorphic encryption (docs/homomorphic-encryption.md): throwaway CKKS keys,"
+        " encrypted updates and model; the sim decrypts each model to score it",
     )
     f = s.add_argument_group("faults (seeded by --seed; counted in summary.json)")
     f.add_argument(

@@ -562,8 +562,10 @@ def agent_toml(
     serial_port: str | None,
     task: str,
     password: bool,
+    he: bool = False,
 ) -> str:
-    """The bundle's agent.toml; its relative paths name files beside it in the bundle."""
+    """The bundle's agent.toml; its relative paths name files beside it in the bundle.
+    ``he``: the bundle carries the fleet's he.secret (homomorphic encryption)."""
     port = PASSWORD_PORT if password else TLS_PORT
     top: dict[str, object] = {
         "device_id": device_id,
@@ -585,6 +587,8 @@ def agent_toml(
     if serial_port is not None:
         tables["serial"] = {"port": serial_port}
         tables["task"] = {"kind": task}
+    if he:
+        tables["he"] = {"key_file": HE_SECRET}
     how = (
         [
             f"# The broker knows it by username and password on port {PASSWORD_PORT}; its",
@@ -991,7 +995,8 @@ def provision_device(
             changes.append(_write(bundle / "watch.toml", toml))
         elif not (gateway or site_gateway):
             changes.append(_write(bundle / "aggregator.pub", _read(pki / "signing.pub")))
-            if (pki / HE_SECRET).exists():  # devices decrypt the global model; nobody else
+            he_keys = (pki / HE_SECRET).exists()
+            if he_keys:  # devices decrypt the global model; nobody else
                 changes.append(_write(bundle / HE_SECRET, _read(pki / HE_SECRET), 0o600))
             toml = agent_toml(
                 device_id,
@@ -1002,6 +1007,7 @@ def provision_device(
                 serial_port=serial_port,
                 task=task,
                 password=password,
+                he=he_keys,
             )
             changes.append(_write(bundle / "agent.toml", toml))
         secret = secrets.token_urlsafe(24) if password else None

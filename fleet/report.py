@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedge.fleet.fed_eval import aligned, median_gap
+from fedge.fleet.he_report import merge as merge_decrypted
 from fedge.fleet.report_devices import (
     DEVICE_CSS,
     device_grid,
@@ -194,10 +195,12 @@ def load_run(run_dir: Path) -> Run:
         hint = " (it holds several runs: use load_runs)" if _sub_runs(run_dir) else ""
         raise ReportError(f"no {ROUNDS} in {run_dir}{hint}")
     baselines_path = run_dir / BASELINES
+    rows = list(_read_jsonl(rounds_path))
+    merge_decrypted(run_dir, [obj for obj, _ in rows])  # fedge sim --he: what the sim scored
     return Run(
         path=run_dir,
         summary=_read_summary(run_dir / SUMMARY),
-        rounds=tuple(_parse_round(obj, at) for obj, at in _read_jsonl(rounds_path)),
+        rounds=tuple(_parse_round(obj, at) for obj, at in rows),
         baselines=tuple(_parse_baseline(obj, at) for obj, at in _read_jsonl(baselines_path))
         if baselines_path.is_file()
         else (),

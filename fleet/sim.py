@@ -46,10 +46,12 @@ from fedge.aggregator.privacy import PrivacyConfig
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategies.config import StrategyConfig
 from fedge.protocol import TrainingConfig
+from fedge.protocol import he as fhe
 from fedge.protocol.paho_hub import PahoHub
 from pydantic import ValidationError
 
 from fedge.brokerconfig import broker_link
+from fedge.heconfig import AggregatorHeConfig, DeviceHeConfig
 
 from .baselines import LocalModels, Scorer, SoloTrainer
 from .datasets import Split, check_split, digits, load_user_dataset
@@ -64,6 +66,7 @@ from .device_pool import (
 from .embedded_broker import EmbeddedBroker
 from .faults import FaultInjector, FaultSettings, FaultSpecError, Ledger, fault_settings
 from .fed_eval import aligned, median_gap
+from .he_report import DecryptedScores, merge, write_he_keys
 from .mosquitto import LocalMosquitto, MosquittoError, find_mosquitto
 from .partition import parse_scheme, partition
 from .signing_keys import write_signing_pair
@@ -144,6 +147,9 @@ class SimOptions:
     # models every round.
     downlink_codec: str | None = None
     resync_every: int = 20
+    # Homomorphic encryption (docs/homomorphic-encryption.md): throwaway CKKS keys; the sim
+    # decrypts each round's model outside the aggregator to score it (fleet/he_report.py).
+    he: bool = False
 
     def faults(self) -> FaultSettings:
         try:
@@ -249,6 +255,11 @@ def run_sim(opts: SimOptions) -> dict[str, Any]:
     _privacy_table(opts)
     _secure_table(opts)
     _downlink_table(opts)
+    if opts.he:  # TenSEAL before anything loads TensorFlow (a model built from a spec)
+        try:
+            fhe.tenseal()
+        except fhe.HeError as exc:
+            raise SimError(str(exc)) from exc
     if len({p.slug for p in parsed}) != len(parsed):
         raise SimError(f"--partition names a scheme twice: {opts.partition}")
     split = load_data(opts)
@@ -458,6 +469,7 @@ def _configs(
         raise SimError(f"--partition {scheme}: {exc}") from exc
     test = _write_npz(data_dir / "test.npz", split.x_test, split.y_test)
     signing_key, public_key = write_signing_pair(state_dir)
+    he_keys = write_he_keys(state_dir) if opts.he else None  # (he.secret, he.public)
     agents = []
     for i, idx in enumerate(parts):
         device = f"dev{i:03d}"
@@ -474,10 +486,13 @@ def _configs(
                 seed=opts.seed * 1000 + i,
                 max_payload=opts.max_payload,
                 aggregator_keys=(public_key,),
+                he=None if he_keys is None else DeviceHeConfig(key_file=he_keys[0]),
             )
         )
     try:
-        agg = _aggregator_config(opts, fleet, broker_for, signing_key, model, state_dir, test, out)
+        agg = _aggregator_config(
+            opts, fleet, broker_for, signing_key, model, state_dir, test, out, he_keys
+        )
     except ValidationError as exc:
         raise SimError(str(exc.errors()[0]["msg"]).removeprefix("Value error, ")) from exc
     return agents, agg, parts
@@ -492,6 +507,7 @@ def _aggregator_config(
     state_dir: Path,
     test: Path,
     out: Path,
+    he_keys: tuple[Path, Path] | None = None,
 ) -> AggregatorConfig:
     return AggregatorConfig(
         fleet=fleet,
@@ -513,6 +529,7 @@ def _aggregator_config(
         privacy=_privacy_table(opts),
         secure=_secure_table(opts),
         downlink=_downlink_table(opts),
+        he=None if he_keys is None else AggregatorHeConfig(key_file=he_keys[1]),
     )
 
 
@@ -536,7 +553,15 @@ def _run_one(
         _Baselines(opts, split, model, parts, out / "baselines.jsonl") if opts.baselines else None
     )
 
+    decrypted = None
+    if opts.he:  # the sim holds the throwaway secret key: it scores E_t for the report
+        secret = next(c.he.key_file for c in agent_cfgs if c.he is not None)
+        decrypted = DecryptedScores(secret, model, split.x_test, split.y_test, out)
+
     def on_round(summary: dict[str, Any]) -> None:
+        if decrypted is not None and summary["status"] == "done":
+            assert aggregator.he is not None
+            decrypted.round(summary, aggregator.he.payload)
         extra = None
         if tracker is not None and summary["status"] == "done":
             extra = tracker.round(summary)
@@ -811,6 +836,7 @@ def _summarise(
         if log_path.exists()
         else []
     )
+    merge(out, rounds)  # under HE: the scores the sim decrypted (fleet/he_report.py)
     done = [r for r in rounds if r["status"] == "done"]
     accs = [r["accuracy"] for r in done if "accuracy" in r]
     summary: dict[str, Any] = {
@@ -830,7 +856,7 @@ def _summarise(
         "batch_size": opts.batch_size,
         "lr": opts.lr,
         "mu": opts.mu,
-        "codec": opts.codec,
+        "codec": fhe.HE_CODEC if opts.he else opts.codec,
         "gate_threshold": opts.gate_threshold,
         "gate_max_skips": opts.gate_max_skips,
         "uploads": sum(len(r["participants"]) for r in rounds),
@@ -860,6 +886,8 @@ def _summarise(
             "clip": opts.secure_clip,
             "survivors": [r.get("secure", {}).get("survivors") for r in rounds],
         }
+    if opts.he:
+        summary["he"] = {"accuracy_from": "the sim, decrypting each model outside the aggregator"}
     if faults is not None:
         summary["faults"] = faults.summary(rounds)
     base_path = out / "baselines.jsonl"

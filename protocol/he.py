@@ -85,6 +85,7 @@ from typing import Any
 import numpy as np
 
 from .errors import EncodeError, ProtocolError
+from .messages import HE_CODEC as HE_CODEC  # an update's codec under HE
 
 # 128-bit classical security, ternary secret: the largest total coefficient modulus in bits
 # for each poly modulus degree (Homomorphic Encryption Standard, 2018, Table 1).
@@ -97,6 +98,9 @@ INSTALL_HINT = (
 
 MAGIC = b"FHE"
 VERSION = 1
+# Over MQTT: an update's ``UpdateHeader.codec`` and the one uint8 tensor that carries an
+# update or model payload in the envelope (the global model under HE is that tensor alone).
+HE_TENSOR = "ckks"
 KIND_UPDATE, KIND_SUM, KIND_MODEL = 1, 2, 3
 KIND_NAMES = {KIND_UPDATE: "update", KIND_SUM: "sum", KIND_MODEL: "model"}
 _HEAD = struct.Struct(">3sBB16sdIIH")
@@ -322,6 +326,24 @@ class HeKeys:
     @property
     def model(self) -> int:
         return self.fresh - 1
+
+
+def key_file_kind(path: str | Path) -> str:
+    """``"secret"`` or ``"public"``: what a key file holds, from its header alone (no TenSEAL,
+    so a config can be checked where TenSEAL is missing). HeError("bad_key_file") naming the
+    file if it is not a fedge CKKS key file."""
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_KEY_HEAD.size)
+    except OSError as exc:
+        raise HeError("bad_key_file", f"{source}: cannot read ({exc.strerror})") from exc
+    if len(head) < _KEY_HEAD.size or head[:4] != KEY_MAGIC:
+        raise HeError("bad_key_file", f"{source}: not a fedge CKKS key file (no FHEK header)")
+    _, version, kind, _, _ = _KEY_HEAD.unpack_from(head)
+    if version != KEY_VERSION or kind not in (KEY_SECRET, KEY_PUBLIC):
+        raise HeError("bad_key_file", f"{source}: key file version {version}, kind {kind!r}")
+    return "secret" if kind == KEY_SECRET else "public"
 
 
 def load_keys(path: str | Path, *, secret: bool) -> HeKeys:
@@ -590,6 +612,15 @@ def encrypt_model(keys: HeKeys, weights: Mapping[str, np.ndarray]) -> bytes:
     return write_payload(KIND_MODEL, keys.key_id, 0.0, 0, flat.size, _serialize(vectors))
 
 
+@dataclass(eq=False)
+class CheckedUpdate:
+    """An update ``HeSum.check`` passed: its weight and its loaded ciphertexts."""
+
+    weight: float
+    vectors: list[Any]
+    used: bool = False
+
+
 class HeSum:
     """The running sum of one round's encrypted updates, folded in as they arrive (memory: one
     model's worth of ciphertexts, not one per device). Needs no secret key.
@@ -610,15 +641,28 @@ class HeSum:
     def add(self, data: bytes, *, weight: float | None = None) -> float:
         """Fold one update in; return its weight. ``weight``, when given (the sample count the
         update's header declares), must equal the payload's: HE cannot re-weight or clip."""
+        checked = self.check(data, weight=weight)
+        self.add_checked(checked)
+        return checked.weight
+
+    def check(self, data: bytes, *, weight: float | None = None) -> CheckedUpdate:
+        """Everything ``add`` checks, without touching the sum: the update, ready to fold in
+        with ``add_checked`` (once it is kept, say)."""
         payload = read_payload(data, self.keys, kind=KIND_UPDATE, values=self.values)
         if weight is not None and payload.weight != float(weight):
             raise HeError(
                 "bad_weight", f"payload weight {payload.weight!r}, header says {weight!r}"
             )
-        self._fold(_load_vectors(self.keys, payload))
+        return CheckedUpdate(payload.weight, _load_vectors(self.keys, payload))
+
+    def add_checked(self, checked: CheckedUpdate) -> None:
+        """Fold in an update ``check`` passed (each one once)."""
+        if checked.used:
+            raise ValueError("this update is already in a sum")
+        checked.used = True
+        self._fold(checked.vectors)
         self.count += 1
-        self.weight += payload.weight
-        return payload.weight
+        self.weight += checked.weight
 
     def add_sum(self, data: bytes) -> None:
         """Fold in another sum of the same round (a shard worker's partial sum, a "sum"
@@ -671,3 +715,36 @@ def apply_sum(
     for acc, vec in zip(previous, step, strict=True):
         acc.add_(vec * factor)
     return write_payload(KIND_MODEL, keys.key_id, 0.0, 0, values, _serialize(previous))
+
+
+# -- over MQTT: one uint8 tensor in the envelope ----------------------------------------------
+
+
+def as_tensors(payload: bytes) -> dict[str, np.ndarray]:
+    """A payload (update or model) as the envelope's tensors: one uint8 tensor, HE_TENSOR."""
+    return {HE_TENSOR: np.frombuffer(payload, np.uint8)}
+
+
+def is_encrypted(tensors: Mapping[str, np.ndarray]) -> bool:
+    """Whether an envelope's tensors are an HE payload (a plain model has float tensors)."""
+    return set(tensors) == {HE_TENSOR} and np.asarray(tensors[HE_TENSOR]).dtype == np.uint8
+
+
+def from_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """The payload of ``as_tensors``; HeError("wrong_kind") for anything else."""
+    if not is_encrypted(tensors):
+        names = ", ".join(sorted(tensors)[:4]) or "none"
+        raise HeError("wrong_kind", f"want one uint8 tensor {HE_TENSOR!r}, got {names}")
+    array = np.asarray(tensors[HE_TENSOR])
+    if array.ndim != 1:
+        raise HeError("wrong_kind", f"tensor {HE_TENSOR!r} of shape {array.shape}, want 1-D")
+    return array.tobytes()
+
+
+def upload_estimate(values: int, params: HeParams | None = None) -> int:
+    """At most the bytes of an encrypted update of ``values`` values (before the envelope):
+    a ciphertext costs the same whatever it holds, about 235 kB at the default parameters."""
+    params = params or HeParams()
+    fresh = len(params.coeff_mod_bit_sizes) - 1
+    per = _LEN.size + params.ciphertext_bound(fresh)
+    return _HEAD.size + n_ciphertexts(max(1, values), params.slots) * per

@@ -38,8 +38,10 @@ Codec = Annotated[
     str, StringConstraints(max_length=MAX_CODEC_TEXT), AfterValidator(_canonical_codec)
 ]
 # Uploads that are not a codec's encoding of a delta, read by a step of their own on the
-# aggregator: a secure-aggregation masked input (``fedge.protocol.secagg``).
-SEALED_CODECS = ("secagg",)
+# aggregator: a secure-aggregation masked input (``fedge.protocol.secagg``) and a CKKS
+# ciphertext (``fedge.protocol.he``, which loads TenSEAL lazily; not here).
+HE_CODEC = "ckks"
+SEALED_CODECS = ("secagg", HE_CODEC)
 
 
 def _upload_codec(text: str) -> str:
@@ -49,6 +51,7 @@ def _upload_codec(text: str) -> str:
 UploadCodec = Annotated[
     str, StringConstraints(max_length=MAX_CODEC_TEXT), AfterValidator(_upload_codec)
 ]
+# -- end homomorphic encryption ------------------------------------------------------------
 
 
 class _Message(BaseModel):
@@ -143,7 +146,11 @@ class TrainingConfig(_Message):
     # Secure aggregation (the aggregator sees only the sum); None: off. Set by the
     # aggregator's [secure] table, with a fresh seed each round.
     secure: SecureSettings | None = None
-    _omit_default = ("eval_fraction", "eval_min_samples", "privacy", "secure")
+    # Homomorphic encryption (docs/homomorphic-encryption.md): devices encrypt their updates
+    # under the fleet's CKKS key and the global model comes encrypted. The aggregator sets it
+    # from its [he] table; a device without the key sits such a round out.
+    he: bool = False
+    _omit_default = ("eval_fraction", "eval_min_samples", "privacy", "secure", "he")
 
 
 class RoundAnnouncement(_Message):

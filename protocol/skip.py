@@ -46,6 +46,8 @@ REASONS = (
     "busy",
     "budget_exhausted",
     "not_ready",
+    "he_no_key",  # the round is homomorphically encrypted and the device has no key
+    "he_required",  # the device has the key and the round is not encrypted
 )
 _CODES = {reason: code for code, reason in enumerate(REASONS)}
 

@@ -39,6 +39,9 @@ def test_device_bundles_get_the_secret_key_and_no_one_else(tmp_path: Path) -> No
     assert stat.S_IMODE(bundle.stat().st_mode) == 0o600
     for other in ("before", "gw", "ops"):  # made before the keys, or not a training device
         assert not (pki / "devices" / other / HE_SECRET).exists()
+    toml = (pki / "devices" / "dev-a" / "agent.toml").read_text()
+    assert '[he]\nkey_file = "he.secret"' in toml  # the bundle's config uses it
+    assert "[he]" not in (pki / "devices" / "before" / "agent.toml").read_text()
     device = he.load_keys(bundle, secret=True)
     server = he.load_keys(pki / HE_PUBLIC, secret=False)
     assert device.key_id == server.key_id and not server.has_secret
