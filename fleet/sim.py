@@ -426,7 +426,13 @@ def _secure_table(opts: SimOptions) -> SecureConfig | None:
     if opts.poison is not None:
         raise SimError("--secure cannot be combined with --poison (a masked update hides it)")
     try:
-        return SecureConfig(degree=opts.secure_degree, bits=opts.secure_bits, clip=opts.secure_clip)
+        return SecureConfig(
+            degree=opts.secure_degree,
+            bits=opts.secure_bits,
+            clip=opts.secure_clip,
+            # One process plays every device here: each key exchange waits its turn.
+            stage_timeout=max(15.0, 0.06 * opts.devices),
+        )
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "secure"

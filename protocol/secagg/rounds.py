@@ -75,7 +75,38 @@ def secure_round(
     """The round every party derives from the announcement (``codec``: the round's codec
     with its top-k fraction already raised to the minimum entries). SecAggError
     ("bad_params") when the announcement does not make a valid round (too few devices, a
-    threshold above the holders, an odd degree, a ring over 32 bits)."""
+    threshold above the holders, an odd degree, a ring over 32 bits).
+
+    The last rounds derived are kept: the parameters are immutable, and a process that
+    plays many devices (``fedge sim``, ``fedge fleet launch --agents-per-process``) builds
+    the round's graph once instead of once per device."""
+    key = (
+        fleet,
+        round_id,
+        tuple(devices),
+        settings.model_dump_json(),
+        tuple((n, tuple(int(d) for d in shapes[n])) for n in sorted(shapes)),
+        str(codec),
+    )
+    found = _RECENT.get(key)
+    if found is None:
+        found = _derive(fleet, round_id, devices, settings, shapes, codec)
+        _RECENT.clear()  # one round at a time is open
+        _RECENT[key] = found
+    return found
+
+
+_RECENT: dict[tuple, SecureRound] = {}
+
+
+def _derive(
+    fleet: str,
+    round_id: int,
+    devices: Sequence[str],
+    settings: SecureSettings,
+    shapes: Mapping[str, Sequence[int]],
+    codec: CodecSpec,
+) -> SecureRound:
     order = tuple(sorted(shapes))
     dims = {n: tuple(int(d) for d in shapes[n]) for n in order}
     size = sum(int(np.prod(d)) for d in dims.values())
