@@ -48,7 +48,7 @@ from fedge.protocol import (
     split,
     verify,
 )
-from fedge.protocol.downlink import DeltaMismatch, apply_delta
+from fedge.protocol.downlink import DeltaMismatch, apply_delta, checksum
 from fedge.protocol.he import HE_CODEC, HeError, HeKeys, is_encrypted
 from fedge.protocol.messages import MAX_READINGS
 from fedge.protocol.secagg import SecAggError
@@ -519,6 +519,21 @@ class Agent:
                 ann, he_model.SKIP_NO_KEY if ann.config.he else he_model.SKIP_PLAIN, trained=False
             )
             return
+        if (
+            self.global_version < ann.model_version
+            and self.global_weights is None
+            and ann.model_checksum is not None
+            and ann.model_version >= self.state.model_version
+            and checksum(self.runtime.get_weights()) == ann.model_checksum
+        ):
+            # Compact globals: the model the round names is the one this device was
+            # installed with (checked by the signed announcement's checksum): nothing to fetch.
+            local = self.runtime.get_weights()
+            log.info("round %d: model v%d is the installed model", ann.round_id, ann.model_version)
+            self._on_global(
+                GlobalModelHeader(fleet=ann.fleet, model_version=ann.model_version, round_id=0),
+                local,
+            )
         if self.global_version < ann.model_version:
             # The global model it names has not arrived yet: wait for it, and say which
             # version this device has, so the aggregator sends it again if it was lost.

@@ -53,7 +53,7 @@ from fedge.protocol import (
     parse_codec,
     sign,
 )
-from fedge.protocol.downlink import Shadow
+from fedge.protocol.downlink import Shadow, checksum
 from fedge.protocol.he import HE_CODEC, HeKeys
 from fedge.protocol.secagg import SecAggAbort, SecAggError, address, is_secagg, secure_round
 from fedge.protocol.status import decode_status
@@ -352,7 +352,13 @@ class Aggregator:
         else:
             self.shards.subscribe()
         self.link.subscribe(self.topics.statuses, qos=1)
-        self._publish_global(round_id=0)
+        if self.cfg.downlink is not None and self.version == 0:
+            # Compact globals from a fresh start: every device has v0 in its model file, and
+            # the round announcement names its checksum; the whole model goes out only to a
+            # device that asks for it (one with another model file).
+            self.shadow, self._last_full = Shadow(self.weights, 0), 0
+        else:
+            self._publish_global(round_id=0)
         if self.current is not None:  # a resumed round: its retained announcement may be lost
             self._publish_announcement(self.current)
         if self.signing_key is None:
@@ -736,6 +742,9 @@ class Aggregator:
             deadline=rnd.deadline,
             selected=tuple(rnd.selected),
             config=self._training(rnd),
+            model_checksum=None
+            if self.shadow is None or self.shadow.version != self.version
+            else checksum(self.shadow.weights),
         )
         payload = self._signed(encode(ann), "round")
         self.link.publish(self.topics.round, payload, qos=1, retain=True)

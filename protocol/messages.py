@@ -163,6 +163,11 @@ class RoundAnnouncement(_Message):
     deadline: float  # unix seconds
     selected: tuple[Id, ...]
     config: TrainingConfig
+    # Compact globals: the checksum (fedge.protocol.downlink) of the model the round trains
+    # on, so a device that holds those weights already (its installed model file, at v0)
+    # needs nothing sent. None: not said.
+    model_checksum: str | None = Field(default=None, pattern="^[0-9a-f]{16}$")
+    _omit_unset = ("model_checksum",)
 
 
 class GlobalModelHeader(_Message):

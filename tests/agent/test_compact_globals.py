@@ -86,10 +86,13 @@ def test_devices_follow_the_model_by_deltas_and_resync(tmp_path: Path) -> None:
             assert d.global_version == agg.version == 3
             for name, w in agg.shadow.weights.items():
                 assert np.array_equal(d.global_weights[name], w)
-        late = agent(broker, "c", 3)  # joins now: the retained whole model is v0, the delta 2->3
+        # Joins now with another installed model: no whole model was sent (a and b had v0 in
+        # their model file), and the retained delta goes from v2.
+        late = agent(broker, "c", 3)
+        late.runtime.set_weights({k: v + 1 for k, v in late.runtime.get_weights().items()})
         while late.step(0):
             pass
-        assert late.global_version == 0 and late.stats.rejected["delta_gap"] == 1
+        assert late.global_version == -1 and late.stats.rejected["delta_gap"] == 1
         serve(agg, [*devices, late], 7)  # it asks for the whole model, and keeps up after
         assert agg.republished == 1 and late.global_version == agg.version == 7
         for d in [*devices, late]:
@@ -99,8 +102,11 @@ def test_devices_follow_the_model_by_deltas_and_resync(tmp_path: Path) -> None:
         sent = [r["downlink"]["sent"] for r in lines]
         assert sent == ["delta"] * 7  # (v3 went out whole again when c asked)
         assert all(0 < r["downlink"]["error_bound"] < 1e-3 for r in lines)
-        # Round 2 trained on v1, a delta (int8: about a quarter of the float32 model); round
-        # 1 on v0, sent whole.
-        assert lines[1]["bytes_down_per_device"] < 0.35 * lines[0]["bytes_down_per_device"]
+        # Round 1 trained on v0, the installed model: only the announcement came down; round 2
+        # on v1, a delta (int8: about a quarter of the 19.6 kB float32 model).
+        whole = sum(w.nbytes for w in agg.weights.values())
+        assert lines[0]["bytes_down_per_device"] < 1000
+        assert 1000 < lines[1]["bytes_down_per_device"] - lines[0]["bytes_down_per_device"]
+        assert lines[1]["bytes_down_per_device"] < 0.35 * whole
     finally:
         store.close()
