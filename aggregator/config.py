@@ -340,10 +340,11 @@ class AggregatorConfig(BaseModel):
             )
         if self.shards is not None:
             raise ValueError("[secure] cannot be combined with [shards]")
-        if self.min_devices < 3:
+        if self.min_devices < 3 or 0 < self.devices_per_round < 3:
             raise ValueError(
-                f"[secure] needs min_devices of at least 3, not {self.min_devices}: with"
-                " two, each device could subtract its own update from the sum"
+                f"[secure] needs min_devices (and devices_per_round, if set) of at least 3,"
+                f" not {self.min_devices} ({self.devices_per_round}): with two, each device"
+                " could subtract its own update from the sum"
             )
         return self
 

@@ -235,7 +235,8 @@ def test_a_restart_abandons_the_open_secure_round(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"min_devices": 2}, "min_devices of at least 3"),
+        ({"min_devices": 2}, r"min_devices \(and devices_per_round, if set\) of at least 3"),
+        ({"devices_per_round": 2}, "not 3 \\(2\\)"),
         ({"strategy": {"robust": "median"}}, 'robust = "mean"'),
         ({"secure": {"degree": 3}}, "degree must be even"),
         ({"training": {"secure": {"seed": "0" * 64, "clip": 1.0}}}, "set by the aggregator"),
