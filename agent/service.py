@@ -146,6 +146,13 @@ def _eligibility(
     return budget, check
 
 
+# Seconds the loop waits for a message before it looks at the stop flag again: a message
+# ends the wait at once, so this only paces an idle device's wake-ups (and how soon SIGTERM
+# is seen). bench/agent_footprint.py: 3.0 wake-ups/s at 0.5 s, of which paho's network
+# thread's one-second poll is one.
+IDLE_POLL = 2.0
+
+
 def serve(cfg: AgentConfig, *, reset: bool = False) -> int:
     """Run until SIGTERM/SIGINT. Tells systemd when ready and pets its watchdog."""
     if reset:  # the state, and what it vouches for: the residual and the outbox
@@ -162,7 +169,7 @@ def serve(cfg: AgentConfig, *, reset: bool = False) -> int:
     metrics = serve_metrics([AgentCollector(agent)], cfg.metrics_port, cfg.metrics_addr)
     agent.start(keep_trying=True)
     try:
-        serve_until_stopped(agent.step, poll=0.5)
+        serve_until_stopped(agent.step, poll=IDLE_POLL)
     finally:
         agent.stop()
         if metrics is not None:
