@@ -578,13 +578,13 @@ def parser() -> argparse.ArgumentParser:
         "--downlink-codec",
         default=None,
         metavar="CODEC",
-        help="send each new global model as a delta in this codec, e.g. topk:0.05+int8",
+        help="send each new global model as a delta in this codec, e.g. topk:0.1+int8",
     )
     dl.add_argument(
         "--resync-every",
         type=int,
-        default=20,
-        help="with --downlink-codec: the whole model every this many versions (default 20)",
+        default=100,
+        help="with --downlink-codec: the whole model every this many versions (default 100)",
     )
     sa = s.add_argument_group("secure aggregation (docs/secure-aggregation.md; off by default)")
     sa.add_argument(

@@ -146,7 +146,7 @@ class SimOptions:
     # Compact globals (aggregator [downlink]): the codec of the model deltas; None: whole
     # models every round.
     downlink_codec: str | None = None
-    resync_every: int = 20
+    resync_every: int = 100
     # Homomorphic encryption (docs/homomorphic-encryption.md): throwaway CKKS keys; the sim
     # decrypts each round's model outside the aggregator to score it (fleet/he_report.py).
     he: bool = False
