@@ -162,7 +162,11 @@ def build_aggregator(
     initial = load_runtime(cfg.model).get_weights()
     if link is None:
         # Acknowledged only once handled: what a crash interrupts, the broker sends again.
-        link = broker_link(cfg.broker, cfg.client_id, cfg.tls, manual_ack=True)
+        # No network thread: the loop's get() runs the connection (every 0.2 s at most), so
+        # each message, ack and publish is handled on one thread, with no wake-up between two.
+        link = broker_link(
+            cfg.broker, cfg.client_id, cfg.tls, manual_ack=True, network_thread=False
+        )
     key = cfg.signing_key
     return Aggregator(
         cfg,
