@@ -70,6 +70,7 @@ from .trainer import train_local
 log = logging.getLogger("fedge.agent")
 
 TRAINING_NOTE_AFTER = 1.0  # seconds of training before the status says "training"
+STATUS_GRACE = 0.5  # seconds the status after a model waits for the round that makes it moot
 
 
 @dataclass
@@ -181,10 +182,10 @@ class Agent:
         self._day = DayCounter()
         self.anomaly_score: float | None = None  # autoencode: latest window vs global model
         self.heartbeat: Callable[[], None] | None = None  # called during long work
-        # The status after a model is applied waits until nothing else is waiting: the round
-        # that names the model usually comes with it, and the statuses of that round carry
-        # the same version (and score). One status a round instead of two, here and at the
-        # aggregator; an unselected device still says it within a poll.
+        # The status after a model is applied waits a moment (``STATUS_GRACE``) for the next
+        # message: the round that names the model comes right after it, and the statuses of
+        # that round carry the same version (and score). One status a round instead of two,
+        # here and at the aggregator; an unselected device says it half a second later.
         self._status_due = False
         # Training says "training" once it has lasted this long (seconds): a round of a
         # small model is over before anyone could read it, and its "idle" follows at once.
@@ -281,8 +282,11 @@ class Agent:
 
     def step(self, timeout: float | None) -> bool:
         """Handle at most one message; returns whether one arrived."""
-        msg = self.link.get(0 if self._status_due else timeout)
-        if msg is None and self._status_due:  # nothing else waiting: say what was applied
+        wait = timeout
+        if self._status_due:
+            wait = STATUS_GRACE if timeout is None else min(timeout, STATUS_GRACE)
+        msg = self.link.get(wait)
+        if msg is None and self._status_due:  # nothing came: say what was applied
             self._status("idle")
             msg = self.link.get(timeout)
         if msg is None:
