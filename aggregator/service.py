@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -197,6 +198,9 @@ def serve(cfg: AggregatorConfig, *, reset: bool = False) -> int:
     agg.on_note = show_status  # what it waits for, until the next round line
     metrics = serve_metrics([AggregatorCollector(agg, rounds)], cfg.metrics_port, cfg.metrics_addr)
     agg.start(keep_trying=True)
+    # What start-up made (modules, runtime, config) lives as long as the process: the
+    # collector need not walk it again in every full collection (about 1 ms a round).
+    gc.freeze()
     try:
         serve_until_stopped(agg.step, poll=0.2, done=lambda: agg.done)
     finally:

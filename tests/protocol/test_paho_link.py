@@ -201,13 +201,9 @@ def test_connect_failure_is_a_link_error(client_id: str, network_thread: bool) -
         link.publish("t", b"x")
 
 
-def test_a_driven_link_connects_from_get_when_its_broker_comes(
-    prefix: str, client_id: str
-) -> None:
+def test_a_driven_link_connects_from_get_when_its_broker_comes(prefix: str, client_id: str) -> None:
     broker = MosquittoServer()  # its port is chosen, nothing listens there yet
-    link = PahoLink(
-        broker.host, broker.port, client_id, clean_session=True, network_thread=False
-    )
+    link = PahoLink(broker.host, broker.port, client_id, clean_session=True, network_thread=False)
     link.connect(timeout=0.3, keep_trying=True)  # returns; get() goes on trying
     link.subscribe(f"{prefix}/late")  # remembered: subscribed once connected
     assert not link.connected
