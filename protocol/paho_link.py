@@ -300,12 +300,13 @@ class PahoLink:
         client = self._client
         sock = client.socket()
         if sock is None:
-            if self._closing:
+            if self._closing:  # closed: nothing will come
+                time.sleep(timeout)
                 return
-            now = time.monotonic()
             if self._retry_at is None:  # just lost: paho's own loop also waits before trying
-                self._retry_at = now + self._retry_delay
-            if now >= self._retry_at:
+                self._retry_later()
+            assert self._retry_at is not None
+            if time.monotonic() >= self._retry_at:
                 self._attempt()
                 sock = client.socket()
             if sock is None:
@@ -325,7 +326,13 @@ class PahoLink:
             client.loop_write()
         client.loop_misc()
         if client.socket() is None and not self._closing and self._retry_at is None:
-            self._retry_at = time.monotonic() + self._retry_delay
+            self._retry_later()
+
+    def _retry_later(self) -> None:
+        """The next connect attempt after the current wait, which doubles up to the most
+        (a broker that keeps refusing is not asked every second); a CONNACK resets it."""
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_DELAY)
 
     def _attempt(self) -> None:
         """A connect attempt of a link without a thread (a blocking TCP connect, then the
@@ -335,8 +342,7 @@ class PahoLink:
             self._client.reconnect()
         except (OSError, ValueError) as exc:  # refused, unreachable, timed out, bad TLS
             log.debug("connect of %s failed: %s", self.client_id, exc)
-            self._retry_at = time.monotonic() + self._retry_delay
-            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_DELAY)
+            self._retry_later()
             self._on_connect_fail(self._client, None)
 
     def _diagnose(self, timeout: float = 5.0) -> str:
