@@ -74,6 +74,9 @@ from .trainer import train_local
 
 log = logging.getLogger("fedge.agent")
 
+TRAINING_NOTE_AFTER = 1.0  # seconds of training before the status says "training"
+STATUS_GRACE = 0.5  # seconds the status after a model waits for the round that makes it moot
+
 
 @dataclass
 class AgentStats:
@@ -187,6 +190,15 @@ class Agent:
         self._day = DayCounter()
         self.anomaly_score: float | None = None  # autoencode: latest window vs global model
         self.heartbeat: Callable[[], None] | None = None  # called during long work
+        # The status after a model is applied waits a moment (``STATUS_GRACE``) for the next
+        # message: the round that names the model comes right after it, and the statuses of
+        # that round carry the same version (and score). One status a round instead of two,
+        # here and at the aggregator; an unselected device says it half a second later.
+        self._status_due = False
+        # Training says "training" once it has lasted this long (seconds): a round of a
+        # small model is over before anyone could read it, and its "idle" follows at once.
+        self.training_note_after = TRAINING_NOTE_AFTER
+        self._training_since: float | None = None
         self.last_update_bytes = 0
         self.last_gate: GateDecision | None = None
         self.last_global_update: dict[str, np.ndarray] | None = None
@@ -287,7 +299,13 @@ class Agent:
 
     def step(self, timeout: float | None) -> bool:
         """Handle at most one message; returns whether one arrived."""
-        msg = self.link.get(timeout)
+        wait = timeout
+        if self._status_due:
+            wait = STATUS_GRACE if timeout is None else min(timeout, STATUS_GRACE)
+        msg = self.link.get(wait)
+        if msg is None and self._status_due:  # nothing came: say what was applied
+            self._status("idle")
+            msg = self.link.get(timeout)
         if msg is None:
             if self._unsaved:  # idle: the model applied without a round after it
                 self._save(self.state)
@@ -301,6 +319,7 @@ class Agent:
         self._save_state(state)
 
     def _status(self, state: str, *, behind: bool = False) -> None:
+        self._status_due = False  # this one says it too
         now = self.clock()
         up, down = self._day.today(now, self.link.bytes_up, self.link.bytes_down)
         outcome, reason = self.outcome or (None, None)
@@ -332,6 +351,15 @@ class Agent:
         )
         if self.on_status is not None:
             self.on_status(status)
+
+    def _training_step(self) -> None:
+        """After each batch: the watchdog, and "training" once the round takes long."""
+        if self.heartbeat is not None:
+            self.heartbeat()
+        since = self._training_since
+        if since is not None and time.perf_counter() - since >= self.training_note_after:
+            self._training_since = None
+            self._status("training")
 
     def _readings(self) -> dict[str, float]:
         if self.readings is None:
@@ -489,7 +517,7 @@ class Agent:
             if score is not None and np.isfinite(score):
                 self.anomaly_score = score
                 log.info("anomaly score %.4f under model v%d", score, header.model_version)
-        self._status("idle")  # the model it holds now (and the score under it)
+        self._status_due = True  # the model it holds now (and the score under it), see step
         if self.pending is not None:
             pending, self.pending = self.pending, None
             self._on_round(pending)
@@ -641,8 +669,8 @@ class Agent:
             if not self._join_secure(ann):
                 self._skip(ann, "other", trained=False, outcome="failed")
             return
-        self._status("training")
         started = time.perf_counter()
+        self._training_since = started
         # The newest examples score the global model and sit this round's training out.
         self._round_data, held_out = evaluation.hold_out(
             self._round_data, cfg.eval_fraction, cfg.eval_min_samples
@@ -659,7 +687,7 @@ class Agent:
                 lr=cfg.lr,
                 rng=self.rng,
                 mu=cfg.mu,
-                on_step=self.heartbeat,
+                on_step=self._training_step,
             )
             local = self.runtime.get_weights()
             delta = steps.local_delta(local, self.global_weights)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,11 +26,11 @@ CREATE TABLE IF NOT EXISTS models (
     version   INTEGER PRIMARY KEY,
     round_id  INTEGER NOT NULL,
     created   REAL NOT NULL,
-    weights   BLOB NOT NULL          -- np.savez of the float32 tensors
+    weights   BLOB NOT NULL          -- the float32 tensors (_pack)
 );
 CREATE TABLE IF NOT EXISTS strategy_state (
     version   INTEGER PRIMARY KEY,   -- the model version this state produced
-    state     BLOB NOT NULL          -- np.savez of the strategy's arrays (momentum, moments)
+    state     BLOB NOT NULL          -- the strategy's arrays (momentum, moments; _pack)
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round_id      INTEGER PRIMARY KEY,
@@ -52,7 +53,7 @@ CREATE TABLE IF NOT EXISTS answers (
     train_loss  REAL,
     nbytes      INTEGER NOT NULL,
     received    REAL NOT NULL,
-    delta       BLOB,                 -- np.savez of the decoded delta (updates only)
+    delta       BLOB,                 -- the decoded delta (updates only; _pack)
     PRIMARY KEY (device_id, update_id)
 );
 CREATE INDEX IF NOT EXISTS answers_by_round ON answers(round_id);
@@ -104,19 +105,47 @@ class Answer:
     delta: dict[str, np.ndarray] | None
 
 
-def _pack(weights: dict[str, np.ndarray]) -> bytes:
-    import io
+# Tensors in a blob: this magic, a 4-byte length, a JSON list of [name, dtype, shape], and the
+# tensors' bytes in that order (C order). A tenth of np.savez's time, which the aggregator
+# paid for every update it kept (zip headers and a .npy header per tensor): blobs written
+# before (np.savez, a zip file: "PK") are still read.
+_BLOB_MAGIC = b"FSA1"
+_BLOB_HEAD = struct.Struct(">4sI")
 
-    buf = io.BytesIO()
-    np.savez(buf, **weights)  # type: ignore[arg-type]  # numpy stubs mistype **kwds
-    return buf.getvalue()
+
+def _pack(weights: dict[str, np.ndarray]) -> bytes:
+    arrays = [(name, np.asarray(value, order="C")) for name, value in weights.items()]
+    index = json.dumps([[name, a.dtype.str, list(a.shape)] for name, a in arrays]).encode()
+    return b"".join(
+        [_BLOB_HEAD.pack(_BLOB_MAGIC, len(index)), index, *(a.tobytes() for _, a in arrays)]
+    )
 
 
 def _unpack(blob: bytes) -> dict[str, np.ndarray]:
-    import io
+    if blob[:2] == b"PK":  # np.savez, as written before
+        import io
 
-    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    try:
+        magic, size = _BLOB_HEAD.unpack_from(blob)
+        if magic != _BLOB_MAGIC:
+            raise ValueError(f"unknown blob format {magic!r}")
+        offset = _BLOB_HEAD.size + size
+        out: dict[str, np.ndarray] = {}
+        for name, dtype, shape in json.loads(blob[_BLOB_HEAD.size : offset]):
+            dt = np.dtype(dtype)
+            if dt.hasobject:
+                raise ValueError(f"tensor {name!r} of objects")
+            count = int(np.prod(shape, dtype=np.int64))
+            value = np.frombuffer(blob, dt, count, offset).reshape(tuple(shape))
+            out[str(name)] = value.copy()  # writable, as np.load's
+            offset += count * dt.itemsize
+    except (struct.error, TypeError, KeyError, UnicodeDecodeError) as exc:
+        raise ValueError(f"unreadable tensor blob: {exc}") from exc
+    if offset != len(blob):
+        raise ValueError(f"tensor blob of {len(blob)} bytes holds {offset}")
+    return out
 
 
 class Store:

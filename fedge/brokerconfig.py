@@ -99,9 +99,11 @@ def broker_link(
     *,
     manual_ack: bool = False,
     hub: PahoHub | None = None,
+    network_thread: bool = True,
 ) -> Link:
     """The link a config describes (``birth``: published on every connect; ``hub``: the
-    PahoHub that drives it, for many links in one process)."""
+    PahoHub that drives it, for many links in one process; ``network_thread`` False: the
+    owner's calls drive it, see :mod:`fedge.protocol.paho_link`)."""
     settings = tls.settings() if tls is not None and broker.startswith("mqtts://") else None
     return make_link(
         broker,
@@ -113,6 +115,7 @@ def broker_link(
         username=None if tls is None else tls.username,
         password=None if tls is None else tls.password(),
         hub=hub,
+        network_thread=network_thread,
     )
 
 

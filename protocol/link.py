@@ -117,6 +117,7 @@ def make_link(
     username: str | None = None,
     password: str | None = None,
     hub: PahoHub | None = None,
+    network_thread: bool = True,
 ) -> Link:
     """A PahoLink for ``mqtt[s]://[user[:password]@]host[:port]`` (ports 1883 and 8883).
 
@@ -124,7 +125,8 @@ def make_link(
     ``mqtts`` always uses TLS (``tls`` None: the system's CAs, no client certificate);
     ``mqtt`` never does, and refuses ``tls`` rather than ignore it. ``username`` and
     ``password`` override those in the URL. ``hub``: driven by that PahoHub, not a thread of
-    its own.
+    its own; ``network_thread`` False: driven by the owner's calls (``get`` waits on the
+    socket), for a loop that calls ``get`` often and never blocks for long.
     """
     try:
         parts = urlsplit(url)
@@ -155,4 +157,5 @@ def make_link(
         password=password,
         tls=tls,
         hub=hub,
+        network_thread=network_thread,
     )

@@ -6,6 +6,15 @@ Last Will. paho's network thread (``loop_start``) only puts received messages in
 reconnects by itself; every reconnect re-subscribes all filters. A link made with ``hub=``
 has no thread of its own: a :class:`~fedge.protocol.paho_hub.PahoHub` drives it with many
 others on one thread (a simulated fleet), with the same callbacks and so the same behaviour.
+
+A link made with ``network_thread=False`` has no thread either: its owner's calls drive it.
+``get`` waits on the socket itself (select, then paho's ``loop_read`` / ``loop_write`` /
+``loop_misc``), ``publish`` and ``ack`` write to the socket at once, and a lost connection
+is tried again from ``get`` with backoff. No message, ack or publish crosses threads, which
+on a busy server is most of what a small message costs (a socket-pair wake-up and the GIL
+handed back and forth per packet). It suits a process whose loop calls ``get`` every fraction
+of a second and never blocks for long (the aggregator); a device that trains for minutes
+between calls would miss its keepalives, so agents keep the thread.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import select
 import socket
 import ssl
 import threading
@@ -34,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedge.protocol")
 
 SUBACK_TIMEOUT = 10.0  # seconds subscribe() waits for the broker's ack
+PUMP_INTERVAL = 1.0  # at most this long between loop_misc calls of a link without a thread
+RETRY_MIN_DELAY, RETRY_MAX_DELAY = 1, 30  # seconds between connect attempts, doubling
 FAIL_LOG_INTERVAL = 60.0  # seconds between WARNINGs while the broker cannot be reached
 # Ids may contain '.', which older NATS servers refuse in MQTT topics: they deny the
 # subscription, or close the connection at a CONNECT whose Will topic has one.
@@ -48,6 +60,7 @@ class PahoLink:
 
     ``subscribe`` waits for the broker's ack when connected. ``close`` first waits up to
     ``close_timeout`` seconds for outstanding publishes to be acknowledged.
+    ``network_thread=False``: driven by the owner's calls, no thread (see the module).
     """
 
     def __init__(
@@ -67,6 +80,7 @@ class PahoLink:
         max_inflight: int = 20,
         close_timeout: float = 5.0,
         hub: PahoHub | None = None,
+        network_thread: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -83,6 +97,11 @@ class PahoLink:
         # lets a simulation step only the devices that have something to handle.
         self.on_receive: Callable[[], None] | None = None
         self._hub = hub
+        # Driven by the owner's calls (no thread, no hub): when to try connecting next, and
+        # the wait after the next failure (doubling from 1 s to 30 s, as paho's own loop).
+        self._driven = hub is None and not network_thread
+        self._retry_at: float | None = None
+        self._retry_delay: float = RETRY_MIN_DELAY
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._cond = threading.Condition()  # guards everything below
         self._filters: dict[str, int] = {}
@@ -104,7 +123,7 @@ class PahoLink:
             )
             client.max_inflight_messages_set(max_inflight)
             client.manual_ack_set(manual_ack)
-            client.reconnect_delay_set(min_delay=1, max_delay=30)
+            client.reconnect_delay_set(min_delay=RETRY_MIN_DELAY, max_delay=RETRY_MAX_DELAY)
             if will is not None:
                 client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
             if username is not None:
@@ -142,11 +161,13 @@ class PahoLink:
             raise self._error(f"cannot connect: {exc}") from exc
         if self._hub is not None:
             self._hub.attach(self)
+        elif self._driven:
+            self._retry_at = time.monotonic()  # now, in the wait below
         else:
             self._client.loop_start()
         self._started = True
+        self._wait_for(lambda: self._connack is not None, timeout)
         with self._cond:
-            self._cond.wait_for(lambda: self._connack is not None, timeout)
             outcome = self._connack
         dot = DOT_HINT if self._will_topic is not None and "." in self._will_topic else ""
         if outcome is None and keep_trying:
@@ -181,8 +202,8 @@ class PahoLink:
             return
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise self._error(f"cannot subscribe to {topic_filter}: {mqtt.error_string(rc)}")
+        self._wait_for(lambda: mid in self._subacks or not self.connected, SUBACK_TIMEOUT)
         with self._cond:
-            self._cond.wait_for(lambda: mid in self._subacks or not self.connected, SUBACK_TIMEOUT)
             codes = self._subacks.pop(mid, None)
         if codes is None:
             log.warning("no ack for subscription %s yet; it is renewed on reconnect", topic_filter)
@@ -209,7 +230,18 @@ class PahoLink:
                 self._unacked.add(info.mid)
 
     def get(self, timeout: float | None) -> Message | None:
-        return next_message(self._inbox, timeout)
+        if not self._driven:
+            return next_message(self._inbox, timeout)
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        while True:
+            try:
+                return self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            left = PUMP_INTERVAL if deadline is None else deadline - time.monotonic()
+            self._pump(max(0.0, min(left, PUMP_INTERVAL)))
+            if left <= 0 and self._inbox.empty():  # one look at the socket even for 0
+                return None
 
     def ack(self, message: Message) -> None:
         if message.qos > 0:
@@ -218,8 +250,8 @@ class PahoLink:
     def close(self) -> None:
         if not self._started:
             return
+        self._wait_for(lambda: not self._unacked or not self.connected, self.close_timeout)
         with self._cond:
-            self._cond.wait_for(lambda: not self._unacked or not self.connected, self.close_timeout)
             if self._unacked:
                 log.warning(
                     "closing %s with %d unacknowledged publishes",
@@ -236,12 +268,82 @@ class PahoLink:
             self._hub.detach(self)  # after the DISCONNECT has gone out
             self._started = False
             return
+        if self._driven:  # disconnect() has written the DISCONNECT: nothing left to run
+            self._client._reset_sockets()  # a private method (paho 2.0-2.2), as the hub's
+            self._started = False
+            return
         self._client.loop_stop()
         # paho closes the socket pair that loop_start() made only in Client.__del__, and the
         # client and this link form a cycle: close it now, not in the GC (ResourceWarning).
         # A private method (paho 2.0-2.2); eclipse-paho/paho.mqtt.python#627.
         self._client._reset_sockets(sockpair_only=True)
         self._started = False
+
+    def _wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Until ``predicate()`` or ``timeout`` seconds: on the condition while paho's thread
+        (or a hub) runs the connection, else running it here."""
+        if not self._driven:
+            with self._cond:
+                self._cond.wait_for(predicate, timeout)
+            return
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._pump(min(left, PUMP_INTERVAL))
+
+    def _pump(self, timeout: float) -> None:
+        """Run the connection of a link without a thread for up to ``timeout`` seconds: wait
+        for the socket, read what came (paho calls the callbacks below, here), write what is
+        queued, keep alive; connect again when due. Returns after at most one packet read."""
+        client = self._client
+        sock = client.socket()
+        if sock is None:
+            if self._closing:  # closed: nothing will come
+                time.sleep(timeout)
+                return
+            if self._retry_at is None:  # just lost: paho's own loop also waits before trying
+                self._retry_later()
+            assert self._retry_at is not None
+            if time.monotonic() >= self._retry_at:
+                self._attempt()
+                sock = client.socket()
+            if sock is None:
+                assert self._retry_at is not None
+                time.sleep(max(0.0, min(timeout, self._retry_at - time.monotonic())))
+                return
+        # Bytes already decrypted (TLS) do not make the socket readable: do not wait then.
+        pending = sock.pending() if hasattr(sock, "pending") else 0
+        writing = [sock] if client.want_write() else []
+        try:
+            readable, writable, _ = select.select([sock], writing, [], 0.0 if pending else timeout)
+        except (OSError, ValueError):  # closed under us: paho notices on the next read
+            readable, writable = [sock], []
+        if readable or pending:
+            client.loop_read()
+        if client.socket() is not None and (writable or client.want_write()):
+            client.loop_write()
+        client.loop_misc()
+        if client.socket() is None and not self._closing and self._retry_at is None:
+            self._retry_later()
+
+    def _retry_later(self) -> None:
+        """The next connect attempt after the current wait, which doubles up to the most
+        (a broker that keeps refusing is not asked every second); a CONNACK resets it."""
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_DELAY)
+
+    def _attempt(self) -> None:
+        """A connect attempt of a link without a thread (a blocking TCP connect, then the
+        CONNECT packet; the broker's answer comes through ``_pump``)."""
+        self._retry_at = None
+        try:
+            self._client.reconnect()
+        except (OSError, ValueError) as exc:  # refused, unreachable, timed out, bad TLS
+            log.debug("connect of %s failed: %s", self.client_id, exc)
+            self._retry_later()
+            self._on_connect_fail(self._client, None)
 
     def _diagnose(self, timeout: float = 5.0) -> str:
         """Why the broker cannot be reached: paho's reconnect loop does not say."""
@@ -293,6 +395,7 @@ class PahoLink:
         with self._cond:
             self._resubscribe_mids |= mids
             self._connack = "ok"
+            self._retry_delay = RETRY_MIN_DELAY
             self._cond.notify_all()
         log.info(
             "connected to %s:%s as %s (session present: %s, %d filters)",

@@ -279,6 +279,41 @@ def test_status_names_the_skip_reason_and_asks_for_a_missing_model() -> None:
     assert last.wants_model and last.model_version == 0
 
 
+def test_a_round_costs_one_status_and_a_model_alone_is_still_said() -> None:
+    broker = MemoryBroker()
+    srv = server(broker)
+    agent = make_agent(broker)
+    assert [s.state for s in statuses(srv)] == ["online"]
+    g = load_runtime(DIGITS_MODEL).get_weights()
+    publish_global(srv, 0, g)
+    announce(srv, 1, 0, ("d1",))  # right behind the model, as the aggregator sends them
+    drain(agent)
+    # Not "idle" for the model, "training", "idle" for the round: the round's status says all.
+    [said] = statuses(srv)
+    assert (said.state, said.model_version, said.last_round, said.outcome) == (
+        "idle",
+        0,
+        1,
+        "sent",
+    )
+    publish_global(srv, 1, g)
+    announce(srv, 2, 1, ("d2",))  # a round for another device
+    drain(agent)
+    [said] = statuses(srv)
+    assert (said.state, said.model_version, said.last_round) == ("idle", 1, 1)
+
+
+def test_long_training_says_training() -> None:
+    broker = MemoryBroker()
+    srv = server(broker)
+    agent = make_agent(broker)
+    agent.training_note_after = 0.0  # every round is long
+    publish_global(srv, 0, load_runtime(DIGITS_MODEL).get_weights())
+    announce(srv, 1, 0, ("d1",))
+    drain(agent)
+    assert [s.state for s in statuses(srv)] == ["online", "training", "idle"]
+
+
 def test_day_counter_restarts_at_local_midnight() -> None:
     counter = DayCounter()
     noon = time.mktime((2026, 12, 1, 12, 0, 0, 0, 0, -1))

@@ -414,3 +414,29 @@ def test_over_selection_closes_the_round_once_the_target_answered(tmp_path: Path
             d.send(1, delta(0.1), 10)
     pump(agg)
     assert agg.version == 1 and agg.current is not rnd  # 3 answered: done without the 4th
+
+
+def test_models_kept_by_an_older_aggregator_are_still_read(tmp_path: Path) -> None:
+    """Tensors were kept as np.savez blobs before; a state file of then resumes as it was."""
+    import io
+
+    store = Store(tmp_path / "agg.sqlite")
+    old = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float32(0.5) * np.ones(())}
+    buf = io.BytesIO()
+    np.savez(buf, **old)
+    store.db.execute(
+        "INSERT INTO models(version, round_id, created, weights) VALUES (1, 1, 0, ?)",
+        (buf.getvalue(),),
+    )
+    new = {k: v + 1 for k, v in old.items()}
+    store.save_model(2, 2, new)
+    store.save_strategy_state(2, {"m": np.zeros((0, 4), np.float64)})
+    version, _, got = store.latest_model()  # type: ignore[misc]
+    assert version == 2 and all(np.array_equal(got[k], new[k]) for k in new)
+    assert got["b"].shape == () and got["w"].dtype == np.float32
+    [m] = store.strategy_state(2).values()
+    assert m.shape == (0, 4) and m.dtype == np.float64
+    store.db.execute("DELETE FROM models WHERE version=2")
+    _, _, back = store.latest_model()  # type: ignore[misc]
+    assert all(np.array_equal(back[k], old[k]) and back[k].shape == old[k].shape for k in old)
+    store.close()

@@ -15,13 +15,26 @@ from helpers import receive
 from mosquitto import MosquittoServer, free_port
 
 pytestmark = pytest.mark.broker
+# A link with paho's network thread, and one that its owner's calls drive (the aggregator's).
+THREADS = pytest.mark.parametrize("network_thread", [True, False], ids=["thread", "driven"])
 
 
+@THREADS
 def test_publish_and_receive_qos1(
-    mosquitto: MosquittoServer, links: list[PahoLink], prefix: str, client_id: str
+    mosquitto: MosquittoServer,
+    links: list[PahoLink],
+    prefix: str,
+    client_id: str,
+    network_thread: bool,
 ) -> None:
-    sub = PahoLink(mosquitto.host, mosquitto.port, f"{client_id}-sub", clean_session=True)
-    pub = make_link(mosquitto.url, f"{client_id}-pub")
+    sub = PahoLink(
+        mosquitto.host,
+        mosquitto.port,
+        f"{client_id}-sub",
+        clean_session=True,
+        network_thread=network_thread,
+    )
+    pub = make_link(mosquitto.url, f"{client_id}-pub", network_thread=network_thread)
     assert isinstance(pub, PahoLink)
     links += [sub, pub]
     sub.connect()
@@ -140,12 +153,23 @@ def test_persistent_session_gets_what_it_missed(
     assert [m.payload for m in receive(back, 3)] == [b"missed 0", b"missed 1", b"missed 2"]
 
 
+@THREADS
 def test_reconnects_and_resubscribes_after_broker_restart(
-    own_mosquitto: MosquittoServer, links: list[PahoLink], prefix: str, client_id: str
+    own_mosquitto: MosquittoServer,
+    links: list[PahoLink],
+    prefix: str,
+    client_id: str,
+    network_thread: bool,
 ) -> None:
     topic = f"{prefix}/f/global"
     # A clean session forgets its subscriptions, so only on_connect can bring them back.
-    sub = PahoLink(own_mosquitto.host, own_mosquitto.port, f"{client_id}-sub", clean_session=True)
+    sub = PahoLink(
+        own_mosquitto.host,
+        own_mosquitto.port,
+        f"{client_id}-sub",
+        clean_session=True,
+        network_thread=network_thread,
+    )
     links.append(sub)
     sub.connect()
     sub.subscribe(topic)
@@ -164,9 +188,10 @@ def test_reconnects_and_resubscribes_after_broker_restart(
     assert sub.connected
 
 
-def test_connect_failure_is_a_link_error(client_id: str) -> None:
+@THREADS
+def test_connect_failure_is_a_link_error(client_id: str, network_thread: bool) -> None:
     port = free_port()
-    link = PahoLink("127.0.0.1", port, client_id)
+    link = PahoLink("127.0.0.1", port, client_id, network_thread=network_thread)
     started = time.monotonic()
     with pytest.raises(LinkError, match=rf"127\.0\.0\.1:{port}, client {client_id}"):
         link.connect(timeout=1.0)
@@ -174,6 +199,26 @@ def test_connect_failure_is_a_link_error(client_id: str) -> None:
     assert not link.connected
     with pytest.raises(LinkError):
         link.publish("t", b"x")
+
+
+def test_a_driven_link_connects_from_get_when_its_broker_comes(prefix: str, client_id: str) -> None:
+    broker = MosquittoServer()  # its port is chosen, nothing listens there yet
+    link = PahoLink(broker.host, broker.port, client_id, clean_session=True, network_thread=False)
+    link.connect(timeout=0.3, keep_trying=True)  # returns; get() goes on trying
+    link.subscribe(f"{prefix}/late")  # remembered: subscribed once connected
+    assert not link.connected
+    with broker:
+        pub = make_link(broker.url, f"{client_id}-pub")
+        pub.connect(timeout=5)
+        deadline = time.monotonic() + 15
+        got = None
+        while got is None and time.monotonic() < deadline:
+            pub.publish(f"{prefix}/late", b"hello")
+            got = link.get(0.5)
+        assert got is not None and got.payload == b"hello" and link.connected
+        pub.close()
+        link.close()
+        assert not link.connected
 
 
 @pytest.mark.parametrize("url", ["http://h:1", "mqtt://", "mqtt://h:notaport", "mqtt://h/x"])
