@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # The suite runs on two xdist workers (pyproject: -n 2, one module to a worker at a time, in
 # the order below). Modules go out longest first, so that none of them starts late and ends the
-# run alone: the wire fuzz (about a minute of CPU), then the modules with tests marked slow,
+# run alone: the wire fuzz (one to two minutes of CPU), then the modules with tests marked slow,
 # then the rest, each group in collection order.
 FIRST = ("tests/test_fuzz_wire.py",)
 

@@ -111,7 +111,7 @@ from helpers import DIGITS_MODEL
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-# The campaign is about a minute of CPU on a quiet 2-core machine; the suite's 300 s timeout
+# The campaign takes one to two minutes of CPU on a 2-core machine; the suite's 300 s timeout
 # (for hangs) is too near for a machine shared with other work.
 pytestmark = [pytest.mark.link, pytest.mark.slow, pytest.mark.timeout(900)]
 
