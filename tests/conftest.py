@@ -19,6 +19,23 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+# The suite runs on two xdist workers (pyproject: -n 2, one module to a worker at a time, in
+# the order below). Modules go out longest first, so that none of them starts late and ends the
+# run alone: the wire fuzz (one to two minutes of CPU), then the modules with tests marked slow,
+# then the rest, each group in collection order.
+FIRST = ("tests/test_fuzz_wire.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item: pytest.Item) -> int:
+        path = item.path.relative_to(REPO).as_posix()
+        return 0 if path in FIRST else 1 if item.path in slow else 2
+
+    items.sort(key=rank)  # stable: a module's tests stay together and in order
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

@@ -3,6 +3,7 @@ do, the save before is kept as a backup, and --reset-state moves it aside."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -57,39 +58,46 @@ def test_a_damaged_file_is_refused_naming_the_backup(tmp_path: Path, body: str, 
 def test_fedge_agent_with_a_damaged_state_exits_78_then_reset_state_starts(tmp_path: Path) -> None:
     data = tmp_path / "d.npz"
     np.savez(data, x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int32))
+    # Its broker: a socket that takes the connection and never answers. The agent that gets
+    # past its state connects at once (and would wait on for an answer: it is stopped).
+    broker = socket.create_server(("127.0.0.1", 0))
+    broker.settimeout(60)
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
         f'device_id = "pi-1"\nmodel = "{DIGITS_MODEL}"\ndata = "{data}"\n'
-        f'state_dir = "{tmp_path}"\nbroker = "mqtt://127.0.0.1:9"\n'  # nothing listens there
+        f'state_dir = "{tmp_path}"\nbroker = "mqtt://127.0.0.1:{broker.getsockname()[1]}"\n'
     )
     (tmp_path / "agent-pi-1.json").write_text("")
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedge.cli", "agent", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    ours = [line for line in proc.stderr.splitlines() if not line.startswith("INFO: ")]
-    assert proc.returncode == 78 and len(ours) == 1, proc.stderr
-    assert ours[0].startswith("fedge: error: agent state ") and "--reset-state" in ours[0]
-    # With --reset-state it gets past the state (and then waits for its broker: stop it).
-    child = subprocess.Popen(
-        [sys.executable, "-m", "fedge.cli", "agent", "--config", str(cfg), "--reset-state"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stderr is not None
-        for line in child.stderr:
-            if "trying on in the background" in line:
-                break
-        else:
-            pytest.fail("the agent did not get to its broker")
-    finally:
-        child.terminate()
-        child.wait(30)
-        if child.stderr is not None:
-            child.stderr.close()
+    with broker:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedge.cli", "agent", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        ours = [line for line in proc.stderr.splitlines() if not line.startswith("INFO: ")]
+        assert proc.returncode == 78 and len(ours) == 1, proc.stderr
+        assert ours[0].startswith("fedge: error: agent state ") and "--reset-state" in ours[0]
+        broker.setblocking(False)
+        with pytest.raises(BlockingIOError):  # it stopped at its state, before connecting
+            broker.accept()
+        broker.settimeout(60)
+        # With --reset-state it gets past the state, to its broker.
+        child = subprocess.Popen(
+            [sys.executable, "-m", "fedge.cli", "agent", "--config", str(cfg), "--reset-state"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            try:
+                conn, _ = broker.accept()
+            except TimeoutError:
+                pytest.fail("the agent did not get to its broker")
+            conn.close()
+        finally:
+            child.terminate()
+            _, err = child.communicate(timeout=30)
+    assert "--reset-state: moved" in err, err
     assert list(tmp_path.glob("agent-pi-1.json.reset-*"))
 
 
