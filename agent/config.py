@@ -123,7 +123,9 @@ class AgentConfig(BaseModel):
         if (self.data is None) == (self.serial is None):
             raise ValueError("give either data (a .npz file) or a [serial] sensor, not both")
         if self.serial is not None and self.task is None:
-            raise ValueError("a [serial] sensor needs a [task] (forecast, autoencode, classify or failure)")
+            raise ValueError(
+                "a [serial] sensor needs a [task] (forecast, autoencode, classify or failure)"
+            )
         return self
 
     @field_validator("model", "data", mode="after")
