@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 class UserError(Exception):
@@ -340,11 +341,12 @@ def _cmd_bridge_simulate(args: argparse.Namespace) -> int:
     master, path = open_pty(Path(args.link) if args.link else None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    samples = (
-        replay_csv(Path(args.replay))
-        if args.replay
-        else Machine(seed=args.seed, rate_hz=args.rate, fault_rate=args.fault_rate).samples()
-    )
+    if args.replay:
+        samples: Any = replay_csv(Path(args.replay))
+    elif args.machine == "pump":
+        samples = _pump_samples(args.seed, args.hours)
+    else:
+        samples = Machine(seed=args.seed, rate_hz=args.rate, fault_rate=args.fault_rate).samples()
     encode = encode_frame if args.format == "binary" else format_line
     print(f"simulated sensor on {path} ({args.format} frames at {args.rate:g} Hz)", flush=True)
     limit = int(args.seconds * args.rate) if args.seconds else None
@@ -359,6 +361,22 @@ def _cmd_bridge_simulate(args: argparse.Namespace) -> int:
     if sent >= 0:
         print(f"sent {sent} samples")
     return 0
+
+
+def _pump_samples(seed: int, hours: float) -> Any:
+    """One progpy pump, run to failure and replaced for ``hours`` of pump time (a reading a
+    minute), as its MCU's frames: the maintenance fleet's machine, alone."""
+    import numpy as np
+
+    from fedge.fleet.pump_fleet import FleetError, draw_profiles, frames, simulate_fleet
+
+    rng = np.random.default_rng(seed)
+    try:
+        run = simulate_fleet(draw_profiles(1, rng), hours * 3600.0, rng=rng, reading_s=60.0)[0]
+    except FleetError as exc:
+        raise UserError(str(exc)) from exc
+    print(f"pump: {len(run.readings)} readings, failures at readings {run.failures}", flush=True)
+    return frames(run.readings, 60.0)
 
 
 def _cmd_provision(args: argparse.Namespace) -> int:
@@ -721,6 +739,15 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--rate", type=float, default=100.0, help="samples per second")
     bs.add_argument("--format", choices=["binary", "text"], default="binary")
     bs.add_argument("--replay", default=None, help="play back a CSV of readings instead")
+    bs.add_argument(
+        "--machine",
+        choices=["motor", "pump"],
+        default="motor",
+        help="motor: a wearing motor (vibration, temperature, current); pump: a progpy"
+        " centrifugal pump run to failure and replaced, one reading a minute of pump time"
+        " (speed, flow, three temperatures, hour meter, trip flag; needs fedge[maintenance])",
+    )
+    bs.add_argument("--hours", type=float, default=24.0, help="pump: hours of pump time to play")
     bs.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: never)")
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--fault-rate", type=float, default=0.001, help="faults per sample")

@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from fedge.aggregator.config import AggregatorConfig, SampleLimits
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategies.config import StrategyConfig
 from fedge.firmware_bridge.binary_frames import encode_frame
-from fedge.firmware_bridge.sample import Sample
 from fedge.firmware_bridge.simulator import open_pty, serve_pty
 from fedge.models.runtime import load_runtime
 from fedge.protocol import TrainingConfig
@@ -47,18 +45,11 @@ from .maintenance import (
     train_model,
 )
 from .maintenance_policies import Costs, Outcome, score
-from .pump_fleet import CENTER, CHANNELS, SCALE
+from .pump_fleet import CENTER, CHANNELS, SCALE, frames
 from .signing_keys import write_signing_pair
 
 log = logging.getLogger("fedge.fleet")
 POLICIES = ("federated", "device_alone", "centralised", "fixed_schedule")
-
-
-def frames(readings: np.ndarray) -> Iterator[Sample]:
-    """A machine's readings as its MCU sends them: one binary frame per reading."""
-    for n, row in enumerate(readings):
-        ts = int(n * READING_S * 1000) & 0xFFFFFFFF
-        yield Sample(1, n & 0xFFFF, ts, tuple(float(v) for v in row))
 
 
 def run_maintenance(
@@ -117,7 +108,7 @@ def run_maintenance(
         feeders.append(
             threading.Thread(
                 target=serve_pty,
-                args=(master, frames(plan.history_readings(m)), encode_frame),
+                args=(master, frames(plan.history_readings(m), READING_S), encode_frame),
                 kwargs={"rate_hz": rate_hz, "stop": fed_stop},
                 daemon=True,
             )

@@ -30,9 +30,11 @@ its labels from that flag (:func:`fedge.agent.tasks.failure`).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+from fedge.firmware_bridge.sample import Sample
 
 CHANNELS = ("w", "Qout", "Tt", "Tr", "To", "hours", "tripped")
 SENSORS = 6  # every channel but the last (the trip flag) is a model input
@@ -175,7 +177,9 @@ def simulate_fleet(
             break
         z = pump.output(x)
         met = pump.threshold_met(x)
-        out[i, :, :MEASURED] = np.stack([np.asarray(z[c], float) for c in CHANNELS[:MEASURED]], 1)
+        out[i, :, :MEASURED] = np.stack(
+            [np.asarray(z[c], float).reshape(n) for c in CHANNELS[:MEASURED]], 1
+        )
         out[i, :, MEASURED] = age / 3600.0
         ages[i] = age
         failed = np.zeros(n, bool)
@@ -221,3 +225,11 @@ def _new_state(pump) -> np.ndarray:  # type: ignore[no-untyped-def]
         {"Tamb": 290.0, "V": volts, "pdisch": PDISCH, "psuc": PSUC, "wsync": volts * 0.8}
     )
     return np.asarray(pump.initialize(u).matrix, float).reshape(-1, 1)
+
+
+def frames(readings: np.ndarray, reading_s: float, sensor_id: int = 1) -> Iterator[Sample]:
+    """A machine's readings as its MCU sends them: one sample (a binary frame) per reading,
+    with the firmware's wrapping sequence number and millisecond clock."""
+    for n, row in enumerate(readings):
+        ts = int(n * reading_s * 1000) & 0xFFFFFFFF
+        yield Sample(sensor_id, n & 0xFFFF, ts, tuple(float(v) for v in row))
