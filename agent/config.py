@@ -60,9 +60,12 @@ class TaskConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["forecast", "autoencode", "classify"] = "forecast"
+    kind: Literal["forecast", "autoencode", "classify", "failure"] = "forecast"
     window: int = Field(default=16, ge=1, le=4096)
     targets: tuple[int, ...] | None = None  # forecast: which channels to predict (all)
+    # failure: warn of a failure within this many readings; the last channel is the event
+    # flag (1 on the reading at which the machine failed).
+    horizon: int = Field(default=60, ge=1)
     history: int = Field(default=2000, ge=2)  # latest samples to train on each round
     min_examples: int = Field(default=32, ge=1)  # fewer: sit the round out ("not_ready")
     # Fixed per-channel scaling, (value - center) / scale, shared by the whole fleet.
@@ -124,7 +127,9 @@ class AgentConfig(BaseModel):
         if (self.data is None) == (self.serial is None):
             raise ValueError("give either data (a .npz file) or a [serial] sensor, not both")
         if self.serial is not None and self.task is None:
-            raise ValueError("a [serial] sensor needs a [task] (forecast, autoencode or classify)")
+            raise ValueError(
+                "a [serial] sensor needs a [task] (forecast, autoencode, classify or failure)"
+            )
         return self
 
     @field_validator("model", "data", mode="after")

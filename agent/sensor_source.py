@@ -160,7 +160,12 @@ class SensorSource:
             labels = None if labels is None else labels[finite]
         values = self.scaled(raw)
         x, y = tasks.examples(
-            self.task.kind, values, self.task.window, labels=labels, targets=self.task.targets
+            self.task.kind,
+            values,
+            self.task.window,
+            labels=labels,
+            targets=self.task.targets,
+            horizon=self.task.horizon,
         )
         if len(x) < self.task.min_examples:
             raise tasks.TaskError(f"{len(x)} examples, want at least {self.task.min_examples}")

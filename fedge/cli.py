@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 class UserError(Exception):
@@ -112,6 +113,12 @@ def _cmd_models_inspect(args: argparse.Namespace) -> int:
 def _cmd_sim(args: argparse.Namespace) -> int:
     from fedge.fleet.datasets import DatasetError  # fedge.fleet caps BLAS threads first
     from fedge.fleet.sim import SimError, SimOptions, run_sim
+
+    if args.scenario == "maintenance":
+        given: set[str] = getattr(args, "given", set())
+        args.devices = args.devices if "devices" in given else 20
+        args.rounds = args.rounds if "rounds" in given else 30
+        return _sim_maintenance(args)
 
     opts = SimOptions(
         devices=args.devices,
@@ -217,6 +224,56 @@ def _sim_serial(args: argparse.Namespace) -> int:
     return 0 if summary["rounds_completed"] == args.rounds else 1
 
 
+def _sim_maintenance(args: argparse.Namespace) -> int:
+    from fedge.fleet.embedded_broker import EmbeddedBroker
+    from fedge.fleet.maintenance_policies import Costs
+    from fedge.fleet.maintenance_run import cost_table, run_maintenance
+    from fedge.fleet.pump_fleet import FleetError
+
+    out = Path(args.out)
+    costs = Costs(
+        planned=args.planned_cost,
+        unplanned_factor=args.unplanned_factor,
+        downtime_per_day=args.downtime_per_day,
+        outage_days=args.outage_days,
+    )
+    embedded = None if args.broker else EmbeddedBroker().start()
+    try:
+        summary = run_maintenance(
+            machines=args.devices,
+            rounds=args.rounds,
+            broker=args.broker or embedded.url,  # type: ignore[union-attr]
+            broker_for=embedded.url_for if embedded else None,
+            out=out,
+            seed=args.seed,
+            round_timeout=args.round_timeout,
+            horizon=args.horizon,
+            threshold=args.threshold,
+            confirm=args.confirm,
+            schedule_quantile=args.schedule_quantile,
+            costs=costs,
+        )
+    except FleetError as exc:
+        raise UserError(str(exc)) from exc
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    first = summary["first_failure_of_never_failed"]
+    print(
+        f"{summary['machines']} pumps, {summary['rounds_completed']} rounds,"
+        f" {summary['future_lives']} future pump lives scored"
+        f" ({len(summary['never_failed'])} machines had never failed)"
+    )
+    print(cost_table(summary))
+    if first:
+        print(
+            "first failure of a machine that never failed before, caught in time: "
+            + ", ".join(f"{k} {v['caught_in_time']}/{v['lives']}" for k, v in first.items())
+        )
+    print(f"{summary['seconds']['total']:.0f} s; results and maintenance.png in {out}/")
+    return 0 if summary["rounds_completed"] == args.rounds else 1
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from fedge.fleet.report import ReportError, load_runs, privacy_spent, render_report
 
@@ -287,11 +344,12 @@ def _cmd_bridge_simulate(args: argparse.Namespace) -> int:
     master, path = open_pty(Path(args.link) if args.link else None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    samples = (
-        replay_csv(Path(args.replay))
-        if args.replay
-        else Machine(seed=args.seed, rate_hz=args.rate, fault_rate=args.fault_rate).samples()
-    )
+    if args.replay:
+        samples: Any = replay_csv(Path(args.replay))
+    elif args.machine == "pump":
+        samples = _pump_samples(args.seed, args.hours)
+    else:
+        samples = Machine(seed=args.seed, rate_hz=args.rate, fault_rate=args.fault_rate).samples()
     encode = encode_frame if args.format == "binary" else format_line
     print(f"simulated sensor on {path} ({args.format} frames at {args.rate:g} Hz)", flush=True)
     limit = int(args.seconds * args.rate) if args.seconds else None
@@ -306,6 +364,22 @@ def _cmd_bridge_simulate(args: argparse.Namespace) -> int:
     if sent >= 0:
         print(f"sent {sent} samples")
     return 0
+
+
+def _pump_samples(seed: int, hours: float) -> Any:
+    """One progpy pump, run to failure and replaced for ``hours`` of pump time (a reading a
+    minute), as its MCU's frames: the maintenance fleet's machine, alone."""
+    import numpy as np
+
+    from fedge.fleet.pump_fleet import FleetError, draw_profiles, frames, simulate_fleet
+
+    rng = np.random.default_rng(seed)
+    try:
+        run = simulate_fleet(draw_profiles(1, rng), hours * 3600.0, rng=rng, reading_s=60.0)[0]
+    except FleetError as exc:
+        raise UserError(str(exc)) from exc
+    print(f"pump: {len(run.readings)} readings, failures at readings {run.failures}", flush=True)
+    return frames(run.readings, 60.0)
 
 
 def _cmd_provision(args: argparse.Namespace) -> int:
@@ -455,7 +529,18 @@ def parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_cmd_models_inspect, log_level=logging.WARNING)
 
     s = sub.add_parser("sim", help="run a simulated fleet on this machine (needs fedge[sim])")
-    s.add_argument("--devices", type=int, default=10)
+    s.add_argument(
+        "--scenario",
+        choices=["learn", "maintenance"],
+        default="learn",
+        help="learn: train a model on a data set (the default); maintenance: a fleet of pumps"
+        " (NASA progpy, needs fedge[maintenance]) that wear out and fail, read over serial"
+        " ports; scores federated failure warnings against each device alone, a centralised"
+        " model and a fixed schedule (its own setup: E=2, lr 0.1, FedAvg)",
+    )
+    s.add_argument(
+        "--devices", type=int, default=10, action=_Given, help="maintenance: 20 unless given"
+    )
     s.add_argument(
         "--devices-per-round",
         type=int,
@@ -469,7 +554,9 @@ def parser() -> argparse.ArgumentParser:
         help="hub: every device's MQTT connection on one thread (scales to 1000s);"
         " threads: a network thread per device",
     )
-    s.add_argument("--rounds", type=int, default=20)
+    s.add_argument(
+        "--rounds", type=int, default=20, action=_Given, help="maintenance: 30 unless given"
+    )
     s.add_argument("--epochs", type=int, default=5, help="local epochs per round")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--lr", type=float, default=0.1, help="local learning rate")
@@ -654,6 +741,20 @@ def parser() -> argparse.ArgumentParser:
         metavar="K",
         help="K devices stay connected and online and never answer",
     )
+    mt = s.add_argument_group("--scenario maintenance (costs in any currency)")
+    mt.add_argument("--horizon", type=int, default=90, help="warn of a failure within N minutes")
+    mt.add_argument("--threshold", type=float, default=0.5, help="P(failure) that warns")
+    mt.add_argument("--confirm", type=int, default=3, help="readings in a row above it")
+    mt.add_argument("--planned-cost", type=float, default=1000.0, help="C: a planned replacement")
+    mt.add_argument("--unplanned-factor", type=float, default=5.0, help="k: a failure costs k * C")
+    mt.add_argument("--downtime-per-day", type=float, default=2000.0, help="D: a day stopped")
+    mt.add_argument("--outage-days", type=float, default=1.0, help="days a failure stops it")
+    mt.add_argument(
+        "--schedule-quantile",
+        type=float,
+        default=0.1,
+        help="fixed schedule: replace at the age this share of the fleet's lives fell short of",
+    )
     s.set_defaults(func=_cmd_sim, log_level=logging.WARNING)
 
     br = sub.add_parser("bridge", help="serial sensor tools").add_subparsers(
@@ -665,6 +766,15 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--rate", type=float, default=100.0, help="samples per second")
     bs.add_argument("--format", choices=["binary", "text"], default="binary")
     bs.add_argument("--replay", default=None, help="play back a CSV of readings instead")
+    bs.add_argument(
+        "--machine",
+        choices=["motor", "pump"],
+        default="motor",
+        help="motor: a wearing motor (vibration, temperature, current); pump: a progpy"
+        " centrifugal pump run to failure and replaced, one reading a minute of pump time"
+        " (speed, flow, three temperatures, hour meter, trip flag; needs fedge[maintenance])",
+    )
+    bs.add_argument("--hours", type=float, default=24.0, help="pump: hours of pump time to play")
     bs.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: never)")
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--fault-rate", type=float, default=0.001, help="faults per sample")
@@ -802,6 +912,15 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
         no_help = action.help is None and action.option_strings
         if no_help and action.default not in (None, False, argparse.SUPPRESS):
             action.help = "(default: %(default)s)"  # argparse shows nothing for help=None
+
+
+class _Given(argparse.Action):
+    """Stores the value and notes that it was given (``args.given``), so that a scenario can
+    have defaults of its own."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", set()) | {self.dest}
 
 
 class HelpWithDefaults(argparse.HelpFormatter):

@@ -195,7 +195,7 @@ def test_data_that_does_not_fit_the_model(tmp_path: Path) -> None:
 def test_agent_path_imports_no_heavy_or_fleet_modules() -> None:
     code = (
         "import sys, fedge.cli, fedge.agent.service, fedge.agent.config, fedge.models.runtime;"
-        "heavy=('tensorflow','sklearn','matplotlib','amqtt','rich');"
+        "heavy=('tensorflow','sklearn','matplotlib','amqtt','rich','progpy','scipy','pandas');"
         "bad=[m for m in sys.modules if m.split('.')[0] in heavy"
         " or m.startswith('fedge.fleet') or m.startswith('fedge.aggregator')];"
         "print(','.join(bad))"
