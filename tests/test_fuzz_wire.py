@@ -105,6 +105,7 @@ from fedge.protocol import (
 )
 from fedge.protocol.chunking import HEADER_SIZE
 from fedge.protocol.errors import DECODE_REASONS
+from fedge.protocol.secagg import SECAGG_REASONS
 from fedge.protocol.signing import OVERHEAD, key_id
 from fedge.protocol.status import decode_status, encode_status
 from helpers import DIGITS_MODEL
@@ -159,12 +160,15 @@ AGG_REASONS = (
     | {"wrong_round", "not_selected", "duplicate", "already_answered", "stale_base"}
     | {"codec_mismatch"}
     | {"topic_mismatch", "unexpected", "unexpected_topic", "revoked"}
+    | {f"secagg_{reason}" for reason in SECAGG_REASONS}  # a stage message, no secure round
 )
 AGENT_REASONS = (
     SIGNATURE_REASONS
     | DECODE_REASONS
     | {"other_fleet", "unexpected", "unexpected_topic", "old_version", "old_round"}
     | {"model_mismatch", "not_finite"}
+    | {"delta_gap", "bad_delta", "bad_checksum"}  # compact globals (protocol/downlink.py)
+    | {f"secagg_{reason}" for reason in SECAGG_REASONS}
 )
 # Warnings a handler lets out, by (category, file): pytest raises them, in the field they are
 # printed. None is known: a global model with huge weights trains under np.errstate and is sat
