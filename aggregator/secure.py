@@ -9,9 +9,10 @@ has answered or its deadline has passed, and returns what to send next (to each 
 to all). Stage deadlines::
 
     advertise   started + stage_timeout (at most the round's deadline)
-    shares      the round's deadline (devices train while the keys go round)
-    masked      the round's deadline, and at least MASK_GRACE after the shares (devices
-                have trained by then: each masks as soon as its neighbours' shares are in)
+    shares      the round's deadline (a device sends its shares as soon as the key list is
+                in, then trains)
+    masked      the round's deadline, and at least MASK_GRACE after the shares (each device
+                masks once it has trained and its neighbours' shares are in)
     unmask      stage_timeout after the survivors are announced
 
 Once the unmask answers are in, the sum is dequantised (``finished``), and ``weighted_sum``
