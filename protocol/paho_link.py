@@ -218,7 +218,10 @@ class PahoLink:
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
         except ValueError as exc:  # bad topic, QoS or size
             raise self._error(f"cannot publish to {topic}: {exc}") from exc
-        queued = info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0  # sent on reconnect
+        # At QoS 1 and 2 paho keeps the message and sends it again on reconnect: no
+        # connection, or one lost under this very write (a driven link finds that out here).
+        lost = (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        queued = info.rc in lost and qos > 0
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not queued:
             raise self._error(f"cannot publish to {topic}: {mqtt.error_string(info.rc)}")
         self.bytes_up += publish_size(topic, len(payload), qos)

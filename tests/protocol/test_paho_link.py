@@ -189,6 +189,41 @@ def test_reconnects_and_resubscribes_after_broker_restart(
 
 
 @THREADS
+def test_a_qos1_publish_into_a_lost_connection_goes_out_after_the_reconnect(
+    own_mosquitto: MosquittoServer,
+    links: list[PahoLink],
+    prefix: str,
+    client_id: str,
+    network_thread: bool,
+) -> None:
+    topic = f"{prefix}/f/global"
+    pub = PahoLink(
+        own_mosquitto.host, own_mosquitto.port, f"{client_id}-pub", network_thread=network_thread
+    )
+    links.append(pub)
+    pub.connect()
+    own_mosquitto.restart()  # the connection drops under the link
+    for i in range(20):  # the first writes find the socket gone: kept, not an error
+        pub.publish(topic, f"v{i}".encode(), retain=True)
+        time.sleep(0.01)
+    deadline = time.monotonic() + 15
+    while not pub.connected and time.monotonic() < deadline:
+        pub.get(timeout=0.2)  # a driven link reconnects from its owner's calls
+    assert pub.connected
+    late = PahoLink(own_mosquitto.host, own_mosquitto.port, f"{client_id}-late", clean_session=True)
+    links.append(late)
+    late.connect()
+    late.subscribe(topic)
+    while time.monotonic() < deadline:
+        pub.get(timeout=0.1)
+        message = late.get(timeout=0.1)
+        if message is not None and message.payload == b"v19":
+            break
+    else:
+        pytest.fail("the messages published while the connection was lost never arrived")
+
+
+@THREADS
 def test_connect_failure_is_a_link_error(client_id: str, network_thread: bool) -> None:
     port = free_port()
     link = PahoLink("127.0.0.1", port, client_id, network_thread=network_thread)
