@@ -890,7 +890,7 @@ class Agent:
             num_samples=prep.num_samples,
             codec="secagg",
             train_loss=prep.train_loss,
-            evaluation=prep.evaluation,  # type: ignore[arg-type]
+            evaluation=prep.evaluation,
             within_clip=prep.within_clip,
         )
         payload = encode(header, {"masked": np.frombuffer(masked, np.uint8)})

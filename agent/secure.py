@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from fedge.protocol import RoundAnnouncement
+import numpy as np
+from fedge.protocol import Evaluation, RoundAnnouncement
 from fedge.protocol.secagg import SecAggClient, SecAggError, SecureRound, addressed
 from fedge.protocol.secagg.wire import HEADER_BYTES, MAGIC, Kind
 
@@ -35,10 +36,10 @@ class Prepared:
     update_id: str
     base_version: int
     sealed: Sealed
-    kept: dict | None  # the residual once it is sent
+    kept: dict[str, np.ndarray] | None  # the residual once it is sent
     num_samples: int
     train_loss: float | None
-    evaluation: object | None
+    evaluation: Evaluation | None
     within_clip: bool | None
     log_line: tuple
 

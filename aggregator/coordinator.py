@@ -1113,12 +1113,7 @@ class Aggregator:
                 summary["downlink"] = {
                     "sent": "full" if self._last_full == self.version else "delta",
                     "bytes": self._global_wire_size,
-                    "error_bound": float(
-                        max(
-                            (np.abs(self.weights[k] - w).max(initial=0.0))
-                            for k, w in self.shadow.weights.items()
-                        )
-                    ),
+                    "error_bound": self.shadow.error_bound,
                 }
         self._close(rnd, "done", now, summary, stored=True)
         self.completed += 1

@@ -66,11 +66,13 @@ class Shadow:
     def __init__(self, weights: Weights, version: int) -> None:
         self.weights = _float32(weights)
         self.version = version
+        self.error_bound = 0.0  # max |true - shadow| after the last delta; 0 after a sync
 
     def sync(self, weights: Weights, version: int) -> None:
         """A full model went out: the devices hold the true model now."""
         self.weights = _float32(weights)
         self.version = version
+        self.error_bound = 0.0
 
     def advance(
         self,
@@ -100,7 +102,7 @@ class Shadow:
             checksum=checksum(moved),
             error_bound=bound,
         )
-        self.weights, self.version = moved, version
+        self.weights, self.version, self.error_bound = moved, version, bound
         return header, encoded.tensors
 
 
