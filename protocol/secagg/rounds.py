@@ -18,6 +18,7 @@ another.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -77,38 +78,24 @@ def secure_round(
     ("bad_params") when the announcement does not make a valid round (too few devices, a
     threshold above the holders, an odd degree, a ring over 32 bits).
 
-    The last rounds derived are kept: the parameters are immutable, and a process that
+    The last round derived is kept: the parameters are immutable, and a process that
     plays many devices (``fedge sim``, ``fedge fleet launch --agents-per-process``) builds
     the round's graph once instead of once per device."""
-    key = (
-        fleet,
-        round_id,
-        tuple(devices),
-        settings.model_dump_json(),
-        tuple((n, tuple(int(d) for d in shapes[n])) for n in sorted(shapes)),
-        str(codec),
-    )
-    found = _RECENT.get(key)
-    if found is None:
-        found = _derive(fleet, round_id, devices, settings, shapes, codec)
-        _RECENT.clear()  # one round at a time is open
-        _RECENT[key] = found
-    return found
+    dims = tuple((n, tuple(int(d) for d in shapes[n])) for n in sorted(shapes))
+    return _derive(fleet, round_id, tuple(devices), settings, dims, codec)
 
 
-_RECENT: dict[tuple, SecureRound] = {}
-
-
+@functools.lru_cache(maxsize=1)  # one round at a time is open
 def _derive(
     fleet: str,
     round_id: int,
-    devices: Sequence[str],
+    devices: tuple[str, ...],
     settings: SecureSettings,
-    shapes: Mapping[str, Sequence[int]],
+    shapes: tuple[tuple[str, tuple[int, ...]], ...],
     codec: CodecSpec,
 ) -> SecureRound:
-    order = tuple(sorted(shapes))
-    dims = {n: tuple(int(d) for d in shapes[n]) for n in order}
+    dims = dict(shapes)
+    order = tuple(dims)
     size = sum(int(np.prod(d)) for d in dims.values())
     indices = None
     length = size
