@@ -104,6 +104,14 @@ class AgentConfig(BaseModel):
 
     # When to sit out: power, temperature, load, daily upload bytes. None: always take part.
     eligibility: EligibilityConfig | None = None
+    # Keep the radio asleep between the rounds this device is selected for: listen only on
+    # its own inbox topic, where the aggregator sends those rounds and the model they train
+    # on (docs/bandwidth.md, Quiet devices). For battery devices on LTE and the like.
+    quiet: bool = False
+    # A quiet device whose gate holds its update back sits the next rest_rounds rounds out
+    # without a word (its skip notice says so, so the aggregator does not take it for a
+    # dropout). 0: it takes every round it is selected for.
+    rest_rounds: int = Field(default=0, ge=0, le=255)
     seed: int = 0
     # Prometheus /metrics on metrics_addr:metrics_port (fedge.metrics); 0: off.
     metrics_port: int = Field(default=0, ge=0, le=65535)
@@ -120,6 +128,12 @@ class AgentConfig(BaseModel):
     @model_validator(mode="after")
     def _tls_needs_mqtts(self) -> AgentConfig:
         check_tls_scheme(self.broker, self.tls)
+        return self
+
+    @model_validator(mode="after")
+    def _rest_needs_quiet(self) -> AgentConfig:
+        if self.rest_rounds and not self.quiet:
+            raise ValueError("rest_rounds needs quiet = true (only a quiet device can rest)")
         return self
 
     @model_validator(mode="after")

@@ -76,6 +76,11 @@ log = logging.getLogger("fedge.agent")
 
 TRAINING_NOTE_AFTER = 1.0  # seconds of training before the status says "training"
 STATUS_GRACE = 0.5  # seconds the status after a model waits for the round that makes it moot
+# The kinds a quiet device's inbox carries, most frequent first (each message is signed as
+# for its broadcast topic): model deltas, round announcements, whole models.
+INBOX_KINDS = ("global_delta", "round", "global")
+# Skips the upload gate decides: the device's data adds little now, so a quiet device rests.
+GATE_REASONS = ("small_update", "irrelevant")
 
 
 @dataclass
@@ -136,6 +141,8 @@ class Agent:
         readings: Callable[[], dict[str, float]] | None = None,
         noise_rng: np.random.Generator | None = None,
         he_keys: HeKeys | None = None,
+        quiet: bool = False,
+        rest_rounds: int = 0,
     ) -> None:
         self.device_id = device_id
         self.topics = Topics(fleet)
@@ -163,6 +170,11 @@ class Agent:
         self.noise_rng = noise_rng or np.random.default_rng()
         # Homomorphic encryption: the fleet's CKKS secret key (agent/he_model.py); None: off.
         self.he_keys = he_keys
+        # Quiet: listen only on inbox/{device}, where the aggregator sends the rounds this
+        # device is selected for and the model they need; a gate skip then rests
+        # ``rest_rounds`` rounds (docs/bandwidth.md, Quiet devices).
+        self.quiet = quiet
+        self.rest_rounds = rest_rounds if quiet else 0
         self.clock = clock
         # Called with (round id, local weights) after local training, before the upload:
         # field tests use it to score each device's own model; a device needs nothing here.
@@ -240,9 +252,10 @@ class Agent:
         self._save(self.state)
 
     @staticmethod
-    def birth(device_id: str, fleet: str) -> Message:
+    def birth(device_id: str, fleet: str, *, quiet: bool = False) -> Message:
         """What the link publishes on every reconnect, replacing the Will's "offline"."""
-        payload = encode_status(Status(device_id=device_id, state="online", timestamp=0.0))
+        status = Status(device_id=device_id, state="online", timestamp=0.0, quiet=quiet)
+        payload = encode_status(status)
         return Message(Topics(fleet).status(device_id), payload, retain=True)
 
     @staticmethod
@@ -260,14 +273,15 @@ class Agent:
             self.link.connect(timeout=timeout, keep_trying=True)
         else:
             self.link.connect(timeout=timeout)
-        self.link.subscribe(self.topics.global_model, qos=1)
-        try:
-            self.link.subscribe(self.topics.global_delta, qos=1)
-        except LinkError as exc:
-            # A broker ACL from before compact globals: full models only (asked for when a
-            # round names a version this device lacks).
-            log.warning("no compact globals: %s", exc)
-        self.link.subscribe(self.topics.round, qos=1)
+        if self.quiet:
+            try:
+                self.link.subscribe(self.topics.inbox(self.device_id), qos=1)
+            except LinkError as exc:
+                # A broker ACL from before quiet devices: listen to every round instead.
+                log.warning("cannot be quiet, listening to every round: %s", exc)
+                self.quiet, self.rest_rounds = False, 0
+        if not self.quiet:
+            self._listen()
         self._status("online")
         self.resend_interrupted()
         if not self.trusted_keys:
@@ -282,6 +296,17 @@ class Agent:
             len(self._round_data) if self._round_data is not None else 0,
             self.runtime.describe(),
         )
+
+    def _listen(self) -> None:
+        """Subscribe to the fleet's broadcast topics: every round and every global model."""
+        self.link.subscribe(self.topics.global_model, qos=1)
+        try:
+            self.link.subscribe(self.topics.global_delta, qos=1)
+        except LinkError as exc:
+            # A broker ACL from before compact globals: full models only (asked for when a
+            # round names a version this device lacks).
+            log.warning("no compact globals: %s", exc)
+        self.link.subscribe(self.topics.round, qos=1)
 
     def stop(self) -> None:
         try:
@@ -345,6 +370,7 @@ class Agent:
             store_bytes=getattr(self.sensor, "store_bytes", None),
             agent_version=__version__,
             uptime_s=round(time.monotonic() - self._started, 1),
+            quiet=self.quiet,
         )
         self.link.publish(
             self.topics.status(self.device_id), encode_status(status), qos=1, retain=True
@@ -383,6 +409,8 @@ class Agent:
             kind = "round"
         elif msg.topic in (self.topics.secagg(self.device_id), self.topics.secagg_all):
             kind = "secagg"
+        elif msg.topic == self.topics.inbox(self.device_id):
+            kind = "inbox"  # one of the broadcast kinds, sent to this device alone
         else:
             # Some brokers (amqtt) also hand over retained messages of other topics.
             self.stats.rejected["unexpected_topic"] += 1
@@ -390,7 +418,9 @@ class Agent:
             return
         payload = msg.payload
         try:
-            if self.trusted_keys:
+            if kind == "inbox":
+                kind, payload = self._inbox(payload)
+            elif self.trusted_keys:
                 payload = verify(payload, self.trusted_keys, fleet=self.topics.fleet, kind=kind)
             elif is_signed(payload):  # nothing pinned to check it with (development)
                 payload = payload[SIGNATURE_OVERHEAD:]
@@ -414,6 +444,25 @@ class Agent:
             self._on_round_announced(header)
         else:
             self._refuse("unexpected", msg.topic, f"{header.kind} message")
+
+    def _inbox(self, payload: bytes) -> tuple[str, bytes]:
+        """The kind and envelope of a message on this device's inbox: it is signed as for its
+        broadcast topic (round, global_delta or global), and must verify as one of them."""
+        if not self.trusted_keys:
+            envelope = payload[SIGNATURE_OVERHEAD:] if is_signed(payload) else payload
+            return {"global": "global", "global_delta": "global_delta"}.get(
+                decode(envelope).msg.kind, "round"
+            ), envelope
+        failure: SignatureError | None = None
+        for kind in INBOX_KINDS:
+            try:
+                return kind, verify(payload, self.trusted_keys, fleet=self.topics.fleet, kind=kind)
+            except SignatureError as exc:
+                if exc.reason != "bad_signature":
+                    raise  # unsigned, or by a key not pinned: no other kind will do
+                failure = exc
+        assert failure is not None
+        raise failure
 
     def _refuse(self, reason: str, topic: str, detail: str) -> None:
         """Count a refused message; log the first of each reason, then every 100th."""
@@ -610,6 +659,9 @@ class Agent:
             trained=trained,
             num_samples=len(self._round_data) if trained and self._round_data is not None else 0,
             evaluation=scored,
+            # A quiet device whose update is not worth sending rests: its radio sleeps
+            # through the next rounds (the gate's staleness bound still applies after them).
+            rest=self.rest_rounds if reason in GATE_REASONS else 0,
         )
         payload = encode_skip(notice)
         topic = self.topics.update(self.device_id)
@@ -624,7 +676,12 @@ class Agent:
         else:
             self.state.last_round = max(self.state.last_round, ann.round_id)
             self._save(self.state)
-        log.info("round %d: sat out (%s); skip notice sent", ann.round_id, reason)
+        log.info(
+            "round %d: sat out (%s); skip notice sent%s",
+            ann.round_id,
+            reason,
+            f", resting {notice.rest} round(s)" if notice.rest else "",
+        )
         self._status("idle")
 
     def _sent(self, nbytes: int) -> None:

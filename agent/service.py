@@ -74,7 +74,7 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
     state = load_state(state_path)
     if link is None:
         will = Agent.will(cfg.device_id, cfg.fleet)
-        birth = Agent.birth(cfg.device_id, cfg.fleet)
+        birth = Agent.birth(cfg.device_id, cfg.fleet, quiet=cfg.quiet)
         link = broker_link(cfg.broker, cfg.device_id, cfg.tls, will, birth)
     budget = eligibility = None
     problems = ReadingLog()  # unreadable sysfs values, logged once per kind
@@ -99,6 +99,8 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
         trusted_keys=[load_public_key(path.read_bytes()) for path in cfg.aggregator_keys],
         readings=lambda: readings_dict(read_readings(problems=problems)),
         he_keys=None if cfg.he is None else load_he_keys(cfg.he.key_file, secret=True),
+        quiet=cfg.quiet,
+        rest_rounds=cfg.rest_rounds,
     )
 
 

@@ -63,6 +63,7 @@ from . import fed_eval, he_round, intake, privacy
 from .accounting import Ledger
 from .accumulate import Accumulator, RunningSum, make_accumulator
 from .config import AggregatorConfig
+from .inbox import Inboxes
 from .sample_limits import bound_samples
 from .secure import SecureSum
 from .shard import ShardedSum, Shards
@@ -96,6 +97,11 @@ class OpenRound:
     evals: dict[str, Evaluation] = field(default_factory=dict)
     wire_up: Counter[str] = field(default_factory=Counter)  # MQTT bytes per device
     wire_down: int = 0  # MQTT bytes each selected device had to receive for this round
+    # ...except quiet devices (aggregator/inbox.py): what their inbox got, by device.
+    wire_down_by_device: dict[str, int] = field(default_factory=dict)
+    listening: int = 0  # online devices not selected that hear the round (not quiet ones)
+    sleeping: int = 0  # online quiet devices not selected: nothing reached them
+    resting: list[str] = field(default_factory=list)  # ...of which these declared a rest
     # Differential privacy: the clip announced, the rate devices were sampled at (selected
     # / online), and each uploader's bit "my norm was within the clip" (adaptive clip).
     clip: float | None = None
@@ -185,6 +191,8 @@ class Aggregator:
         self.shadow: Shadow | None = None
         self.deltas_sent = 0  # model versions sent as a delta
         self._last_full = -1  # the version last sent whole
+        # Quiet devices: their rounds and models go to their inboxes (aggregator/inbox.py).
+        self.inboxes = Inboxes(self.topics, link)
         self._chunk_wire: dict[tuple[str, bytes], int] = {}  # bytes of incomplete messages
         self.stray_bytes = 0  # update bytes that no open round could be credited with
         self._last_republish = -float("inf")  # when the global was last sent again
@@ -495,10 +503,14 @@ class Aggregator:
         else:
             self.online.add(status.device_id)
             self.known.add(status.device_id)
+            self.inboxes.note_status(status.device_id, status.quiet, status.model_version)
             # Agents of the envelope status set model_version only when they lacked a model.
             wants = status.wants_model or (legacy and status.model_version is not None)
             if wants and status.model_version is not None and status.model_version < self.version:
-                self._republish_global(f"{status.device_id} has v{status.model_version}")
+                if status.quiet:  # to its inbox alone: the others have it
+                    self.inboxes.send_whole(status.device_id, self.version, self._inbox_model)
+                else:
+                    self._republish_global(f"{status.device_id} has v{status.model_version}")
 
     def _on_update(
         self,
@@ -658,7 +670,8 @@ class Aggregator:
         the target has answered. A device left out for REVISIT_AFTER rounds ranks as untried
         again: left out for good, one with a run of chance dropouts would take its data out
         of the model (bench/README.md, Faults), and a hung one is not waited for anyway."""
-        online = sorted(self.online)
+        # Not quiet devices that rest (unless none would be left: aggregator/inbox.py).
+        online = self.inboxes.selectable(self.next_round_id, self.online, 1)
         k = self.cfg.devices_per_round
         if not k:
             return online
@@ -755,6 +768,29 @@ class Aggregator:
             + self._global_wire_size
             + 2 * PUBACK_SIZE
         )
+        # Quiet devices get theirs in their inboxes; the others online hear it anyway.
+        selected = set(rnd.selected)
+        inboxes = self.inboxes
+        for device in rnd.selected:
+            if device in inboxes.quiet:
+                rnd.wire_down_by_device[device] = inboxes.deliver(
+                    device, payload, self.version, self._inbox_model
+                )
+        idle = [d for d in self.online if d not in selected]
+        rnd.sleeping = sum(d in inboxes.quiet for d in idle)
+        rnd.listening = len(idle) - rnd.sleeping
+        rnd.resting = sorted(inboxes.resting(rnd.round_id, idle))
+
+    def _inbox_model(self) -> bytes:
+        """The whole model for a quiet device's inbox: the devices' copy under compact
+        globals (the deltas that follow apply to it), else the global model."""
+        shadow = self.shadow
+        current = shadow is not None and shadow.version == self.version
+        weights = shadow.weights if shadow is not None and current else self.weights
+        if self.he is not None:  # homomorphic encryption: E_t, as on ``global``
+            weights = self.he.tensors()
+        header = GlobalModelHeader(fleet=self.cfg.fleet, model_version=self.version, round_id=0)
+        return self._signed(encode(header, weights), "global")
 
     def _accumulator(self) -> Accumulator | ShardedSum | he_round.HeAccumulator:
         """A running sum for the plain mean; the deltas themselves for a robust combiner."""
@@ -769,6 +805,7 @@ class Aggregator:
         """A device that trained and held its update back weighs in with a zero delta (it
         is in its residual); averaging over the uploaders alone is unstable."""
         rnd.skipped[notice.device_id] = notice
+        self.inboxes.note_rest(notice.device_id, rnd.round_id, notice.rest)
         if notice.trained and notice.num_samples > 0:
             rnd.acc.hold(notice.device_id, self._weight(notice.num_samples))
 
@@ -965,6 +1002,7 @@ class Aggregator:
         payload = self._signed(encode(header, tensors), "global")
         self.link.publish(self.topics.global_model, payload, qos=1, retain=True)
         self._global_wire_size = publish_size(self.topics.global_model, len(payload), 1)
+        self.inboxes.model_published(self.version, None)
         if self.cfg.downlink is not None:
             if self.shadow is None:
                 self.shadow = Shadow(self.weights, self.version)
@@ -990,6 +1028,7 @@ class Aggregator:
         payload = self._signed(encode(header, tensors), "global_delta")
         self.link.publish(self.topics.global_delta, payload, qos=1, retain=True)
         self._global_wire_size = publish_size(self.topics.global_delta, len(payload), 1)
+        self.inboxes.model_published(self.version, payload)
         self.deltas_sent += 1
 
     def _signed(self, envelope: bytes, kind: str) -> bytes:
@@ -1063,6 +1102,7 @@ class Aggregator:
             "skip_reason_by_device": {d: s.reason for d, s in sorted(rnd.skipped.items())},
             "bytes_up_by_device": dict(sorted(rnd.wire_up.items())),
             "bytes_down_per_device": rnd.wire_down,
+            **_quiet_fields(rnd),
             "missing": sorted(set(rnd.selected) - rnd.answered),
             "num_samples": int(sum(counts)),
             # The weight each device's update (or held-back zero delta) had in the average,
@@ -1146,6 +1186,7 @@ class Aggregator:
             "bytes_received": rnd.bytes_received,
             "bytes_up_by_device": dict(sorted(rnd.wire_up.items())),
             "bytes_down_per_device": rnd.wire_down,
+            **_quiet_fields(rnd),
             "duration_s": round(now - rnd.started, 3),
         }
         if isinstance(rnd.acc, SecureSum):
@@ -1169,6 +1210,18 @@ class Aggregator:
         log.info("%s", describe_round(summary))
         log.debug("round %d: %s", rnd.round_id, json.dumps(summary))
         self.on_round(summary)
+
+
+def _quiet_fields(rnd: OpenRound) -> dict:
+    """Who else was online, for the energy estimate (a device that hears a round wakes its
+    radio): devices listening to every round, quiet ones asleep, and the rests declared;
+    and what the selected quiet devices' inboxes got."""
+    fields: dict = {"listening": rnd.listening, "sleeping": rnd.sleeping}
+    if rnd.resting:
+        fields["resting"] = rnd.resting
+    if rnd.wire_down_by_device:
+        fields["bytes_down_by_device"] = dict(sorted(rnd.wire_down_by_device.items()))
+    return fields
 
 
 def _append_jsonl(path: Path, record: dict) -> None:

@@ -170,6 +170,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         secure_clip=args.secure_clip,
         downlink_codec=args.downlink_codec,
         resync_every=args.resync_every,
+        quiet=args.quiet,
+        rest_rounds=args.rest_rounds,
         he=args.he,
     )
     if args.source == "serial":
@@ -672,6 +674,20 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=100,
         help="with --downlink-codec: the whole model every this many versions (default 100)",
+    )
+    s.add_argument(
+        "--quiet",
+        action="store_true",
+        help="quiet devices: each hears only the rounds it is selected for, in its inbox"
+        " (docs/bandwidth.md)",
+    )
+    s.add_argument(
+        "--rest-rounds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --quiet: a device whose gate holds its update back sits the next N rounds"
+        " out without a word (default 0)",
     )
     sa = s.add_argument_group("secure aggregation (docs/secure-aggregation.md; off by default)")
     sa.add_argument(

@@ -390,6 +390,7 @@ def acl_text(
         f"topic write {base}/shard/+/close",
         f"topic write {base}/secagg/+",  # [secure]: key lists, shares, the survivors
         f"topic write {base}/secagg",
+        f"topic write {base}/inbox/+",  # quiet devices: their rounds and models
     ]
     for ident, role in sorted(identities.items()):
         check_id("identity", ident)
@@ -406,6 +407,7 @@ def acl_text(
             shard = f"{base}/shard/{ident}"
             lines += ["", "# site-gateway (its bridge)", f"user {ident}"]
             lines += [f"topic write {base}/status/{d}" for d in sorted(sites.get(ident, ()))]
+            lines += [f"topic read {base}/inbox/{d}" for d in sorted(sites.get(ident, ()))]
             lines += [
                 f"topic write {shard}/accepted",
                 f"topic write {shard}/partial",
@@ -429,6 +431,7 @@ def _device_grants(base: str, device: str, *, secagg: bool = True) -> list[str]:
         f"topic read {base}/round",
         f"topic read {base}/global",
         f"topic read {base}/global/delta",
+        f"topic read {base}/inbox/{device}",  # a quiet device's rounds and models
     ]
     if secagg:
         grants += [f"topic read {base}/secagg/{device}", f"topic read {base}/secagg"]
@@ -529,6 +532,8 @@ topic fedge/v1/+/round in 1
 topic fedge/v1/+/global in 1
 topic fedge/v1/+/global/delta in 1
 topic fedge/v1/+/shard/{site}/close in 1
+#   in: quiet devices' rounds and models (the central ACL lets only this site's through).
+topic fedge/v1/+/inbox/+ in 1
 """
 
 

@@ -39,7 +39,7 @@ WORKERS = 4  # threads stepping the agents of one host
 def build_hosted(cfg: AgentConfig, hub: PahoHub) -> Agent:
     """The agent ``fedge agent --config`` would run, with its link on ``hub``."""
     will = Agent.will(cfg.device_id, cfg.fleet)
-    birth = Agent.birth(cfg.device_id, cfg.fleet)
+    birth = Agent.birth(cfg.device_id, cfg.fleet, quiet=cfg.quiet)
     link = broker_link(cfg.broker, cfg.device_id, cfg.tls, will, birth, hub=hub)
     return build_agent(cfg, link=link)
 

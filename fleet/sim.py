@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fedge.agent.config import AgentConfig
@@ -70,6 +70,9 @@ from .he_report import DecryptedScores, merge, write_he_keys
 from .mosquitto import LocalMosquitto, MosquittoError, find_mosquitto
 from .partition import parse_scheme, partition
 from .signing_keys import write_signing_pair
+
+if TYPE_CHECKING:
+    from fedge.agent.radio import RadioProfile
 
 log = logging.getLogger("fedge.fleet")
 
@@ -147,6 +150,10 @@ class SimOptions:
     # models every round.
     downlink_codec: str | None = None
     resync_every: int = 100
+    # Quiet devices (docs/bandwidth.md): each listens only on its inbox, where the rounds it
+    # is selected for come; with rest_rounds, a gate skip also sits that many rounds out.
+    quiet: bool = False
+    rest_rounds: int = 0
     # Homomorphic encryption (docs/homomorphic-encryption.md): throwaway CKKS keys; the sim
     # decrypts each round's model outside the aggregator to score it (fleet/he_report.py).
     he: bool = False
@@ -255,6 +262,10 @@ def run_sim(opts: SimOptions) -> dict[str, Any]:
     _privacy_table(opts)
     _secure_table(opts)
     _downlink_table(opts)
+    if opts.rest_rounds and not opts.quiet:
+        raise SimError("--rest-rounds needs --quiet (only a quiet device can rest)")
+    if not 0 <= opts.rest_rounds <= 255:
+        raise SimError(f"--rest-rounds {opts.rest_rounds}: want 0 to 255")
     if opts.he:  # TenSEAL before anything loads TensorFlow (a model built from a spec)
         try:
             fhe.tenseal()
@@ -493,6 +504,8 @@ def _configs(
                 max_payload=opts.max_payload,
                 aggregator_keys=(public_key,),
                 he=None if he_keys is None else DeviceHeConfig(key_file=he_keys[0]),
+                quiet=opts.quiet,
+                rest_rounds=opts.rest_rounds,
             )
         )
     try:
@@ -711,7 +724,7 @@ def _build_device(cfg: AgentConfig, injector: FaultInjector | None, hub: PahoHub
     """The device of ``cfg`` (its link on ``hub`` if given); with faults, on a link that
     injects them."""
     will = Agent.will(cfg.device_id, cfg.fleet)
-    birth = Agent.birth(cfg.device_id, cfg.fleet)
+    birth = Agent.birth(cfg.device_id, cfg.fleet, quiet=cfg.quiet)
     if injector is None:
         return build_agent(
             cfg, link=broker_link(cfg.broker, cfg.device_id, cfg.tls, will, birth, hub=hub)
@@ -763,26 +776,33 @@ class _Baselines:
         return record
 
 
-def _energy(rounds: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean radio energy per selected device per round, by link profile.
+def round_energy(r: dict[str, Any], profile: RadioProfile) -> list[float]:
+    """The radio energy (J) of each online device in one round record.
 
-    Each device receives the announcement and the global model and answers (update or
+    A selected device receives the announcement and the global model and answers (update or
     skip notice) within one radio wake: local training here takes well under the LTE tail
-    of about 11.6 s. See fedge.agent.radio for the model and its sources.
+    of about 11.6 s. A device online but not selected wakes too when it listens to every
+    round (it receives the announcement and the model); a quiet one (its inbox got nothing)
+    spends nothing. See fedge.agent.radio for the model and its sources.
     """
-    from fedge.agent.radio import PROFILES, estimate
+    from fedge.agent.radio import estimate
+
+    down = r.get("bytes_down_per_device", 0)
+    by_device = r.get("bytes_down_by_device", {})
+    up = r.get("bytes_up_by_device", {})
+    selected = r.get("participants", []) + r.get("skipped", []) + r.get("missing", [])
+    joules = [estimate(profile, up.get(d, 0), by_device.get(d, down)).joules for d in selected]
+    joules += [estimate(profile, 0, down).joules] * r.get("listening", 0)
+    return joules + [0.0] * r.get("sleeping", 0)
+
+
+def _energy(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean radio energy per online device per round, by link profile (``round_energy``)."""
+    from fedge.agent.radio import PROFILES
 
     out: dict[str, float] = {}
     for name, profile in PROFILES.items():
-        joules = [
-            estimate(
-                profile,
-                r.get("bytes_up_by_device", {}).get(d, 0),
-                r.get("bytes_down_per_device", 0),
-            ).joules
-            for r in rounds
-            for d in r.get("participants", []) + r.get("skipped", []) + r.get("missing", [])
-        ]
+        joules = [j for r in rounds for j in round_energy(r, profile)]
         out[name] = round(float(np.mean(joules)), 4) if joules else 0.0
     return out
 

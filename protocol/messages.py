@@ -253,7 +253,12 @@ class SkipNotice(_Message):
     trained: bool = False
     num_samples: int = Field(default=0, ge=0, le=U32)
     evaluation: Evaluation | None = None  # a device that trained also evaluated
+    # A quiet device (``Status.quiet``) that will not take part in the next ``rest`` rounds:
+    # its radio stays asleep, and the aggregator selects it again after them (a rest, not a
+    # dropout). 0: none.
+    rest: int = Field(default=0, ge=0, le=255)
     _omit_unset = ("evaluation",)
+    _omit_default = ("rest",)
 
 
 class ShardAccepted(_Message):
@@ -323,6 +328,10 @@ class Status(_Message):
     store_bytes: Count | None = None
     agent_version: str | None = Field(default=None, max_length=32)
     uptime_s: float | None = Field(default=None, ge=0)
+    # A quiet device listens only on its own ``inbox/{device}``: the aggregator sends it the
+    # rounds it is selected for there, with the model it lacks; between them its radio can
+    # sleep (docs/bandwidth.md, Quiet devices).
+    quiet: bool = False
 
 
 Header = Annotated[

@@ -14,8 +14,12 @@ training (federated evaluation), and 12 bytes follow::
 
     count u32 | loss f32 | metric f32
 
-with ``flags`` bit 2 saying the metric is the mean absolute error, else accuracy. Notices
-without an evaluation keep the 22 bytes of before.
+with ``flags`` bit 2 saying the metric is the mean absolute error, else accuracy. ``flags``
+bit 3: a quiet device rests (``SkipNotice.rest``), and one byte follows, last::
+
+    rest u8        # rounds it will not take part in
+
+Notices without an evaluation or a rest keep the 22 bytes of before.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ _LAYOUT = struct.Struct(">4sII8sBB")
 SIZE = _LAYOUT.size  # 22 bytes of payload
 _EVAL = struct.Struct(">Iff")
 EVAL_SIZE = SIZE + _EVAL.size  # 34 bytes with an evaluation
-TRAINED, EVALUATED, MAE = 1, 2, 4  # flag bits
+TRAINED, EVALUATED, MAE, RESTS = 1, 2, 4, 8  # flag bits
 
 # Append only: the index is the wire code.
 REASONS = (
@@ -71,6 +75,9 @@ def encode_skip(notice: SkipNotice) -> bytes:
         flags |= MAE if ev.mae is not None else 0
         metric = ev.mae if ev.mae is not None else ev.accuracy
         tail = _EVAL.pack(ev.count, ev.loss, metric)
+    if notice.rest:
+        flags |= RESTS
+        tail += bytes([notice.rest])
     return (
         _LAYOUT.pack(
             MAGIC, notice.round_id, notice.num_samples, uid, flags, _CODES.get(notice.reason, 0)
@@ -82,7 +89,7 @@ def encode_skip(notice: SkipNotice) -> bytes:
 def decode_skip(payload: bytes, device_id: str) -> SkipNotice:
     """Unpack a skip notice from ``device_id`` (taken from the topic)."""
     flags = payload[SIZE - 2] if len(payload) >= SIZE else 0
-    want = EVAL_SIZE if flags & EVALUATED else SIZE
+    want = (EVAL_SIZE if flags & EVALUATED else SIZE) + (1 if flags & RESTS else 0)
     if len(payload) != want:
         raise DecodeError(
             "too_short" if len(payload) < want else "trailing_bytes",
@@ -100,6 +107,7 @@ def decode_skip(payload: bytes, device_id: str) -> SkipNotice:
             key = "mae" if flags & MAE else "accuracy"
             evaluation = Evaluation.model_validate({"count": count, "loss": loss, key: metric})
         return SkipNotice(
+            rest=payload[-1] if flags & RESTS else 0,
             device_id=device_id,
             round_id=round_id,
             update_id=uid.hex(),

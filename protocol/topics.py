@@ -6,6 +6,7 @@ Every topic lives under ``{prefix}/{fleet}/`` (default prefix ``fedge/v1``)::
     global            retained global model            aggregator -> devices
     update/{device}   model update or skip notice      device -> aggregator
     status/{device}   heartbeat; the Last Will says offline
+    inbox/{device}    a quiet device's rounds and models, each signed as on its broadcast topic
     shard/{worker}/accepted|close|partial   aggregator shards (fedge.aggregator.shard)
 
 Shard workers share ``update/+`` through an MQTT shared subscription, ``$share/{group}/...``:
@@ -121,6 +122,11 @@ class Topics:
     @property
     def statuses(self) -> str:
         return f"{self.base}/status/+"
+
+    def inbox(self, device: str) -> str:
+        """Where a quiet device (``Status.quiet``) gets the rounds it is selected for and the
+        model they train on, instead of listening to ``round`` and ``global``."""
+        return f"{self.base}/inbox/{validate_id('device id', device)}"
 
     def secagg(self, device: str) -> str:
         """Where the aggregator sends one device its secure-aggregation messages."""

@@ -504,7 +504,8 @@ def test_the_acl_grants_each_identity_exactly_its_topics() -> None:
         "topic read fedge/v1/f1/shard/+/partial\n"
         "topic write fedge/v1/f1/shard/+/close\n"
         "topic write fedge/v1/f1/secagg/+\n"
-        "topic write fedge/v1/f1/secagg",
+        "topic write fedge/v1/f1/secagg\n"
+        "topic write fedge/v1/f1/inbox/+",
         "# device\n"
         "user dev-a\n"
         "topic write fedge/v1/f1/update/dev-a\n"
@@ -512,6 +513,7 @@ def test_the_acl_grants_each_identity_exactly_its_topics() -> None:
         "topic read fedge/v1/f1/round\n"
         "topic read fedge/v1/f1/global\n"
         "topic read fedge/v1/f1/global/delta\n"
+        "topic read fedge/v1/f1/inbox/dev-a\n"
         "topic read fedge/v1/f1/secagg/dev-a\n"
         "topic read fedge/v1/f1/secagg",
         "# gateway\n"
@@ -521,12 +523,15 @@ def test_the_acl_grants_each_identity_exactly_its_topics() -> None:
         "topic read fedge/v1/f1/round\n"
         "topic read fedge/v1/f1/global\n"
         "topic read fedge/v1/f1/global/delta\n"
+        "topic read fedge/v1/f1/inbox/+\n"
         "topic read fedge/v1/f1/secagg/+\n"
         "topic read fedge/v1/f1/secagg",
         "# site-gateway (its bridge)\n"
         "user site-a\n"
         "topic write fedge/v1/f1/status/dev-s1\n"
         "topic write fedge/v1/f1/status/dev-s2\n"
+        "topic read fedge/v1/f1/inbox/dev-s1\n"
+        "topic read fedge/v1/f1/inbox/dev-s2\n"
         "topic write fedge/v1/f1/shard/site-a/accepted\n"
         "topic write fedge/v1/f1/shard/site-a/partial\n"
         "topic read fedge/v1/f1/round\n"
@@ -553,7 +558,8 @@ def test_the_site_acl_grants_the_worker_and_each_device_exactly_their_topics() -
         "topic write fedge/v1/f1/status/dev-s1\n"
         "topic read fedge/v1/f1/round\n"
         "topic read fedge/v1/f1/global\n"
-        "topic read fedge/v1/f1/global/delta\n",
+        "topic read fedge/v1/f1/global/delta\n"
+        "topic read fedge/v1/f1/inbox/dev-s1\n",
     ]
 
 

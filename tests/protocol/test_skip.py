@@ -130,3 +130,33 @@ def test_the_evaluation_flag_decides_the_length() -> None:
     with pytest.raises(DecodeError) as long:
         decode_skip(_with_eval(5, 0.5, 0.5, flags=1), "d")
     assert long.value.reason == "trailing_bytes"
+
+
+@settings(max_examples=100, deadline=None)
+@given(rest=st.integers(1, 255), evaluated=st.booleans())
+def test_a_rest_travels_in_one_byte_after_the_rest(rest: int, evaluated: bool) -> None:
+    ev = Evaluation(count=5, loss=0.5, accuracy=0.75) if evaluated else None
+    notice = SkipNotice(
+        device_id="d",
+        round_id=4,
+        update_id="00" * 8,
+        reason="small_update",
+        trained=True,
+        num_samples=9,
+        evaluation=ev,
+        rest=rest,
+    )
+    payload = encode_skip(notice)
+    assert len(payload) == (EVAL_SIZE if evaluated else SIZE) + 1
+    assert decode_skip(payload, "d") == notice
+    # The flag decides the length: without the byte, or with one more, it is refused.
+    with pytest.raises(DecodeError) as short:
+        decode_skip(payload[:-1], "d")
+    with pytest.raises(DecodeError) as long:
+        decode_skip(payload + b"\0", "d")
+    assert (short.value.reason, long.value.reason) == ("too_short", "trailing_bytes")
+
+
+def test_no_rest_keeps_the_bytes_of_before() -> None:
+    notice = SkipNotice(device_id="d", round_id=4, update_id="00" * 8, reason="busy")
+    assert len(encode_skip(notice)) == SIZE and decode_skip(encode_skip(notice), "d").rest == 0
