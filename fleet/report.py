@@ -117,6 +117,10 @@ class Round:
     weights: dict[str, int] = field(default_factory=dict)  # device -> its weight in the average
     bytes_up_by_device: dict[str, int] = field(default_factory=dict)
     bytes_down_per_device: int | None = None  # what each selected device had to receive
+    # ...but a quiet device: what its inbox got (its catch-up and the announcement).
+    bytes_down_by_device: dict[str, int] = field(default_factory=dict)
+    listening: int = 0  # online devices not selected that heard the round all the same
+    resting: tuple[str, ...] = ()  # quiet devices sitting out the rounds they declared
     model_version: int | None = None  # the global model after the round
     # The devices' scores of the model the round started from (absent in older lines).
     fed_eval: dict[str, float] = field(default_factory=dict)
@@ -127,13 +131,17 @@ class Round:
 
     @property
     def bytes_down(self) -> int | None:
-        """MQTT bytes all the round's selected devices had to receive."""
+        """MQTT bytes the round's devices had to receive: each selected one (a quiet one
+        what its inbox got), and those listening to every round though not selected."""
         if self.bytes_down_per_device is None:
             return None
         count = self.selected
         if count is None:
             count = len(set(self.participants) | set(self.skipped) | set(self.missing))
-        return self.bytes_down_per_device * count
+        inboxes = self.bytes_down_by_device
+        return self.bytes_down_per_device * (count - len(inboxes) + self.listening) + sum(
+            inboxes.values()
+        )
 
     @property
     def done(self) -> bool:
@@ -303,6 +311,9 @@ def _parse_round(obj: dict[str, Any], at: str) -> Round:
         weights=_ints(obj, "weights", at),
         bytes_up_by_device=_ints(obj, "bytes_up_by_device", at),
         bytes_down_per_device=_int(obj, "bytes_down_per_device", at),
+        bytes_down_by_device=_ints(obj, "bytes_down_by_device", at),
+        listening=_int(obj, "listening", at) or 0,
+        resting=_names(obj, "resting", at),
         model_version=_int(obj, "model_version", at),
         fed_eval=_fed_eval(obj, at),
         fleet=str(obj["fleet"]) if obj.get("fleet") is not None else None,

@@ -7,6 +7,7 @@ as an HTML table. A cell is one of:
     trained        the device's update went into the round's average (with its sample weight)
     skipped        the device answered with a skip notice (its reason, when the line says)
     missing        selected, but nothing arrived before the deadline
+    resting        a quiet device sitting out the rounds it declared (docs/bandwidth.md)
     not selected   the aggregator did not ask the device this round
 
 A failed round (no new model) keeps its cells and is marked as a whole. Bytes down: every
@@ -28,6 +29,7 @@ TRAINED = "trained"
 SKIPPED = "skipped"
 MISSING = "missing"
 NOT_SELECTED = "not selected"
+RESTING = "resting"
 
 # Light to dark they stay apart in grey too (luminance about 0.27, 0.60, 0.82, 1.0), and
 # missing and skipped cells carry a mark as well.
@@ -36,12 +38,14 @@ CELL_COLOURS = {
     MISSING: "#e07b7b",
     SKIPPED: "#f6d55c",
     NOT_SELECTED: "#ffffff",
+    RESTING: "#d9e6f2",
 }
 CELL_EXPLAINED = {
     TRAINED: "trained: its update is in the average (number: its sample weight)",
     SKIPPED: "skipped: sent a skip notice (letter: the reason, below)",
     MISSING: "missing: selected, nothing arrived in time (x)",
     NOT_SELECTED: "not selected this round",
+    RESTING: "resting: a quiet device sitting out the rounds it declared",
 }
 FAILED_COLOUR = "#d62728"
 UP_COLOUR = "#6f9fcf"
@@ -72,6 +76,10 @@ class RoundLine(Protocol):
     def bytes_up_by_device(self) -> dict[str, int]: ...
     @property
     def bytes_down_per_device(self) -> int | None: ...
+    @property
+    def bytes_down_by_device(self) -> dict[str, int]: ...
+    @property
+    def resting(self) -> tuple[str, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -121,7 +129,11 @@ def device_grid(rounds: Sequence[RoundLine]) -> DeviceGrid:
             up = r.bytes_up_by_device.get(device)
             cells[(device, r.round)] = Cell(kind, reason, r.weights.get(device), up)
             bytes_up[device] = bytes_up.get(device, 0) + (up or 0)
-            bytes_down[device] = bytes_down.get(device, 0) + (r.bytes_down_per_device or 0)
+            down = r.bytes_down_by_device.get(device, r.bytes_down_per_device or 0)
+            bytes_down[device] = bytes_down.get(device, 0) + down
+        for device in r.resting:
+            devices.add(device)
+            cells[(device, r.round)] = Cell(RESTING)
     return DeviceGrid(
         devices=tuple(sorted(devices)),
         rounds=tuple(r.round for r in rounds),
@@ -149,7 +161,7 @@ def draw_device_view(fig: FigureBase, grid: DeviceGrid) -> None:
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    kinds = [NOT_SELECTED, TRAINED, SKIPPED, MISSING]
+    kinds = [NOT_SELECTED, TRAINED, SKIPPED, MISSING, RESTING]
     index = {kind: i for i, kind in enumerate(kinds)}
     values = np.array(
         [[index[grid.cell(d, r).kind] for r in grid.rounds] for d in grid.devices], dtype=float
@@ -206,8 +218,11 @@ def draw_device_view(fig: FigureBase, grid: DeviceGrid) -> None:
     bars.set_axisbelow(True)
     bars.tick_params(axis="y", left=False)
 
+    rests = any(c.kind == RESTING for c in grid.cells.values())
     handles = [
-        Patch(facecolor=CELL_COLOURS[k], edgecolor="0.5", label=CELL_EXPLAINED[k]) for k in kinds
+        Patch(facecolor=CELL_COLOURS[k], edgecolor="0.5", label=CELL_EXPLAINED[k])
+        for k in kinds
+        if k != RESTING or rests
     ]
     if grid.failed:
         handles.append(_failed_patch(0, 1, label="failed round: no new model (red round number)"))
@@ -290,4 +305,6 @@ def _cell_text(cell: Cell) -> str:
         return html.escape(f"skip: {cell.reason}" if cell.reason else "skipped")
     if cell.kind == MISSING:
         return "missing"
+    if cell.kind == RESTING:
+        return "resting"
     return ""

@@ -23,7 +23,14 @@ from fedge.fleet.report import (
     render_report,
     summary_table,
 )
-from fedge.fleet.report_devices import MISSING, NOT_SELECTED, SKIPPED, TRAINED, device_grid
+from fedge.fleet.report_devices import (
+    MISSING,
+    NOT_SELECTED,
+    RESTING,
+    SKIPPED,
+    TRAINED,
+    device_grid,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -449,6 +456,28 @@ def test_grid_cells_are_what_the_lines_say(tmp_path: Path) -> None:
     assert grid.bytes_up == {"a": 1600, "b": 800, "c": 40, "d": 0, "e": 0}
     # Every selected device receives the model, missing ones included.
     assert grid.bytes_down == {"a": 16000, "b": 16000, "c": 10000, "d": 5000, "e": 5000}
+
+
+def test_quiet_devices_cells_and_bytes(tmp_path: Path) -> None:
+    """A quiet device's bytes down are its inbox's; a resting one has a cell of its own, and
+    a device listening to every round pays the round's download though not selected."""
+    run_dir = tmp_path / "quiet"
+    run_dir.mkdir()
+    lines = [
+        {"round": 1, "status": "done", "selected": 2, "participants": ["a"],
+         "skipped": ["b"], "skip_reasons": {"small_update": 1}, "missing": [],
+         "bytes_down_per_device": 5000, "bytes_down_by_device": {"a": 700, "b": 300},
+         "listening": 1, "sleeping": 0},
+        {"round": 2, "status": "done", "selected": 1, "participants": ["a"], "skipped": [],
+         "missing": [], "bytes_down_per_device": 5000, "bytes_down_by_device": {"a": 400},
+         "listening": 1, "sleeping": 1, "resting": ["b"]},
+    ]  # fmt: skip
+    _write_jsonl(run_dir / "rounds.jsonl", lines)
+    rounds = load_run(run_dir).rounds
+    assert [r.bytes_down for r in rounds] == [700 + 300 + 5000, 400 + 5000]
+    grid = device_grid(rounds)
+    assert grid.cell("b", 2).kind == RESTING
+    assert grid.bytes_down == {"a": 1100, "b": 300}
 
 
 def test_field_run_with_accuracy(tmp_path: Path) -> None:

@@ -4,7 +4,9 @@ their provisioning bundles. The key lists, shares and survivors travel on the si
 ``secagg`` topics and the model deltas on ``global/delta``, which the ACL must grant (a
 missing grant would stall every round). Asserted: every round completes with every device's
 masked update unmasked in the sum, the first model comes from the devices' installed model
-file, later ones as deltas, and every device ends with the aggregator's copy bit for bit."""
+file, later ones as deltas, and every device ends with the aggregator's copy bit for bit.
+One device is quiet: its rounds and model deltas come on its own ``inbox/{device}``, which
+the ACL must grant to it alone, and no broadcast round or model reaches it."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 FLEET = "private"
 ROUNDS = 3
 DEVICES = ("dev-a", "dev-b", "dev-c")
+QUIET = "dev-c"
 
 
 def test_secure_rounds_and_model_deltas_pass_the_production_acl(tmp_path: Path) -> None:
@@ -70,7 +73,9 @@ def test_secure_rounds_and_model_deltas_pass_the_production_acl(tmp_path: Path) 
         agents: list[Agent] = []
         for device, data in zip(DEVICES, parts, strict=True):
             cfg = bundle_agent(pki / "devices" / device, url, data, tmp_path / device)
-            link = broker_link(cfg.broker, cfg.device_id, cfg.tls, Agent.will(device, FLEET))
+            cfg = cfg.model_copy(update={"quiet": device == QUIET})
+            birth = Agent.birth(device, FLEET, quiet=cfg.quiet)
+            link = broker_link(cfg.broker, cfg.device_id, cfg.tls, Agent.will(device, FLEET), birth)
             agents.append(build_agent(cfg, link=link))
         stop = threading.Event()
         agg.start()
@@ -81,8 +86,10 @@ def test_secure_rounds_and_model_deltas_pass_the_production_acl(tmp_path: Path) 
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 120
+        # The quiet device holds the model its last round trained on: nothing after it.
+        want = {a.device_id: ROUNDS - (a.device_id == QUIET) for a in agents}
         while time.monotonic() < deadline and not (
-            agg.done and all(a.global_version == ROUNDS for a in agents)
+            agg.done and all(a.global_version == want[a.device_id] for a in agents)
         ):
             time.sleep(0.1)
         stop.set()
@@ -101,9 +108,15 @@ def test_secure_rounds_and_model_deltas_pass_the_production_acl(tmp_path: Path) 
         assert r["downlink"]["sent"] == "delta"
     assert rounds[0]["bytes_down_per_device"] < rounds[1]["bytes_down_per_device"]  # v0: none
     assert agg.shadow is not None
+    for r in rounds:
+        assert list(r["bytes_down_by_device"]) == [QUIET] and r["sleeping"] == 0
     for agent in agents:
-        assert agent.global_version == ROUNDS and agent.state.last_round == ROUNDS
+        assert agent.state.last_round == ROUNDS
         assert not {k: v for k, v in agent.stats.rejected.items() if k != "old_version"}
+        if agent.device_id == QUIET:
+            assert agent.global_version == ROUNDS - 1 and agent.quiet
+            continue
+        assert agent.global_version == ROUNDS
         for name, w in agg.shadow.weights.items():
             assert np.array_equal(agent.global_weights[name], w)
     assert rounds[-1]["accuracy"] > 0.3
