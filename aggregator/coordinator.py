@@ -511,6 +511,22 @@ class Aggregator:
                     self.inboxes.send_whole(status.device_id, self.version, self._inbox_model)
                 else:
                     self._republish_global(f"{status.device_id} has v{status.model_version}")
+            if status.quiet:
+                self._resend_round(status.device_id, fresh=status.state == "online")
+
+    def _resend_round(self, device: str, *, fresh: bool) -> None:
+        """A quiet device selected in the open round that has not answered gets the round
+        again: when it was not known as quiet at the announcement (the aggregator had just
+        restarted), or when it says it has (re)connected (what its inbox held is gone)."""
+        rnd = self.current
+        if rnd is None or device not in rnd.selected or device in rnd.answered:
+            return
+        if rnd.secure is not None or (device in rnd.wire_down_by_device and not fresh):
+            return
+        payload = self._signed(encode(self._announcement(rnd)), "round")
+        rnd.wire_down_by_device[device] = rnd.wire_down_by_device.get(
+            device, 0
+        ) + self.inboxes.deliver(device, payload, self.version, self._inbox_model)
 
     def _on_update(
         self,
@@ -747,8 +763,8 @@ class Aggregator:
             self.version,
         )
 
-    def _publish_announcement(self, rnd: OpenRound) -> None:
-        ann = RoundAnnouncement(
+    def _announcement(self, rnd: OpenRound) -> RoundAnnouncement:
+        return RoundAnnouncement(
             fleet=self.cfg.fleet,
             round_id=rnd.round_id,
             model_version=self.version,
@@ -759,7 +775,9 @@ class Aggregator:
             if self.shadow is None or self.shadow.version != self.version
             else checksum(self.shadow.weights),
         )
-        payload = self._signed(encode(ann), "round")
+
+    def _publish_announcement(self, rnd: OpenRound) -> None:
+        payload = self._signed(encode(self._announcement(rnd)), "round")
         self.link.publish(self.topics.round, payload, qos=1, retain=True)
         # What each selected device receives for this round: the announcement and the
         # global model it trains on (each a QoS 1 PUBLISH, acknowledged by a PUBACK).

@@ -218,3 +218,36 @@ def test_inbox_messages_are_checked_like_broadcast_ones(tmp_path: Path) -> None:
     while device.step(0):
         pass
     assert device.state.round_seen == 1
+
+
+def test_a_quiet_device_that_restarts_mid_round_gets_the_round_again(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    agg = aggregator(
+        tmp_path,
+        broker,
+        rounds=2,
+        min_devices=2,
+        training=TrainingConfig(
+            batch_size=8, lr=0.1, codec="float32", gate=GateSettings(threshold=0), eval_fraction=0
+        ),
+    )
+    try:
+        a, b = agent(broker, "a", 1, quiet=True), agent(broker, "b", 2, quiet=True)
+        for _ in range(10_000):  # until round 2 is announced into both inboxes
+            while (msg := agg.link.get(0)) is not None:
+                agg.handle(msg)
+            agg.tick()
+            if agg.current is not None and agg.current.round_id == 2:
+                break
+            for device in (a, b):
+                while device.step(0):
+                    pass
+        assert agg.current is not None and agg.current.round_id == 2
+        # a's process dies before it reads its inbox; what the broker handed it is gone.
+        a.link.close()
+        again = agent(broker, "a", 1, quiet=True)  # a new process: a status "online"
+        records = serve(agg, [again, b], 2)
+        assert records[1]["participants"] == ["a", "b"] and records[1]["missing"] == []
+        assert records[1]["bytes_down_by_device"]["a"] > records[1]["bytes_down_by_device"]["b"]
+    finally:
+        agg.store.close()
