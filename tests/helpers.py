@@ -71,3 +71,22 @@ def receive(link, count: int, timeout: float = 5.0) -> list:  # type: ignore[no-
     while len(out) < count and (message := link.get(deadline - time.monotonic())) is not None:
         out.append(message)
     return out
+
+
+def serve_rounds(aggregator, agents, rounds: int, *, steps: int = 20_000) -> None:  # type: ignore[no-untyped-def]
+    """Drive an aggregator and agents on the in-memory link, one thread, until ``rounds``
+    rounds are done; then let the agents take what was sent."""
+    for _ in range(steps):
+        while (msg := aggregator.link.get(0)) is not None:
+            aggregator.handle(msg)
+        if aggregator.completed >= rounds:
+            break
+        aggregator.tick()
+        for agent in agents:
+            while agent.step(0):
+                pass
+    else:
+        raise AssertionError("the rounds did not complete")
+    for agent in agents:
+        while agent.step(0):
+            pass

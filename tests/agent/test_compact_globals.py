@@ -18,7 +18,7 @@ from fedge.aggregator.store import Store
 from fedge.aggregator.strategies.config import StrategyConfig
 from fedge.models.runtime import load_runtime
 from fedge.protocol import GateSettings, MemoryBroker, MemoryLink, TrainingConfig
-from helpers import DIGITS_MODEL
+from helpers import DIGITS_MODEL, serve_rounds
 
 pytestmark = pytest.mark.link
 FLEET = "compact"
@@ -36,24 +36,6 @@ def agent(broker: MemoryBroker, device: str, seed: int) -> Agent:
     )
     a.start()
     return a
-
-
-def serve(agg: Aggregator, agents: list[Agent], rounds: int) -> None:
-    """Run until ``rounds`` rounds are done, then let the agents take what was sent."""
-    for _ in range(10_000):
-        while (msg := agg.link.get(0)) is not None:
-            agg.handle(msg)
-        if agg.completed >= rounds:
-            break
-        agg.tick()
-        for a in agents:
-            while a.step(0):
-                pass
-    else:
-        raise AssertionError("the rounds did not complete")
-    for a in agents:
-        while a.step(0):
-            pass
 
 
 def test_devices_follow_the_model_by_deltas_and_resync(tmp_path: Path) -> None:
@@ -80,7 +62,7 @@ def test_devices_follow_the_model_by_deltas_and_resync(tmp_path: Path) -> None:
     try:
         agg.start()
         devices = [agent(broker, "a", 1), agent(broker, "b", 2)]
-        serve(agg, devices, 3)
+        serve_rounds(agg, devices, 3)
         assert agg.shadow is not None
         for d in devices:  # each holds the aggregator's copy of v3, bit for bit
             assert d.global_version == agg.version == 3
@@ -93,7 +75,7 @@ def test_devices_follow_the_model_by_deltas_and_resync(tmp_path: Path) -> None:
         while late.step(0):
             pass
         assert late.global_version == -1 and late.stats.rejected["delta_gap"] == 1
-        serve(agg, [*devices, late], 7)  # it asks for the whole model, and keeps up after
+        serve_rounds(agg, [*devices, late], 7)  # it asks for the whole model, and keeps up after
         assert agg.republished == 1 and late.global_version == agg.version == 7
         for d in [*devices, late]:
             for name, w in agg.shadow.weights.items():

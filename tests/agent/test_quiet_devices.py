@@ -30,7 +30,7 @@ from fedge.protocol import (
     encode,
     sign,
 )
-from helpers import DIGITS_MODEL
+from helpers import DIGITS_MODEL, serve_rounds
 
 pytestmark = pytest.mark.link
 FLEET = "quiet"
@@ -89,19 +89,8 @@ def aggregator(tmp_path: Path, broker: MemoryBroker, **config: object) -> Aggreg
 
 def serve(agg: Aggregator, agents: list[Agent], rounds: int) -> list[dict]:
     """Run until ``rounds`` rounds are done; the round records."""
-    for _ in range(20_000):
-        while (msg := agg.link.get(0)) is not None:
-            agg.handle(msg)
-        if agg.completed >= rounds:
-            break
-        agg.tick()
-        for a in agents:
-            while a.step(0):
-                pass
-    else:
-        raise AssertionError("the rounds did not complete")
-    log = agg.cfg.log_path.read_text().splitlines()
-    return [json.loads(line) for line in log]
+    serve_rounds(agg, agents, rounds)
+    return [json.loads(line) for line in agg.cfg.log_path.read_text().splitlines()]
 
 
 def answered(record: dict) -> list[str]:
