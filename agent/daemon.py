@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -49,9 +49,8 @@ from fedge.protocol import (
     verify,
 )
 from fedge.protocol.downlink import DeltaMismatch, apply_delta, checksum
-from fedge.protocol.he import HE_CODEC, HeError, HeKeys, is_encrypted
-from fedge.protocol.messages import MAX_READINGS
-from fedge.protocol.secagg import SecAggError
+from fedge.protocol.envelope import is_encrypted
+from fedge.protocol.messages import HE_CODEC, MAX_READINGS
 from fedge.protocol.signing import OVERHEAD as SIGNATURE_OVERHEAD
 from fedge.protocol.signing import key_id
 from fedge.protocol.status import encode_status
@@ -67,10 +66,14 @@ from .eligibility import ByteBudget, Decision
 from .gate import GateDecision
 from .outbox import Outbox, Pending
 from .residual import ResidualStore
-from .secure import Action, Prepared, SecureTurn
 from .state import AgentState
 from .tasks import TaskError
 from .trainer import train_local
+
+if TYPE_CHECKING:  # imported where used: a device loads them for a secure or HE round only
+    from fedge.protocol.he import HeKeys
+
+    from .secure import SecureTurn
 
 log = logging.getLogger("fedge.agent")
 
@@ -530,6 +533,8 @@ class Agent:
         # (The same version with other bits: the aggregator's whole copy replaces one rebuilt
         # from compact deltas, after it restarted or sent the model again on request.)
         if is_encrypted(tensors):  # homomorphic encryption: decrypt (agent/he_model.py) ...
+            from fedge.protocol.he import HeError
+
             try:
                 tensors = he_model.open_global(self.he_keys, tensors, self.runtime.get_weights())
             except HeError as exc:
@@ -846,6 +851,10 @@ class Agent:
         """Take part in a secure round: derive it, listen for the aggregator's messages and
         advertise this device's keys. False when the announcement makes no valid round."""
         assert ann.config.secure is not None and self.global_weights is not None
+        from fedge.protocol.secagg import SecAggError
+
+        from .secure import SecureTurn
+
         try:
             plan = steps.secure_plan(
                 ann.config,
@@ -882,6 +891,8 @@ class Agent:
     ) -> bool:
         """Seal the update and keep it for the masking; False if the byte budget says no."""
         assert self.secure is not None
+        from .secure import Prepared
+
         sealed = steps.seal(update, self.secure.plan, self.rng)
         p = self.secure.plan.params
         if self.eligibility is not None:
@@ -916,6 +927,10 @@ class Agent:
         if turn is None:
             self._refuse("secagg_wrong_round", topic, "no secure round open on this device")
             return
+        from fedge.protocol.secagg import SecAggError
+
+        from .secure import Action
+
         try:
             answer = turn.answer(payload)
         except SecAggError as exc:

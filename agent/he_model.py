@@ -20,9 +20,12 @@ loads when the key does (``fedge.heconfig.load_he_keys``), never for a device wi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-from fedge.protocol.he import HeError, HeKeys, decrypt_model, from_tensors, upload_estimate
+
+if TYPE_CHECKING:  # fedge.protocol.he is imported where used: a device without HE never loads it
+    from fedge.protocol.he import HeKeys
 
 SKIP_NO_KEY = "he_no_key"  # the skip notice's reason, and the status's
 SKIP_PLAIN = "he_required"
@@ -41,6 +44,8 @@ def open_global(
 ) -> dict[str, np.ndarray]:
     """The weights of an encrypted global model, in the shapes of ``template`` (the local
     model's weights); HeError with a reason (``no_secret_key`` without a key)."""
+    from fedge.protocol.he import HeError, decrypt_model, from_tensors
+
     if keys is None:
         raise HeError("no_secret_key", "an encrypted global model and no [he] key_file")
     shapes = {name: tuple(np.shape(w)) for name, w in template.items()}
@@ -49,4 +54,6 @@ def open_global(
 
 def estimate(weights: Mapping[str, np.ndarray]) -> int:
     """Bytes of an encrypted update of a model of these weights, at most."""
+    from fedge.protocol.he import upload_estimate
+
     return upload_estimate(sum(int(np.size(w)) for w in weights.values()))

@@ -14,7 +14,6 @@ from fedge.protocol.signing import load_public_key
 
 from fedge.brokerconfig import broker_link
 from fedge.heconfig import load_he_keys
-from fedge.metrics import AgentCollector, serve_metrics
 from fedge.systemd import notify, serve_until_stopped, watchdog_petter
 
 from .config import AgentConfig
@@ -31,7 +30,6 @@ from .eligibility import (
 )
 from .outbox import Outbox
 from .residual import ResidualStore
-from .sensor_source import SensorSource
 from .state import load_state, note_state, reset_state, save_state
 
 log = logging.getLogger("fedge.agent")
@@ -63,6 +61,8 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
     data: Dataset | Callable[[], Dataset]
     fits = model_io(cfg.model)  # what the model takes: the data is checked against it
     if cfg.serial is not None and cfg.task is not None:
+        from .sensor_source import SensorSource  # pyserial and SQLite: the serial path only
+
         sensor = SensorSource(
             cfg.serial, cfg.task, cfg.state_dir / f"samples-{cfg.device_id}.sqlite", model=fits
         )
@@ -168,7 +168,11 @@ def serve(cfg: AgentConfig, *, reset: bool = False) -> int:
         notify("STATUS=" + status_line(status, agent.last_update_bytes))
 
     agent.on_status = show
-    metrics = serve_metrics([AgentCollector(agent)], cfg.metrics_port, cfg.metrics_addr)
+    metrics = None
+    if cfg.metrics_port:  # prometheus_client (and its HTTP server) only when metrics are on
+        from fedge.metrics import AgentCollector, serve_metrics
+
+        metrics = serve_metrics([AgentCollector(agent)], cfg.metrics_port, cfg.metrics_addr)
     agent.start(keep_trying=True)
     try:
         serve_until_stopped(agent.step, poll=IDLE_POLL)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 from fedge.protocol import (
@@ -36,11 +37,13 @@ from fedge.protocol import (
     encode_delta,
     parse_codec,
 )
-from fedge.protocol.he import HeKeys, as_tensors, encrypt_update
-from fedge.protocol.secagg import SecureRound, quantize, secure_round, to_ring
 
 from . import residual
 from .gate import GateDecision, decide
+
+if TYPE_CHECKING:  # imported where used: a device loads them for a secure or HE round only
+    from fedge.protocol.he import HeKeys
+    from fedge.protocol.secagg import SecureRound
 
 Weights = Mapping[str, np.ndarray]
 
@@ -157,6 +160,8 @@ def secure_plan(
 ) -> SecureRound:
     """The secure round's parameters, tensor order and index set, as the aggregator derives
     them (``fedge.protocol.secagg.rounds``); SecAggError("bad_params") for a bad round."""
+    from fedge.protocol.secagg import secure_round
+
     size = sum(int(np.prod(s)) for s in shapes.values())
     spec = parse_codec(cfg.codec).with_min_entries(size, cfg.topk_min_entries)
     return secure_round(fleet, round_id, devices, secure, shapes, spec)
@@ -172,6 +177,8 @@ def seal(update: Weights, plan: SecureRound, rng: np.random.Generator) -> Sealed
     """Secure aggregation's encoding: the round's entries of ``update``, clipped to the
     shared range [-clip, clip] and rounded stochastically to ``bits`` bits (unbiased), as
     elements of the ring the masks live in."""
+    from fedge.protocol.secagg import quantize, to_ring
+
     p = plan.params
     q = quantize(plan.flatten(update), p.clip, p.bits, rng)
     scale = p.clip / ((1 << (p.bits - 1)) - 1)
@@ -190,5 +197,7 @@ def encrypt(
     ``weight`` is what the aggregator weighs the update with: the sample count, or 1 under
     differential privacy (it cannot re-weight a ciphertext). The gate runs before as it does
     without HE: an update it holds back is a trained skip, kept here as the residual."""
+    from fedge.protocol.he import as_tensors, encrypt_update
+
     weight = 1 if cfg.privacy is not None else num_samples
     return as_tensors(encrypt_update(keys, update, weight))

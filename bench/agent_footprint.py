@@ -6,7 +6,10 @@ its rounds, then leaves the agents connected and idle (the aggregator stops afte
 round; the agents wait for the next one, as between a fleet's rounds) and watches each agent
 process for ``--idle`` seconds through /proc:
 
-- peak RSS: ``VmHWM`` after the rounds (training included);
+- peak RSS: ``VmHWM`` after the rounds (training included), and what the process holds at
+  the end, split into anonymous memory (``RssAnon``: its own) and file-backed pages
+  (``RssFile``: the shared libraries' code and data it touched, clean pages the kernel can
+  drop and read again);
 - idle CPU: user + system time over the idle window, as a share of one core;
 - wake-ups per second: voluntary + involuntary context switches of all the process's threads
   over the window (each is a thread waking up or being preempted: the timers and poll loops
@@ -16,6 +19,7 @@ It prints one row per agent and the medians; it never fails on a number.
 
     .venv/bin/python bench/agent_footprint.py                 # 3 agents, 3 rounds, 30 s idle
     .venv/bin/python bench/agent_footprint.py --model models/artifacts/digits_mlp_50k.tflite
+    .venv/bin/python bench/agent_footprint.py --runtime numpy   # without LiteRT
 """
 
 from __future__ import annotations
@@ -58,9 +62,10 @@ def switches(pid: int) -> int:
     return total
 
 
-def peak_rss_mib(pid: int) -> float:
+def memory_mib(pid: int, field: str) -> float:
+    """A /proc/PID/status size (VmHWM, RssAnon, RssFile) in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -71,6 +76,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--idle", type=float, default=30.0, help="seconds of idle to watch")
     ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument(
+        "--runtime",
+        choices=["litert", "tflite_runtime", "numpy"],
+        default=None,
+        help="the agents' runtime backend (default: the config's, LiteRT first)",
+    )
     args = ap.parse_args()
     print(machine_line())
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,6 +91,10 @@ def main() -> None:
         )
         with LocalMosquitto(run.out / "broker") as broker:
             devices = write_run(opts, run, broker.url, "footprint")
+            if args.runtime is not None:  # a plain key, so first in the file (before any table)
+                for name in devices:
+                    path = run.config(name)
+                    path.write_text(f'runtime = ["{args.runtime}"]\n' + path.read_text())
             children = [
                 spawn(
                     AGGREGATOR,
@@ -109,19 +124,22 @@ def main() -> None:
                     rows.append(
                         (
                             a.name,
-                            peak_rss_mib(a.proc.pid),
+                            memory_mib(a.proc.pid, "VmHWM"),
                             100 * (cpu_seconds(a.proc.pid) - cpu0) / span,
                             (switches(a.proc.pid) - sw0) / span,
+                            memory_mib(a.proc.pid, "RssAnon"),
+                            memory_mib(a.proc.pid, "RssFile"),
                         )
                     )
             finally:
                 stop_children(children)
     print(f"{args.devices} agent processes, {done} of {args.rounds} rounds, then {span:.0f} s idle")
-    print(f"{'agent':8s} {'peak RSS':>9s} {'idle CPU':>9s} {'wake-ups/s':>10s}")
-    for name, rss, cpu, wake in rows:
-        print(f"{name:8s} {rss:7.1f} MiB {cpu:8.2f}% {wake:10.1f}")
-    med = [statistics.median(r[i] for r in rows) for i in (1, 2, 3)]
-    print(f"{'median':8s} {med[0]:7.1f} MiB {med[1]:8.2f}% {med[2]:10.1f}")
+    print(f"{args.runtime or 'default'} runtime, model {args.model or 'digits_mlp (bundled)'}")
+    head = f"{'agent':8s} {'peak RSS':>11s} {'idle CPU':>9s} {'wake-ups/s':>10s}"
+    print(head + f" {'anon at end':>12s} {'file at end':>12s}")
+    med = ("median", *(statistics.median(r[i] for r in rows) for i in range(1, 6)))
+    for name, rss, cpu, wake, anon, file in [*rows, med]:
+        print(f"{name:8s} {rss:7.1f} MiB {cpu:8.2f}% {wake:10.1f} {anon:8.1f} MiB {file:8.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,13 @@ def _state_errors() -> tuple[type[BaseException], ...]:
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
+    import os
+
+    # One BLAS thread, as systemd/fedge-agent.service sets: set before numpy is imported, and
+    # a value the user exported wins. An agent's arrays are too small for BLAS threads, which
+    # would only be idle threads (one per core) in every agent process.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     from fedge.agent.config import AgentConfig
     from fedge.agent.service import serve
     from fedge.configfile import load_config

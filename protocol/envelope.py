@@ -38,6 +38,11 @@ DTYPES: Mapping[str, np.dtype[Any]] = {
 MAX_NDIM = 32
 MAX_NAME = 256  # characters in a tensor name
 
+# Over MQTT: an update's ``UpdateHeader.codec`` and the one uint8 tensor that carries an
+# update or model payload in the envelope (the global model under HE is that tensor alone;
+# fedge.protocol.he reads and writes it).
+HE_TENSOR = "ckks"
+
 _PREAMBLE = struct.Struct(">3sBI")
 _HEADER = TypeAdapter(Header)
 
@@ -138,6 +143,11 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Decoded:
         tensors[name] = view.reshape(shape)
         offset += count * dtype.itemsize
     return Decoded(msg=msg, tensors=tensors)
+
+
+def is_encrypted(tensors: Mapping[str, np.ndarray]) -> bool:
+    """Whether an envelope's tensors are an HE payload (a plain model has float tensors)."""
+    return set(tensors) == {HE_TENSOR} and np.asarray(tensors[HE_TENSOR]).dtype == np.uint8
 
 
 def _reject_constant(name: str) -> None:

@@ -84,6 +84,10 @@ from typing import Any
 
 import numpy as np
 
+# The one uint8 tensor that carries an update or model payload in the envelope: defined
+# there, so that telling an encrypted global model from a plain one needs no HE module.
+from .envelope import HE_TENSOR as HE_TENSOR
+from .envelope import is_encrypted as is_encrypted
 from .errors import EncodeError, ProtocolError
 from .messages import HE_CODEC as HE_CODEC  # an update's codec under HE
 
@@ -98,9 +102,6 @@ INSTALL_HINT = (
 
 MAGIC = b"FHE"
 VERSION = 1
-# Over MQTT: an update's ``UpdateHeader.codec`` and the one uint8 tensor that carries an
-# update or model payload in the envelope (the global model under HE is that tensor alone).
-HE_TENSOR = "ckks"
 KIND_UPDATE, KIND_SUM, KIND_MODEL = 1, 2, 3
 KIND_NAMES = {KIND_UPDATE: "update", KIND_SUM: "sum", KIND_MODEL: "model"}
 _HEAD = struct.Struct(">3sBB16sdIIH")
@@ -723,11 +724,6 @@ def apply_sum(
 def as_tensors(payload: bytes) -> dict[str, np.ndarray]:
     """A payload (update or model) as the envelope's tensors: one uint8 tensor, HE_TENSOR."""
     return {HE_TENSOR: np.frombuffer(payload, np.uint8)}
-
-
-def is_encrypted(tensors: Mapping[str, np.ndarray]) -> bool:
-    """Whether an envelope's tensors are an HE payload (a plain model has float tensors)."""
-    return set(tensors) == {HE_TENSOR} and np.asarray(tensors[HE_TENSOR]).dtype == np.uint8
 
 
 def from_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
