@@ -110,6 +110,13 @@ def main() -> None:
         f"CPU: {cpu:.2f} s in {wall:.2f} s = {100 * cpu / wall:.1f}% of one core "
         f"(reader, decoder and store; the writer is another process)"
     )
+    # When a loaded machine slows the writer, the wall time stretches and the share above
+    # shrinks; the CPU time per sample does not.
+    per_sample = cpu / max(got, 1)
+    print(
+        f"CPU per sample: {1e6 * per_sample:.2f} us, {100 * per_sample * args.rate:.1f}% of one "
+        f"core at {args.rate:,.0f} samples/s"
+    )
 
 
 if __name__ == "__main__":

@@ -312,3 +312,14 @@ def test_a_batch_with_an_empty_sample_writes_nothing(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="non-empty"):
             store.append(decoded)
         assert store.count() == 0
+
+
+def test_labelled_and_unlabelled_samples_in_one_batch(tmp_path: Path) -> None:
+    mixed = [Sample(1, i, None, (float(i),), label=(i % 3 if i % 2 else None)) for i in range(600)]
+    with SampleStore(tmp_path / "s.db") as store:
+        assert store.append(mixed) == 600  # three INSERT statements of at most 249 rows
+        values, labels = store.latest_labelled(1000)
+    odd = [s for s in mixed if s.label is not None]
+    assert values[:, 0].tolist() == [s.values[0] for s in odd]
+    assert labels.tolist() == [s.label for s in odd]
+    assert [r[4] for r in stored_rows(tmp_path / "s.db")] == [s.label for s in mixed]
