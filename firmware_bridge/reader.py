@@ -12,8 +12,9 @@ Batches. A read returns what arrived within 0.1 s (at most ``read_size`` bytes).
 of successive reads are held and handed to ``on_samples`` together, one call (one store
 transaction) once the oldest held sample is ``flush_every`` seconds old (0.5 s) or
 ``flush_samples`` are held (10,000), and at once when the port is lost or ``stop`` is set.
-A process killed in between loses what is held: at most ``flush_every`` + 0.1 s of samples,
-which the firmware's sequence numbers show as a gap in the store.
+A process killed in between loses what is held (``held`` says how many samples that is): at
+most ``flush_every`` + 0.1 s of samples, which the firmware's sequence numbers show as a gap in
+the store.
 
 Any pyserial URL works as the port (``loop://`` in tests, ``rfc2217://`` for a remote port).
 """
@@ -72,6 +73,11 @@ class SerialReader:
         self._held_count = 0
         self._held_since = 0.0  # clock() when the oldest held sample was read
 
+    @property
+    def held(self) -> int:
+        """Samples decoded and not yet handed to ``on_samples`` (what a crash would lose)."""
+        return self._held_count
+
     def run(self, stop: threading.Event) -> None:
         """Read until ``stop`` is set; never raises for a port that comes and goes."""
         delay = self.backoff[0]
@@ -108,8 +114,8 @@ class SerialReader:
                     self.counters["bytes"] += len(data)
                     samples = self.decoder.feed(bytes(data))
                     if samples:
-                        self.counters["samples"] += len(samples)
                         self._hold(samples)
+                        self.counters["samples"] += len(samples)
                 if self._held_count and (
                     self._held_count >= self.flush_samples
                     or self._clock() - self._held_since >= self.flush_every
@@ -127,6 +133,9 @@ class SerialReader:
     def _flush(self) -> None:
         if not self._held_count:
             return
-        held, self._held, self._held_count = self._held, [], 0
+        held, self._held = self._held, []
         self.counters["batches"] += 1
-        self.on_samples(join_samples(held))
+        try:
+            self.on_samples(join_samples(held))
+        finally:  # held until stored: another thread may wait for them to be
+            self._held_count = 0

@@ -86,3 +86,22 @@ def test_flush_bounds_are_checked() -> None:
         SerialReader("fake", 9600, Bytes(), on_samples=print, flush_samples=0)
     with pytest.raises(ValueError):
         SerialReader("fake", 9600, Bytes(), on_samples=print, flush_every=-1.0)
+
+
+def test_held_counts_samples_until_they_are_stored() -> None:
+    clock = [0.0]
+    stop = threading.Event()
+    port = ScriptedPort([b"ab", b"c"], clock, stop)
+    seen: list[int] = []
+    reader: SerialReader | None = None
+
+    def store(samples: Sequence[int]) -> None:
+        assert reader is not None
+        seen.append(reader.held)  # still held while the store writes them
+
+    opener: Callable[..., ScriptedPort] = lambda *a, **k: port  # noqa: E731
+    reader = SerialReader(
+        "fake", 9600, Bytes(), on_samples=store, open_port=opener, clock=lambda: clock[0]
+    )
+    reader.run(stop)
+    assert seen == [3] and reader.held == 0
