@@ -5,6 +5,10 @@ in the thread that made it); the agent's loop opens its own reading connection (
 both work at once) and, when a round starts, turns the latest samples into examples with
 the configured task. The samples never leave the device.
 
+The reader hands samples over in batches of up to half a second (``SerialReader``), one store
+transaction each, so a killed agent loses at most the last half second or so of samples; the
+store enforces its bounds every ``ENFORCE_EVERY`` batches (about once a second).
+
 Samples with a NaN or infinite value never reach the store (it drops and counts them:
 :attr:`counters`), and the examples of every round are checked against the model
 (:mod:`fedge.models.checks`): windows that do not fit it are not trained on, and the round
@@ -33,6 +37,8 @@ from .dataset import Dataset
 from .store import SampleStore
 
 log = logging.getLogger("fedge.agent")
+
+ENFORCE_EVERY = 2  # store batches between bound enforcements: about one a second
 
 
 class SensorSource:
@@ -110,6 +116,7 @@ class SensorSource:
             max_rows=self.serial.max_rows,
             max_bytes=self.serial.max_bytes,
             retention_s=self.serial.retention_s,
+            enforce_every=ENFORCE_EVERY,
         )
 
     def scaled(self, values: np.ndarray) -> np.ndarray:

@@ -119,10 +119,13 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 86400:.0f}d"
 
 
+_NOT_FAULTS = ("bytes", "samples", "batches", "opens")  # the serial counters that count no fault
+
+
 def _sensor(counters: dict[str, int]) -> str:
     if not counters:
         return "-"
-    faults = sum(v for k, v in counters.items() if k not in ("bytes", "samples", "opens"))
+    faults = sum(v for k, v in counters.items() if k not in _NOT_FAULTS)
     return f"{counters.get('samples', 0)} / {faults} faults"
 
 

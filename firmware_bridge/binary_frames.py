@@ -17,8 +17,9 @@ stuffed. Firmware should also send a lone 0x00 at boot so that a frame cut short
 is not glued to the first frame after it.
 
 ``BinaryDecoder.feed`` takes bytes as they arrive (split anywhere) and returns the samples of
-the frames they complete. It never raises on bad input; it drops the frame and counts why in
-``faults``, then starts afresh at the next 0x00::
+the frames they complete, as one ``SampleBatch`` (numpy columns, no Python object per sample).
+It never raises on bad input; it drops the frame and counts why in ``faults``, then starts
+afresh at the next 0x00::
 
     too_long     more than ``max_frame`` bytes before a delimiter (counted once; the rest
                  up to the next 0x00 is skipped)
@@ -37,6 +38,14 @@ Empty frames (two delimiters in a row) are ignored without a fault.
 
 Float32 values round-trip bit for bit, except NaN: a NaN decodes as a NaN, but its payload
 bits may change (CPython converts float32 through a double and may quieten a signalling NaN).
+
+How the decoder keeps up: it works on everything one ``feed`` brings. It finds the 0x00s with
+numpy, groups the frames by length (a sensor's frames all have one length), and for each
+length decodes COBS (``cobs_decode_block``), checks the CRCs (a table lookup per byte, xored
+along each row: the CRC is linear) and reads the fields through a numpy record type, for all
+frames of the group at once. ``decode_frame`` does the same for one frame; it is the reference
+the block path is tested against, and it decodes the rare frame longer than ``MAX_ENCODED``
+(only when ``max_frame`` allows one; such a frame is never good).
 """
 
 from __future__ import annotations
@@ -45,11 +54,12 @@ import binascii
 import struct
 from collections import Counter
 
-from .cobs import CobsError, cobs_decode, cobs_encode
+import numpy as np
+
+from .cobs import CobsError, cobs_decode, cobs_decode_block, cobs_encode
 from .faults import record
-from .sample import Sample
+from .sample import Sample, SampleBatch
 from .sequence import SeqTracker
-from .splitter import Splitter
 
 VERSION = 1
 MAX_CHANNELS = 32
@@ -64,6 +74,51 @@ _VALUES = [struct.Struct(f"<{n}f") for n in range(MAX_CHANNELS + 1)]
 def crc16_ccitt_false(data: bytes) -> int:
     """CRC-16/CCITT-FALSE of ``data`` (check value of b"123456789" is 0x29B1)."""
     return binascii.crc_hqx(data, 0xFFFF)
+
+
+def _crc_after() -> np.ndarray:
+    """``[j, b]``: the CRC from init 0 of byte ``b`` followed by ``j`` zero bytes."""
+    table = np.zeros((MAX_PAYLOAD - CRC.size, 256), np.uint16)
+    table[0] = [binascii.crc_hqx(bytes([b]), 0) for b in range(256)]
+    for j in range(1, len(table)):
+        prev = table[j - 1].astype(np.int64)
+        table[j] = ((prev << 8) & 0xFFFF) ^ table[0][prev >> 8]
+    return table
+
+
+# The CRC (no reflection, no final xor) is linear: the CRC of an n-byte body from init 0xFFFF
+# is that of n zero bytes xor, for each byte, its own CRC from init 0 followed by the zeros
+# that come after it in the body.
+_CRC_AFTER = _crc_after().ravel()
+_CRC_OF_ZEROS = np.array(
+    [binascii.crc_hqx(bytes(n), 0xFFFF) for n in range(MAX_PAYLOAD - CRC.size + 1)], np.uint16
+)
+
+
+def _crc_rows(bodies: np.ndarray) -> np.ndarray:
+    """``crc16_ccitt_false`` of each row of ``bodies`` (uint8, ``(k, n)``), as uint16."""
+    n = bodies.shape[1]
+    lookups = np.arange(n - 1, -1, -1, dtype=np.int64) * 256 + bodies
+    crc: np.ndarray = np.bitwise_xor.reduce(_CRC_AFTER[lookups], axis=1) ^ _CRC_OF_ZEROS[n]
+    return crc
+
+
+def _layout(channels: int) -> np.dtype:
+    """The payload of a frame with ``channels`` values as a numpy record."""
+    return np.dtype(
+        [
+            ("version", "u1"),
+            ("sensor_id", "u1"),
+            ("seq", "<u2"),
+            ("timestamp_ms", "<u4"),
+            ("channels", "u1"),
+            ("values", "<f4", (channels,)),
+            ("crc", "<u2"),
+        ]
+    )
+
+
+_LAYOUTS = [_layout(n) for n in range(MAX_CHANNELS + 1)]
 
 
 def encode_payload(sample: Sample) -> bytes:
@@ -94,6 +149,45 @@ def encode_frame(sample: Sample) -> bytes:
     return cobs_encode(encode_payload(sample)) + b"\x00"
 
 
+def decode_frame(frame: bytes) -> Sample | str:
+    """One frame, without its delimiter: its sample, or the fault (module docstring) that
+    rejects it. Sequence numbers are not judged here."""
+    try:
+        payload = cobs_decode(frame)
+    except CobsError:
+        return "bad_cobs"
+    size = len(payload)
+    if size < MIN_PAYLOAD:
+        return "truncated"
+    if crc16_ccitt_false(payload[:-2]) != CRC.unpack_from(payload, size - 2)[0]:
+        return "bad_crc"
+    version, sensor_id, seq, timestamp, n = HEADER.unpack_from(payload)
+    if version != VERSION:
+        return "bad_version"
+    if n > MAX_CHANNELS or size != MIN_PAYLOAD + 4 * n:
+        return "bad_length"
+    return Sample(sensor_id, seq, timestamp, _VALUES[n].unpack_from(payload, HEADER.size))
+
+
+def _distinct(a: np.ndarray) -> list[int]:
+    """The distinct values of ``a``, ascending (``np.unique`` without its first-call import)."""
+    if len(a) == 0:
+        return []
+    if (a == a[0]).all():
+        return [int(a[0])]
+    s = np.sort(a)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))].tolist()  # type: ignore[no-any-return]
+
+
+class _Decoded:
+    """The good frames of one length: where they were in the stream and their fields."""
+
+    def __init__(self, order: np.ndarray, fields: np.ndarray, channels: int) -> None:
+        self.order = order  # index of each frame among the frames of the feed
+        self.fields = fields  # records of _layout(channels)
+        self.channels = channels
+
+
 class BinaryDecoder:
     """Streaming decoder of binary frames; see the module docstring for the faults."""
 
@@ -104,52 +198,125 @@ class BinaryDecoder:
         self.faults: Counter[str] = Counter()
         self.frames = 0  # good frames decoded (duplicates included)
         self.seq = SeqTracker(1 << 16)
-        self._records = Splitter(b"\x00", max_frame, lambda: self._fault("too_long"))
+        self._partial = b""  # the bytes of a frame not ended yet
+        self._skipping = False  # inside an overlong frame, waiting for its delimiter
 
-    def feed(self, data: bytes) -> list[Sample]:
+    def feed(self, data: bytes) -> SampleBatch:
         """Take the next bytes of the stream; return the samples of the frames completed."""
-        out: list[Sample] = []
-        for frame in self._records.feed(data):
-            if frame:  # consecutive delimiters (a resync byte at boot) are not frames
-                self._frame(frame, out)
-        return out
+        data = bytes(data)
+        if self._skipping:
+            end = data.find(0)
+            if end < 0:
+                return SampleBatch.empty()
+            self._skipping = False
+            data = data[end + 1 :]
+        stream = self._partial + data if self._partial else data
+        last = stream.rfind(0)
+        tail = stream[last + 1 :]
+        if len(tail) > self.max_frame:
+            self._fault("too_long")
+            self._partial = b""
+            self._skipping = True
+        else:
+            self._partial = tail
+        if last < 0:
+            return SampleBatch.empty()
+        return self._frames(np.frombuffer(stream, np.uint8, count=last + 1))
 
     def reset(self) -> None:
         """Drop any partial frame (after a reconnect); sequence tracking starts afresh."""
-        self._records.reset()
+        self._partial = b""
+        self._skipping = False
         self.seq.forget()
 
     def _fault(self, kind: str, n: int = 1) -> None:
-        record(self.faults, kind, n, source="binary frames")
+        if n:
+            record(self.faults, kind, n, source="binary frames")
 
-    def _frame(self, frame: bytes, out: list[Sample]) -> None:
-        try:
-            payload = cobs_decode(frame)
-        except CobsError:
-            self._fault("bad_cobs")
-            return
-        size = len(payload)
+    def _frames(self, stream: np.ndarray) -> SampleBatch:
+        """The samples of the frames in ``stream``, which ends with a delimiter."""
+        ends = np.flatnonzero(stream == 0)
+        starts = np.empty_like(ends)
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+        lengths = ends - starts
+        self._fault("too_long", int(np.count_nonzero(lengths > self.max_frame)))
+        decoded: list[_Decoded] = []
+        # Empty frames (consecutive delimiters, a resync byte at boot) are not frames.
+        for n in _distinct(lengths[(lengths > 0) & (lengths <= self.max_frame)]):
+            order = np.flatnonzero(lengths == n)
+            if n > MAX_ENCODED:  # never a good frame: count why, one by one
+                for i in order.tolist():
+                    kind = decode_frame(stream[starts[i] : ends[i]].tobytes())
+                    assert isinstance(kind, str), "a frame this long cannot be good"
+                    self._fault(kind)
+                continue
+            frames = stream[starts[order][:, None] + np.arange(n)]
+            group = self._group(order, frames)
+            if group is not None:
+                decoded.append(group)
+        return self._samples(decoded)
+
+    def _group(self, order: np.ndarray, frames: np.ndarray) -> _Decoded | None:
+        """The good frames among ``frames`` (all of one length), with faults counted."""
+        ok, payloads = cobs_decode_block(frames)
+        self._fault("bad_cobs", int(np.count_nonzero(~ok)))
+        size = payloads.shape[1]
         if size < MIN_PAYLOAD:
-            self._fault("truncated")
-            return
-        if crc16_ccitt_false(payload[:-2]) != CRC.unpack_from(payload, size - 2)[0]:
-            self._fault("bad_crc")
-            return
-        version, sensor_id, seq, timestamp, n = HEADER.unpack_from(payload)
-        if version != VERSION:
-            self._fault("bad_version")
-            return
-        if n > MAX_CHANNELS or size != MIN_PAYLOAD + 4 * n:
-            self._fault("bad_length")
-            return
-        self.frames += 1
-        verdict, missed = self.seq.check(sensor_id, seq)
-        if verdict == "duplicate":
-            self._fault("duplicate")
-            return
-        if verdict == "gap":
-            self._fault("seq_gap", missed)
-        elif verdict == "reset":
-            self._fault("seq_reset")
-        values = _VALUES[n].unpack_from(payload, HEADER.size)
-        out.append(Sample(sensor_id, seq, timestamp, values))
+            self._fault("truncated", int(np.count_nonzero(ok)))
+            return None
+        if not ok.all():
+            order, payloads = order[ok], payloads[ok]
+        body = size - CRC.size
+        sent = payloads[:, body].astype(np.uint16) | (payloads[:, body + 1].astype(np.uint16) << 8)
+        good = _crc_rows(payloads[:, :body]) == sent
+        self._fault("bad_crc", int(np.count_nonzero(~good)))
+        version = payloads[:, 0] == VERSION
+        self._fault("bad_version", int(np.count_nonzero(good & ~version)))
+        good &= version
+        channels, rest = divmod(size - MIN_PAYLOAD, 4)
+        # When no channel count fits the length, none is good; else that count is <= 32.
+        fits = np.zeros(len(payloads), bool) if rest else payloads[:, HEADER.size - 1] == channels
+        self._fault("bad_length", int(np.count_nonzero(good & ~fits)))
+        good &= fits
+        if not good.any():
+            return None
+        fields = np.ascontiguousarray(payloads[good]).view(_LAYOUTS[channels]).ravel()
+        return _Decoded(order[good], fields, channels)
+
+    def _samples(self, decoded: list[_Decoded]) -> SampleBatch:
+        """Put the groups back in stream order, judge the sequence numbers, drop duplicates."""
+        if not decoded:
+            return SampleBatch.empty()
+
+        def column(name: str) -> np.ndarray:
+            return np.concatenate([g.fields[name] for g in decoded]).astype(np.int64)
+
+        sensor_id, seq, timestamp_ms = column("sensor_id"), column("seq"), column("timestamp_ms")
+        channels = np.concatenate([np.full(len(g.fields), g.channels) for g in decoded])
+        width = max(g.channels for g in decoded)
+        if len(decoded) == 1:
+            values = decoded[0].fields["values"].reshape(len(sensor_id), width)
+        else:  # several lengths (sensors with different channel counts): back in stream order
+            values = np.zeros((len(sensor_id), width), np.float32)
+            row = 0
+            for g in decoded:
+                values[row : row + len(g.fields), : g.channels] = g.fields["values"].reshape(
+                    len(g.fields), g.channels
+                )
+                row += len(g.fields)
+            where = np.argsort(np.concatenate([g.order for g in decoded]), kind="stable")
+            sensor_id, seq, timestamp_ms = sensor_id[where], seq[where], timestamp_ms[where]
+            channels, values = channels[where], values[where]
+        self.frames += len(sensor_id)
+        duplicate, missed, reset = self.seq.check_many(sensor_id, seq)
+        self._fault("duplicate", int(np.count_nonzero(duplicate)))
+        self._fault("seq_gap", int(missed.sum()))
+        self._fault("seq_reset", int(np.count_nonzero(reset)))
+        if duplicate.any():
+            keep = ~duplicate
+            sensor_id, seq, timestamp_ms = sensor_id[keep], seq[keep], timestamp_ms[keep]
+            channels, values = channels[keep], values[keep]
+        return SampleBatch(
+            sensor_id, seq, timestamp_ms, np.ascontiguousarray(values, np.float32), channels
+        )

@@ -12,11 +12,16 @@ distance ``d = (seq - last) mod modulus``:
 
 With a u16 counter at 5,000 frames/s the counter wraps every 13 s, so an outage longer than
 about 6.5 s is indistinguishable from a restart and counts as ``seq_reset``.
+
+``check_many`` classifies a whole run of numbers at once (numpy, no Python work per number)
+and leaves the tracker as ``check`` called on each in turn would.
 """
 
 from __future__ import annotations
 
 from typing import Literal
+
+import numpy as np
 
 Verdict = Literal["ok", "first", "gap", "duplicate", "reset"]
 
@@ -48,6 +53,45 @@ class SeqTracker:
         if d <= self._half:
             return "gap", d - 1
         return "reset", 0
+
+    def check_many(
+        self, sensor_ids: np.ndarray, seqs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``check`` over numbers in arrival order: (duplicate mask, frames missed, reset mask).
+
+        ``missed[i] > 0`` is a gap of that many frames before number ``i``; a number that is
+        none of the three is in order or the first of its sensor.
+        """
+        sensor_ids = np.asarray(sensor_ids, np.int64)
+        seqs = np.asarray(seqs, np.int64) % self.modulus
+        duplicate = np.zeros(len(seqs), bool)
+        missed = np.zeros(len(seqs), np.int64)
+        reset = np.zeros(len(seqs), bool)
+        if len(seqs) == 0:
+            return duplicate, missed, reset
+        sensors = [int(sensor_ids[0])]
+        if not (sensor_ids == sensors[0]).all():
+            ordered = np.sort(sensor_ids)
+            sensors = ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))].tolist()
+        for sensor in sensors:
+            idx = (
+                np.arange(len(seqs)) if len(sensors) == 1 else np.flatnonzero(sensor_ids == sensor)
+            )
+            own = seqs[idx]
+            # The number before each is the previous one of the sensor whatever its verdict:
+            # a duplicate equals the number it repeats, which is where tracking stays.
+            last = self._last.get(sensor)
+            if last is None:
+                prev, idx, cur = own[:-1], idx[1:], own[1:]  # the first one has no verdict
+            else:
+                prev, cur = np.concatenate(([last], own[:-1])), own
+            d = (cur - prev) % self.modulus
+            duplicate[idx] = d == 0
+            gap = (d > 1) & (d <= self._half)
+            missed[idx] = np.where(gap, d - 1, 0)
+            reset[idx] = d > self._half
+            self._last[sensor] = int(own[-1])
+        return duplicate, missed, reset
 
     def forget(self, sensor_id: int | None = None) -> None:
         """Forget one sensor (or all): its next number is taken as the first."""

@@ -287,7 +287,9 @@ def _wait_for_history(agents: list[Agent], plan: FleetPlan, *, deadline: float) 
         time.sleep(0.1)
     if got < want:
         log.warning("devices read %d of %d history samples", got, want)
-    time.sleep(0.5)  # the last batch reaches the store
+    # The readers hand their samples to the stores in batches (up to about 0.6 s later).
+    while any(a.sensor.reader.held for a in agents) and time.monotonic() < deadline + 5.0:
+        time.sleep(0.05)
     return got
 
 

@@ -128,7 +128,13 @@ def run_sensor_fleet(
             agent.start()  # opens its port: the reader starts filling the store
         for feeder in feeders:
             feeder.start()
-        time.sleep((WINDOW + 200) / RATE_HZ)  # enough samples for a first round's examples
+        # Enough samples for a first round's examples, in the stores (the readers hand them
+        # over in batches, up to about 0.6 s after they arrive).
+        want, until = WINDOW + 200, time.monotonic() + 30.0
+        while time.monotonic() < until and any(
+            a.sensor.reader.counters["samples"] - a.sensor.reader.held < want for a in agents
+        ):
+            time.sleep(0.05)
         agg.start()
         for agent in agents:
             t = threading.Thread(target=Agent.run, args=(agent, stop), daemon=True)

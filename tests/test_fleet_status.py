@@ -99,6 +99,17 @@ def test_lists_three_agents_with_their_versions_and_a_stopped_one_offline(
 
 
 @pytest.mark.unit
+def test_the_sensor_column_counts_faults_not_reads() -> None:
+    topics = Topics("f")
+    view = FleetView(topics, clock=lambda: 0.0)
+    sensor = {"bytes": 45_000, "samples": 1000, "batches": 9, "opens": 1, "bad_crc": 2}
+    sensor |= {"seq_gap": 3, "disconnects": 1}
+    status = Status(device_id="a", state="idle", timestamp=100.0, sensor=sensor)
+    view.take(topics.status("a"), encode_status(status))
+    assert "1000 / 6 faults" in table(view, now=160.0).splitlines()[1]
+
+
+@pytest.mark.unit
 def test_an_unreadable_status_is_shown_not_dropped() -> None:
     topics = Topics("f")
     view = FleetView(topics, clock=lambda: 0.0)

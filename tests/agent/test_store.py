@@ -263,3 +263,63 @@ def test_sigkill_never_loses_a_committed_batch(tmp_path: Path) -> None:
             assert count - reported in (0, size), f"run {run}: {count} rows, reported {reported}"
             assert count % size == 0  # whole batches only
     assert reported > 0
+
+
+def stored_rows(path: Path) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(
+            'SELECT sensor_id, seq, ts_ms, "values", label FROM samples ORDER BY id'
+        ).fetchall()
+    finally:
+        db.close()
+
+
+def test_a_sample_batch_is_stored_as_its_samples_one_by_one(tmp_path: Path) -> None:
+    """The column path (the binary decoder's batches) writes the rows the per-sample path
+    writes, non-finite drops and mixed channel counts included, across the 199-row INSERTs."""
+    from fedge.firmware_bridge.binary_frames import BinaryDecoder, encode_frame
+    from fedge.firmware_bridge.sample import Sample as WireSample
+    from fedge.firmware_bridge.sample import SampleBatch
+
+    rng = random.Random(5)
+    frames = []
+    for i in range(1000):
+        width = 8 if i % 50 else rng.choice((1, 3))
+        values = [rng.uniform(-1e3, 1e3) for _ in range(width)]
+        if i % 97 == 0:
+            values[rng.randrange(width)] = rng.choice((float("nan"), float("inf")))
+        frames.append(WireSample(1 + i % 3, i & 0xFFFF, i, tuple(values)))
+    decoded = BinaryDecoder().feed(b"".join(encode_frame(s) for s in frames))
+    assert isinstance(decoded, SampleBatch) and len(decoded) == 1000
+    clock = FakeClock()
+    with SampleStore(tmp_path / "cols.db", clock=clock) as cols:
+        written = cols.append(decoded)
+        assert cols.non_finite_dropped == 11 and written == 989
+    with SampleStore(tmp_path / "rows.db", clock=clock) as rows:
+        assert rows.append(list(decoded)) == 989
+    assert stored_rows(tmp_path / "cols.db") == stored_rows(tmp_path / "rows.db")
+    assert len(stored_rows(tmp_path / "cols.db")) == 989
+
+
+def test_a_batch_with_an_empty_sample_writes_nothing(tmp_path: Path) -> None:
+    from fedge.firmware_bridge.binary_frames import BinaryDecoder, encode_frame
+    from fedge.firmware_bridge.sample import Sample as WireSample
+
+    frames = [WireSample(1, 0, 0, (1.0, 2.0)), WireSample(1, 1, 0, ())]
+    decoded = BinaryDecoder().feed(b"".join(encode_frame(s) for s in frames))
+    with SampleStore(tmp_path / "s.db") as store:
+        with pytest.raises(ValueError, match="non-empty"):
+            store.append(decoded)
+        assert store.count() == 0
+
+
+def test_labelled_and_unlabelled_samples_in_one_batch(tmp_path: Path) -> None:
+    mixed = [Sample(1, i, None, (float(i),), label=(i % 3 if i % 2 else None)) for i in range(600)]
+    with SampleStore(tmp_path / "s.db") as store:
+        assert store.append(mixed) == 600  # three INSERT statements of at most 249 rows
+        values, labels = store.latest_labelled(1000)
+    odd = [s for s in mixed if s.label is not None]
+    assert values[:, 0].tolist() == [s.values[0] for s in odd]
+    assert labels.tolist() == [s.label for s in odd]
+    assert [r[4] for r in stored_rows(tmp_path / "s.db")] == [s.label for s in mixed]
