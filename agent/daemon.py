@@ -150,7 +150,9 @@ class Agent:
         # A quick save without an fsync (survives the process, not a power cut), for the
         # model version between the durable saves; None: none.
         self._note_state = note_state
-        self._saves = 0  # how often the state was saved (one durable write each)
+        # How often the state was saved: one durable write each, of the state file or of an
+        # outbox holding the state with its answer.
+        self._saves = 0
         # A model applied is saved durably with the next state save (the round that follows,
         # or the next idle moment), not on its own: that fsync sat between the model's
         # arrival and the device's answer, on every round's critical path. Until then a
@@ -613,10 +615,13 @@ class Agent:
         )
         payload = encode_skip(notice)
         topic = self.topics.update(self.device_id)
-        if held is not None and self.outbox is not None:
-            self.outbox.put(Pending(ann.round_id, notice.update_id, topic, [payload], held, "skip"))
-        self.link.publish(topic, payload, qos=1)
         self._sent(publish_size(topic, len(payload), 1))
+        if held is not None and self.outbox is not None:
+            after = self._answered(ann.round_id, "skip")
+            self.outbox.put(
+                Pending(ann.round_id, notice.update_id, topic, [payload], held, "skip", after)
+            )
+        self.link.publish(topic, payload, qos=1)
         self.stats.skipped[reason] += 1
         self.outcome = (outcome, reason)
         if held is not None:
@@ -760,14 +765,15 @@ class Agent:
         self.last_update_bytes = self._wire_size(parts)
         topic = self.topics.update(self.device_id)
         kept = None if encoding is None else steps.remaining(update, encoding)  # None: HE
+        self._sent(self.last_update_bytes)  # before the outbox: its state counts them
         # Outbox first: a crash from here until it is cleared sends these same parts again
         # at the next start (the aggregator applies an update id once) and keeps ``kept``;
         # never the old residual, which still holds what is being sent.
         if self.outbox is not None:
-            self.outbox.put(Pending(ann.round_id, update_id, topic, parts, kept))
+            after = self._answered(ann.round_id, "update")
+            self.outbox.put(Pending(ann.round_id, update_id, topic, parts, kept, state=after))
         for part in parts:
             self.link.publish(topic, part, qos=1)
-        self._sent(self.last_update_bytes)
         self._commit(ann.round_id, kept, kind="update")
         self.stats.rounds_trained += 1
         self.outcome = ("sent", None)
@@ -896,12 +902,15 @@ class Agent:
         payload = encode(header, {"masked": np.frombuffer(masked, np.uint8)})
         parts = self._parts(payload, prep.update_id)
         topic = self.topics.update(self.device_id)
-        if self.outbox is not None:
-            self.outbox.put(Pending(turn.round_id, prep.update_id, topic, parts, prep.kept))
-        for part in parts:
-            self.link.publish(topic, part, qos=1)
         self.last_update_bytes = self._wire_size(parts)
         self._sent(self.last_update_bytes)
+        if self.outbox is not None:
+            after = self._answered(turn.round_id, "update")
+            self.outbox.put(
+                Pending(turn.round_id, prep.update_id, topic, parts, prep.kept, state=after)
+            )
+        for part in parts:
+            self.link.publish(topic, part, qos=1)
         self._commit(turn.round_id, prep.kept, kind="update")
         self.outcome = ("sent", None)
         self._status("idle")
@@ -916,15 +925,29 @@ class Agent:
         durable: bool = False,
     ) -> None:
         """Residual, then state: the outbox written before the publish covers the gap. The
-        outbox also holds ``kept`` until the next one replaces it, so the residual file is not
-        written while there is an outbox (``durable``: it is, the outbox is about to go)."""
-        self._hold(kept, durable=durable or self.outbox is None)
-        self.state.last_round = max(self.state.last_round, round_id)
-        if kind == "skip":
-            self.state.consecutive_skips += 1
-        else:
-            self.state.consecutive_skips = 0
-        self._save(self.state)
+        outbox also holds ``kept`` and the state as the answer leaves it (``_answered``) until
+        the next one replaces it, so neither file is written while there is an outbox: the
+        state is saved when the device is next idle (``step``) or stops, off the round's path
+        (``durable``: both are written now, the outbox is about to go)."""
+        durable = durable or self.outbox is None
+        self._hold(kept, durable=durable)
+        after = self._answered(round_id, kind)
+        self.state.last_round = after.last_round
+        self.state.consecutive_skips = after.consecutive_skips
+        if durable:
+            self._save(self.state)
+        else:  # saved with the answer, in the outbox
+            self._saves += 1
+            self._unsaved = True
+
+    def _answered(self, round_id: int, kind: str) -> AgentState:
+        """The state once the answer to ``round_id`` (an update or a held-back skip) is
+        committed: what the outbox keeps with it."""
+        return replace(
+            self.state,
+            last_round=max(self.state.last_round, round_id),
+            consecutive_skips=self.state.consecutive_skips + 1 if kind == "skip" else 0,
+        )
 
     def resend_interrupted(self) -> bool:
         """Send the outbox again after a restart (see ``fedge.agent.outbox``)."""
@@ -945,9 +968,12 @@ class Agent:
         if not committed:
             self._commit(pending.round_id, pending.kept, kind=pending.kind, durable=True)
         else:
-            # The residual file is not written while an outbox holds the residual: the file
-            # is older. The outbox's is the residual since (every change goes through it).
+            # Neither file is written while an outbox holds the residual and the state: the
+            # files are older. The outbox's residual is the residual since (every change goes
+            # through it); its state came in at start (``load_state``), and goes to the file
+            # before the outbox goes.
             self._hold(pending.kept, durable=True)
+            self._save(self.state)
         self.outbox.clear()
         return True
 
