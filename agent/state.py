@@ -53,20 +53,22 @@ def load_state(path: Path, *, answered: AgentState | None = None) -> AgentState:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        if answered is not None:  # answers committed before the first state save
-            log.info("no state file %s yet: the state comes from the outbox", path)
-            return replace(answered)
-        log.info("no state file %s yet: starting fresh", path)
-        return AgentState()
+        if answered is None:
+            log.info("no state file %s yet: starting fresh", path)
+            return AgentState()
+        # Answers committed before the first state save (and perhaps a model noted since).
+        log.info("no state file %s yet: the state comes from the outbox", path)
+        state = replace(answered)
     except OSError as exc:
         raise _corrupt(path, f"cannot be read ({exc.strerror})") from exc
-    try:
-        state = state_from_dict(json.loads(text))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        what = "is empty" if not text.strip() else f"is not a fedge agent state ({exc})"
-        raise _corrupt(path, what) from exc
-    if answered is not None:
-        state = _newer(state, answered)
+    else:
+        try:
+            state = state_from_dict(json.loads(text))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            what = "is empty" if not text.strip() else f"is not a fedge agent state ({exc})"
+            raise _corrupt(path, what) from exc
+        if answered is not None:
+            state = _newer(state, answered)
     noted = _noted_version(path, state)
     if noted is not None and noted > state.model_version:
         state.model_version = noted

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedge.agent.outbox import Outbox, Pending
-from fedge.agent.state import AgentState, load_state, save_state
+from fedge.agent.state import AgentState, load_state, note_path, note_state, save_state
 
 pytestmark = pytest.mark.unit
 
@@ -146,6 +146,9 @@ def test_the_state_comes_from_the_outbox_only_when_it_is_newer(tmp_path: Path) -
     path = tmp_path / "agent.json"
     answered = AgentState(last_round=7, round_seen=7, model_version=6, consecutive_skips=2)
     assert load_state(path, answered=answered) == answered  # no state file yet
+    note_state(path, AgentState(model_version=8))  # a model applied after the answer
+    assert load_state(path, answered=answered).model_version == 8
+    note_path(path).unlink()
     save_state(path, AgentState(last_round=5, round_seen=6, model_version=5))
     assert load_state(path, answered=answered) == answered
     later = AgentState(last_round=7, round_seen=9, model_version=8)  # saved after the answer
