@@ -207,6 +207,9 @@ class Agent:
         self.stats = AgentStats()
         self.global_weights: dict[str, np.ndarray] | None = None
         self.global_version = -1
+        # The global model version the runtime holds as it was applied (None: other weights,
+        # e.g. after training): a round right after its model need not set it again.
+        self._runtime_holds: int | None = None
         self.pending: RoundAnnouncement | None = None
         # This device's part in the secure round that is open (docs/secure-aggregation.md).
         self.secure: SecureTurn | None = None
@@ -495,6 +498,7 @@ class Agent:
         if not all(np.isfinite(t).all() for t in tensors.values()):
             self._refuse("not_finite", self.topics.global_model, f"model v{header.model_version}")
             return
+        self._runtime_holds = None
         try:
             self.runtime.set_weights(tensors)
         except ValueError as exc:
@@ -508,6 +512,7 @@ class Agent:
             self.last_global_update = {k: new[k] - self.global_weights[k] for k in new}
         self.global_weights = new
         self.global_version = header.model_version
+        self._runtime_holds = header.model_version
         self.stats.models_applied += 1
         self.state.model_version = header.model_version
         self._unsaved = True
@@ -680,7 +685,9 @@ class Agent:
         self._round_data, held_out = evaluation.hold_out(
             self._round_data, cfg.eval_fraction, cfg.eval_min_samples
         )
-        self.runtime.set_weights(self.global_weights)
+        if self._runtime_holds != self.global_version:
+            self.runtime.set_weights(self.global_weights)
+        self._runtime_holds = None  # training changes them
         scored = None if held_out is None else evaluation.score(self.runtime, held_out)
         # Overflow on the way is not an error here: a diverged result is (check_trained).
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
