@@ -113,6 +113,8 @@ class Outbox:
             (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
         finally:
             os.close(fd)
+        if seq <= 2:  # the slot files made after a clear: their names durable too
+            _sync_dir(self.path.parent)
         self._seq, self._newest = seq, slot
 
     def take(self) -> Pending | None:
@@ -133,8 +135,11 @@ class Outbox:
         return None
 
     def clear(self) -> None:
+        """Remove the outbox, durably: numbers start again at 1, and an older record that
+        came back after a power cut must not outrank the next ones."""
         for path in (*self.slots, self.legacy):
             path.unlink(missing_ok=True)
+        _sync_dir(self.path.parent)
         self._seq, self._newest = 0, 1
 
     def _newest_record(self) -> Pending | None:
@@ -168,6 +173,23 @@ class Outbox:
         if self.legacy.exists():
             raise _Legacy
         return None
+
+
+def _sync_dir(path: Path) -> None:
+    """Make the names in a directory durable, where the platform can sync a directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.debug("cannot open directory %s to sync it: %s", path, exc)
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        log.debug("cannot sync directory %s: %s", path, exc)
+    finally:
+        os.close(fd)
 
 
 class _Legacy(Exception):
