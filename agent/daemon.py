@@ -160,7 +160,9 @@ class Agent:
         # A quick save without an fsync (survives the process, not a power cut), for the
         # model version between the durable saves; None: none.
         self._note_state = note_state
-        self._saves = 0  # how often the state was saved (one durable write each)
+        # How often the state was saved: one durable write each, of the state file or of an
+        # outbox holding the state with its answer.
+        self._saves = 0
         # A model applied is saved durably with the next state save (the round that follows,
         # or the next idle moment), not on its own: that fsync sat between the model's
         # arrival and the device's answer, on every round's critical path. Until then a
@@ -220,6 +222,9 @@ class Agent:
         self.stats = AgentStats()
         self.global_weights: dict[str, np.ndarray] | None = None
         self.global_version = -1
+        # The global model version the runtime holds as it was applied (None: other weights,
+        # e.g. after training): a round right after its model need not set it again.
+        self._runtime_holds: int | None = None
         self.pending: RoundAnnouncement | None = None
         # This device's part in the secure round that is open (docs/secure-aggregation.md).
         self.secure: SecureTurn | None = None
@@ -547,6 +552,7 @@ class Agent:
         if not all(np.isfinite(t).all() for t in tensors.values()):
             self._refuse("not_finite", self.topics.global_model, f"model v{header.model_version}")
             return
+        self._runtime_holds = None
         try:
             self.runtime.set_weights(tensors)
         except ValueError as exc:
@@ -560,6 +566,7 @@ class Agent:
             self.last_global_update = {k: new[k] - self.global_weights[k] for k in new}
         self.global_weights = new
         self.global_version = header.model_version
+        self._runtime_holds = header.model_version
         self.stats.models_applied += 1
         self.state.model_version = header.model_version
         self._unsaved = True
@@ -670,10 +677,13 @@ class Agent:
         )
         payload = encode_skip(notice)
         topic = self.topics.update(self.device_id)
-        if held is not None and self.outbox is not None:
-            self.outbox.put(Pending(ann.round_id, notice.update_id, topic, [payload], held, "skip"))
-        self.link.publish(topic, payload, qos=1)
         self._sent(publish_size(topic, len(payload), 1))
+        if held is not None and self.outbox is not None:
+            after = self._answered(ann.round_id, "skip")
+            self.outbox.put(
+                Pending(ann.round_id, notice.update_id, topic, [payload], held, "skip", after)
+            )
+        self.link.publish(topic, payload, qos=1)
         self.stats.skipped[reason] += 1
         self.outcome = (outcome, reason)
         if held is not None:
@@ -737,7 +747,9 @@ class Agent:
         self._round_data, held_out = evaluation.hold_out(
             self._round_data, cfg.eval_fraction, cfg.eval_min_samples
         )
-        self.runtime.set_weights(self.global_weights)
+        if self._runtime_holds != self.global_version:
+            self.runtime.set_weights(self.global_weights)
+        self._runtime_holds = None  # training changes them
         scored = None if held_out is None else evaluation.score(self.runtime, held_out)
         # Overflow on the way is not an error here: a diverged result is (check_trained).
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -822,14 +834,15 @@ class Agent:
         self.last_update_bytes = self._wire_size(parts)
         topic = self.topics.update(self.device_id)
         kept = None if encoding is None else steps.remaining(update, encoding)  # None: HE
+        self._sent(self.last_update_bytes)  # before the outbox: its state counts them
         # Outbox first: a crash from here until it is cleared sends these same parts again
         # at the next start (the aggregator applies an update id once) and keeps ``kept``;
         # never the old residual, which still holds what is being sent.
         if self.outbox is not None:
-            self.outbox.put(Pending(ann.round_id, update_id, topic, parts, kept))
+            after = self._answered(ann.round_id, "update")
+            self.outbox.put(Pending(ann.round_id, update_id, topic, parts, kept, state=after))
         for part in parts:
             self.link.publish(topic, part, qos=1)
-        self._sent(self.last_update_bytes)
         self._commit(ann.round_id, kept, kind="update")
         self.stats.rounds_trained += 1
         self.outcome = ("sent", None)
@@ -968,12 +981,15 @@ class Agent:
         payload = encode(header, {"masked": np.frombuffer(masked, np.uint8)})
         parts = self._parts(payload, prep.update_id)
         topic = self.topics.update(self.device_id)
-        if self.outbox is not None:
-            self.outbox.put(Pending(turn.round_id, prep.update_id, topic, parts, prep.kept))
-        for part in parts:
-            self.link.publish(topic, part, qos=1)
         self.last_update_bytes = self._wire_size(parts)
         self._sent(self.last_update_bytes)
+        if self.outbox is not None:
+            after = self._answered(turn.round_id, "update")
+            self.outbox.put(
+                Pending(turn.round_id, prep.update_id, topic, parts, prep.kept, state=after)
+            )
+        for part in parts:
+            self.link.publish(topic, part, qos=1)
         self._commit(turn.round_id, prep.kept, kind="update")
         self.outcome = ("sent", None)
         self._status("idle")
@@ -988,15 +1004,29 @@ class Agent:
         durable: bool = False,
     ) -> None:
         """Residual, then state: the outbox written before the publish covers the gap. The
-        outbox also holds ``kept`` until the next one replaces it, so the residual file is not
-        written while there is an outbox (``durable``: it is, the outbox is about to go)."""
-        self._hold(kept, durable=durable or self.outbox is None)
-        self.state.last_round = max(self.state.last_round, round_id)
-        if kind == "skip":
-            self.state.consecutive_skips += 1
-        else:
-            self.state.consecutive_skips = 0
-        self._save(self.state)
+        outbox also holds ``kept`` and the state as the answer leaves it (``_answered``) until
+        the next one replaces it, so neither file is written while there is an outbox: the
+        state is saved when the device is next idle (``step``) or stops, off the round's path
+        (``durable``: both are written now, the outbox is about to go)."""
+        durable = durable or self.outbox is None
+        self._hold(kept, durable=durable)
+        after = self._answered(round_id, kind)
+        self.state.last_round = after.last_round
+        self.state.consecutive_skips = after.consecutive_skips
+        if durable:
+            self._save(self.state)
+        else:  # saved with the answer, in the outbox
+            self._saves += 1
+            self._unsaved = True
+
+    def _answered(self, round_id: int, kind: str) -> AgentState:
+        """The state once the answer to ``round_id`` (an update or a held-back skip) is
+        committed: what the outbox keeps with it."""
+        return replace(
+            self.state,
+            last_round=max(self.state.last_round, round_id),
+            consecutive_skips=self.state.consecutive_skips + 1 if kind == "skip" else 0,
+        )
 
     def resend_interrupted(self) -> bool:
         """Send the outbox again after a restart (see ``fedge.agent.outbox``)."""
@@ -1017,9 +1047,12 @@ class Agent:
         if not committed:
             self._commit(pending.round_id, pending.kept, kind=pending.kind, durable=True)
         else:
-            # The residual file is not written while an outbox holds the residual: the file
-            # is older. The outbox's is the residual since (every change goes through it).
+            # Neither file is written while an outbox holds the residual and the state: the
+            # files are older. The outbox's residual is the residual since (every change goes
+            # through it); its state came in at start (``load_state``), and goes to the file
+            # before the outbox goes.
             self._hold(pending.kept, durable=True)
+            self._save(self.state)
         self.outbox.clear()
         return True
 

@@ -44,7 +44,7 @@ def residual_file(cfg: AgentConfig) -> Path:
 
 
 def outbox_file(cfg: AgentConfig) -> Path:
-    return cfg.state_dir / f"agent-{cfg.device_id}.outbox.npz"
+    return cfg.state_dir / f"agent-{cfg.device_id}.outbox"
 
 
 def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
@@ -71,7 +71,9 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
         assert cfg.data is not None
         data = load_npz(cfg.data, fits)
     state_path = state_file(cfg)
-    state = load_state(state_path)
+    outbox = Outbox(outbox_file(cfg))
+    pending = outbox.take()  # an answer commits with its outbox: the state file may be older
+    state = load_state(state_path, answered=None if pending is None else pending.state)
     if link is None:
         will = Agent.will(cfg.device_id, cfg.fleet)
         birth = Agent.birth(cfg.device_id, cfg.fleet, quiet=cfg.quiet)
@@ -91,7 +93,7 @@ def build_agent(cfg: AgentConfig, link: Link | None = None) -> Agent:
         note_state=lambda s: note_state(state_path, s),
         rng=np.random.default_rng(cfg.seed),
         residual_store=ResidualStore(residual_file(cfg)),
-        outbox=Outbox(outbox_file(cfg)),
+        outbox=outbox,
         eligibility=eligibility,
         budget=budget,
         max_payload=cfg.max_payload,
@@ -159,7 +161,8 @@ def serve(cfg: AgentConfig, *, reset: bool = False) -> int:
     """Run until SIGTERM/SIGINT. Tells systemd when ready and pets its watchdog."""
     if reset:  # the state, and what it vouches for: the residual and the outbox
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        for path in (state_file(cfg), residual_file(cfg), outbox_file(cfg)):
+        box = Outbox(outbox_file(cfg))
+        for path in (state_file(cfg), residual_file(cfg), *box.slots, box.legacy):
             reset_state(path, stamp)
     agent = build_agent(cfg)
     agent.heartbeat = watchdog_petter()

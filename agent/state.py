@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 log = logging.getLogger("fedge.agent")
@@ -32,30 +32,55 @@ class StateCorrupt(RuntimeError):
     """The state file exists but cannot be trusted; the message says what to do."""
 
 
-def load_state(path: Path) -> AgentState:
+def state_from_dict(raw: dict) -> AgentState:
+    """An ``AgentState`` from its JSON form (``asdict``); raises ValueError, KeyError,
+    TypeError or AttributeError when it is not one."""
+    return AgentState(
+        last_round=int(raw["last_round"]),
+        round_seen=int(raw.get("round_seen", raw["last_round"])),
+        model_version=int(raw["model_version"]),
+        consecutive_skips=int(raw.get("consecutive_skips", 0)),
+        upload_budget=raw.get("upload_budget"),
+        trusted_keys=raw.get("trusted_keys"),
+    )
+
+
+def load_state(path: Path, *, answered: AgentState | None = None) -> AgentState:
+    """The state file, or ``answered`` (the state the outbox holds, ``fedge.agent.outbox``)
+    when that is newer: an answer commits with its outbox, and the state file catches up
+    later. Newer means a later round answered under the same pinned keys (any save after the
+    answer has its round). A model noted since (``note_state``) raises the model version."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        log.info("no state file %s yet: starting fresh", path)
-        return AgentState()
+        if answered is None:
+            log.info("no state file %s yet: starting fresh", path)
+            return AgentState()
+        # Answers committed before the first state save (and perhaps a model noted since).
+        log.info("no state file %s yet: the state comes from the outbox", path)
+        state = replace(answered)
     except OSError as exc:
         raise _corrupt(path, f"cannot be read ({exc.strerror})") from exc
-    try:
-        raw = json.loads(text)
-        state = AgentState(
-            last_round=int(raw["last_round"]),
-            round_seen=int(raw.get("round_seen", raw["last_round"])),
-            model_version=int(raw["model_version"]),
-            consecutive_skips=int(raw.get("consecutive_skips", 0)),
-            upload_budget=raw.get("upload_budget"),
-            trusted_keys=raw.get("trusted_keys"),
-        )
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        what = "is empty" if not text.strip() else f"is not a fedge agent state ({exc})"
-        raise _corrupt(path, what) from exc
+    else:
+        try:
+            state = state_from_dict(json.loads(text))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            what = "is empty" if not text.strip() else f"is not a fedge agent state ({exc})"
+            raise _corrupt(path, what) from exc
+        if answered is not None:
+            state = _newer(state, answered)
     noted = _noted_version(path, state)
     if noted is not None and noted > state.model_version:
         state.model_version = noted
+    return state
+
+
+def _newer(state: AgentState, answered: AgentState) -> AgentState:
+    if answered.last_round > state.last_round and answered.trusted_keys == state.trusted_keys:
+        log.info(
+            "the state as round %d's answer left it comes from the outbox", answered.last_round
+        )
+        return replace(answered)
     return state
 
 

@@ -321,6 +321,8 @@ def varint_encode(values: np.ndarray) -> np.ndarray:
     v = v.astype(np.uint64).ravel()
     if not v.size:
         return np.empty(0, np.uint8)
+    if v.max() < 0x80:  # one byte each (most top-k gaps): the value is the byte
+        return v.astype(np.uint8)
     nbytes = np.ones(v.size, np.int64)
     for j in range(1, MAX_VARINT_BYTES + 1):
         longer = v >= np.uint64(1 << (7 * j))
@@ -347,6 +349,8 @@ def varint_decode(data: np.ndarray) -> np.ndarray:
     last = (b & 0x80) == 0
     if not last[-1]:
         raise CodecError("bad_varint", "index bytes end in the middle of a varint")
+    if last.all():  # one byte each: the byte is the value
+        return b.astype(np.uint64)
     ends = np.flatnonzero(last)
     starts = np.concatenate(([0], ends[:-1] + 1))
     lengths = ends - starts + 1

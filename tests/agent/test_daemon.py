@@ -342,3 +342,33 @@ def test_an_answered_round_is_one_state_write_and_an_unselected_one_is_remembere
     announce(srv, 2, 0, ("someone-else",))
     drain(agent)
     assert writes == [1, 2] and load_state(state_file).round_seen == 2
+
+
+def test_training_starts_from_the_global_model_set_once(tmp_path: Path) -> None:
+    """The model applied is not set again for the round right after it; a round that names
+    the model the device already trained on sets it back first."""
+    broker = MemoryBroker()
+    srv = server(broker)
+    agent = make_agent(broker)
+    g0 = load_runtime(DIGITS_MODEL).get_weights()
+    publish_global(srv, 0, g0)
+    announce(srv, 1, 0, ("d1",))
+    drain(agent)
+    calls: list[dict[str, np.ndarray]] = []
+    real = agent.runtime.set_weights
+
+    def spy(weights: dict[str, np.ndarray]) -> None:
+        calls.append({k: np.array(v) for k, v in weights.items()})
+        real(weights)
+
+    agent.runtime.set_weights = spy  # type: ignore[method-assign]
+    announce(srv, 2, 0, ("d1",))  # the same model again: the runtime holds round 1's weights
+    drain(agent)
+    assert len(calls) == 1 and all(np.array_equal(calls[0][k], g0[k]) for k in g0)
+    g1 = {k: v + 0.01 for k, v in g0.items()}
+    calls.clear()
+    publish_global(srv, 1, g1)
+    announce(srv, 3, 1, ("d1",))
+    drain(agent)
+    assert len(calls) == 1 and all(np.array_equal(calls[0][k], g1[k]) for k in g1)
+    assert len(updates(srv)) == 3

@@ -9,6 +9,7 @@ import pytest
 from fedge.agent.daemon import Agent
 from fedge.agent.dataset import Dataset
 from fedge.agent.eligibility import Decision
+from fedge.agent.outbox import Outbox
 from fedge.agent.residual import ResidualStore
 from fedge.agent.state import AgentState, load_state, save_state
 from fedge.models.runtime import load_runtime
@@ -57,13 +58,15 @@ class Fleet:
 
     def make_agent(self) -> Agent:
         state_file = self.tmp / "state.json"
+        outbox = self.agent_kw.get("outbox")
+        pending = outbox.take() if isinstance(outbox, Outbox) else None  # as the service does
         agent = Agent(
             device_id="d1",
             fleet=FLEET,
             link=MemoryLink(self.broker, "d1"),
             runtime=load_runtime(DIGITS_MODEL),
             data=data(),
-            state=load_state(state_file),
+            state=load_state(state_file, answered=pending and pending.state),
             save_state=lambda s: save_state(state_file, s),
             rng=np.random.default_rng(0),
             residual_store=ResidualStore(self.tmp / "residual.npz"),
@@ -219,8 +222,6 @@ def test_budget_check_uses_the_real_upload_size(tmp_path: Path) -> None:
 
 
 def test_a_crash_between_publish_and_state_save_sends_nothing_twice(tmp_path: Path) -> None:
-    from fedge.agent.outbox import Outbox
-
     f = Fleet(tmp_path, outbox=Outbox(tmp_path / "outbox.npz"))
 
     def power_cut(state: object) -> None:  # right after the publish, before the state save
@@ -267,8 +268,6 @@ def test_a_crash_between_publish_and_state_save_sends_nothing_twice(tmp_path: Pa
 def test_a_residual_file_lost_to_a_power_cut_comes_back_from_the_outbox(tmp_path: Path) -> None:
     """While the outbox holds the residual the file is not written: after a restart the
     file is older than the residual, which comes back from the outbox."""
-    from fedge.agent.outbox import Outbox
-
     f = Fleet(tmp_path, outbox=Outbox(tmp_path / "outbox.npz"))
     f.round(1, codec="topk:0.05")
     before = {k: v.copy() for k, v in f.agent.residual.items()}  # type: ignore[union-attr]
@@ -286,9 +285,77 @@ def test_a_residual_file_lost_to_a_power_cut_comes_back_from_the_outbox(tmp_path
     assert on_disk is not None and all(np.array_equal(on_disk[k], after[k]) for k in after)
 
 
-def test_a_crash_after_holding_an_update_back_does_not_hold_it_twice(tmp_path: Path) -> None:
-    from fedge.agent.outbox import Outbox
+def test_answers_commit_with_the_outbox_and_the_state_file_catches_up_when_idle(
+    tmp_path: Path,
+) -> None:
+    """With an outbox, an answered round makes one durable write (the outbox, before the
+    publish); the state file is written when the device is next idle. A power cut before
+    that, after any number of rounds, loses nothing: the state comes back from the outbox."""
+    from fedge.agent.eligibility import ByteBudget, EligibilityConfig, Readings, decide
 
+    budget = ByteBudget()
+    cfg = EligibilityConfig(daily_upload_bytes=10**9)
+    f = Fleet(
+        tmp_path,
+        outbox=Outbox(tmp_path / "outbox"),
+        budget=budget,
+        eligibility=lambda n: decide(cfg, Readings(True, None, 40.0, 0.1), budget, n),
+    )
+    writes: list[int] = []
+    f.agent._save_state = lambda s: writes.append(s.last_round)  # type: ignore[method-assign]
+    header = GlobalModelHeader(fleet=FLEET, model_version=0, round_id=0)
+    f.server.publish(T.global_model, encode(header, f.g), retain=True)
+    assert f.agent.step(0) and not f.agent.step(0)  # the model; then idle: saved
+    assert writes == [0]
+    answers = {}
+    for round_id, threshold in ((1, 0.0), (2, 1000.0), (3, 1000.0)):  # sent, held, held
+        cfg_round = TrainingConfig(
+            epochs=1,
+            batch_size=8,
+            lr=0.1,
+            codec="topk:0.05",
+            gate=GateSettings(threshold=threshold, max_skips=5),
+        )
+        ann = RoundAnnouncement(
+            fleet=FLEET,
+            round_id=round_id,
+            model_version=0,
+            deadline=2e9,
+            selected=("d1",),
+            config=cfg_round,
+        )
+        f.server.publish(T.round, encode(ann), retain=True)
+        assert f.agent.step(0)  # the round: trained, answered
+        assert writes == [0]  # no state file on the round's path
+        [answers[round_id]] = [
+            m for m in iter(lambda: f.server.get(0), None) if m.topic == T.update("d1")
+        ]
+    assert f.agent.state.consecutive_skips == 2 and f.agent.state.round_seen == 3
+    used = budget.used()
+    assert used > 0
+    residual = {k: v.copy() for k, v in f.agent.residual.items()}  # type: ignore[union-attr]
+    # The power goes before the device is idle again: the state file says round 0.
+    assert load_state(tmp_path / "state.json").last_round == 0
+    f.agent.link.close()
+    f.agent = f.make_agent()
+    assert f.agent.state.last_round == 3 and f.agent.state.round_seen == 3
+    assert f.agent.state.consecutive_skips == 2
+    assert ByteBudget.from_dict(f.agent.state.upload_budget).used() == used  # type: ignore[arg-type]
+    for k, v in residual.items():  # round 3's, held back: not round 1's or 2's
+        np.testing.assert_array_equal(f.agent.residual[k], v)  # type: ignore[index]
+    again = [m for m in iter(lambda: f.server.get(0), None) if m.topic == T.update("d1")]
+    assert [m.payload for m in again] == [answers[3].payload]  # the last answer, once more
+    assert load_state(tmp_path / "state.json") == f.agent.state  # on disk before the outbox went
+    assert not any(s.exists() for s in Outbox(tmp_path / "outbox").slots)
+    while f.agent.step(0):  # the retained round 3 again: answered already
+        pass
+    assert [m for m in iter(lambda: f.server.get(0), None) if m.topic == T.update("d1")] == []
+    assert len(f.round(4)) == 1  # answered, then idle: the state file catches up
+    assert load_state(tmp_path / "state.json").last_round == 4
+    assert Outbox(tmp_path / "outbox").take() is not None
+
+
+def test_a_crash_after_holding_an_update_back_does_not_hold_it_twice(tmp_path: Path) -> None:
     f = Fleet(tmp_path, outbox=Outbox(tmp_path / "outbox.npz"))
     save = f.agent._save
 

@@ -385,6 +385,19 @@ def test_varint_round_trip(values: list[int]) -> None:
     assert varint_decode(data).tolist() == values
 
 
+@FAST
+@given(st.lists(st.integers(0, 300), max_size=50))
+def test_varint_round_trip_of_small_values(values: list[int]) -> None:
+    """Top-k's gaps: mostly one byte each (the byte is the value), sometimes two."""
+    data = varint_encode(np.array(values, np.int64))
+    if all(v < 128 for v in values):
+        assert data.tolist() == values
+    else:
+        assert len(data) == len(values) + sum(v >= 128 for v in values)
+    assert varint_decode(data).tolist() == values
+    assert varint_decode(data).dtype == np.uint64
+
+
 def test_varint_rejects_truncated_and_overlong() -> None:
     assert rejects_varint(np.array([0x80], np.uint8)) == "bad_varint"
     assert rejects_varint(np.array([0x80] * 9 + [1], np.uint8)) == "bad_varint"
