@@ -27,7 +27,8 @@ afresh at the next 0x00::
     truncated    shorter than the smallest payload (11 bytes)
     bad_crc      CRC mismatch (corrupted, or two pieces of frames glued together)
     bad_version  version byte is not 1 (CRC was good)
-    bad_length   channel count above 32 or not matching the payload length (CRC was good)
+    bad_length   channel count of 0 or above 32, or not matching the payload length (CRC
+                 was good): a sample carries at least one value
     duplicate    same sequence number as the sensor's previous frame; the sample is dropped
     seq_gap      frames missing before this one, counted by how many (u16 wrap handled);
                  the sample itself is kept
@@ -164,7 +165,7 @@ def decode_frame(frame: bytes) -> Sample | str:
     version, sensor_id, seq, timestamp, n = HEADER.unpack_from(payload)
     if version != VERSION:
         return "bad_version"
-    if n > MAX_CHANNELS or size != MIN_PAYLOAD + 4 * n:
+    if not 0 < n <= MAX_CHANNELS or size != MIN_PAYLOAD + 4 * n:
         return "bad_length"
     return Sample(sensor_id, seq, timestamp, _VALUES[n].unpack_from(payload, HEADER.size))
 
@@ -275,8 +276,12 @@ class BinaryDecoder:
         self._fault("bad_version", int(np.count_nonzero(good & ~version)))
         good &= version
         channels, rest = divmod(size - MIN_PAYLOAD, 4)
-        # When no channel count fits the length, none is good; else that count is <= 32.
-        fits = np.zeros(len(payloads), bool) if rest else payloads[:, HEADER.size - 1] == channels
+        # When no channel count fits the length, none is good; else that count is <= 32. A
+        # frame of no values is no sample (the store takes none).
+        if rest or channels == 0:
+            fits = np.zeros(len(payloads), bool)
+        else:
+            fits = payloads[:, HEADER.size - 1] == channels
         self._fault("bad_length", int(np.count_nonzero(good & ~fits)))
         good &= fits
         if not good.any():

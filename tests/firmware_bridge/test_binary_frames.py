@@ -11,6 +11,7 @@ from fedge.firmware_bridge.binary_frames import (
     MAX_ENCODED,
     BinaryDecoder,
     crc16_ccitt_false,
+    decode_frame,
     encode_frame,
     encode_payload,
 )
@@ -30,7 +31,7 @@ samples = st.builds(
     sensor_id=st.integers(0, 255),
     seq=st.integers(0, 0xFFFF),
     timestamp_ms=st.integers(0, 0xFFFFFFFF),
-    values=st.lists(f32, max_size=32).map(tuple),
+    values=st.lists(f32, min_size=1, max_size=32).map(tuple),  # no values: bad_length
 )
 
 
@@ -229,3 +230,14 @@ def test_infinities_and_nan_pass_through() -> None:
     assert got.values[:2] == (math.inf, -math.inf)
     assert math.isnan(got.values[2])
     assert math.copysign(1.0, got.values[3]) == -1.0
+
+
+def test_a_frame_of_no_values_is_a_bad_length_not_a_sample() -> None:
+    """The store takes no sample without values: such a frame must not reach it (it used to
+    end the reader's thread)."""
+    empty = encode_frame(Sample(3, 7, 1000, ()))
+    dec = BinaryDecoder()
+    got = dec.feed(encode_frame(sample(1)) + empty + encode_frame(sample(2)))
+    assert [s.seq for s in got] == [1, 2]
+    assert dec.faults["bad_length"] == 1
+    assert decode_frame(empty[:-1]) == "bad_length"
