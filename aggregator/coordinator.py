@@ -77,6 +77,7 @@ KEEP_MODELS = 3  # global models (and strategy states) kept in the state databas
 PROBATION_AFTER = 2  # rounds in a row a device must miss before rounds stop waiting for it
 HISTORY = 10  # a device's last selections whose outcome (answered in time or not) is kept
 REVISIT_AFTER = 5  # rounds left out after which a device ranks as untried again
+FLUSH_TIMEOUT = 10.0  # seconds the aggregator waits, once done, for its last publishes to go
 Evaluator = Callable[[Weights], tuple[float, float]]
 
 
@@ -400,6 +401,11 @@ class Aggregator:
     def run(self, stop: threading.Event, poll: float = 0.2) -> None:
         while not stop.is_set() and not self.done:
             self.step(poll)
+        # The last model may still sit in the link's buffer (a link without a network
+        # thread writes while it is driven): out with it before the loop goes quiet.
+        flush = getattr(self.link, "flush", None)
+        if self.done and flush is not None and not flush(FLUSH_TIMEOUT):
+            log.warning("the broker has not acknowledged the last model yet")
 
     def step(self, timeout: float | None) -> None:
         msg = self.link.get(timeout)

@@ -250,6 +250,14 @@ class PahoLink:
         if message.qos > 0:
             self._client.ack(message.mid, message.qos)  # a no-op unless manual_ack
 
+    def flush(self, timeout: float) -> bool:
+        """Send what is queued and wait, up to ``timeout`` seconds, until the broker has
+        acknowledged every publish; whether it has. A link without a network thread writes
+        only while its owner calls it: one that is done must flush before it goes quiet."""
+        self._wait_for(lambda: not self._unacked or not self.connected, timeout)
+        with self._cond:
+            return not self._unacked
+
     def close(self) -> None:
         if not self._started:
             return

@@ -295,3 +295,24 @@ def test_nagle_is_off_on_the_broker_connection(
     sock = link._client.socket()
     assert sock is not None
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+def test_a_driven_link_flushes_what_its_owner_stopped_driving(
+    mosquitto: MosquittoServer, links: list[PahoLink], prefix: str, client_id: str
+) -> None:
+    """A link without a thread writes only while driven: a publish larger than the socket
+    takes at once stays partly in its buffer until ``flush`` (the aggregator's last model)."""
+    topic = f"{prefix}/f/global"
+    pub = PahoLink(mosquitto.host, mosquitto.port, f"{client_id}-pub", network_thread=False)
+    links.append(pub)
+    pub.connect()
+    payload = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than one write can take
+    pub.publish(topic, payload, retain=True)
+    assert pub._client.want_write()  # part of it waits in paho's buffer
+    assert pub.flush(30.0)
+    late = PahoLink(mosquitto.host, mosquitto.port, f"{client_id}-late", clean_session=True)
+    links.append(late)
+    late.connect()
+    late.subscribe(topic)
+    got = late.get(timeout=10)
+    assert got is not None and got.payload == payload
