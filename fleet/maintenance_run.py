@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import asdict
@@ -18,16 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedge.agent.config import AgentConfig, SerialConfig, TaskConfig
+from fedge.agent.config import TaskConfig
 from fedge.agent.daemon import Agent
 from fedge.agent.dataset import Dataset
-from fedge.agent.service import build_agent
 from fedge.agent.tasks import TaskError, failure
 from fedge.aggregator.config import AggregatorConfig, SampleLimits
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategies.config import StrategyConfig
-from fedge.firmware_bridge.binary_frames import encode_frame
-from fedge.firmware_bridge.simulator import open_pty, serve_pty
 from fedge.models.runtime import load_runtime
 from fedge.protocol import TrainingConfig
 
@@ -46,6 +42,7 @@ from .maintenance import (
 )
 from .maintenance_policies import Costs, Outcome, score
 from .pump_fleet import CENTER, CHANNELS, SCALE, frames
+from .sensor_fleet import SerialFleet
 from .signing_keys import write_signing_pair
 
 log = logging.getLogger("fedge.fleet")
@@ -101,30 +98,22 @@ def run_maintenance(
         history=max(plan.history) + 1,
         min_examples=16,
     )
-    masters, feeders, agents = [], [], []
+    serial = SerialFleet(fed_stop)
     for m in range(machines):
-        master, path = open_pty(out / f"tty-pump{m:03d}")
-        masters.append(master)
-        feeders.append(
-            threading.Thread(
-                target=serve_pty,
-                args=(master, frames(plan.history_readings(m), READING_S), encode_frame),
-                kwargs={"rate_hz": rate_hz, "stop": fed_stop},
-                daemon=True,
-            )
-        )
-        cfg = AgentConfig(
+        serial.add(
+            out,
+            frames(plan.history_readings(m), READING_S),
+            rate_hz,
             device_id=f"pump{m:03d}",
             fleet=fleet,
             broker=url(f"{fleet}-pump{m:03d}"),
             model=failure_model(),
-            serial=SerialConfig(port=path),
             task=task,
             state_dir=state,
             seed=seed * 1000 + m,
             aggregator_keys=(public_key,),
         )
-        agents.append(build_agent(cfg))
+    agents = serial.agents
     agg = build_aggregator(
         AggregatorConfig(
             fleet=fleet,
@@ -150,23 +139,12 @@ def run_maintenance(
             seed=seed,
         )
     )
-    threads: list[threading.Thread] = []
     datasets: list[Dataset | None] = []
     try:
-        for agent in agents:
-            agent.start()  # opens its port: the reader starts filling the store
-        for feeder in feeders:
-            feeder.start()
+        serial.feed()
         streamed = _wait_for_history(agents, plan, deadline=time.monotonic() + 120.0)
         streaming = time.monotonic() - started - precomputed
-        agg.start()
-        for agent in agents:
-            t = threading.Thread(target=Agent.run, args=(agent, stop), daemon=True)
-            t.start()
-            threads.append(t)
-        deadline = time.monotonic() + round_timeout * (rounds + 2)
-        while not agg.done and time.monotonic() < deadline:
-            agg.step(0.1)
+        serial.run(agg, stop, round_timeout * (rounds + 2))
         for agent in agents:  # what each device trained on, read back from its own store
             try:
                 datasets.append(agent.sensor.dataset())
@@ -174,16 +152,7 @@ def run_maintenance(
                 datasets.append(None)
         global_weights = {k: np.array(v) for k, v in agg.weights.items()}
     finally:
-        stop.set()
-        fed_stop.set()
-        for t in threads + feeders:
-            t.join(10)
-        for agent in agents:
-            agent.stop()
-        for master in masters:
-            os.close(master)
-        agg.link.close()
-        agg.store.close()
+        serial.close(agg, stop)
     federated_s = time.monotonic() - started - precomputed - streaming
     lines = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
 

@@ -14,6 +14,8 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,11 @@ from fedge.agent.daemon import Agent
 from fedge.agent.service import build_agent
 from fedge.agent.tasks import forecast, last_value_baseline
 from fedge.aggregator.config import AggregatorConfig
+from fedge.aggregator.coordinator import Aggregator
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategies.config import StrategyConfig
 from fedge.firmware_bridge.binary_frames import encode_frame
+from fedge.firmware_bridge.sample import Sample
 from fedge.firmware_bridge.simulator import CHANNELS, Machine, open_pty, serve_pty
 from fedge.protocol import TrainingConfig
 
@@ -53,6 +57,63 @@ def held_out(path: Path, seed: int, n: int = 3000) -> float:
     return last_value_baseline(scaled.astype(np.float32), WINDOW)
 
 
+@dataclass
+class SerialFleet:
+    """Agents fed over pseudo-terminals (the sensor and the maintenance sims): per device a
+    pty, a thread writing binary frames into its master end at a rate until ``feed_stop``,
+    and an agent reading the other end as its serial port."""
+
+    feed_stop: threading.Event
+    masters: list[int] = field(default_factory=list)
+    feeders: list[threading.Thread] = field(default_factory=list)
+    agents: list[Agent] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def add(self, folder: Path, samples: Iterable[Sample], rate_hz: float, **config: Any) -> None:
+        """A device: ``config`` is its AgentConfig but for the serial port."""
+        master, path = open_pty(folder / f"tty-{config['device_id']}")
+        self.masters.append(master)
+        feeder = threading.Thread(
+            target=serve_pty,
+            args=(master, samples, encode_frame),
+            kwargs={"rate_hz": rate_hz, "stop": self.feed_stop},
+            daemon=True,
+        )
+        self.feeders.append(feeder)
+        self.agents.append(build_agent(AgentConfig(serial=SerialConfig(port=path), **config)))
+
+    def feed(self) -> None:
+        """Start the agents (each opens its port: its reader starts filling the store), then
+        the feeders."""
+        for agent in self.agents:
+            agent.start()
+        for feeder in self.feeders:
+            feeder.start()
+
+    def run(self, agg: Aggregator, stop: threading.Event, timeout: float) -> None:
+        """Start ``agg`` and each agent's loop; drive ``agg`` until done or ``timeout`` s."""
+        agg.start()
+        for agent in self.agents:
+            thread = threading.Thread(target=Agent.run, args=(agent, stop), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        deadline = time.monotonic() + timeout
+        while not agg.done and time.monotonic() < deadline:
+            agg.step(0.1)
+
+    def close(self, agg: Aggregator, stop: threading.Event) -> None:
+        stop.set()
+        self.feed_stop.set()
+        for thread in self.threads + self.feeders:
+            thread.join(10)
+        for agent in self.agents:
+            agent.stop()
+        for master in self.masters:
+            os.close(master)
+        agg.link.close()
+        agg.store.close()
+
+
 def run_sensor_fleet(
     *,
     devices: int,
@@ -75,32 +136,25 @@ def run_sensor_fleet(
     baseline = held_out(out / "heldout.npz", seed=10_000 + seed)
     url = broker_for or (lambda client: broker)
     stop = threading.Event()
-    feeders, masters, agents = [], [], []
+    serial = SerialFleet(stop)
     signing_key, public_key = write_signing_pair(state)
     task = TaskConfig(kind="forecast", window=WINDOW, center=CENTER, scale=SCALE, history=1500)
     for i in range(devices):
-        master, path = open_pty(out / f"tty-dev{i:03d}")
-        masters.append(master)
         machine = Machine(seed=seed * 100 + i, rate_hz=RATE_HZ, wear_per_hour=0.5 + i)
-        feeder = threading.Thread(
-            target=serve_pty,
-            args=(master, machine.samples(), encode_frame),
-            kwargs={"rate_hz": RATE_HZ, "stop": stop},
-            daemon=True,
-        )
-        feeders.append(feeder)
-        cfg = AgentConfig(
+        serial.add(
+            out,
+            machine.samples(),
+            RATE_HZ,
             device_id=f"dev{i:03d}",
             fleet=fleet,
             broker=url(f"{fleet}-dev{i:03d}"),
             model=forecaster_model(),
-            serial=SerialConfig(port=path),
             task=task,
             state_dir=state,
             seed=seed * 1000 + i,
             aggregator_keys=(public_key,),
         )
-        agents.append(build_agent(cfg))
+    agents = serial.agents
     agg = build_aggregator(
         AggregatorConfig(
             fleet=fleet,
@@ -122,12 +176,8 @@ def run_sensor_fleet(
             seed=seed,
         )
     )
-    threads: list[threading.Thread] = []
     try:
-        for agent in agents:
-            agent.start()  # opens its port: the reader starts filling the store
-        for feeder in feeders:
-            feeder.start()
+        serial.feed()
         # Enough samples for a first round's examples, in the stores (the readers hand them
         # over in batches, up to about 0.6 s after they arrive).
         want, until = WINDOW + 200, time.monotonic() + 30.0
@@ -135,24 +185,9 @@ def run_sensor_fleet(
             a.sensor.reader.counters["samples"] - a.sensor.reader.held < want for a in agents
         ):
             time.sleep(0.05)
-        agg.start()
-        for agent in agents:
-            t = threading.Thread(target=Agent.run, args=(agent, stop), daemon=True)
-            t.start()
-            threads.append(t)
-        deadline = time.monotonic() + round_timeout * (rounds + 2)
-        while not agg.done and time.monotonic() < deadline:
-            agg.step(0.1)
+        serial.run(agg, stop, round_timeout * (rounds + 2))
     finally:
-        stop.set()
-        for t in threads + feeders:
-            t.join(10)
-        for agent in agents:
-            agent.stop()
-        for master in masters:
-            os.close(master)
-        agg.link.close()
-        agg.store.close()
+        serial.close(agg, stop)
     lines = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     done = [r for r in lines if r["status"] == "done" and r.get("participants")]
     summary = {
