@@ -688,10 +688,15 @@ class Aggregator:
 
     def _select(self) -> list[str]:
         """Online devices. With ``devices_per_round``, the most reliable first (recent answer
-        rate, random among equals), over-selected by ``overselect``: the round closes once
-        the target has answered. A device left out for REVISIT_AFTER rounds ranks as untried
-        again: left out for good, one with a run of chance dropouts would take its data out
-        of the model (bench/README.md, Faults), and a hung one is not waited for anyway."""
+        rate), over-selected by ``overselect``: the round closes once the target has
+        answered. Among equally reliable devices the one selected longest ago goes first
+        (random among those never selected or selected in the same round): a rotation, so
+        that in a fleet of reliable devices each is selected once every N / k rounds. A
+        random draw left a device out for many rounds now and then, which on a non-IID
+        fleet pulls the model towards the others' data (bench/README.md, Fewer wakes). A
+        device left out for REVISIT_AFTER rounds ranks as untried again: left out for good,
+        one with a run of chance dropouts would take its data out of the model
+        (bench/README.md, Faults), and a hung one is not waited for anyway."""
         # Not quiet devices that rest (unless none would be left: aggregator/inbox.py).
         online = self.inboxes.selectable(self.next_round_id, self.online, 1)
         k = self.cfg.devices_per_round
@@ -704,8 +709,16 @@ class Aggregator:
             picked = self.rng.choice(len(online), size=want, replace=False)
             return sorted(online[i] for i in picked)
         order = self.rng.permutation(len(online))
-        ranked = sorted((-self._standing(online[i]), j, online[i]) for j, i in enumerate(order))
-        return sorted(d for _, _, d in ranked[:want])
+        ranked = sorted(
+            (-self._standing(online[i]), self._last_selected(online[i]), j, online[i])
+            for j, i in enumerate(order)
+        )
+        return sorted(d for *_, d in ranked[:want])
+
+    def _last_selected(self, device: str) -> int:
+        """The round that last selected the device (its newest outcome); -1: none kept."""
+        recent = self.history.get(device)
+        return recent[-1][0] if recent else -1
 
     def _standing(self, device: str) -> float:
         """The selection rank: recent answer rate; 1 when untried or not tried lately."""

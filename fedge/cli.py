@@ -164,6 +164,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         poison=args.poison,
         hung=args.hung,
         devices_per_round=args.devices_per_round,
+        overselect=args.overselect,
         clients=args.clients,
         dp=args.dp,
         noise_multiplier=args.noise_multiplier,
@@ -555,6 +556,13 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="devices a round needs answers from, selected out of the online fleet (0: all)",
+    )
+    s.add_argument(
+        "--overselect",
+        type=float,
+        default=1.3,
+        help="with --devices-per-round: select this many times more, as spares (1: none;"
+        " for reliable quiet devices, a spare wakes for nothing)",
     )
     s.add_argument(
         "--clients",

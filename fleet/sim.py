@@ -133,6 +133,10 @@ class SimOptions:
     # Devices a round selects out of the online fleet (0: all), over-selected by the
     # aggregator's overselect; the round closes once this many have answered.
     devices_per_round: int = 0
+    # How many more than devices_per_round a round selects (the aggregator's overselect):
+    # spares for stragglers and dropouts; 1.0 for a fleet of reliable quiet devices, where a
+    # spare wakes for an answer that comes too late to count.
+    overselect: float = 1.3
     clients: str = "hub"  # hub: connections on one thread (fleet.device_pool); threads: one each
     # Differential privacy (aggregator [privacy], docs/privacy.md): None, "central" or "local".
     dp: str | None = None
@@ -298,6 +302,8 @@ def _fleet_setup(opts: SimOptions) -> SimOptions:
         raise SimError(
             f"--devices-per-round {opts.devices_per_round}: want 0 (all) to {opts.devices}"
         )
+    if not 1.0 <= opts.overselect <= 10.0:
+        raise SimError(f"--overselect {opts.overselect:g}: want 1 to 10")
     if opts.broker is None and opts.devices > EMBEDDED_MAX_DEVICES:
         try:
             find_mosquitto()
@@ -538,6 +544,7 @@ def _aggregator_config(
         rounds=opts.rounds,
         min_devices=opts.devices,
         devices_per_round=opts.devices_per_round,
+        overselect=opts.overselect,
         quorum=opts.quorum,
         round_timeout=opts.round_timeout,
         training=_training_table(opts),
@@ -899,6 +906,7 @@ def _summarise(
         "wall_time_s": round(elapsed, 2),
         "clients": opts.clients,
         "devices_per_round": opts.devices_per_round,
+        "overselect": opts.overselect,
         "connect_s": None if connect_s is None else round(connect_s, 2),
     }
     if stalled is not None:

@@ -151,3 +151,29 @@ def test_reliable_devices_first_and_one_that_keeps_missing_is_still_tried(
         # after a miss it ranks behind the devices that answer, until it sat out a while
         assert not any("flaky" in p for p in picks[r : r + REVISIT_AFTER])
     assert all(len(p) == 3 for p in picks)  # ceil(2 * 1.5)
+
+
+def test_reliable_devices_take_turns_and_the_rotation_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    """10 devices, 2 a round, no spares: every device is selected once every 5 rounds (a
+    random draw among equals left some out for 10 rounds and more), also across a restart
+    of the aggregator, which reads who was selected when from its state."""
+    broker, clock = MemoryBroker(), Clock()
+    names = [f"d{i}" for i in range(10)]
+
+    def start() -> Aggregator:
+        return make(tmp_path, broker, clock, min_devices=10, devices_per_round=2, overselect=1.0)
+
+    agg = start()
+    devices = {d: Device(broker, d) for d in names}
+    pump(agg)
+    picks = [answer_all_but(agg, clock, devices) for _ in range(7)]
+    agg.store.db.close()
+    agg = start()
+    pump(agg)
+    picks += [answer_all_but(agg, clock, devices) for _ in range(8)]
+    assert all(len(p) == 2 for p in picks)
+    for first in range(0, len(picks) - 4):
+        window = [d for p in picks[first : first + 5] for d in p]
+        assert sorted(window) == names  # each device exactly once in any 5 rounds in a row
