@@ -593,8 +593,7 @@ class Agent:
 
     def _on_round(self, ann: RoundAnnouncement) -> None:
         if self.secure is not None and self.secure.round_id != ann.round_id:
-            self.secure.abort()  # a new round: the secure one it was part of is over
-            self.secure = None
+            self._leave_secure(abort=True)  # a new round: the secure one it was in is over
         if self.device_id not in ann.selected or ann.round_id <= self.state.last_round:
             return
         if self.secure is not None:
@@ -713,9 +712,7 @@ class Agent:
             # retained announcement would bring the same failure back after a restart.
             log.error("round %d: %s: %s; sitting it out", ann.round_id, type(exc).__name__, exc)
             self.stats.failed += 1
-            if self.secure is not None:
-                self.secure.abort()
-                self.secure = None
+            self._leave_secure(abort=True)
             self._skip(ann, "other", trained=False, outcome="failed")
 
     def _round(self, ann: RoundAnnouncement) -> None:
@@ -826,9 +823,7 @@ class Agent:
                 if not decision.upload:  # e.g. the daily budget is spent: keep it all for later
                     gate = replace(gate, upload=False, reason=decision.reason)
         if not gate.upload:
-            if self.secure is not None:  # held back: a dropout of the secure round
-                self.secure.abort()
-                self.secure = None
+            self._leave_secure(abort=True)  # held back: a dropout of the secure round
             self._skip(ann, gate.reason, trained=True, held=update, scored=scored)
             return
         self.last_update_bytes = self._wire_size(parts)
@@ -947,8 +942,7 @@ class Agent:
         try:
             answer = turn.answer(payload)
         except SecAggError as exc:
-            turn.abort()
-            self.secure = None
+            self._leave_secure(abort=True)
             self._refuse(f"secagg_{exc.reason}", topic, f"round {turn.round_id}: {exc}")
             return
         out = self.topics.update(self.device_id)
@@ -958,9 +952,22 @@ class Agent:
         elif answer.action is Action.MASKED:
             self._send_masked(turn, answer.payload)
         if answer.done:
-            self.secure = None
+            self._leave_secure(abort=False)
         elif answer.trains:  # the shares are out: train, and keep the update for the mask
             self._train_and_upload(turn.announcement)
+
+    def _leave_secure(self, *, abort: bool) -> None:
+        """The device's part in its secure round is over: done, or given up (``abort``). A
+        quiet device also stops listening on the secagg topics until its next secure round
+        (which subscribes before its keys go out): the key lists and survivor lists of
+        rounds it is not in would wake its radio."""
+        if self.secure is not None and abort:
+            self.secure.abort()
+        self.secure = None
+        if self.quiet and self._secagg_subscribed:
+            self.link.unsubscribe(self.topics.secagg(self.device_id))
+            self.link.unsubscribe(self.topics.secagg_all)
+            self._secagg_subscribed = False
 
     def _send_masked(self, turn: SecureTurn, masked: bytes) -> None:
         """The masked input in the usual update envelope: chunked, kept in the outbox,

@@ -55,6 +55,9 @@ class Link(Protocol):
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now if connected (and wait for the broker's ack), and on every reconnect."""
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop a subscription, now if connected, and no longer renew it on reconnect."""
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """Queue a message for the broker; QoS 1 messages survive a reconnect."""
 

@@ -56,6 +56,10 @@ class MemoryBroker:
             for message in retained:
                 link.deliver(message)
 
+    def unsubscribe(self, link: MemoryLink, topic_filter: str) -> None:
+        with self._lock:
+            self._filters.get(link.client_id, set()).discard(topic_filter)
+
     def publish(self, message: Message) -> None:
         with self._lock:
             if message.retain and message.payload:
@@ -105,6 +109,9 @@ class MemoryLink:
         validate_filter(topic_filter)
         self._check(qos)
         self.broker.subscribe(self, topic_filter)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        self.broker.unsubscribe(self, topic_filter)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         self._check(qos)

@@ -211,6 +211,13 @@ class PahoLink:
             hint = DOT_HINT if "." in topic_filter else ""
             raise self._error(f"broker refused subscription to {topic_filter}{hint}")
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._cond:
+            if self._filters.pop(topic_filter, None) is None:
+                return
+        if self.connected:  # not waited for: what still comes is handled as before
+            self._client.unsubscribe(topic_filter)
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         if not self._started:
             raise self._error(f"not connected, cannot publish to {topic}")

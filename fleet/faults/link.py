@@ -133,6 +133,9 @@ class FaultyLink:
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         self.inner.subscribe(topic_filter, qos)
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        self.inner.unsubscribe(topic_filter)
+
     def get(self, timeout: float | None) -> Message | None:
         msg = self.inner.get(timeout)
         if msg is not None and msg.topic == self._topics.round and msg.payload:

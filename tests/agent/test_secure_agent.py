@@ -31,6 +31,7 @@ from fedge.protocol import (
 )
 from fedge.protocol.secagg import (
     SecAggClient,
+    SecAggParams,
     SecAggServer,
     address,
     dequantize_sum,
@@ -63,8 +64,9 @@ def signed(kind: str, envelope: bytes) -> bytes:
     return sign(envelope, KEY, fleet=FLEET, kind=kind)
 
 
-@pytest.fixture
-def agent(tmp_path: Path) -> tuple[Agent, MemoryLink]:
+def start(tmp_path: Path, *, quiet: bool = False) -> tuple[Agent, MemoryLink]:
+    """d1 with the model and round 1 (secure, d1-d3): on the broadcast topics, or in its
+    inbox when it is quiet."""
     broker = MemoryBroker()
     server = MemoryLink(broker, "server")
     server.connect()
@@ -79,17 +81,29 @@ def agent(tmp_path: Path) -> tuple[Agent, MemoryLink]:
         rng=np.random.default_rng(1),
         residual_store=ResidualStore(tmp_path / "residual.npz"),
         trusted_keys=[KEY.public_key()],
+        quiet=quiet,
     )
     agent.start()
     header = GlobalModelHeader(fleet=FLEET, model_version=1, round_id=0)
-    server.publish(T.global_model, signed("global", encode(header, WEIGHTS)), retain=True)
+    model = signed("global", encode(header, WEIGHTS))
     ann = RoundAnnouncement(
         fleet=FLEET, round_id=1, model_version=1, deadline=2e9, selected=DEVICES, config=CONFIG
     )
-    server.publish(T.round, signed("round", encode(ann)), retain=True)
+    announcement = signed("round", encode(ann))
+    if quiet:
+        server.publish(T.inbox("d1"), model)
+        server.publish(T.inbox("d1"), announcement)
+    else:
+        server.publish(T.global_model, model, retain=True)
+        server.publish(T.round, announcement, retain=True)
     while agent.step(0):
         pass
     return agent, server
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> tuple[Agent, MemoryLink]:
+    return start(tmp_path)
 
 
 def drain(agent: Agent, server: MemoryLink) -> list[bytes]:
@@ -102,10 +116,9 @@ def drain(agent: Agent, server: MemoryLink) -> list[bytes]:
     return out
 
 
-def test_the_agent_takes_its_part_and_the_sum_holds_its_update(
-    agent: tuple[Agent, MemoryLink],
-) -> None:
-    device, server = agent
+def play(device: Agent, server: MemoryLink) -> tuple[SecAggParams, np.ndarray, dict, np.ndarray]:
+    """Play round 1 to its end with d1 and two simulated devices: (the round's parameters,
+    the sum, the other devices' quantised inputs, d1's residual flattened)."""
     shapes = {k: v.shape for k, v in WEIGHTS.items()}
     plan = secure_round(FLEET, 1, DEVICES, SETTINGS, shapes, parse_codec("float32"))
     p = plan.params
@@ -138,17 +151,40 @@ def test_the_agent_takes_its_part_and_the_sum_holds_its_update(
     aggregator.add_unmask("d1", unmask)
     for d, c in others.items():
         aggregator.add_unmask(d, c.unmask(survivors))
-    total = aggregator.finish()
+    return p, aggregator.finish(), qs, plan.flatten(device.residual)
+
+
+def test_the_agent_takes_its_part_and_the_sum_holds_its_update(
+    agent: tuple[Agent, MemoryLink],
+) -> None:
+    device, server = agent
+    p, total, qs, residual = play(device, server)
     # What the sum holds of d1 is what d1 sent: its update less the residual it kept.
     mine = from_ring(total, p.k) - sum(qs.values())
     sent = dequantize_sum(to_ring(mine, p.k), p.k, count=1, max_devices=3, clip=p.clip, bits=p.bits)
-    residual = plan.flatten(device.residual)
     assert np.abs(mine).max() > 0 and np.abs(residual).max() > 0
     step = p.clip / ((1 << (p.bits - 1)) - 1)
     within_range = np.abs(sent + residual) <= p.clip  # (beyond the clip, the residual keeps it)
     assert np.all(np.abs(residual[within_range]) < step + 1e-6)
     assert device.secure is None and device.state.last_round == 1
     assert device.stats.rounds_trained == 1 and device.outcome == ("sent", None)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_once_its_secure_round_is_over_a_quiet_device_hears_no_stage_messages(
+    tmp_path: Path, quiet: bool
+) -> None:
+    """A quiet device takes its part in a secure round as any other (its round came in its
+    inbox); once the round is over it leaves the secagg topics, so the survivor lists of
+    rounds it is not in do not wake it. A device listening to every round keeps them."""
+    device, server = start(tmp_path, quiet=quiet)
+    play(device, server)
+    assert device.secure is None and device.outcome == ("sent", None)
+    for _ in range(3):  # later secure rounds without d1
+        server.publish(T.secagg_all, signed("secagg", address("", b"survivors")))
+    drain(device, server)
+    heard = device.stats.rejected["secagg_wrong_round"]
+    assert heard == (0 if quiet else 3)
 
 
 def test_unsigned_and_misaddressed_stage_messages_are_refused(
