@@ -106,6 +106,7 @@ class PahoLink:
         self._cond = threading.Condition()  # guards everything below
         self._filters: dict[str, int] = {}
         self._subacks: dict[int, list[Any]] = {}  # mid -> reason codes, for subscribe()
+        self._unsubacks: set[int] = set()  # mids the broker acknowledged, for unsubscribe()
         self._resubscribe_mids: set[int] = set()
         self._unacked: set[int] = set()  # publishes not yet sent (QoS 0) or acked (QoS 1, 2)
         self._early_acks: set[int] = set()  # acks that came before publish() saw the mid
@@ -139,6 +140,7 @@ class PahoLink:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         client.on_publish = self._on_publish
         if hub is not None:  # paho then queues writes for the hub instead of sending them itself
             client.on_socket_register_write = lambda c, u, sock: hub.kick(self)
@@ -214,9 +216,17 @@ class PahoLink:
     def unsubscribe(self, topic_filter: str) -> None:
         with self._cond:
             if self._filters.pop(topic_filter, None) is None:
-                return
-        if self.connected:  # not waited for: what still comes is handled as before
-            self._client.unsubscribe(topic_filter)
+                return  # not subscribed
+        if not self.connected:
+            return  # a reconnect no longer renews it
+        rc, mid = self._client.unsubscribe(topic_filter)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return  # the connection is gone: the same
+        self._wait_for(lambda: mid in self._unsubacks or not self.connected, SUBACK_TIMEOUT)
+        with self._cond:
+            if mid not in self._unsubacks:
+                log.warning("no ack for the end of subscription %s yet", topic_filter)
+            self._unsubacks.discard(mid)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         if not self._started:
@@ -468,6 +478,13 @@ class PahoLink:
         )
         if self.on_receive is not None:
             self.on_receive()
+
+    def _on_unsubscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any
+    ) -> None:
+        with self._cond:
+            self._unsubacks.add(mid)
+            self._cond.notify_all()
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any], props: Any

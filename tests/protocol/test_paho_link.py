@@ -316,3 +316,41 @@ def test_a_driven_link_flushes_what_its_owner_stopped_driving(
     late.subscribe(topic)
     got = late.get(timeout=10)
     assert got is not None and got.payload == payload
+
+
+@THREADS
+def test_an_ended_subscription_is_not_renewed_after_a_reconnect(
+    own_mosquitto: MosquittoServer,
+    links: list[PahoLink],
+    prefix: str,
+    client_id: str,
+    network_thread: bool,
+) -> None:
+    kept, ended = f"{prefix}/f/inbox/d1", f"{prefix}/f/secagg"
+    sub = PahoLink(
+        own_mosquitto.host,
+        own_mosquitto.port,
+        f"{client_id}-sub",
+        clean_session=True,
+        network_thread=network_thread,
+    )
+    pub = PahoLink(own_mosquitto.host, own_mosquitto.port, f"{client_id}-pub")
+    links += [sub, pub]
+    sub.connect()
+    pub.connect()
+    sub.subscribe(kept)
+    sub.subscribe(ended)
+    sub.unsubscribe(ended)  # returns once the broker has acked
+    sub.unsubscribe(ended)  # a second time: nothing to do
+    pub.publish(ended, b"not for sub")
+    pub.publish(kept, b"before")
+    assert [m.payload for m in receive(sub, 1)] == [b"before"]
+    own_mosquitto.restart()  # a clean session: on_connect renews what is still subscribed
+    deadline = time.monotonic() + 15
+    got: list[bytes] = []
+    while time.monotonic() < deadline and b"after" not in got:
+        pub.publish(ended, b"not for sub")
+        pub.publish(kept, b"after")
+        if (message := sub.get(timeout=0.5)) is not None:
+            got.append(message.payload)
+    assert b"after" in got and b"not for sub" not in got
