@@ -31,6 +31,7 @@ within the timeout; the message carries the tail of the broker's log.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -38,6 +39,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -222,6 +224,17 @@ class MosquittoServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The broker stopped (SIGSTOP) for the block: it reads nothing, so what clients
+        write backs up in their sockets; it goes on (SIGCONT) after."""
+        assert self._process is not None, "the broker is not running"
+        self._process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._process.send_signal(signal.SIGCONT)
 
     def restart(self) -> MosquittoServer:
         """Stop and start again on the same port (connected clients see the connection drop)."""

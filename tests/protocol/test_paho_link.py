@@ -298,19 +298,21 @@ def test_nagle_is_off_on_the_broker_connection(
 
 
 def test_a_driven_link_flushes_what_its_owner_stopped_driving(
-    mosquitto: MosquittoServer, links: list[PahoLink], prefix: str, client_id: str
+    own_mosquitto: MosquittoServer, links: list[PahoLink], prefix: str, client_id: str
 ) -> None:
     """A link without a thread writes only while driven: a publish larger than the socket
     takes at once stays partly in its buffer until ``flush`` (the aggregator's last model)."""
     topic = f"{prefix}/f/global"
-    pub = PahoLink(mosquitto.host, mosquitto.port, f"{client_id}-pub", network_thread=False)
+    host, port = own_mosquitto.host, own_mosquitto.port
+    pub = PahoLink(host, port, f"{client_id}-pub", network_thread=False)
     links.append(pub)
     pub.connect()
-    payload = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than one write can take
-    pub.publish(topic, payload, retain=True)
-    assert pub._client.want_write()  # part of it waits in paho's buffer
+    payload = bytes(range(256)) * (32 * 1024)  # 8 MiB
+    with own_mosquitto.paused():  # a broker that reads nothing: the socket fills up
+        pub.publish(topic, payload, retain=True)
+        assert pub._client.want_write()  # part of it waits in paho's buffer
     assert pub.flush(30.0)
-    late = PahoLink(mosquitto.host, mosquitto.port, f"{client_id}-late", clean_session=True)
+    late = PahoLink(host, port, f"{client_id}-late", clean_session=True)
     links.append(late)
     late.connect()
     late.subscribe(topic)
