@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +78,7 @@ class GatewayRun:
     sites: dict[str, list[str]]  # site -> its devices
     uplink: dict[str, Uplink]  # site -> what crossed its bridge to the central broker
     update_bytes: dict[str, int]  # site -> its devices' update bytes (a relay would carry)
+    quiet: list[str]  # the devices still quiet at the end (one refused its inbox would not be)
 
 
 def wait_bridged(
@@ -111,11 +112,13 @@ def gateway_run(
     timeout: float = 300.0,
     credentials: Credentials | None = None,
     signing: tuple[Path, Path] | None = None,
+    quiet: Collection[str] = (),
 ) -> GatewayRun:
     """``rounds`` rounds with a gateway per site (site -> its broker's URL, bridged to
     ``central``) and ``devices_per_site`` agents at each. ``credentials``: each identity's
     ``[tls]`` (above); ``signing``: the aggregator's key pair (private, public), the worker and
-    the agents then pin the public key, as a site gateway's bundle does."""
+    the agents then pin the public key, as a site gateway's bundle does. ``quiet``: devices
+    that listen only on their inbox (bridged down from the central broker)."""
     names = list(sites)
     tag = fleet[-8:]
     tls = credentials or (lambda name: None)
@@ -173,6 +176,7 @@ def gateway_run(
                 seed=seed + everyone.index(d),
                 tls=tls(d),
                 aggregator_keys=pinned,
+                quiet=d in quiet,
             )
         )
         for s in names
@@ -202,4 +206,7 @@ def gateway_run(
     for sent in run.updates.values():
         for topic, payload in sent:
             update_bytes[site_of[topics.device_of(topic)]] += publish_size(topic, len(payload), 1)
-    return GatewayRun(run=run, sites=devices, uplink=uplink, update_bytes=update_bytes)
+    still_quiet = [a.device_id for a in agents if a.quiet]
+    return GatewayRun(
+        run=run, sites=devices, uplink=uplink, update_bytes=update_bytes, quiet=still_quiet
+    )

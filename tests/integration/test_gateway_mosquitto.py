@@ -80,6 +80,8 @@ def test_two_gateways_give_the_flat_average_and_keep_updates_at_their_sites(
 FLEET = "gw-tls"
 BASE = f"fedge/v1/{FLEET}"
 ROUNDS = 2
+# One device at each site hears only its own inbox (docs/bandwidth.md, Quiet devices).
+QUIET = tuple(devices[0] for devices in site_devices(SITES, 2, FLEET).values())
 QUIET_S = 0.5  # how long a message that must not arrive is given
 
 
@@ -166,10 +168,17 @@ def test_gateways_over_tls_with_each_brokers_acl_give_the_flat_average(
         timeout=120,
         credentials=credentials(pki),
         signing=(pki / "signing.key", pki / "signing.pub"),
+        quiet=QUIET,
     )
     run = result.run
     assert [r["status"] for r in run.rounds] == ["done"] * ROUNDS, central.log_tail()
+    # Every device in every round, the quiet ones too: their rounds and models came down
+    # the bridges to their inboxes, which their site's ACL let them read (an agent refused
+    # its inbox listens to every round instead, and would not be quiet now).
     assert all(len(r["participants"]) == 4 for r in run.rounds)
+    assert sorted(result.quiet) == sorted(QUIET)
+    for r in run.rounds:
+        assert sorted(r["bytes_down_by_device"]) == sorted(QUIET)
     assert run.accepted == {"site-a": 2 * ROUNDS, "site-b": 2 * ROUNDS}
     weights, single = replay_single(run)
     for a, b in zip(run.rounds, single, strict=True):
