@@ -22,7 +22,6 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedge.models.runtime import Runtime
 from fedge.protocol import (
     DecodeError,
@@ -55,6 +54,7 @@ from fedge.protocol.signing import OVERHEAD as SIGNATURE_OVERHEAD
 from fedge.protocol.signing import key_id
 from fedge.protocol.status import encode_status
 from fedge.protocol.wire import publish_size
+from nacl.signing import VerifyKey
 from pydantic import ValidationError
 
 from fedge import __version__
@@ -139,7 +139,7 @@ class Agent:
         budget: ByteBudget | None = None,
         max_payload: int = 0,
         sensor: Any = None,
-        trusted_keys: Sequence[Ed25519PublicKey] = (),
+        trusted_keys: Sequence[VerifyKey] = (),
         outbox: Outbox | None = None,
         readings: Callable[[], dict[str, float]] | None = None,
         noise_rng: np.random.Generator | None = None,

@@ -32,7 +32,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedge.protocol import (
     DEFAULT_LIMITS,
     CodecError,
@@ -55,6 +54,7 @@ from fedge.protocol import (
     verify,
 )
 from fedge.protocol.wire import publish_size
+from nacl.signing import VerifyKey
 
 from . import intake
 from .accumulate import RoundAnswers, RunningSum
@@ -89,7 +89,7 @@ class ShardWorker:
         store: Store,
         template: Weights,
         clock: Callable[[], float] = time.time,
-        verify_keys: Sequence[Ed25519PublicKey] = (),
+        verify_keys: Sequence[VerifyKey] = (),
     ) -> None:
         if config.shards is None or name not in config.shards.workers:
             raise ValueError(f"worker {name!r} is not one of [shards] workers")

@@ -6,7 +6,7 @@ import logging
 
 from fedge.models.runtime import load_runtime
 from fedge.protocol import Link
-from fedge.protocol.signing import load_private_key, load_public_key
+from fedge.protocol.signing import load_private_key, load_public_key, verify_key
 
 from fedge.brokerconfig import broker_link
 from fedge.configfile import ConfigError
@@ -31,7 +31,7 @@ def build_worker(cfg: AggregatorConfig, name: str, link: Link | None = None) -> 
     if cfg.aggregator_keys:  # a site gateway: the coordinator's public key, pinned
         keys = [load_public_key(path.read_bytes()) for path in cfg.aggregator_keys]
     elif cfg.signing_key is not None:  # beside the coordinator: the public half of its key
-        keys = [load_private_key(cfg.signing_key.read_bytes()).public_key()]
+        keys = [verify_key(load_private_key(cfg.signing_key.read_bytes()))]
     else:
         keys = []
     return ShardWorker(

@@ -30,10 +30,7 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("numpy", ("numpy",)),
     ("pydantic (and pydantic-core)", ("pydantic.main",)),
     ("hashlib (OpenSSL's libcrypto)", ("hashlib",)),
-    (
-        "cryptography (Ed25519: signed models)",
-        ("cryptography.hazmat.primitives.asymmetric.ed25519",),
-    ),
+    ("PyNaCl (libsodium's Ed25519: signed models)", ("nacl.signing",)),
     ("ssl", ("ssl",)),
     ("paho-mqtt", ("paho.mqtt.client",)),
     ("fedge.protocol (the wire's models)", ("fedge.protocol",)),
@@ -46,7 +43,10 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
 ]
 # Loaded only when a round or the config asks for them (measured after the steps above).
 LAZY: list[tuple[str, tuple[str, ...]]] = [
-    ("secure aggregation (a secure round)", ("fedge.protocol.secagg", "fedge.agent.secure")),
+    (
+        "secure aggregation (a secure round), cryptography",
+        ("fedge.protocol.secagg", "fedge.agent.secure"),
+    ),
     ("homomorphic encryption module (without TenSEAL)", ("fedge.protocol.he",)),
     ("Prometheus metrics (metrics_port)", ("fedge.metrics",)),
     ("serial path: pyserial, SQLite store ([serial])", ("fedge.agent.sensor_source",)),

@@ -26,7 +26,7 @@ from fedge.protocol import (
     sign,
     verify,
 )
-from fedge.protocol.signing import OVERHEAD
+from fedge.protocol.signing import OVERHEAD, verify_key
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "models" / "artifacts"
 
@@ -60,7 +60,7 @@ def main() -> None:
         f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"
     )
     key = Ed25519PrivateKey.generate()
-    keys = [key.public_key()]
+    keys = [verify_key(key)]
     payloads = {}
     for name in ("digits_mlp", "digits_mlp_50k"):
         weights = load_runtime(ARTIFACTS / f"{name}.tflite", prefer=("numpy",)).get_weights()

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fedge.protocol.signing import private_pem, public_pem
+from fedge.protocol.signing import private_pem, public_pem, verify_key
 
 
 def write_signing_pair(folder: Path) -> tuple[Path, Path]:
@@ -19,5 +19,5 @@ def write_signing_pair(folder: Path) -> tuple[Path, Path]:
     fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(private_pem(key))
-    public.write_bytes(public_pem(key.public_key()))
+    public.write_bytes(public_pem(verify_key(key)))
     return private, public

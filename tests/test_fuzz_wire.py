@@ -106,7 +106,7 @@ from fedge.protocol import (
 from fedge.protocol.chunking import HEADER_SIZE
 from fedge.protocol.errors import DECODE_REASONS
 from fedge.protocol.secagg import SECAGG_REASONS
-from fedge.protocol.signing import OVERHEAD, key_id
+from fedge.protocol.signing import OVERHEAD, key_id, verify_key
 from fedge.protocol.status import decode_status, encode_status
 from helpers import DIGITS_MODEL
 from hypothesis import HealthCheck, Phase, given, settings
@@ -296,7 +296,7 @@ MESSAGE_ID = st.one_of(
     st.sampled_from([bytes(8), b"\xff" * 8]), *[st.binary(min_size=8, max_size=8)] * 4
 )
 PREFIXES = [b"", b"", b"FDG\x01", b"FDG\x01\x00\x00\x00", b"FDG\x02", b"FDC\x01", b"FDS\x01"]
-PREFIXES += [b"FSG\x01", b"FSG\x01" + key_id(KEY.public_key())]
+PREFIXES += [b"FSG\x01", b"FSG\x01" + key_id(verify_key(KEY))]
 ARBITRARY = st.tuples(st.sampled_from(PREFIXES), st.binary(max_size=200)).map(b"".join)
 # A chunk with a correct chunk CRC over hostile header fields.
 CHUNK_FIELDS = st.tuples(
@@ -334,7 +334,7 @@ JSON_HEADER = st.tuples(
     st.lists(TENSOR_SPEC, max_size=3) | JSON_VALUE,
     st.binary(max_size=64),
 )
-KEY_IDS = st.sampled_from([key_id(KEY.public_key()), key_id(ATTACKER.public_key()), None])
+KEY_IDS = st.sampled_from([key_id(verify_key(KEY)), key_id(verify_key(ATTACKER)), None])
 
 
 MADE_UP = st.text(max_size=70)
@@ -526,7 +526,7 @@ def rewrap(how: str, kind: str, sig: bytes, envelope: bytes) -> bytes:
     if how.startswith("attacker"):
         signed = sign(envelope, ATTACKER, fleet=FLEET, kind=kind)
         if how == "attacker_as_pinned":  # the attacker's signature under the pinned key id
-            signed = signed[:4] + key_id(KEY.public_key()) + signed[12:]
+            signed = signed[:4] + key_id(verify_key(KEY)) + signed[12:]
         return signed
     return envelope
 
@@ -990,7 +990,7 @@ def campaign(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Campaign]:
             rng=np.random.default_rng(i),
             clock=clock,
             max_payload=max_payload,  # a's updates go out in chunks
-            trusted_keys=[KEY.public_key()],
+            trusted_keys=[verify_key(KEY)],
         )
         agent.start()
         pinned.append(agent)
@@ -1152,7 +1152,7 @@ def test_a_global_model_with_huge_or_infinite_weights_is_sat_out_quietly(value: 
         link=MemoryLink(broker, "c"),
         runtime=runtime,
         data=dataset(8, 0),
-        trusted_keys=[KEY.public_key()],
+        trusted_keys=[verify_key(KEY)],
     )
     agent.start()
     weights = {k: np.full_like(v, value) for k, v in runtime.get_weights().items()}

@@ -30,6 +30,7 @@ from fedge.protocol import (
     encode,
     sign,
 )
+from fedge.protocol.signing import verify_key
 from helpers import DIGITS_MODEL, serve_rounds
 
 pytestmark = pytest.mark.link
@@ -58,7 +59,7 @@ def agent(broker: MemoryBroker, device: str, seed: int, *, quiet: bool, rest: in
         runtime=load_runtime(DIGITS_MODEL, prefer=("numpy",)),
         data=Dataset(rng.random((40, 64), np.float32), rng.integers(0, 10, 40).astype(np.int32)),
         rng=np.random.default_rng(seed),
-        trusted_keys=[KEY.public_key()],
+        trusted_keys=[verify_key(KEY)],
         quiet=quiet,
         rest_rounds=rest,
     )

@@ -40,6 +40,7 @@ from fedge.protocol.secagg import (
     secure_round,
     to_ring,
 )
+from fedge.protocol.signing import verify_key
 from helpers import DIGITS_MODEL
 
 pytestmark = pytest.mark.link
@@ -80,7 +81,7 @@ def start(tmp_path: Path, *, quiet: bool = False) -> tuple[Agent, MemoryLink]:
         data=Dataset(rng.random((40, 64), np.float32), rng.integers(0, 10, 40).astype(np.int32)),
         rng=np.random.default_rng(1),
         residual_store=ResidualStore(tmp_path / "residual.npz"),
-        trusted_keys=[KEY.public_key()],
+        trusted_keys=[verify_key(KEY)],
         quiet=quiet,
     )
     agent.start()

@@ -24,6 +24,7 @@ from fedge.protocol import (
     encode,
     sign,
 )
+from fedge.protocol.signing import verify_key
 from helpers import DIGITS_MODEL
 
 pytestmark = pytest.mark.link
@@ -78,7 +79,7 @@ class Fleet:
             ),
             state=load_state(self.state_file),
             save_state=lambda s: save_state(self.state_file, s),
-            trusted_keys=[k.public_key() for k in self.keys],
+            trusted_keys=[verify_key(k) for k in self.keys],
         )
         agent.start()
         return agent
