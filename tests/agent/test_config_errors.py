@@ -177,6 +177,25 @@ def test_tls_files_that_are_not_what_they_say_name_the_field(
     assert line.startswith(f"fedge: error: {tmp_path / 'agent.toml'}: tls: ") and problem in line
 
 
+def test_a_pinned_key_must_be_an_ed25519_public_key(
+    tmp_path: Path, data_file: Path, pki: Path
+) -> None:
+    """The aggregator's public key (PEM) loads; its private key in its place, a common slip,
+    stops the agent with one line naming the field."""
+    from fedge.agent.config import AgentConfig
+
+    from fedge.configfile import load_config
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(good(data_file) + f'aggregator_keys = ["{pki / "signing.pub"}"]\n')
+    assert load_config(cfg, AgentConfig).aggregator_keys == (pki / "signing.pub",)
+    proc = run_agent(tmp_path, good(data_file) + f'aggregator_keys = ["{pki / "signing.key"}"]\n')
+    assert proc.returncode == 78, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert "aggregator_keys" in line and "want an Ed25519 public key" in line, line
+    assert "got no PUBLIC KEY block alone" in line, line
+
+
 def test_data_that_does_not_fit_the_model(tmp_path: Path) -> None:
     import numpy as np
 
