@@ -165,6 +165,9 @@ class Aggregator:
         # Each device's last HISTORY selections, (round id, answered in time), oldest first:
         # kept in the store, so a restarted aggregator still knows who does not answer.
         self.history = store.outcomes()
+        # The spares of the last round, if it closed at its target before its deadline: (round
+        # id, deadline, the selected devices it did not wait for). See _late_spare.
+        self._spares: tuple[int, float, set[str]] | None = None
         self.schedule = config.schedule.build()
         self._last_start = store.last_round_start()  # the interval counts across restarts
         self._told_start: float | None = None  # the scheduled start already logged
@@ -574,6 +577,8 @@ class Aggregator:
             if reason is None and rnd is not None and rnd.clip is not None and self._central:
                 # Central DP: the sum's sensitivity is the clip whatever a device sent.
                 delta = intake.clip(delta, rnd.clip)
+        if reason == "wrong_round":
+            self._late_spare(header)
         if reason is not None:
             # Counted and logged, never stored: a device that was not selected, or garbage,
             # must not grow the state.
@@ -738,12 +743,32 @@ class Aggregator:
         to its deadline; one that answers in time still counts)."""
         return {d for d in rnd.selected if self.misses_in_a_row(d) >= PROBATION_AFTER}
 
-    def _note_outcomes(self, rnd: OpenRound) -> None:
+    def _note_outcomes(self, rnd: OpenRound, now: float) -> None:
         """Remember who answered in time, in memory and in the store."""
         outcomes = {d: d in rnd.answered for d in rnd.selected}
-        self.store.record_outcomes(rnd.round_id, outcomes, keep=HISTORY)
+        self._record_outcomes(rnd.round_id, outcomes)
+        spares = {d for d, ok in outcomes.items() if not ok}
+        early = bool(spares) and now < rnd.deadline
+        self._spares = (rnd.round_id, rnd.deadline, spares) if early else None
+
+    def _record_outcomes(self, round_id: int, outcomes: dict[str, bool]) -> None:
+        self.store.record_outcomes(round_id, outcomes, keep=HISTORY)
         for device, ok in outcomes.items():
-            self.history[device] = [*self.history.get(device, []), (rnd.round_id, ok)][-HISTORY:]
+            kept = [o for o in self.history.get(device, []) if o[0] != round_id]
+            self.history[device] = sorted([*kept, (round_id, ok)])[-HISTORY:]
+
+    def _late_spare(self, header: UpdateHeader | SkipNotice) -> None:
+        """A round that closed at its target did not wait for its spares. One whose answer
+        comes by that round's deadline was late for nothing it could know: it answered in
+        time, and is not ranked down as a device that misses rounds (counted a miss, the
+        slowest of each round, e.g. the one with the most data to train on, would sit out
+        the next rounds for nothing)."""
+        if self._spares is None:
+            return
+        round_id, deadline, spares = self._spares
+        if header.round_id == round_id and header.device_id in spares and self.clock() <= deadline:
+            spares.discard(header.device_id)
+            self._record_outcomes(round_id, {header.device_id: True})
 
     def _announce(self, now: float) -> None:
         selected = self._select()
@@ -1241,7 +1266,7 @@ class Aggregator:
     ) -> None:
         if not stored:
             self.store.close_round(rnd.round_id, status, now, summary)
-        self._note_outcomes(rnd)
+        self._note_outcomes(rnd, now)
         self.current = None
         _append_jsonl(self.cfg.log_path, summary)
         log.info("%s", describe_round(summary))

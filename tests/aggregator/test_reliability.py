@@ -177,3 +177,35 @@ def test_reliable_devices_take_turns_and_the_rotation_survives_a_restart(
     for first in range(0, len(picks) - 4):
         window = [d for p in picks[first : first + 5] for d in p]
         assert sorted(window) == names  # each device exactly once in any 5 rounds in a row
+
+
+def test_a_spare_that_answers_by_the_deadline_of_a_round_closed_without_it_is_no_miss(
+    tmp_path: Path,
+) -> None:
+    """4 devices, 2 a round, 3 selected: the round closes at the first two answers. The
+    third answers by the round's deadline: late for the round, but not a device that misses
+    rounds (it keeps its rank, in memory and in the store). One that answers after the
+    deadline missed it."""
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=4, devices_per_round=2, overselect=1.5)
+    devices = {d: Device(broker, d) for d in ("a", "b", "c", "d")}
+    pump(agg)
+    for late_by in (1.0, 11.0):  # seconds after the round closed; its deadline is at 10
+        rnd = agg.current
+        assert rnd is not None and len(rnd.selected) == 3
+        first, second, spare = sorted(rnd.selected)
+        for d in (first, second):
+            devices[d].send(rnd.round_id, delta(0.1), 10, base=agg.version)
+        pump(agg)
+        assert agg.current is not rnd  # closed at its target, without the spare
+        assert agg.misses_in_a_row(spare) == 1
+        clock.now += late_by
+        devices[spare].send(rnd.round_id, delta(0.1), 10, base=agg.version - 1)
+        pump(agg)
+        assert agg.rejected["wrong_round"] >= 1  # its update does not count, late as it is
+        missed = late_by > 10
+        assert agg.misses_in_a_row(spare) == int(missed)
+        assert dict(agg.store.outcomes()[spare])[rnd.round_id] is not missed
+        if agg.current is None:
+            clock.now += 1
+            pump(agg)
