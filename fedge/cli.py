@@ -9,9 +9,10 @@ data, an unreachable broker) with 2. A traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,25 +207,36 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     return 0 if complete else 1
 
 
-def _sim_serial(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _sim_broker(url: str | None) -> Iterator[tuple[str, Callable[[str], str] | None]]:
+    """The broker a sim runs on: ``url``, or an embedded one for the run (its URL, and how
+    each client reaches it)."""
+    if url:
+        yield url, None
+        return
     from fedge.fleet.embedded_broker import EmbeddedBroker
+
+    embedded = EmbeddedBroker().start()
+    try:
+        yield embedded.url, embedded.url_for
+    finally:
+        embedded.stop()
+
+
+def _sim_serial(args: argparse.Namespace) -> int:
     from fedge.fleet.sensor_fleet import run_sensor_fleet
 
     out = Path(args.out)
-    embedded = None if args.broker else EmbeddedBroker().start()
-    try:
+    with _sim_broker(args.broker) as (broker, broker_for):
         summary = run_sensor_fleet(
             devices=args.devices,
             rounds=args.rounds,
-            broker=args.broker or embedded.url,  # type: ignore[union-attr]
-            broker_for=embedded.url_for if embedded else None,
+            broker=broker,
+            broker_for=broker_for,
             out=out,
             seed=args.seed,
             round_timeout=args.round_timeout,
         )
-    finally:
-        if embedded is not None:
-            embedded.stop()
     print(
         f"{summary['devices']} devices read {summary['samples_read']} samples over their serial"
         f" ports; held-out forecast loss {summary['first_round_loss']:.4f} after round 1,"
@@ -235,7 +247,6 @@ def _sim_serial(args: argparse.Namespace) -> int:
 
 
 def _sim_maintenance(args: argparse.Namespace) -> int:
-    from fedge.fleet.embedded_broker import EmbeddedBroker
     from fedge.fleet.maintenance_policies import Costs
     from fedge.fleet.maintenance_run import cost_table, run_maintenance
     from fedge.fleet.pump_fleet import FleetError
@@ -247,27 +258,24 @@ def _sim_maintenance(args: argparse.Namespace) -> int:
         downtime_per_day=args.downtime_per_day,
         outage_days=args.outage_days,
     )
-    embedded = None if args.broker else EmbeddedBroker().start()
     try:
-        summary = run_maintenance(
-            machines=args.devices,
-            rounds=args.rounds,
-            broker=args.broker or embedded.url,  # type: ignore[union-attr]
-            broker_for=embedded.url_for if embedded else None,
-            out=out,
-            seed=args.seed,
-            round_timeout=args.round_timeout,
-            horizon=args.horizon,
-            threshold=args.threshold,
-            confirm=args.confirm,
-            schedule_quantile=args.schedule_quantile,
-            costs=costs,
-        )
+        with _sim_broker(args.broker) as (broker, broker_for):
+            summary = run_maintenance(
+                machines=args.devices,
+                rounds=args.rounds,
+                broker=broker,
+                broker_for=broker_for,
+                out=out,
+                seed=args.seed,
+                round_timeout=args.round_timeout,
+                horizon=args.horizon,
+                threshold=args.threshold,
+                confirm=args.confirm,
+                schedule_quantile=args.schedule_quantile,
+                costs=costs,
+            )
     except FleetError as exc:
         raise UserError(str(exc)) from exc
-    finally:
-        if embedded is not None:
-            embedded.stop()
     first = summary["first_failure_of_never_failed"]
     print(
         f"{summary['machines']} pumps, {summary['rounds_completed']} rounds,"
