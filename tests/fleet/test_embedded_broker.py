@@ -35,3 +35,20 @@ def test_clients_without_a_username_are_refused() -> None:
         anonymous = make_link(broker.url, "anon")
         with pytest.raises(LinkError):
             anonymous.connect(timeout=3.0)
+
+
+def test_a_sim_without_a_broker_gets_an_embedded_one_for_its_run() -> None:
+    from fedge.protocol import LinkError
+
+    from fedge.cli import _sim_broker
+
+    with _sim_broker("mqtt://broker.example:1883") as (url, url_for):
+        assert url == "mqtt://broker.example:1883" and url_for is None  # nothing started
+    with _sim_broker(None) as (url, url_for):
+        assert url_for is not None
+        link = make_link(url_for("dev-a"), "dev-a")
+        link.connect(timeout=5.0)
+        link.close()
+    late = make_link(url_for("dev-a"), "dev-a")
+    with pytest.raises(LinkError):  # stopped once the run is over
+        late.connect(timeout=1.0)
