@@ -122,9 +122,11 @@ class Inboxes:
         have = self.held.get(device, -1)
         if have >= version:
             return []
-        chain = [self._chain.get(v) for v in range(have + 1, version + 1)]
         full = self._whole_payload(version, whole)
-        if have >= 0 and all(chain) and sum(len(c) for c in chain if c) < len(full):
+        if have < 0 or version - have > len(self._chain):  # (no walk over versions not kept)
+            return [full]
+        chain = [self._chain.get(v) for v in range(have + 1, version + 1)]
+        if all(chain) and sum(len(c) for c in chain if c) < len(full):
             return [c for c in chain if c]
         return [full]
 
