@@ -288,13 +288,7 @@ class SampleStore:
             for i in np.flatnonzero(~finite).tolist():
                 sample = batch[i]
                 self._drop_non_finite(sample, np.asarray(sample.values, _VALUE_DTYPE))
-            batch = SampleBatch(
-                batch.sensor_id[finite],
-                batch.seq[finite],
-                batch.timestamp_ms[finite],
-                batch.values[finite],
-                batch.channels[finite],
-            )
+            batch = batch[finite]
         values = np.ascontiguousarray(batch.values, _VALUE_DTYPE)
         width = values.shape[1]
         if (batch.channels == width).all():  # one channel count: each row's bytes, in C

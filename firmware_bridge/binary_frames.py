@@ -60,7 +60,7 @@ import numpy as np
 from .cobs import CobsError, cobs_decode, cobs_decode_block, cobs_encode
 from .faults import record
 from .sample import Sample, SampleBatch
-from .sequence import SeqTracker
+from .sequence import SeqTracker, distinct
 
 VERSION = 1
 MAX_CHANNELS = 32
@@ -170,16 +170,6 @@ def decode_frame(frame: bytes) -> Sample | str:
     return Sample(sensor_id, seq, timestamp, _VALUES[n].unpack_from(payload, HEADER.size))
 
 
-def _distinct(a: np.ndarray) -> list[int]:
-    """The distinct values of ``a``, ascending (``np.unique`` without its first-call import)."""
-    if len(a) == 0:
-        return []
-    if (a == a[0]).all():
-        return [int(a[0])]
-    s = np.sort(a)
-    return s[np.concatenate(([True], s[1:] != s[:-1]))].tolist()  # type: ignore[no-any-return]
-
-
 class _Decoded:
     """The good frames of one length: where they were in the stream and their fields."""
 
@@ -187,6 +177,13 @@ class _Decoded:
         self.order = order  # index of each frame among the frames of the feed
         self.fields = fields  # records of _layout(channels)
         self.channels = channels
+
+    def batch(self) -> SampleBatch:
+        f, k = self.fields, len(self.fields)
+        values = np.ascontiguousarray(f["values"].reshape(k, self.channels), np.float32)
+        return SampleBatch(
+            f["sensor_id"], f["seq"], f["timestamp_ms"], values, np.full(k, self.channels)
+        )
 
 
 class BinaryDecoder:
@@ -244,7 +241,7 @@ class BinaryDecoder:
         self._fault("too_long", int(np.count_nonzero(lengths > self.max_frame)))
         decoded: list[_Decoded] = []
         # Empty frames (consecutive delimiters, a resync byte at boot) are not frames.
-        for n in _distinct(lengths[(lengths > 0) & (lengths <= self.max_frame)]):
+        for n in distinct(lengths[(lengths > 0) & (lengths <= self.max_frame)]):
             order = np.flatnonzero(lengths == n)
             if n > MAX_ENCODED:  # never a good frame: count why, one by one
                 for i in order.tolist():
@@ -294,34 +291,12 @@ class BinaryDecoder:
         if not decoded:
             return SampleBatch.empty()
 
-        def column(name: str) -> np.ndarray:
-            return np.concatenate([g.fields[name] for g in decoded]).astype(np.int64)
-
-        sensor_id, seq, timestamp_ms = column("sensor_id"), column("seq"), column("timestamp_ms")
-        channels = np.concatenate([np.full(len(g.fields), g.channels) for g in decoded])
-        width = max(g.channels for g in decoded)
-        if len(decoded) == 1:
-            values = decoded[0].fields["values"].reshape(len(sensor_id), width)
-        else:  # several lengths (sensors with different channel counts): back in stream order
-            values = np.zeros((len(sensor_id), width), np.float32)
-            row = 0
-            for g in decoded:
-                values[row : row + len(g.fields), : g.channels] = g.fields["values"].reshape(
-                    len(g.fields), g.channels
-                )
-                row += len(g.fields)
-            where = np.argsort(np.concatenate([g.order for g in decoded]), kind="stable")
-            sensor_id, seq, timestamp_ms = sensor_id[where], seq[where], timestamp_ms[where]
-            channels, values = channels[where], values[where]
-        self.frames += len(sensor_id)
-        duplicate, missed, reset = self.seq.check_many(sensor_id, seq)
+        batch = SampleBatch.concat([g.batch() for g in decoded])
+        if len(decoded) > 1:  # several lengths (different channel counts): back in stream order
+            batch = batch[np.argsort(np.concatenate([g.order for g in decoded]), kind="stable")]
+        self.frames += len(batch)
+        duplicate, missed, reset = self.seq.check_many(batch.sensor_id, batch.seq)
         self._fault("duplicate", int(np.count_nonzero(duplicate)))
         self._fault("seq_gap", int(missed.sum()))
         self._fault("seq_reset", int(np.count_nonzero(reset)))
-        if duplicate.any():
-            keep = ~duplicate
-            sensor_id, seq, timestamp_ms = sensor_id[keep], seq[keep], timestamp_ms[keep]
-            channels, values = channels[keep], values[keep]
-        return SampleBatch(
-            sensor_id, seq, timestamp_ms, np.ascontiguousarray(values, np.float32), channels
-        )
+        return batch[~duplicate] if duplicate.any() else batch

@@ -108,9 +108,10 @@ class SampleBatch(Sequence[Sample]):
     @overload
     def __getitem__(self, index: int) -> Sample: ...
     @overload
-    def __getitem__(self, index: slice) -> SampleBatch: ...
-    def __getitem__(self, index: int | slice) -> Sample | SampleBatch:
-        if isinstance(index, slice):
+    def __getitem__(self, index: slice | np.ndarray) -> SampleBatch: ...
+    def __getitem__(self, index: int | slice | np.ndarray) -> Sample | SampleBatch:
+        """One sample; or the rows a slice, a boolean mask or an index array picks."""
+        if isinstance(index, (slice, np.ndarray)):
             return SampleBatch(
                 self.sensor_id[index],
                 self.seq[index],

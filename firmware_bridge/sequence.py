@@ -26,6 +26,16 @@ import numpy as np
 Verdict = Literal["ok", "first", "gap", "duplicate", "reset"]
 
 
+def distinct(a: np.ndarray) -> list[int]:
+    """The distinct values of ``a``, ascending (``np.unique`` without its first-call import)."""
+    if len(a) == 0:
+        return []
+    if (a == a[0]).all():
+        return [int(a[0])]
+    s = np.sort(a)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))].tolist()  # type: ignore[no-any-return]
+
+
 class SeqTracker:
     """Last sequence number per sensor; ``check`` classifies the next one."""
 
@@ -69,10 +79,7 @@ class SeqTracker:
         reset = np.zeros(len(seqs), bool)
         if len(seqs) == 0:
             return duplicate, missed, reset
-        sensors = [int(sensor_ids[0])]
-        if not (sensor_ids == sensors[0]).all():
-            ordered = np.sort(sensor_ids)
-            sensors = ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))].tolist()
+        sensors = distinct(sensor_ids)
         for sensor in sensors:
             idx = (
                 np.arange(len(seqs)) if len(sensors) == 1 else np.flatnonzero(sensor_ids == sensor)
