@@ -7,7 +7,9 @@ the configured task. The samples never leave the device.
 
 The reader hands samples over in batches of up to half a second (``SerialReader``), one store
 transaction each, so a killed agent loses at most the last half second or so of samples; the
-store enforces its bounds every ``ENFORCE_EVERY`` batches (about once a second).
+store enforces its bounds about every ``ENFORCE_S`` seconds of batches. A batch the store
+cannot take (a full disk, a broken database) is lost, counted (``store_failed``) and logged;
+the port is still read, and the next batch tries again.
 
 Samples with a NaN or infinite value never reach the store (it drops and counts them:
 :attr:`counters`), and the examples of every round are checked against the model
@@ -34,11 +36,11 @@ from fedge.models.checks import DataError, ModelIO, check_data
 from . import tasks
 from .config import SerialConfig, TaskConfig
 from .dataset import Dataset
-from .store import SampleStore
+from .store import SampleStore, StoreError
 
 log = logging.getLogger("fedge.agent")
 
-ENFORCE_EVERY = 2  # store batches between bound enforcements: about one a second
+ENFORCE_S = 1.0  # seconds of reader batches between the store's bound enforcements
 
 
 class SensorSource:
@@ -65,6 +67,8 @@ class SensorSource:
         self._reading: SampleStore | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._store_failed = 0  # samples the store could not take
+        self._store_errors = 0
 
     # -- the reader thread --------------------------------------------------------
     def start(self) -> None:
@@ -79,15 +83,28 @@ class SensorSource:
                 self._writer.close()
 
     def _write(self, samples: Sequence[Any]) -> None:
-        if self._writer is None:
-            self._writer = self._open()
-        self._writer.append(samples)
+        try:
+            if self._writer is None:
+                self._writer = self._open()
+            self._writer.append(samples)
+        except StoreError as exc:  # must not end the reader: the next batch tries again
+            self._store_failed += len(samples)
+            self._store_errors += 1
+            if self._store_errors == 1 or self._store_errors % 100 == 0:
+                log.error(
+                    "%s; %d samples not stored so far (%d batches)",
+                    exc,
+                    self._store_failed,
+                    self._store_errors,
+                )
 
     @property
     def counters(self) -> dict[str, int]:
         """What the serial path saw: bytes, samples, port faults, frame faults by kind, and
-        ``non_finite_dropped`` (samples with a NaN or inf value, never stored)."""
+        ``non_finite_dropped`` (samples with a NaN or inf value, never stored) and
+        ``store_failed`` (samples the store could not take)."""
         counts = dict(self.reader.counters) | dict(self.decoder.faults)
+        counts["store_failed"] = self._store_failed
         writer = self._writer
         counts["non_finite_dropped"] = 0 if writer is None else writer.non_finite_dropped
         return counts
@@ -116,7 +133,7 @@ class SensorSource:
             max_rows=self.serial.max_rows,
             max_bytes=self.serial.max_bytes,
             retention_s=self.serial.retention_s,
-            enforce_every=ENFORCE_EVERY,
+            enforce_every=max(1, round(ENFORCE_S / self.reader.flush_every)),
         )
 
     def scaled(self, values: np.ndarray) -> np.ndarray:

@@ -64,3 +64,26 @@ def test_anomaly_score_rises_for_an_unusual_window(tmp_path: Path) -> None:
     assert usual is not None and unusual is not None and unusual > 20 * usual
     assert source(tmp_path / "other", kind="forecast").anomaly_score(rt) is None
     src.stop()
+
+
+def test_a_batch_the_store_cannot_take_is_counted_and_the_reader_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that fails (here: its path is a folder) loses that batch, counted and logged
+    once; the reader thread's callback does not raise, and once the store can be opened the
+    next batch is stored."""
+    folder = tmp_path / "s.sqlite"
+    folder.mkdir()
+    src = source(tmp_path, kind="forecast", window=2, min_examples=1)
+    with caplog.at_level("ERROR", "fedge.agent"):
+        src._write([Sample(1, i, i, (float(i),)) for i in range(5)])
+        src._write([Sample(1, i, i, (float(i),)) for i in range(5, 8)])
+    assert src.counters["store_failed"] == 8
+    assert [r.getMessage() for r in caplog.records if "not stored" in r.getMessage()] == [
+        f"sample store {folder}: open failed: unable to open database file; 5 samples not"
+        " stored so far (1 batches)"
+    ]
+    folder.rmdir()
+    src._write([Sample(1, i, i, (float(i),)) for i in range(8, 12)])
+    assert src.counters["store_failed"] == 8 and len(src.dataset().x) == 2
+    src.stop()
