@@ -74,13 +74,16 @@ class Outbox:
         self.legacy = path.with_name(path.name + ".npz")  # the layout of earlier versions
         self._seq: int | None = None  # the newest record's number (0: none); None: not read
         self._newest = 1  # the slot holding it: the next write goes to the other
+        # The record take() found, until the next put or clear (the agent's start asks
+        # twice: for the state, then to send it again).
+        self._taken: Pending | None = None
 
     def put(self, pending: Pending) -> None:
         if self._seq is None:  # not taken first: which slot holds the newest record?
             try:
                 self._newest_record()
             except (OSError, ValueError, KeyError, TypeError, _Legacy):
-                self._seq, self._newest = 0, 1  # nothing whole to keep: either slot will do
+                self.clear()  # nothing whole to keep; a record left must not outrank this one
         assert self._seq is not None
         seq, slot = self._seq + 1, 1 - self._newest
         # C order, little-endian float32: the bytes written as they are (0-d arrays stay 0-d)
@@ -97,7 +100,7 @@ class Outbox:
         }
         head = json.dumps(header, separators=(",", ":")).encode()
         body = [memoryview(part) for part in pending.parts]
-        body += [array.data.cast("B") for array in kept.values()]
+        body += [memoryview(array.reshape(-1).view(np.uint8)) for array in kept.values()]
         numbers = _NUMBERS.pack(len(head), sum(b.nbytes for b in body), seq)
         crc = zlib.crc32(head, zlib.crc32(numbers))
         for chunk in body:
@@ -116,10 +119,17 @@ class Outbox:
         if seq <= 2:  # the slot files made after a clear: their names durable too
             _sync_dir(self.path.parent)
         self._seq, self._newest = seq, slot
+        self._taken = None
 
     def take(self) -> Pending | None:
         """What a crash left on its way, or None: the newest whole record. A slot a crash
-        cut short is passed over; an outbox with no whole record is dropped (logged)."""
+        cut short is passed over; an outbox with no whole record is dropped (logged). A
+        record found is read once: asked again before a put or clear, the same one."""
+        if self._taken is None:
+            self._taken = self._take()
+        return self._taken
+
+    def _take(self) -> Pending | None:
         try:
             return self._newest_record()
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -141,6 +151,7 @@ class Outbox:
             path.unlink(missing_ok=True)
         _sync_dir(self.path.parent)
         self._seq, self._newest = 0, 1
+        self._taken = None
 
     def _newest_record(self) -> Pending | None:
         """Read both slots; note the newest whole record's number and slot, and return it.

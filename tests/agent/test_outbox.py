@@ -27,6 +27,7 @@ def pending(round_id: int, *, seed: int = 0, parts: int = 1, state: bool = True)
             "w": rng.standard_normal((8, 5)).astype(np.float32),
             "b": rng.standard_normal(5).astype(np.float32),
             "scalar": np.array(rng.standard_normal(), np.float32),  # 0-d stays 0-d
+            "empty": np.zeros((0, 4), np.float32),  # a tensor of no entries
         },
         kind="update" if round_id % 2 else "skip",
         state=AgentState(
@@ -176,3 +177,28 @@ def test_the_write_is_in_place_with_one_data_sync(
     box.put(pending(3))
     assert calls == ["fdatasync" if hasattr(os, "fdatasync") else "fsync"]
     assert [s.stat().st_ino for s in box.slots] == inodes
+
+
+def test_a_record_is_read_once_and_a_put_before_a_take_leaves_no_older_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "d1.outbox"
+    box = Outbox(path)
+    box.put(pending(1))
+    box.put(pending(2))
+    reads = []
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: reads.append(p) or read_bytes(p))
+    again = Outbox(path)  # the agent's start: the state first, then the resend
+    assert same(again.take(), pending(2)) and same(again.take(), pending(2))
+    assert len(reads) == 2  # the two slots, once
+    # Put without a take, and the slots cannot be read: they are cleared, not guessed at
+    # (a guess could leave record 2 outranking the new record 1 in the other slot).
+    blind = Outbox(path)
+
+    def unreadable() -> None:
+        raise OSError("I/O error")
+
+    monkeypatch.setattr(blind, "_newest_record", unreadable)
+    blind.put(pending(3))
+    assert same(Outbox(path).take(), pending(3))
