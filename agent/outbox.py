@@ -100,7 +100,7 @@ class Outbox:
         }
         head = json.dumps(header, separators=(",", ":")).encode()
         body = [memoryview(part) for part in pending.parts]
-        body += [memoryview(array.reshape(-1).view(np.uint8)) for array in kept.values()]
+        body += [array.reshape(-1).view(np.uint8).data for array in kept.values()]
         numbers = _NUMBERS.pack(len(head), sum(b.nbytes for b in body), seq)
         crc = zlib.crc32(head, zlib.crc32(numbers))
         for chunk in body:
