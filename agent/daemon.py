@@ -288,6 +288,11 @@ class Agent:
                 # A broker ACL from before quiet devices: listen to every round instead.
                 log.warning("cannot be quiet, listening to every round: %s", exc)
                 self.quiet, self.rest_rounds = False, 0
+            else:
+                # The broker keeps a session's subscriptions: one from a run that listened
+                # to every round would go on waking this device.
+                for topic in self._broadcast_topics():
+                    self.link.unsubscribe(topic)
         if not self.quiet:
             self._listen()
         self._status("online")
@@ -304,6 +309,11 @@ class Agent:
             len(self._round_data) if self._round_data is not None else 0,
             self.runtime.describe(),
         )
+
+    def _broadcast_topics(self) -> tuple[str, ...]:
+        """What a device that is not quiet may listen to beyond its own inbox."""
+        t = self.topics
+        return (t.global_model, t.global_delta, t.round, t.secagg(self.device_id), t.secagg_all)
 
     def _listen(self) -> None:
         """Subscribe to the fleet's broadcast topics: every round and every global model."""

@@ -107,6 +107,9 @@ class PahoLink:
         self._filters: dict[str, int] = {}
         self._subacks: dict[int, list[Any]] = {}  # mid -> reason codes, for subscribe()
         self._unsubacks: set[int] = set()  # mids the broker acknowledged, for unsubscribe()
+        # Ended while offline: the broker's session may still hold them (sent on connect).
+        self._unsubscribe_pending: set[str] = set()
+        self._background_unsub: set[int] = set()  # those sent on connect: not waited for
         self._resubscribe_mids: set[int] = set()
         self._unacked: set[int] = set()  # publishes not yet sent (QoS 0) or acked (QoS 1, 2)
         self._early_acks: set[int] = set()  # acks that came before publish() saw the mid
@@ -197,6 +200,7 @@ class PahoLink:
             raise self._error(f"invalid QoS {qos}")
         with self._cond:
             self._filters[topic_filter] = qos
+            self._unsubscribe_pending.discard(topic_filter)
         if not self.connected:
             return  # _on_connect subscribes
         rc, mid = self._client.subscribe(topic_filter, qos)
@@ -214,14 +218,18 @@ class PahoLink:
             raise self._error(f"broker refused subscription to {topic_filter}{hint}")
 
     def unsubscribe(self, topic_filter: str) -> None:
+        """Also a filter this link never subscribed to: a persistent session may hold it
+        from an earlier run. Offline, it goes to the broker on the next connect."""
+        validate_filter(topic_filter)
         with self._cond:
-            if self._filters.pop(topic_filter, None) is None:
-                return  # not subscribed
-        if not self.connected:
-            return  # a reconnect no longer renews it
-        rc, mid = self._client.unsubscribe(topic_filter)
+            self._filters.pop(topic_filter, None)  # a reconnect no longer renews it
+        rc, mid = MQTTErrorCode.MQTT_ERR_NO_CONN, None
+        if self.connected:
+            rc, mid = self._client.unsubscribe(topic_filter)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            return  # the connection is gone: the same
+            with self._cond:
+                self._unsubscribe_pending.add(topic_filter)
+            return
         self._wait_for(lambda: mid in self._unsubacks or not self.connected, SUBACK_TIMEOUT)
         with self._cond:
             if mid not in self._unsubacks:
@@ -413,11 +421,19 @@ class PahoLink:
             return
         with self._cond:
             filters = list(self._filters.items())
+            gone, self._unsubscribe_pending = sorted(self._unsubscribe_pending), set()
         mids = set()
         if filters:
             rc, mid = client.subscribe(filters)
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 mids.add(mid)
+        if gone:
+            rc, mid = client.unsubscribe(gone)
+            with self._cond:
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                    self._background_unsub.add(mid)
+                else:
+                    self._unsubscribe_pending.update(gone)
         if self.birth is not None:
             client.publish(self.birth.topic, self.birth.payload, qos=1, retain=self.birth.retain)
         with self._cond:
@@ -483,7 +499,10 @@ class PahoLink:
         self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any
     ) -> None:
         with self._cond:
-            self._unsubacks.add(mid)
+            if mid in self._background_unsub:
+                self._background_unsub.discard(mid)
+            else:
+                self._unsubacks.add(mid)
             self._cond.notify_all()
 
     def _on_subscribe(

@@ -356,3 +356,35 @@ def test_an_ended_subscription_is_not_renewed_after_a_reconnect(
         if (message := sub.get(timeout=0.5)) is not None:
             got.append(message.payload)
     assert b"after" in got and b"not for sub" not in got
+
+
+def test_an_unsubscribe_ends_what_a_persistent_session_kept_online_or_not(
+    mosquitto: MosquittoServer, links: list[PahoLink], prefix: str, client_id: str
+) -> None:
+    """A device that listened to a topic in an earlier run keeps that subscription in its
+    session; this link never subscribed to it, and still ends it: at once when connected,
+    on the next connect when not."""
+    topic, marker = f"{prefix}/f/round", f"{prefix}/f/inbox/d1"
+    pub = PahoLink(mosquitto.host, mosquitto.port, f"{client_id}-pub")
+    links.append(pub)
+    pub.connect()
+    for device, online in ((f"{client_id}-a", True), (f"{client_id}-b", False)):
+        earlier = PahoLink(mosquitto.host, mosquitto.port, device)
+        earlier.connect()
+        earlier.subscribe(topic)
+        earlier.close()
+        now = PahoLink(mosquitto.host, mosquitto.port, device)
+        links.append(now)
+        if online:
+            now.connect()
+            pub.publish(topic, b"kept by the session")
+            assert [m.payload for m in receive(now, 1)] == [b"kept by the session"]
+            now.unsubscribe(topic)  # returns once the broker has acked
+        else:
+            now.unsubscribe(topic)  # offline: goes out when it connects
+            now.connect()
+        now.subscribe(marker)  # acked after what the connection sent before it
+        pub.publish(topic, b"not for a quiet device")
+        pub.publish(marker, b"marker")
+        assert [m.payload for m in receive(now, 1)] == [b"marker"]
+        assert now.get(timeout=0.3) is None
