@@ -406,8 +406,7 @@ class Aggregator:
             self.step(poll)
         # The last model may still sit in the link's buffer (a link without a network
         # thread writes while it is driven): out with it before the loop goes quiet.
-        flush = getattr(self.link, "flush", None)
-        if self.done and flush is not None and not flush(FLUSH_TIMEOUT):
+        if self.done and not self.link.flush(FLUSH_TIMEOUT):
             log.warning("the broker has not acknowledged the last model yet")
 
     def step(self, timeout: float | None) -> None:

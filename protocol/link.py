@@ -69,6 +69,10 @@ class Link(Protocol):
         ``manual_ack`` waits for this: until then the broker keeps the message for its
         session and delivers it again after a crash; other links acknowledge on receipt."""
 
+    def flush(self, timeout: float) -> bool:
+        """Wait, up to ``timeout`` seconds, until the broker has every publish made so far;
+        whether it has (a link without a network thread writes only while driven)."""
+
     def close(self) -> None:
         """Disconnect cleanly: the broker does not send the Will."""
 

@@ -113,6 +113,9 @@ class MemoryLink:
     def unsubscribe(self, topic_filter: str) -> None:
         self.broker.unsubscribe(self, topic_filter)
 
+    def flush(self, timeout: float) -> bool:
+        return True  # the in-memory broker has every publish at once
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         self._check(qos)
         if not topic or "+" in topic or "#" in topic:

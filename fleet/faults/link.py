@@ -136,6 +136,9 @@ class FaultyLink:
     def unsubscribe(self, topic_filter: str) -> None:
         self.inner.unsubscribe(topic_filter)
 
+    def flush(self, timeout: float) -> bool:
+        return self.inner.flush(timeout)
+
     def get(self, timeout: float | None) -> Message | None:
         msg = self.inner.get(timeout)
         if msg is not None and msg.topic == self._topics.round and msg.payload:
