@@ -54,7 +54,8 @@ from fedge.protocol import (
     sign,
 )
 from fedge.protocol.downlink import Shadow, checksum
-from fedge.protocol.he import HE_CODEC, HeKeys
+from fedge.protocol.he import HeKeys
+from fedge.protocol.messages import HE_CODEC
 from fedge.protocol.secagg import SecAggAbort, SecAggError, address, is_secagg, secure_round
 from fedge.protocol.status import decode_status
 from fedge.protocol.wire import PUBACK_SIZE, publish_size

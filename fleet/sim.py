@@ -47,6 +47,7 @@ from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategies.config import StrategyConfig
 from fedge.protocol import TrainingConfig
 from fedge.protocol import he as fhe
+from fedge.protocol.messages import HE_CODEC
 from fedge.protocol.paho_hub import PahoHub
 from pydantic import ValidationError
 
@@ -889,7 +890,7 @@ def _summarise(
         "batch_size": opts.batch_size,
         "lr": opts.lr,
         "mu": opts.mu,
-        "codec": fhe.HE_CODEC if opts.he else opts.codec,
+        "codec": HE_CODEC if opts.he else opts.codec,
         "gate_threshold": opts.gate_threshold,
         "gate_max_skips": opts.gate_max_skips,
         "uploads": sum(len(r["participants"]) for r in rounds),

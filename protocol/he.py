@@ -86,10 +86,8 @@ import numpy as np
 
 # The one uint8 tensor that carries an update or model payload in the envelope: defined
 # there, so that telling an encrypted global model from a plain one needs no HE module.
-from .envelope import HE_TENSOR as HE_TENSOR
-from .envelope import is_encrypted as is_encrypted
+from .envelope import HE_TENSOR, is_encrypted
 from .errors import EncodeError, ProtocolError
-from .messages import HE_CODEC as HE_CODEC  # an update's codec under HE
 
 # 128-bit classical security, ternary secret: the largest total coefficient modulus in bits
 # for each poly modulus degree (Homomorphic Encryption Standard, 2018, Table 1).

@@ -115,8 +115,9 @@ def verify(data: bytes, keys: Sequence[VerifyKey], *, fleet: str, kind: str) -> 
     matching = [key for key in keys if key_id(key) == kid]
     if not matching:
         raise SignatureError("unknown_key", f"{kind} message signed by key {kid.hex()}")
-    # libsodium checks signature + message in one buffer: built here in one join, without
-    # slicing the envelope out first (what it hands back is dropped at once).
+    # libsodium checks signature + message in one buffer: one join copies the envelope in
+    # (from a view, not a slice); the copy it hands back is dropped at once, and the
+    # envelope returned is one more. Transient, for a payload the size of a model.
     view = memoryview(data)[OVERHEAD:]
     try:
         matching[0].verify(_message(view, fleet, kind, prefix=signature))

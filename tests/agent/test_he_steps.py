@@ -11,6 +11,7 @@ from fedge.agent import he_model
 from fedge.agent import update as steps
 from fedge.agent.config import AgentConfig
 from fedge.protocol import PrivacySettings, RoundAnnouncement, TrainingConfig, decode, encode, he
+from fedge.protocol.envelope import HE_TENSOR
 from helpers import DIGITS_MODEL
 
 from fedge.configfile import ConfigError, load_config
@@ -43,7 +44,7 @@ def update() -> dict[str, np.ndarray]:
 
 def test_encrypt_sends_the_whole_update_weighted_by_its_samples(secret: he.HeKeys) -> None:
     tensors = steps.encrypt(update(), secret, 37, TrainingConfig(he=True))
-    assert set(tensors) == {he.HE_TENSOR} and tensors[he.HE_TENSOR].dtype == np.uint8
+    assert set(tensors) == {HE_TENSOR} and tensors[HE_TENSOR].dtype == np.uint8
     payload = he.from_tensors(tensors)
     got = he.decrypt(secret, payload, SHAPES, kind=he.KIND_UPDATE)
     for name, value in update().items():  # no codec: every entry, none left for a residual

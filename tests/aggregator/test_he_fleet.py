@@ -30,6 +30,8 @@ from fedge.protocol import (
     he,
     is_skip,
 )
+from fedge.protocol.envelope import HE_TENSOR
+from fedge.protocol.messages import HE_CODEC
 from helpers import DIGITS_MODEL
 
 from fedge.heconfig import AggregatorHeConfig
@@ -192,8 +194,8 @@ def test_encrypted_rounds_give_the_plain_fedavg_model(
     assert len(whole) >= 4 * len(updates)  # about 460 kB each, in 128 kB chunks
     headers = [d.msg for d in updates if isinstance(d.msg, UpdateHeader)]
     assert len(headers) == rounds * len(DEVICES)
-    assert {h.codec for h in headers} == {he.HE_CODEC}
-    assert all(set(d.tensors) == {he.HE_TENSOR} for d in updates)
+    assert {h.codec for h in headers} == {HE_CODEC}
+    assert all(set(d.tensors) == {HE_TENSOR} for d in updates)
     # rounds.jsonl says the aggregator could not evaluate.
     summary = [line for line in (he_dir / "rounds.jsonl").read_text().splitlines()][-1]
     assert '"encrypted": true' in summary and "accuracy" not in summary

@@ -14,6 +14,7 @@ from fedge.aggregator import he_round
 from fedge.aggregator.config import AggregatorConfig
 from fedge.aggregator.store import Store
 from fedge.protocol import SkipNotice, TrainingConfig, UpdateHeader, he
+from fedge.protocol.envelope import HE_TENSOR
 from helpers import DIGITS_MODEL
 from pydantic import ValidationError
 
@@ -75,7 +76,7 @@ def test_the_close_moves_the_encrypted_model_as_fedavg_moves_a_plain_one(
     for device, value, n in (("a", 0.1, 10), ("b", -0.3, 30)):
         up = he.as_tensors(he.encrypt_update(secret, tensors(value), n))
         kept, reason = m.take(acc, header(device, n), up, n, None)
-        assert reason is None and set(kept) == {he.HE_TENSOR}
+        assert reason is None and set(kept) == {HE_TENSOR}
         acc.add(device, kept, n)
     acc.hold("c", 60)  # trained, held back: its weight, a zero delta
     step = m.advance(acc)  # the plain step is nothing: the model moved inside E
