@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 from fedge.agent.config import TaskConfig
-from fedge.agent.daemon import Agent
 from fedge.agent.dataset import Dataset
 from fedge.agent.tasks import TaskError, failure
 from fedge.aggregator.config import AggregatorConfig, SampleLimits
@@ -142,7 +141,10 @@ def run_maintenance(
     datasets: list[Dataset | None] = []
     try:
         serial.feed()
-        streamed = _wait_for_history(agents, plan, deadline=time.monotonic() + 120.0)
+        # Until every device has stored its machine's history.
+        streamed = serial.wait_stored(plan.history, 120.0)
+        if streamed < sum(plan.history):
+            log.warning("devices stored %d of %d history samples", streamed, sum(plan.history))
         streaming = time.monotonic() - started - precomputed
         serial.run(agg, stop, round_timeout * (rounds + 2))
         for agent in agents:  # what each device trained on, read back from its own store
@@ -243,23 +245,6 @@ def run_maintenance(
     summary["seconds"]["total"] = round(time.monotonic() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _wait_for_history(agents: list[Agent], plan: FleetPlan, *, deadline: float) -> int:
-    """Until every device has read its machine's history (or the deadline): samples read."""
-    want = sum(plan.history)
-    got = 0
-    while time.monotonic() < deadline:
-        got = sum(a.sensor.reader.counters["samples"] for a in agents)
-        if got >= want:
-            break
-        time.sleep(0.1)
-    if got < want:
-        log.warning("devices read %d of %d history samples", got, want)
-    # The readers hand their samples to the stores in batches (up to about 0.6 s later).
-    while any(a.sensor.reader.held for a in agents) and time.monotonic() < deadline + 5.0:
-        time.sleep(0.05)
-    return got
 
 
 def cost_table(summary: dict[str, Any]) -> str:

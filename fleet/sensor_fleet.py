@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -89,6 +89,21 @@ class SerialFleet:
             agent.start()
         for feeder in self.feeders:
             feeder.start()
+
+    def wait_stored(self, want: Sequence[int], timeout: float) -> int:
+        """Until each agent's store holds ``want[i]`` samples (the readers hand them over in
+        batches, up to about 0.6 s after they arrive) or ``timeout`` seconds: how many the
+        stores hold in all."""
+
+        def stored(agent: Agent) -> int:
+            return int(agent.sensor.reader.counters["samples"] - agent.sensor.reader.held)
+
+        until = time.monotonic() + timeout
+        while time.monotonic() < until and any(
+            stored(a) < w for a, w in zip(self.agents, want, strict=True)
+        ):
+            time.sleep(0.05)
+        return sum(stored(a) for a in self.agents)
 
     def run(self, agg: Aggregator, stop: threading.Event, timeout: float) -> None:
         """Start ``agg`` and each agent's loop; drive ``agg`` until done or ``timeout`` s."""
@@ -178,13 +193,7 @@ def run_sensor_fleet(
     )
     try:
         serial.feed()
-        # Enough samples for a first round's examples, in the stores (the readers hand them
-        # over in batches, up to about 0.6 s after they arrive).
-        want, until = WINDOW + 200, time.monotonic() + 30.0
-        while time.monotonic() < until and any(
-            a.sensor.reader.counters["samples"] - a.sensor.reader.held < want for a in agents
-        ):
-            time.sleep(0.05)
+        serial.wait_stored([WINDOW + 200] * len(agents), 30.0)  # a first round's examples
         serial.run(agg, stop, round_timeout * (rounds + 2))
     finally:
         serial.close(agg, stop)
