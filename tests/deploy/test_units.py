@@ -120,3 +120,80 @@ def test_the_worker_unit_runs_its_instance_hardened_as_the_aggregator() -> None:
     assert "StateDirectory=fedge-aggregator\n" in text and "User=fedge\n" in text
     assert hardening(worker) == hardening("fedge-aggregator.service")
     assert "NoNewPrivileges=yes" in hardening(worker)
+
+
+def unit_bytes(value: str) -> int:
+    """A systemd size (``192M``, ``1G``, plain bytes) in bytes."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(value[:-1]) * scale[value[-1]] if value[-1] in scale else int(value)
+
+
+def service_setting(name: str, key: str) -> str:
+    lines = (UNITS / name).read_text().splitlines()
+    found = [ln.split("=", 1)[1] for ln in lines if ln.startswith(key + "=")]
+    assert len(found) == 1, f"{name}: {key}= set {len(found)} times"
+    return found[0]
+
+
+# The child: an agent that loads everything its config or a round may ask for (a secure
+# round's cryptography, Prometheus metrics, the serial path, HE where TenSEAL installs), trains
+# the 50k digits model on LiteRT and does an HE round's device work on it: decrypt the global
+# model, encrypt the update. It prints its VmHWM in bytes.
+HEAVIEST_AGENT = """
+import sys
+from pathlib import Path
+import numpy as np
+import fedge.agent.service, fedge.protocol.paho_link
+import fedge.agent.secure, fedge.protocol.secagg, fedge.metrics, fedge.agent.sensor_source
+from fedge.models.runtime import load_runtime, read_model
+model, keys = Path(sys.argv[1]), Path(sys.argv[2])
+rt = load_runtime(read_model(model), prefer=("litert",))
+x_shape, y_shape, y_dtype = rt.example_shapes()
+x, y = np.zeros((32, *x_shape), np.float32), np.zeros((32, *y_shape), y_dtype)
+for _ in range(20):
+    rt.train_step(x, y, 0.01)
+weights = rt.get_weights()
+if keys.exists():
+    from fedge.protocol import he
+    device = he.keys_from_bytes(keys.read_bytes(), secret=True)
+    shapes = {name: w.shape for name, w in weights.items()}
+    got = he.decrypt_model(device, (keys.parent / "model.he").read_bytes(), shapes)
+    rt.set_weights(got)
+    he.encrypt_update(device, weights, 100.0)
+for line in Path("/proc/self/status").read_text().splitlines():
+    if line.startswith("VmHWM:"):
+        print(int(line.split()[1]) * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_the_agent_memory_cap_leaves_room_for_the_heaviest_agent(tmp_path: Path) -> None:
+    """MemoryHigh= (reclaim and slow down) is at least 1.5x the peak RSS of an agent that loads
+    everything it may, and MemoryMax= (kill and restart) is above MemoryHigh=."""
+    import sys
+
+    from fedge.protocol import he
+
+    name = "fedge-agent.service"
+    high = unit_bytes(service_setting(name, "MemoryHigh"))
+    assert unit_bytes(service_setting(name, "MemoryMax")) > high
+    model = UNITS.parent / "models" / "artifacts" / "digits_mlp_50k.tflite"
+    secret = tmp_path / "he.secret"
+    if he.available():  # the he extra installs where TenSEAL has wheels (pyproject.toml)
+        from fedge.models.runtime import load_runtime, read_model
+
+        files = he.generate_keys()
+        secret.write_bytes(files.secret)
+        weights = load_runtime(read_model(model), prefer=("numpy",)).get_weights()
+        public = he.keys_from_bytes(files.public, secret=False)
+        (tmp_path / "model.he").write_bytes(he.encrypt_model(public, weights))
+    proc = subprocess.run(
+        [sys.executable, "-c", HEAVIEST_AGENT, str(model), str(secret)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OPENBLAS_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    peak = int(proc.stdout.split()[-1])
+    assert peak * 1.5 <= high, f"peak RSS {peak / 2**20:.1f} MiB against MemoryHigh={high}"
