@@ -14,7 +14,10 @@ import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used: `fedge agent` never loads the sim
+    from fedge.fleet.sim import SimOptions
 
 
 class UserError(Exception):
@@ -118,17 +121,12 @@ def _cmd_models_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_sim(args: argparse.Namespace) -> int:
-    from fedge.fleet.datasets import DatasetError  # fedge.fleet caps BLAS threads first
-    from fedge.fleet.sim import SimError, SimOptions, run_sim
+def _sim_options(args: argparse.Namespace) -> SimOptions:
+    """``fedge sim``'s options as the sim's own (with no option given: ``SimOptions()``, which
+    a test holds equal, so that a default lives in the dataclass and in argparse alike)."""
+    from fedge.fleet.sim import SimOptions
 
-    if args.scenario == "maintenance":
-        given: set[str] = getattr(args, "given", set())
-        args.devices = args.devices if "devices" in given else 20
-        args.rounds = args.rounds if "rounds" in given else 30
-        return _sim_maintenance(args)
-
-    opts = SimOptions(
+    return SimOptions(
         devices=args.devices,
         rounds=args.rounds,
         epochs=args.epochs,
@@ -183,6 +181,19 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         rest_rounds=args.rest_rounds,
         he=args.he,
     )
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from fedge.fleet.datasets import DatasetError  # fedge.fleet caps BLAS threads first
+    from fedge.fleet.sim import SimError, run_sim
+
+    if args.scenario == "maintenance":
+        given: set[str] = getattr(args, "given", set())
+        args.devices = args.devices if "devices" in given else 20
+        args.rounds = args.rounds if "rounds" in given else 30
+        return _sim_maintenance(args)
+
+    opts = _sim_options(args)
     if args.source == "serial":
         return _sim_serial(args)
     try:

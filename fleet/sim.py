@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from fedge.agent.config import AgentConfig
@@ -45,11 +45,11 @@ from fedge.aggregator.config import AggregatorConfig, DownlinkConfig, SecureConf
 from fedge.aggregator.privacy import PrivacyConfig
 from fedge.aggregator.service import build_aggregator
 from fedge.aggregator.strategies.config import StrategyConfig
-from fedge.protocol import TrainingConfig
+from fedge.protocol import GateSettings, TrainingConfig
 from fedge.protocol import he as fhe
 from fedge.protocol.messages import HE_CODEC
 from fedge.protocol.paho_hub import PahoHub
-from pydantic import ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from fedge.brokerconfig import broker_link
 from fedge.heconfig import AggregatorHeConfig, DeviceHeConfig
@@ -103,20 +103,22 @@ class SimOptions:
     label_column: str | None = None  # for a CSV data set
     runtime: str = "litert"
     round_timeout: float = 60.0
-    quorum: float = 0.5  # share of the selected devices whose answers close a round at its deadline
+    # share of the selected devices whose answers close a round at its deadline
+    quorum: float = AggregatorConfig.model_fields["quorum"].default
     fleet: str = "sim"
     strategy: str = "fedadam"
     server_lr: float | None = None
     momentum: float = 0.9
     mu: float = 0.0  # FedProx
-    codec: str = "topk:0.02+int8"  # how devices encode deltas (protocol.codecs)
-    gate_threshold: float = 0.1  # ||delta|| / (lr ||w_global||) below which a device skips
-    gate_max_skips: int = 2
+    # The fleet's defaults where the lab has none of its own (TrainingConfig holds them).
+    codec: str = TrainingConfig.model_fields["codec"].default  # protocol.codecs
+    gate_threshold: float = GateSettings().threshold  # ||delta|| / (lr ||w_global||)
+    gate_max_skips: int = GateSettings().max_skips
     gate_min_agreement: float | None = None
     max_payload: int = 0  # chunk updates above this many bytes; 0: never
     # Federated evaluation: the share of each device's newest data it scores the global model
     # on before training (and does not train on); 0: off.
-    eval_fraction: float = 0.1
+    eval_fraction: float = TrainingConfig.model_fields["eval_fraction"].default
     baselines: bool = True
     show_progress: bool = True
     # How the round's deltas are combined (aggregator [strategy]: robust, trim_fraction,
@@ -133,11 +135,11 @@ class SimOptions:
     hung: int = 0  # devices that stay online and never answer
     # Devices a round selects out of the online fleet (0: all), over-selected by the
     # aggregator's overselect; the round closes once this many have answered.
-    devices_per_round: int = 0
+    devices_per_round: int = AggregatorConfig.model_fields["devices_per_round"].default
     # How many more than devices_per_round a round selects (the aggregator's overselect):
     # spares for stragglers and dropouts; 1.0 for a fleet of reliable quiet devices, where a
     # spare wakes for an answer that comes too late to count.
-    overselect: float = 1.3
+    overselect: float = AggregatorConfig.model_fields["overselect"].default
     clients: str = "hub"  # hub: connections on one thread (fleet.device_pool); threads: one each
     # Differential privacy (aggregator [privacy], docs/privacy.md): None, "central" or "local".
     dp: str | None = None
@@ -158,7 +160,7 @@ class SimOptions:
     # Quiet devices (docs/bandwidth.md): each listens only on its inbox, where the rounds it
     # is selected for come; with rest_rounds, a gate skip also sits that many rounds out.
     quiet: bool = False
-    rest_rounds: int = 0
+    rest_rounds: int = AgentConfig.model_fields["rest_rounds"].default
     # Homomorphic encryption (docs/homomorphic-encryption.md): throwaway CKKS keys; the sim
     # decrypts each round's model outside the aggregator to score it (fleet/he_report.py).
     he: bool = False
@@ -269,8 +271,7 @@ def run_sim(opts: SimOptions) -> dict[str, Any]:
     _downlink_table(opts)
     if opts.rest_rounds and not opts.quiet:
         raise SimError("--rest-rounds needs --quiet (only a quiet device can rest)")
-    if not 0 <= opts.rest_rounds <= 255:
-        raise SimError(f"--rest-rounds {opts.rest_rounds}: want 0 to 255")
+    _check_field(AgentConfig, "rest_rounds", opts.rest_rounds)
     if opts.he:  # TenSEAL before anything loads TensorFlow (a model built from a spec)
         try:
             fhe.tenseal()
@@ -303,8 +304,7 @@ def _fleet_setup(opts: SimOptions) -> SimOptions:
         raise SimError(
             f"--devices-per-round {opts.devices_per_round}: want 0 (all) to {opts.devices}"
         )
-    if not 1.0 <= opts.overselect <= 10.0:
-        raise SimError(f"--overselect {opts.overselect:g}: want 1 to 10")
+    _check_field(AggregatorConfig, "overselect", opts.overselect)
     if opts.broker is None and opts.devices > EMBEDDED_MAX_DEVICES:
         try:
             find_mosquitto()
@@ -357,6 +357,18 @@ def _run_with_broker(
             embedded.stop()
         if mosquitto is not None:
             mosquitto.stop()
+
+
+def _check_field(model: type[BaseModel], name: str, value: object) -> None:
+    """``value`` against the bounds of config field ``name`` (an option the sim passes on to a
+    config it builds later), or a SimError naming the option."""
+    field = model.model_fields[name]  # a FieldInfo is Annotated metadata: its bounds apply
+    try:
+        adapter: TypeAdapter[Any] = TypeAdapter(Annotated[field.annotation, field])  # type: ignore[arg-type]
+        adapter.validate_python(value)
+    except ValidationError as exc:
+        flag = name.replace("_", "-")
+        raise SimError(f"--{flag} {value}: {exc.errors()[0]['msg']}") from exc
 
 
 def _strategy_table(opts: SimOptions) -> StrategyConfig:

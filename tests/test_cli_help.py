@@ -38,3 +38,18 @@ def test_every_option_says_its_default(command: tuple[str, ...], option: str, de
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())  # argparse wraps help lines
     assert re.search(rf"{re.escape(option)} \S+ .*?\(default: {re.escape(default)}\)", text), text
+
+
+def test_sim_defaults_are_the_sim_options() -> None:
+    """`fedge sim` with no option runs ``SimOptions()``: a default changed in one place only
+    (argparse's or the dataclass's, which takes the fleet's from TrainingConfig) fails here."""
+    from dataclasses import fields
+
+    from fedge.fleet.sim import SimOptions
+    from fedge.protocol import GateSettings, TrainingConfig
+
+    from fedge.cli import _sim_options, parser
+
+    got, want = _sim_options(parser().parse_args(["sim"])), SimOptions()
+    assert [f.name for f in fields(got) if getattr(got, f.name) != getattr(want, f.name)] == []
+    assert (want.codec, want.gate_threshold) == (TrainingConfig().codec, GateSettings().threshold)

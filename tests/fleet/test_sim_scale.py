@@ -60,7 +60,9 @@ def test_200_devices_on_one_hub_complete_rounds_with_a_sample_each(
 def test_bad_fleet_options_are_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(SimError, match="--devices-per-round 11: want 0 \\(all\\) to 10"):
         run_sim(SimOptions(devices=10, devices_per_round=11, out=tmp_path))
-    with pytest.raises(SimError, match=r"--overselect 0\.5: want 1 to 10"):
+    with pytest.raises(SimError, match=r"--overselect 0\.5: .* greater than or equal to 1"):
         run_sim(SimOptions(devices=10, devices_per_round=2, overselect=0.5, out=tmp_path))
+    with pytest.raises(SimError, match=r"--rest-rounds 256: .* less than or equal to 255"):
+        run_sim(SimOptions(devices=10, quiet=True, rest_rounds=256, out=tmp_path))
     with pytest.raises(SimError, match="--clients fibres"):
         run_sim(SimOptions(devices=10, clients="fibres", out=tmp_path))
