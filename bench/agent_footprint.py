@@ -10,6 +10,10 @@ process for ``--idle`` seconds through /proc:
   the end, split into anonymous memory (``RssAnon``: its own) and file-backed pages
   (``RssFile``: the shared libraries' code and data it touched, clean pages the kernel can
   drop and read again);
+- peak PSS: the largest proportional set size sampled (``/proc/PID/smaps_rollup``, every
+  0.2 s during the rounds, then at the start and the end of the idle window): each shared page counted as a share among the processes that map
+  it, so N agents on one machine split their libraries' pages N ways. With one agent (a
+  device) PSS is RSS; the kernel keeps no high-water mark of it, so it is sampled;
 - idle CPU: user + system time over the idle window, as a share of one core;
 - wake-ups per second: voluntary + involuntary context switches of all the process's threads
   over the window (each is a thread waking up or being preempted: the timers and poll loops
@@ -70,6 +74,17 @@ def memory_mib(pid: int, field: str) -> float:
     return float("nan")
 
 
+def pss_mib(pid: int) -> float:
+    """The process's proportional set size in MiB (nan once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=3)
@@ -109,15 +124,24 @@ def main() -> None:
             children += agents
             try:
                 deadline = time.monotonic() + 300
+                pss = {a.name: 0.0 for a in agents}
+
+                def sample() -> None:
+                    for a in agents:
+                        pss[a.name] = max(pss[a.name], pss_mib(a.proc.pid))
+
                 while children[0].proc.poll() is None and time.monotonic() < deadline:
-                    time.sleep(0.5)
+                    sample()
+                    time.sleep(0.2)
                 rounds = [json.loads(x) for x in run.rounds.read_text().splitlines()]
                 done = sum(r["status"] == "done" for r in rounds)
                 time.sleep(2)  # the last model reaches every agent
                 before = {a.name: (cpu_seconds(a.proc.pid), switches(a.proc.pid)) for a in agents}
+                sample()
                 t0 = time.monotonic()
-                time.sleep(args.idle)
+                time.sleep(args.idle)  # not sampled: reading /proc must not wake the agents
                 span = time.monotonic() - t0
+                sample()
                 rows = []
                 for a in agents:
                     cpu0, sw0 = before[a.name]
@@ -129,6 +153,7 @@ def main() -> None:
                             (switches(a.proc.pid) - sw0) / span,
                             memory_mib(a.proc.pid, "RssAnon"),
                             memory_mib(a.proc.pid, "RssFile"),
+                            pss[a.name],
                         )
                     )
             finally:
@@ -136,10 +161,13 @@ def main() -> None:
     print(f"{args.devices} agent processes, {done} of {args.rounds} rounds, then {span:.0f} s idle")
     print(f"{args.runtime or 'default'} runtime, model {args.model or 'digits_mlp (bundled)'}")
     head = f"{'agent':8s} {'peak RSS':>11s} {'idle CPU':>9s} {'wake-ups/s':>10s}"
-    print(head + f" {'anon at end':>12s} {'file at end':>12s}")
-    med = ("median", *(statistics.median(r[i] for r in rows) for i in range(1, 6)))
-    for name, rss, cpu, wake, anon, file in [*rows, med]:
-        print(f"{name:8s} {rss:7.1f} MiB {cpu:8.2f}% {wake:10.1f} {anon:8.1f} MiB {file:8.1f} MiB")
+    print(head + f" {'anon at end':>12s} {'file at end':>12s} {'peak PSS':>11s}")
+    med = ("median", *(statistics.median(r[i] for r in rows) for i in range(1, 7)))
+    for name, rss, cpu, wake, anon, file, top in [*rows, med]:
+        print(
+            f"{name:8s} {rss:7.1f} MiB {cpu:8.2f}% {wake:10.1f} {anon:8.1f} MiB {file:8.1f} MiB"
+            f" {top:7.1f} MiB"
+        )
 
 
 if __name__ == "__main__":
