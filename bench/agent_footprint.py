@@ -11,9 +11,10 @@ process for ``--idle`` seconds through /proc:
   (``RssFile``: the shared libraries' code and data it touched, clean pages the kernel can
   drop and read again);
 - peak PSS: the largest proportional set size sampled (``/proc/PID/smaps_rollup``, every
-  0.2 s during the rounds, then at the start and the end of the idle window): each shared page counted as a share among the processes that map
-  it, so N agents on one machine split their libraries' pages N ways. With one agent (a
-  device) PSS is RSS; the kernel keeps no high-water mark of it, so it is sampled;
+  0.2 s during the rounds, then at the start and the end of the idle window): each shared
+  page counted as a share among the processes that map it, so N agents on one machine split
+  their libraries' pages N ways. With one agent (a device) PSS is RSS; the kernel keeps no
+  high-water mark of it, so it is sampled;
 - idle CPU: user + system time over the idle window, as a share of one core;
 - wake-ups per second: voluntary + involuntary context switches of all the process's threads
   over the window (each is a thread waking up or being preempted: the timers and poll loops
