@@ -151,10 +151,10 @@ def _eligibility(
 
 
 # Seconds the loop waits for a message before it looks at the stop flag again: a message
-# ends the wait at once, so this only paces an idle device's wake-ups (and how soon SIGTERM
-# is seen). bench/agent_footprint.py: 3.0 wake-ups/s at 0.5 s, of which paho's network
-# thread's one-second poll is one.
-IDLE_POLL = 2.0
+# ends the wait at once, and so does SIGTERM (serve_until_stopped's wake), so this only paces
+# an idle device's wake-ups (bench/README.md, "The agent between rounds": 1.7 wake-ups/s with
+# 2 s here and paho's network thread waking every second).
+IDLE_POLL = 10.0
 
 
 def serve(cfg: AgentConfig, *, reset: bool = False) -> int:
@@ -178,7 +178,7 @@ def serve(cfg: AgentConfig, *, reset: bool = False) -> int:
         metrics = serve_metrics([AgentCollector(agent)], cfg.metrics_port, cfg.metrics_addr)
     agent.start(keep_trying=True)
     try:
-        serve_until_stopped(agent.step, poll=IDLE_POLL)
+        serve_until_stopped(agent.step, poll=IDLE_POLL, wake=agent.link.wake)
     finally:
         agent.stop()
         if metrics is not None:

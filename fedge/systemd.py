@@ -69,23 +69,40 @@ def serve_until_stopped(
     *,
     poll: float,
     done: Callable[[], bool] = lambda: False,
+    wake: Callable[[], None] | None = None,
 ) -> None:
     """Call ``step(poll)`` until SIGTERM/SIGINT or ``done()``, as a ``Type=notify`` service.
 
     Sends READY=1 before the first step, WATCHDOG=1 at half the watchdog period between
-    steps, and STOPPING=1 on the way out (also when a step raises).
+    steps (a step waits no longer than that), and STOPPING=1 on the way out (also when a step
+    raises). ``wake`` ends a step's wait early: called on SIGTERM/SIGINT, so that a long
+    ``poll`` does not delay the stop.
     """
-    stop = threading.Event()
+    stop, out = threading.Event(), threading.Event()
+
+    def waker(wake: Callable[[], None]) -> None:
+        # A thread of its own, not the signal handler: the code the signal interrupts may
+        # hold the lock that wake takes. It waits without a timeout: no wake-ups of its own.
+        stop.wait()
+        while not out.is_set():  # until the loop is out: a step may wait more than once
+            wake()
+            out.wait(0.5)
+
+    if wake is not None:
+        threading.Thread(target=waker, args=(wake,), name="wake", daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     notify("READY=1")
     pet = watchdog_interval()
+    wait = poll if pet is None else min(poll, pet)
     last_pet = time.monotonic()
     try:
         while not stop.is_set() and not done():
-            step(poll)
+            step(wait)
             if pet is not None and time.monotonic() - last_pet >= pet:
                 notify("WATCHDOG=1")
                 last_pet = time.monotonic()
     finally:
+        out.set()
+        stop.set()  # the waker's thread ends too
         notify("STOPPING=1")

@@ -76,13 +76,23 @@ class Link(Protocol):
     def close(self) -> None:
         """Disconnect cleanly: the broker does not send the Will."""
 
+    def wake(self) -> None:
+        """Make a ``get`` that is waiting return None now (callable from any thread, but not
+        from a signal handler: it takes the inbox's lock, which the interrupted code may
+        hold). A ``get`` that is not waiting returns None once, as after a timeout."""
+
+
+# Put in a link's inbox by ``wake``: ``get`` returns None for it.
+WAKE = Message("", b"")
+
 
 def next_message(inbox: queue.Queue[Message], timeout: float | None) -> Message | None:
     """``Link.get`` for links that keep their received messages in ``inbox``."""
     try:
-        return inbox.get(timeout=None if timeout is None else max(timeout, 0.0))
+        msg = inbox.get(timeout=None if timeout is None else max(timeout, 0.0))
     except queue.Empty:
         return None
+    return None if msg is WAKE else msg
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import queue
 import threading
 
 from .errors import LinkError
-from .link import Message, next_message
+from .link import WAKE, Message, next_message
 from .topics import split_shared, topic_matches, validate_filter
 from .wire import PUBACK_SIZE, publish_size
 
@@ -126,6 +126,9 @@ class MemoryLink:
 
     def get(self, timeout: float | None) -> Message | None:
         return next_message(self._inbox, timeout)
+
+    def wake(self) -> None:
+        self._inbox.put_nowait(WAKE)
 
     def close(self) -> None:
         """Clean disconnect: no Will."""

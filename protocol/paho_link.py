@@ -34,7 +34,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from .errors import LinkError
-from .link import Message, TlsSettings, next_message, tls_context
+from .link import WAKE, Message, TlsSettings, next_message, tls_context
 from .topics import validate_filter
 from .wire import PUBACK_SIZE, publish_size
 
@@ -45,6 +45,7 @@ log = logging.getLogger("fedge.protocol")
 
 SUBACK_TIMEOUT = 10.0  # seconds subscribe() waits for the broker's ack
 PUMP_INTERVAL = 1.0  # at most this long between loop_misc calls of a link without a thread
+LOOP_TIMEOUT_MAX = 15.0  # the longest wait of the network thread on its socket
 RETRY_MIN_DELAY, RETRY_MAX_DELAY = 1, 30  # seconds between connect attempts, doubling
 FAIL_LOG_INTERVAL = 60.0  # seconds between WARNINGs while the broker cannot be reached
 # Ids may contain '.', which older NATS servers refuse in MQTT topics: they deny the
@@ -53,6 +54,31 @@ DOT_HINT = (
     "; NATS servers before nats-io/nats-server#4243 (2023, e.g. Debian's 2.9.10) refuse '.' in"
     " MQTT topics: use fleet and device ids without '.'"
 )
+
+
+def loop_timeout(keepalive: int) -> float:
+    """How long the network thread waits on its socket at most. paho's own loop waits 1 s,
+    and each wait that ends with nothing to do wakes an idle device; nothing but the keepalive
+    is due then (a publish, subscribe or disconnect wakes the thread through paho's socket
+    pair), so a quarter of it, which keeps each PINGREQ within 1.25 keepalives of the last
+    packet: brokers allow 1.5."""
+    if keepalive <= 0:
+        return LOOP_TIMEOUT_MAX
+    return min(LOOP_TIMEOUT_MAX, max(1.0, keepalive / 4))
+
+
+class _Client(mqtt.Client):
+    """paho's client, with the network thread's wait on its socket set by ``loop_timeout``."""
+
+    loop_timeout = 1.0
+
+    def _thread_main(self) -> None:
+        # loop_start()'s thread; paho's (2.0-2.2, a private method) is the same with 1 s.
+        # tests/protocol: an idle link's network thread must not wake every second.
+        try:
+            self.loop_forever(timeout=self.loop_timeout, retry_first_connection=True)
+        finally:
+            self._thread = None
 
 
 class PahoLink:
@@ -119,12 +145,13 @@ class PahoLink:
         self._failed_attempts = 0
         self._last_fail_log = time.monotonic()  # the first WARNING is connect()'s
         try:
-            client = mqtt.Client(
+            client = _Client(
                 CallbackAPIVersion.VERSION2,
                 client_id=client_id,
                 clean_session=clean_session,
                 protocol=mqtt.MQTTv311,
             )
+            client.loop_timeout = loop_timeout(keepalive)
             client.max_inflight_messages_set(max_inflight)
             client.manual_ack_set(manual_ack)
             client.reconnect_delay_set(min_delay=RETRY_MIN_DELAY, max_delay=RETRY_MAX_DELAY)
@@ -263,13 +290,18 @@ class PahoLink:
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         while True:
             try:
-                return self._inbox.get_nowait()
+                msg = self._inbox.get_nowait()
+                return None if msg is WAKE else msg
             except queue.Empty:
                 pass
             left = PUMP_INTERVAL if deadline is None else deadline - time.monotonic()
             self._pump(max(0.0, min(left, PUMP_INTERVAL)))
             if left <= 0 and self._inbox.empty():  # one look at the socket even for 0
                 return None
+
+    def wake(self) -> None:
+        """A driven link's ``get`` sees it within ``PUMP_INTERVAL`` (it waits on the socket)."""
+        self._inbox.put_nowait(WAKE)
 
     def ack(self, message: Message) -> None:
         if message.qos > 0:

@@ -69,3 +69,46 @@ def test_notify_never_waits_for_a_listener_that_stopped_reading(
     assert time.monotonic() - started < 10
     assert sent[0] and not sent[-1]  # the first ones queued, then dropped
     sock.close()
+
+
+# A service loop whose step waits on a link for a minute at a time, as an idle agent does.
+SERVE = """
+import sys, time
+from fedge.protocol.memory_link import MemoryBroker, MemoryLink
+from fedge.systemd import serve_until_stopped
+link = MemoryLink(MemoryBroker(), "d")
+link.connect()
+waits = []
+def step(wait):
+    waits.append(wait)
+    print("waiting", flush=True)
+    link.get(wait)
+    link.get(wait)  # a step may wait twice (the agent's status grace)
+serve_until_stopped(step, poll=60.0, wake=link.wake if sys.argv[1] == "wake" else None)
+print("stopped", max(waits), flush=True)
+"""
+
+
+@pytest.mark.parametrize("watchdog", [None, "2000000"])
+def test_sigterm_ends_a_long_wait_at_once_and_the_watchdog_bounds_it(
+    watchdog: str | None,
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    if watchdog:
+        env["WATCHDOG_USEC"] = watchdog  # pet every second: no wait may be longer
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE, "wake"], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "waiting\n"
+    time.sleep(0.3)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert time.monotonic() - sent < 3.0  # not the minute of the wait
+    assert out.splitlines()[-1] == f"stopped {1.0 if watchdog else 60.0}"

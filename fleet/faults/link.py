@@ -139,6 +139,9 @@ class FaultyLink:
     def flush(self, timeout: float) -> bool:
         return self.inner.flush(timeout)
 
+    def wake(self) -> None:
+        self.inner.wake()
+
     def get(self, timeout: float | None) -> Message | None:
         msg = self.inner.get(timeout)
         if msg is not None and msg.topic == self._topics.round and msg.payload:

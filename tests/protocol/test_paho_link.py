@@ -388,3 +388,70 @@ def test_an_unsubscribe_ends_what_a_persistent_session_kept_online_or_not(
         pub.publish(marker, b"marker")
         assert [m.payload for m in receive(now, 1)] == [b"marker"]
         assert now.get(timeout=0.3) is None
+
+
+def thread_switches(native_id: int) -> int:
+    """Context switches of one thread of this process so far (each a wake-up or preemption)."""
+    total = 0
+    with open(f"/proc/self/task/{native_id}/status") as f:
+        for line in f:
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.slow
+def test_an_idle_link_network_thread_sleeps_a_quarter_keepalive_and_keeps_alive(
+    mosquitto: MosquittoServer, links: list[PahoLink], prefix: str, client_id: str
+) -> None:
+    """paho's own network loop wakes every second; an idle link's waits a quarter of the
+    keepalive (7.5 s at the default 30; 3 s here, of 12), sends its PINGREQs in time all the
+    same (Mosquitto 2.0 drops a client silent for 2 keepalives: a wait of more than 24 s
+    here would lose the link), and a message still ends the wait at once."""
+    will = Message(f"{prefix}/will", b"gone")  # the broker sends it if it drops the link
+    link = PahoLink(
+        mosquitto.host, mosquitto.port, client_id, clean_session=True, keepalive=12, will=will
+    )
+    watcher = PahoLink(mosquitto.host, mosquitto.port, f"{client_id}-w", clean_session=True)
+    links += [link, watcher]
+    watcher.connect()
+    watcher.subscribe(will.topic)
+    link.connect()
+    link.subscribe(f"{prefix}/ping")
+    thread = link._client._thread
+    assert thread is not None and thread.native_id is not None
+    before = thread_switches(thread.native_id)
+    time.sleep(9.1)  # 3 waits of 3 s; paho's loop would wake 9 times
+    woke = thread_switches(thread.native_id) - before
+    assert woke <= 6, f"{woke} wake-ups of the network thread in 9 s"
+    time.sleep(16)  # 25 s in all: past 2 keepalives with nothing sent but PINGREQs
+    assert link.connected and watcher.get(timeout=0.5) is None  # never dropped: no Will
+    sent = time.monotonic()
+    watcher.publish(f"{prefix}/ping", b"x")
+    msg = link.get(timeout=5)
+    assert msg is not None and msg.payload == b"x"
+    assert time.monotonic() - sent < 1.0
+
+
+def test_loop_timeout_follows_the_keepalive() -> None:
+    from fedge.protocol.paho_link import LOOP_TIMEOUT_MAX, loop_timeout
+
+    assert loop_timeout(60) == 15.0 and loop_timeout(30) == 7.5 and loop_timeout(2) == 1.0
+    assert loop_timeout(0) == LOOP_TIMEOUT_MAX and loop_timeout(3600) == LOOP_TIMEOUT_MAX
+
+
+@THREADS
+def test_wake_ends_a_waiting_get(
+    mosquitto: MosquittoServer, links: list[PahoLink], client_id: str, network_thread: bool
+) -> None:
+    import threading
+
+    link = PahoLink(
+        mosquitto.host, mosquitto.port, client_id, clean_session=True, network_thread=network_thread
+    )
+    links.append(link)
+    link.connect()
+    threading.Timer(0.3, link.wake).start()
+    start = time.monotonic()
+    assert link.get(timeout=30) is None
+    assert time.monotonic() - start < 2.0  # a driven link looks at its inbox every second
