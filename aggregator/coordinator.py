@@ -484,8 +484,16 @@ class Aggregator:
         try:
             full = self.reassembler.add(chunk)
         except ChunkError as exc:
-            self._chunk_wire.pop(key, None)
-            self.stray_bytes += wire
+            if not self.reassembler.holds(message_id):
+                # Its message is over (refused whole, expired, done) or never began: what it
+                # kept and counted goes with it.
+                self.stray_bytes += self._chunk_wire.pop(key, 0) + wire
+                self.store.forget_chunks(message_id, device)
+            elif exc.reason == "duplicate":
+                # A QoS 1 redelivery: its bytes came again, for the same message.
+                self._chunk_wire[key] = self._chunk_wire.get(key, 0) + wire
+            else:
+                self.stray_bytes += wire  # a chunk refused; its message goes on without it
             self._reject(f"chunk_{exc.reason}", topic, str(exc))
             return None
         self._chunk_wire[key] = self._chunk_wire.get(key, 0) + wire

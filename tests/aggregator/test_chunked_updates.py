@@ -1,8 +1,10 @@
-"""Updates that come in chunks: kept through a crash, counted once."""
+"""Updates that come in chunks: kept through a crash, counted once, forgotten when refused."""
 
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +90,72 @@ def test_an_update_whose_last_chunk_was_in_hand_at_a_crash_counts_once(
     clock.now += 61
     pump(agg)
     assert stored(agg, "chunks") == 0
+
+
+def test_a_redelivered_chunk_counts_with_its_update(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1, rounds=1)
+    a = Device(broker, "a")
+    pump(agg)
+    parts = chunks("a", "aabbccddeeff0011")
+    sent = [parts[0], parts[0], *parts[1:]]  # the first one twice (QoS 1 redelivery)
+    for part in sent:
+        a.link.publish(T.update("a"), part)
+    pump(agg)
+    assert agg.done and agg.rejected["chunk_duplicate"] == 1
+    line = json.loads((tmp_path / "rounds.jsonl").read_text())
+    assert line["bytes_up_by_device"] == {"a": wire(sent)}  # every byte, once
+    assert agg.stray_bytes == 0
+
+
+def test_a_refused_chunk_leaves_its_update_and_its_count_alone(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1, rounds=1)
+    a = Device(broker, "a")
+    pump(agg)
+    parts = chunks("a", "aabbccddeeff0011")
+    changed = split(
+        encode(
+            UpdateHeader(
+                device_id="a",
+                round_id=1,
+                update_id="aabbccddeeff0011",
+                base_version=0,
+                num_samples=10,
+            ),
+            delta(0.25),
+        ),
+        80,
+        bytes.fromhex("aabbccddeeff0011"),
+    )[0]  # the same message id and index, other bytes: refused
+    a.link.publish(T.update("a"), parts[0])
+    a.link.publish(T.update("a"), changed)
+    for part in parts[1:]:
+        a.link.publish(T.update("a"), part)
+    pump(agg)
+    assert agg.done and agg.rejected["chunk_inconsistent"] == 1
+    np.testing.assert_allclose(agg.weights["w"], 0.5)
+    line = json.loads((tmp_path / "rounds.jsonl").read_text())
+    assert line["bytes_up_by_device"] == {"a": wire(parts)}
+    assert agg.stray_bytes == wire([changed])
+
+
+def test_the_chunks_of_an_update_that_fails_its_checksum_are_forgotten(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1)
+    a = Device(broker, "a")
+    pump(agg)
+    parts = chunks("a", "1111111111111111")
+    # A last chunk sound on its own (its own checksum holds) with other data: the whole
+    # payload's checksum fails.
+    data = bytearray(parts[-1][28:])
+    data[0] ^= 0xFF
+    head = parts[-1][:24]
+    bad = head + struct.pack(">I", zlib.crc32(bytes(data), zlib.crc32(head))) + bytes(data)
+    for part in [*parts[:-1], bad]:
+        a.link.publish(T.update("a"), part)
+    pump(agg)
+    assert agg.rejected["chunk_bad_checksum"] == 1
+    assert stored(agg, "chunks") == 0  # not left to grow the state until a restart
+    assert agg.stray_bytes == wire([*parts[:-1], bad])
+    assert agg.current is not None and agg.current.wire_up["a"] == 0
