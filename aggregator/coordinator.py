@@ -202,6 +202,7 @@ class Aggregator:
         self.stray_bytes = 0  # update bytes that no open round could be credited with
         self._last_republish = -float("inf")  # when the global was last sent again
         self._republished_version = -1  # and which version that was
+        self._whole_sent: dict[str, tuple[float, int]] = {}  # quiet device -> (when, version)
         self._last_wait_log = clock()  # statuses come in just after start: give them time
         resumed = store.latest_model()
         if resumed is None:
@@ -546,13 +547,31 @@ class Aggregator:
             self.inboxes.note_status(status.device_id, status.quiet, status.model_version)
             # Agents of the envelope status set model_version only when they lacked a model.
             wants = status.wants_model or (legacy and status.model_version is not None)
+            sent = 0  # bytes of the whole model sent to a quiet device's inbox
             if wants and status.model_version is not None and status.model_version < self.version:
                 if status.quiet:  # to its inbox alone: the others have it
-                    self.inboxes.send_whole(status.device_id, self.version, self._inbox_model)
+                    sent = self._send_whole(status.device_id)
                 else:
                     self._republish_global(f"{status.device_id} has v{status.model_version}")
             if status.quiet:
                 self._resend_round(status.device_id, fresh=status.state == "online")
+                # Counted once the round is in its inbox (not before: _resend_round tells by
+                # that whether the round reached it).
+                rnd = self.current
+                if sent and rnd is not None and status.device_id in rnd.wire_down_by_device:
+                    rnd.wire_down_by_device[status.device_id] += sent
+
+    def _send_whole(self, device: str) -> int:
+        """The whole model to the inbox of a quiet device that asked for it; the MQTT bytes.
+        At most once per ``republish_interval`` seconds per device and model version, as
+        ``_republish_global`` for the others: a device that asks in every status must not
+        turn each into a whole model."""
+        now = self.clock()
+        when, version = self._whole_sent.get(device, (-math.inf, -1))
+        if version == self.version and now - when < self.cfg.republish_interval:
+            return 0
+        self._whole_sent[device] = (now, self.version)
+        return self.inboxes.send_whole(device, self.version, self._inbox_model)
 
     def _resend_round(self, device: str, *, fresh: bool) -> None:
         """A quiet device selected in the open round that has not answered gets the round
@@ -1091,6 +1110,8 @@ class Aggregator:
         self._republished_version = self.version
         self._publish_global(round_id=0)
         self.republished += 1
+        if self.current is not None:  # every device that hears the round gets it again
+            self.current.wire_down += self._global_wire_size + PUBACK_SIZE
         log.warning("sent global model v%d again: %s", self.version, why)
 
     def _publish_global(self, round_id: int) -> None:
