@@ -202,6 +202,7 @@ class Aggregator:
         self.stray_bytes = 0  # update bytes that no open round could be credited with
         self._last_republish = -float("inf")  # when the global was last sent again
         self._republished_version = -1  # and which version that was
+        self._whole_sent: dict[str, tuple[float, int]] = {}  # quiet device -> (when, version)
         self._last_wait_log = clock()  # statuses come in just after start: give them time
         resumed = store.latest_model()
         if resumed is None:
@@ -454,34 +455,65 @@ class Aggregator:
             self._reject("topic_mismatch", msg.topic, "not an update topic")
             return
         wire = publish_size(msg.topic, len(msg.payload), 1)
-        payload = msg.payload
-        if is_chunk(payload):
-            # A chunk's bytes wait until its message is whole and says which round it is for.
-            key = (device, payload[4:12])  # the chunk header's message id
-            self._chunk_wire[key] = self._chunk_wire.get(key, 0) + wire
-            try:
-                full = self.reassembler.add(payload)
-            except ChunkError as exc:
-                self._chunk_wire.pop(key, None)
-                self.stray_bytes += wire
-                self._reject(f"chunk_{exc.reason}", msg.topic, str(exc))
-                return
-            if full is None:
-                # Kept before it is acknowledged: after a crash it is fed in again.
-                self.store.save_chunk(
-                    device, key[1], int.from_bytes(payload[12:14], "big"), payload
-                )
-                return
+        if not is_chunk(msg.payload):
+            self._on_message(msg.topic, device, msg.payload, wire)
+            return
+        key = (device, bytes(msg.payload[4:12]))  # the chunk header's message id
+        full = self._on_chunk(msg.topic, key, msg.payload, wire)
+        if full is None:
+            return
+        wire = self._chunk_wire.pop(key, wire)
+        try:
+            self._on_message(msg.topic, device, full, wire, chunks=key[1])
+        except Exception:
+            # Refused all the same ("internal", in handle), or the loop stops: kept, its
+            # chunks would come back and fail again at every start.
             self.store.forget_chunks(key[1], device)
-            payload = full
-            wire = self._chunk_wire.pop(key, wire)
+            raise
+        # Kept or refused: its chunks go only now (an answer kept takes them with it). Gone
+        # before, a crash until then would lose the update: the broker sends again only the
+        # last chunk, the one not acknowledged.
+        self.store.forget_chunks(key[1], device)
+
+    def _on_chunk(
+        self, topic: str, key: tuple[str, bytes], chunk: bytes, wire: int
+    ) -> bytes | None:
+        """Take one chunk of ``key`` (device, message id): the whole message once it is
+        complete. A chunk's bytes wait until its message is whole and says which round it
+        is for."""
+        device, message_id = key
+        try:
+            full = self.reassembler.add(chunk)
+        except ChunkError as exc:
+            if not self.reassembler.holds(message_id):
+                # Its message is over (refused whole, expired, done) or never began: what it
+                # kept and counted goes with it.
+                self.stray_bytes += self._chunk_wire.pop(key, 0) + wire
+                self.store.forget_chunks(message_id, device)
+            elif exc.reason == "duplicate":
+                # A QoS 1 redelivery: its bytes came again, for the same message.
+                self._chunk_wire[key] = self._chunk_wire.get(key, 0) + wire
+            else:
+                self.stray_bytes += wire  # a chunk refused; its message goes on without it
+            self._reject(f"chunk_{exc.reason}", topic, str(exc))
+            return None
+        self._chunk_wire[key] = self._chunk_wire.get(key, 0) + wire
+        if full is None:
+            # Kept before it is acknowledged: after a crash it is fed in again.
+            self.store.save_chunk(device, message_id, int.from_bytes(chunk[12:14], "big"), chunk)
+        return full
+
+    def _on_message(
+        self, topic: str, device: str, payload: bytes, wire: int, *, chunks: bytes | None = None
+    ) -> None:
+        """A whole message (``chunks``: the id of the stored chunks it came in)."""
         if is_secagg(payload):
-            self._on_secagg(msg.topic, device, payload, wire)
+            self._on_secagg(topic, device, payload, wire)
             return
         try:
             parsed = intake.parse(payload, device)
         except DecodeError as exc:
-            self._reject(exc.reason, msg.topic, str(exc))
+            self._reject(exc.reason, topic, str(exc))
             self.stray_bytes += wire
             return
         header, tensors = parsed.header, parsed.tensors
@@ -490,7 +522,7 @@ class Aggregator:
             rnd.wire_up[device] += wire  # this round's bytes, accepted or not
         else:
             self.stray_bytes += wire  # for a closed or unknown round: counted apart
-        self._on_update(msg.topic, device, len(payload), header, tensors)
+        self._on_update(topic, device, len(payload), header, tensors, chunks=chunks)
 
     def _reject(self, reason: str, topic: str, detail: str) -> None:
         """Count a rejected message; log the first of each reason, then every 100th."""
@@ -515,13 +547,31 @@ class Aggregator:
             self.inboxes.note_status(status.device_id, status.quiet, status.model_version)
             # Agents of the envelope status set model_version only when they lacked a model.
             wants = status.wants_model or (legacy and status.model_version is not None)
+            sent = 0  # bytes of the whole model sent to a quiet device's inbox
             if wants and status.model_version is not None and status.model_version < self.version:
                 if status.quiet:  # to its inbox alone: the others have it
-                    self.inboxes.send_whole(status.device_id, self.version, self._inbox_model)
+                    sent = self._send_whole(status.device_id)
                 else:
                     self._republish_global(f"{status.device_id} has v{status.model_version}")
             if status.quiet:
                 self._resend_round(status.device_id, fresh=status.state == "online")
+                # Counted once the round is in its inbox (not before: _resend_round tells by
+                # that whether the round reached it).
+                rnd = self.current
+                if sent and rnd is not None and status.device_id in rnd.wire_down_by_device:
+                    rnd.wire_down_by_device[status.device_id] += sent
+
+    def _send_whole(self, device: str) -> int:
+        """The whole model to the inbox of a quiet device that asked for it; the MQTT bytes.
+        At most once per ``republish_interval`` seconds per device and model version, as
+        ``_republish_global`` for the others: a device that asks in every status must not
+        turn each into a whole model."""
+        now = self.clock()
+        when, version = self._whole_sent.get(device, (-math.inf, -1))
+        if version == self.version and now - when < self.cfg.republish_interval:
+            return 0
+        self._whole_sent[device] = (now, self.version)
+        return self.inboxes.send_whole(device, self.version, self._inbox_model)
 
     def _resend_round(self, device: str, *, fresh: bool) -> None:
         """A quiet device selected in the open round that has not answered gets the round
@@ -544,6 +594,8 @@ class Aggregator:
         nbytes: int,
         header: UpdateHeader | SkipNotice,
         tensors: dict[str, np.ndarray],
+        *,
+        chunks: bytes | None = None,
     ) -> None:
         rnd = self.current
         reason = intake.validate(
@@ -592,19 +644,23 @@ class Aggregator:
         assert rnd is not None
         is_update = isinstance(header, UpdateHeader)
         # Kept with its delta before it counts: a crash after this line resumes the round
-        # with it, one before it loses nothing the device will not send again.
-        self.store.record_answer(
-            device_id=header.device_id,
-            update_id=header.update_id,
-            round_id=header.round_id,
-            kind=header.kind,
-            num_samples=header.num_samples,
-            trained=bool(getattr(header, "trained", True)),
-            train_loss=getattr(header, "train_loss", None),
-            nbytes=nbytes,
-            received=self.clock(),
-            delta=delta if is_update and rnd.secure is None else None,
-        )
+        # with it, one before it loses nothing the device will not send again. The chunks it
+        # came in go in the same commit: kept until then, they bring it back after a crash.
+        with self.store.transaction():
+            self.store.record_answer(
+                device_id=header.device_id,
+                update_id=header.update_id,
+                round_id=header.round_id,
+                kind=header.kind,
+                num_samples=header.num_samples,
+                trained=bool(getattr(header, "trained", True)),
+                train_loss=getattr(header, "train_loss", None),
+                nbytes=nbytes,
+                received=self.clock(),
+                delta=delta if is_update and rnd.secure is None else None,
+            )
+            if chunks is not None:
+                self.store.forget_chunks(chunks, device)
         if header.evaluation is not None:
             rnd.evals[header.device_id] = header.evaluation
         if isinstance(header, SkipNotice):
@@ -1054,6 +1110,8 @@ class Aggregator:
         self._republished_version = self.version
         self._publish_global(round_id=0)
         self.republished += 1
+        if self.current is not None:  # every device that hears the round gets it again
+            self.current.wire_down += self._global_wire_size + PUBACK_SIZE
         log.warning("sent global model v%d again: %s", self.version, why)
 
     def _publish_global(self, round_id: int) -> None:

@@ -110,11 +110,14 @@ class Inboxes:
         self.held[device] = version
         return sum(publish_size(topic, len(p), 1) + PUBACK_SIZE for p in payloads)
 
-    def send_whole(self, device: str, version: int, whole: Callable[[], bytes]) -> None:
-        """The whole model, to a quiet device that asked for it (``wants_model``)."""
-        self.link.publish(self.topics.inbox(device), self._whole_payload(version, whole), qos=1)
+    def send_whole(self, device: str, version: int, whole: Callable[[], bytes]) -> int:
+        """The whole model, to a quiet device that asked for it (``wants_model``); the MQTT
+        bytes it receives."""
+        topic, payload = self.topics.inbox(device), self._whole_payload(version, whole)
+        self.link.publish(topic, payload, qos=1)
         self.sent += 1
         self.held[device] = version
+        return publish_size(topic, len(payload), 1) + PUBACK_SIZE
 
     def catch_up(self, device: str, version: int, whole: Callable[[], bytes]) -> list[bytes]:
         """What takes ``device`` from the version it holds to ``version``: the deltas in

@@ -207,6 +207,10 @@ class Reassembler:
         """Bytes of chunk data held (never more than ``reserved``)."""
         return sum(len(d) for p in self._partial.values() for d in p.parts.values())
 
+    def holds(self, message_id: bytes) -> bool:
+        """Whether the message is incomplete and held (not completed, refused or given up)."""
+        return message_id in self._partial
+
     def add(self, chunk: bytes) -> bytes | None:
         """Take one chunk; return the whole payload when it completes a message, else None."""
         head, data = parse_chunk(chunk)
