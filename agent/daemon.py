@@ -956,6 +956,16 @@ class Agent:
             self._leave_secure(abort=True)
             self._refuse(f"secagg_{exc.reason}", topic, f"round {turn.round_id}: {exc}")
             return
+        if answer.repeated:  # a redelivery (its PUBACK was lost): answered already
+            self.stats.rejected["secagg_duplicate"] += 1
+            count = self.stats.rejected["secagg_duplicate"]
+            if count == 1 or count % 100 == 0:
+                log.info(
+                    "round %d: a secure-aggregation message again, ignored (%d so far)",
+                    turn.round_id,
+                    count,
+                )
+            return
         out = self.topics.update(self.device_id)
         if answer.action is Action.PUBLISH:
             self.link.publish(out, answer.payload, qos=1)
