@@ -94,6 +94,9 @@ class AgentStats:
     bytes_sent: int = 0  # MQTT bytes of updates and skip notices
     rejected: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)  # rounds sat out, by reason
+    # What kept the device from part of its work, by kind: "data" (the training data cannot
+    # be read), "anomaly_score", "disk" (a file the agent keeps cannot be written).
+    faults: Counter[str] = field(default_factory=Counter)
 
 
 def _label(key: object) -> str:
@@ -169,6 +172,10 @@ class Agent:
         # quick save (``note_state``) keeps the version across a crash of the process; a
         # power cut in between forgets it, and an older model is taken once more.
         self._unsaved = False
+        # The faults going on (``_fault``), by kind: what was logged, so that it is said
+        # again only when it changes.
+        self._faults: dict[str, str] = {}
+        self.stats = AgentStats()
         self.rng = rng or np.random.default_rng()
         # Local DP noise draws from the OS's entropy, never from ``rng``: a seed in a config
         # file would let anyone who reads it subtract the noise again.
@@ -219,7 +226,6 @@ class Agent:
         self.last_update_bytes = 0
         self.last_gate: GateDecision | None = None
         self.last_global_update: dict[str, np.ndarray] | None = None
-        self.stats = AgentStats()
         self.global_weights: dict[str, np.ndarray] | None = None
         self.global_version = -1
         # The global model version the runtime holds as it was applied (None: other weights,
@@ -356,10 +362,33 @@ class Agent:
         self.handle(msg)
         return True
 
-    def _save(self, state: AgentState) -> None:
+    def _save(self, state: AgentState) -> bool:
+        """Write the state file; False when the disk refuses (full, or failing): the state
+        stays in memory, and the next idle moment tries again. Never a crash: the retained
+        round or model would bring the same write back after a restart."""
         self._saves += 1
+        try:
+            self._save_state(state)
+        except OSError as exc:
+            self._unsaved = True
+            self._fault("disk", exc, "cannot save the agent's state (tried again when idle)")
+            return False
         self._unsaved = False
-        self._save_state(state)
+        self._fault_over("disk")
+        return True
+
+    def _fault(self, kind: str, exc: BaseException, doing: str) -> None:
+        """Count a fault that keeps the device from part of its work (``AgentStats.faults``);
+        log it at ERROR when it starts or changes, not every time it recurs."""
+        self.stats.faults[kind] += 1
+        what = f"{type(exc).__name__}: {exc}"
+        if self._faults.get(kind) != what:
+            self._faults[kind] = what
+            log.error("%s: %s", doing, what)
+
+    def _fault_over(self, kind: str) -> None:
+        if self._faults.pop(kind, None) is not None:
+            log.info("fault over: %s", kind)
 
     def _status(self, state: str, *, behind: bool = False) -> None:
         self._status_due = False  # this one says it too
@@ -582,10 +611,21 @@ class Agent:
         self.state.model_version = header.model_version
         self._unsaved = True
         if self._note_state is not None:
-            self._note_state(self.state)
+            try:
+                self._note_state(self.state)
+            except OSError as exc:  # a quick note only: the next state save holds it too
+                self._fault("disk", exc, "cannot note the model version")
         log.info("applied global model v%d (round %d)", header.model_version, header.round_id)
         if self.sensor is not None:
-            score = self.sensor.anomaly_score(self.runtime)
+            try:
+                score = self.sensor.anomaly_score(self.runtime)
+            except (RuntimeError, ValueError) as exc:
+                # The model stays applied whatever the latest samples make of the score: a
+                # store that cannot be read (StoreError), a window of another channel count.
+                self._fault("anomaly_score", exc, f"no anomaly score under v{header.model_version}")
+                score = None
+            else:
+                self._fault_over("anomaly_score")
             if score is not None and np.isfinite(score):
                 self.anomaly_score = score
                 log.info("anomaly score %.4f under model v%d", score, header.model_version)
@@ -722,9 +762,18 @@ class Agent:
             # A round that cannot be answered properly is sat out, never a crash loop: the
             # retained announcement would bring the same failure back after a restart.
             log.error("round %d: %s: %s; sitting it out", ann.round_id, type(exc).__name__, exc)
-            self.stats.failed += 1
-            self._leave_secure(abort=True)
-            self._skip(ann, "other", trained=False, outcome="failed")
+            self._failed(ann)
+        except OSError as exc:
+            # The outbox cannot be written (a full disk) before the answer goes: nothing was
+            # sent, the residual is as it was.
+            self._fault("disk", exc, f"round {ann.round_id}: cannot keep the answer, sitting out")
+            self._failed(ann)
+
+    def _failed(self, ann: RoundAnnouncement) -> None:
+        """Sit out a round that could not be answered properly."""
+        self.stats.failed += 1
+        self._leave_secure(abort=True)
+        self._skip(ann, "other", trained=False, outcome="failed")
 
     def _round(self, ann: RoundAnnouncement) -> None:
         assert self.global_weights is not None
@@ -743,6 +792,14 @@ class Agent:
                 log.info("round %d: no training data yet (%s)", ann.round_id, exc)
                 self._skip(ann, "not_ready", trained=False)
                 return
+            except (RuntimeError, OSError) as exc:
+                # The sample store cannot be read (StoreError is a RuntimeError: a damaged
+                # database, samples of two channel counts after a firmware update): sat out,
+                # never a crash loop on the retained announcement.
+                self._fault("data", exc, f"round {ann.round_id}: cannot read the training data")
+                self._skip(ann, "not_ready", trained=False)
+                return
+            self._fault_over("data")
         if cfg.secure is not None and self.secure is None:
             # A secure round: keys first (cheap, so the key list closes quickly), training
             # once the key list is in and the shares are out (``_on_secagg``).
@@ -971,7 +1028,12 @@ class Agent:
             self.link.publish(out, answer.payload, qos=1)
             self._sent(publish_size(out, len(answer.payload), 1))
         elif answer.action is Action.MASKED:
-            self._send_masked(turn, answer.payload)
+            try:
+                self._send_masked(turn, answer.payload)
+            except OSError as exc:  # the outbox: nothing was sent
+                self._fault("disk", exc, f"round {turn.round_id}: cannot keep the masked update")
+                self._failed(turn.announcement)
+                return
         if answer.done:
             self._leave_secure(abort=False)
         elif answer.trains:  # the shares are out: train, and keep the update for the mask
@@ -1072,15 +1134,21 @@ class Agent:
         )
         for part in pending.parts:
             self.link.publish(pending.topic, part, qos=1)
-        if not committed:
-            self._commit(pending.round_id, pending.kept, kind=pending.kind, durable=True)
-        else:
-            # Neither file is written while an outbox holds the residual and the state: the
-            # files are older. The outbox's residual is the residual since (every change goes
-            # through it); its state came in at start (``load_state``), and goes to the file
-            # before the outbox goes.
-            self._hold(pending.kept, durable=True)
-            self._save(self.state)
+        try:
+            if not committed:
+                self._commit(pending.round_id, pending.kept, kind=pending.kind, durable=True)
+            else:
+                # Neither file is written while an outbox holds the residual and the state:
+                # the files are older. The outbox's residual is the residual since (every
+                # change goes through it); its state came in at start (``load_state``), and
+                # goes to the file before the outbox goes.
+                self._hold(pending.kept, durable=True)
+                self._save(self.state)
+        except OSError as exc:
+            self._fault("disk", exc, "cannot save the residual (the outbox keeps it)")
+            return True
+        if self._unsaved:  # the state file refused it (``_save``): the outbox keeps it
+            return True
         self.outbox.clear()
         return True
 
