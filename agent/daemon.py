@@ -202,8 +202,8 @@ class Agent:
         # The aggregator's public keys: rounds and global models must carry a signature by
         # one of them. Empty: unsigned ones are taken (development only; logged at start).
         self.trusted_keys = tuple(trusted_keys)
-        self._check_trust_root()
         self.outbox = outbox  # an update on its way; sent again after a crash
+        self._check_trust_root()
         # What the device reads about itself (battery, temperature, load), for the status.
         self.readings = readings
         # Called with each status published (the service shows it to systemd).
@@ -241,8 +241,10 @@ class Agent:
 
         Under a new trust root (keys pinned for the first time, e.g. after an upgrade from
         unsigned rounds, or keys none of which were pinned before) a forged round id or model
-        version remembered from before would make it refuse every real round for good.
-        Rotation (old and new key pinned together) keeps what was seen.
+        version remembered from before would make it refuse every real round for good, and
+        so would the outbox's answer, which would bring its round id back when it is sent
+        again: it is dropped first. Rotation (old and new key pinned together) keeps what was
+        seen.
         """
         if not self.trusted_keys:
             return
@@ -260,10 +262,36 @@ class Agent:
                 self.state.round_seen,
                 self.state.model_version,
             )
+        pending = None if self.outbox is None else self.outbox.take()
+        if pending is not None:
+            self._drop(pending)  # before the state that forgets its round is saved
         self.state.last_round = self.state.round_seen = 0
         self.state.model_version = -1
         self.state.trusted_keys = ids
         self._save(self.state)
+
+    def _untrusted(self, pending: Pending) -> bool:
+        """Whether the outbox's answer was written under keys none of which is pinned now (a
+        crash, or a full disk, kept it past ``_check_trust_root``)."""
+        if not self.trusted_keys or pending.state is None:
+            return False
+        return not set(pending.state.trusted_keys or ()) & set(self.state.trusted_keys or ())
+
+    def _drop(self, pending: Pending) -> None:
+        """Forget the outbox's answer, for a round under another trust root: not sent again,
+        its round not taken in. Its residual is the residual since, and stays."""
+        assert self.outbox is not None
+        log.warning(
+            "dropping the %s %s for round %d: written under aggregator keys no longer pinned",
+            pending.kind,
+            pending.update_id,
+            pending.round_id,
+        )
+        try:
+            self._hold(pending.kept, durable=True)
+            self.outbox.clear()
+        except OSError as exc:
+            self._fault("disk", exc, "cannot drop the outbox (it is not sent)")
 
     @staticmethod
     def birth(device_id: str, fleet: str, *, quiet: bool = False) -> Message:
@@ -1124,6 +1152,9 @@ class Agent:
         if pending is None:
             return False
         assert self.outbox is not None
+        if self._untrusted(pending):
+            self._drop(pending)
+            return False
         committed = self.state.last_round >= pending.round_id
         log.warning(
             "sending the %s %s for round %d again after a restart%s",
