@@ -203,6 +203,8 @@ class Agent:
         # one of them. Empty: unsigned ones are taken (development only; logged at start).
         self.trusted_keys = tuple(trusted_keys)
         self.outbox = outbox  # an update on its way; sent again after a crash
+        # The outbox's answer went again at start: the outbox goes once the broker has it.
+        self._resent = False
         self._check_trust_root()
         # What the device reads about itself (battery, temperature, load), for the status.
         self.readings = readings
@@ -366,7 +368,8 @@ class Agent:
                 self._save(self.state)
             self._status("offline")
         finally:
-            self.link.close()
+            self.link.close()  # waits a moment for the broker's acks
+            self._forget_resent()
             if self.sensor is not None:
                 self.sensor.stop()
 
@@ -386,6 +389,7 @@ class Agent:
         if msg is None:
             if self._unsaved:  # idle: the model applied without a round after it
                 self._save(self.state)
+            self._forget_resent()
             return False
         self.handle(msg)
         return True
@@ -758,7 +762,7 @@ class Agent:
         self._sent(publish_size(topic, len(payload), 1))
         if held is not None and self.outbox is not None:
             after = self._answered(ann.round_id, "skip")
-            self.outbox.put(
+            self._keep(
                 Pending(ann.round_id, notice.update_id, topic, [payload], held, "skip", after)
             )
         self.link.publish(topic, payload, qos=1)
@@ -931,7 +935,7 @@ class Agent:
         # never the old residual, which still holds what is being sent.
         if self.outbox is not None:
             after = self._answered(ann.round_id, "update")
-            self.outbox.put(Pending(ann.round_id, update_id, topic, parts, kept, state=after))
+            self._keep(Pending(ann.round_id, update_id, topic, parts, kept, state=after))
         for part in parts:
             self.link.publish(topic, part, qos=1)
         self._commit(ann.round_id, kept, kind="update")
@@ -1103,9 +1107,7 @@ class Agent:
         self._sent(self.last_update_bytes)
         if self.outbox is not None:
             after = self._answered(turn.round_id, "update")
-            self.outbox.put(
-                Pending(turn.round_id, prep.update_id, topic, parts, prep.kept, state=after)
-            )
+            self._keep(Pending(turn.round_id, prep.update_id, topic, parts, prep.kept, state=after))
         for part in parts:
             self.link.publish(topic, part, qos=1)
         self._commit(turn.round_id, prep.kept, kind="update")
@@ -1180,8 +1182,30 @@ class Agent:
             return True
         if self._unsaved:  # the state file refused it (``_save``): the outbox keeps it
             return True
-        self.outbox.clear()
+        # Offline the publishes are only in the link's memory: a restart before the broker
+        # has them would lose the answer, the state saying it was sent. So the outbox goes
+        # once the broker has acknowledged them (now, when idle, or at stop); until then a
+        # restart sends it again, with the same update id (the aggregator applies it once).
+        self._resent = True
+        self._forget_resent()
         return True
+
+    def _keep(self, pending: Pending) -> None:
+        """Write the outbox before the answer goes (it replaces the answer sent before)."""
+        assert self.outbox is not None
+        self.outbox.put(pending)
+        self._resent = False
+
+    def _forget_resent(self) -> None:
+        """Remove the outbox once the broker has acknowledged the answer sent again at start
+        (and whatever was published since), without waiting for it."""
+        if not self._resent or self.outbox is None or not self.link.flush(0):
+            return
+        self._resent = False
+        try:
+            self.outbox.clear()
+        except OSError as exc:  # sent once more at the next start: the aggregator ignores it
+            self._fault("disk", exc, "cannot remove the outbox")
 
     def _hold(self, kept: dict[str, np.ndarray] | None, *, durable: bool = True) -> None:
         """Keep ``kept`` as the residual. Not ``durable``: in memory only, the outbox holds it
