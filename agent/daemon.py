@@ -94,6 +94,9 @@ class AgentStats:
     bytes_sent: int = 0  # MQTT bytes of updates and skip notices
     rejected: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)  # rounds sat out, by reason
+    # What kept the device from part of its work, by kind: "data" (the training data cannot
+    # be read), "anomaly_score", "disk" (a file the agent keeps cannot be written).
+    faults: Counter[str] = field(default_factory=Counter)
 
 
 def _label(key: object) -> str:
@@ -169,6 +172,10 @@ class Agent:
         # quick save (``note_state``) keeps the version across a crash of the process; a
         # power cut in between forgets it, and an older model is taken once more.
         self._unsaved = False
+        # The faults going on (``_fault``), by kind: what was logged, so that it is said
+        # again only when it changes.
+        self._faults: dict[str, str] = {}
+        self.stats = AgentStats()
         self.rng = rng or np.random.default_rng()
         # Local DP noise draws from the OS's entropy, never from ``rng``: a seed in a config
         # file would let anyone who reads it subtract the noise again.
@@ -195,8 +202,10 @@ class Agent:
         # The aggregator's public keys: rounds and global models must carry a signature by
         # one of them. Empty: unsigned ones are taken (development only; logged at start).
         self.trusted_keys = tuple(trusted_keys)
-        self._check_trust_root()
         self.outbox = outbox  # an update on its way; sent again after a crash
+        # The outbox's answer went again at start: the outbox goes once the broker has it.
+        self._resent = False
+        self._check_trust_root()
         # What the device reads about itself (battery, temperature, load), for the status.
         self.readings = readings
         # Called with each status published (the service shows it to systemd).
@@ -219,7 +228,6 @@ class Agent:
         self.last_update_bytes = 0
         self.last_gate: GateDecision | None = None
         self.last_global_update: dict[str, np.ndarray] | None = None
-        self.stats = AgentStats()
         self.global_weights: dict[str, np.ndarray] | None = None
         self.global_version = -1
         # The global model version the runtime holds as it was applied (None: other weights,
@@ -235,8 +243,10 @@ class Agent:
 
         Under a new trust root (keys pinned for the first time, e.g. after an upgrade from
         unsigned rounds, or keys none of which were pinned before) a forged round id or model
-        version remembered from before would make it refuse every real round for good.
-        Rotation (old and new key pinned together) keeps what was seen.
+        version remembered from before would make it refuse every real round for good, and
+        so would the outbox's answer, which would bring its round id back when it is sent
+        again: it is dropped first. Rotation (old and new key pinned together) keeps what was
+        seen.
         """
         if not self.trusted_keys:
             return
@@ -254,10 +264,36 @@ class Agent:
                 self.state.round_seen,
                 self.state.model_version,
             )
+        pending = None if self.outbox is None else self.outbox.take()
+        if pending is not None:
+            self._drop(pending)  # before the state that forgets its round is saved
         self.state.last_round = self.state.round_seen = 0
         self.state.model_version = -1
         self.state.trusted_keys = ids
         self._save(self.state)
+
+    def _untrusted(self, pending: Pending) -> bool:
+        """Whether the outbox's answer was written under keys none of which is pinned now (a
+        crash, or a full disk, kept it past ``_check_trust_root``)."""
+        if not self.trusted_keys or pending.state is None:
+            return False
+        return not set(pending.state.trusted_keys or ()) & set(self.state.trusted_keys or ())
+
+    def _drop(self, pending: Pending) -> None:
+        """Forget the outbox's answer, for a round under another trust root: not sent again,
+        its round not taken in. Its residual is the residual since, and stays."""
+        assert self.outbox is not None
+        log.warning(
+            "dropping the %s %s for round %d: written under aggregator keys no longer pinned",
+            pending.kind,
+            pending.update_id,
+            pending.round_id,
+        )
+        try:
+            self._hold(pending.kept, durable=True)
+            self.outbox.clear()
+        except OSError as exc:
+            self._fault("disk", exc, "cannot drop the outbox (it is not sent)")
 
     @staticmethod
     def birth(device_id: str, fleet: str, *, quiet: bool = False) -> Message:
@@ -332,7 +368,8 @@ class Agent:
                 self._save(self.state)
             self._status("offline")
         finally:
-            self.link.close()
+            self.link.close()  # waits a moment for the broker's acks
+            self._forget_resent()
             if self.sensor is not None:
                 self.sensor.stop()
 
@@ -352,14 +389,38 @@ class Agent:
         if msg is None:
             if self._unsaved:  # idle: the model applied without a round after it
                 self._save(self.state)
+            self._forget_resent()
             return False
         self.handle(msg)
         return True
 
-    def _save(self, state: AgentState) -> None:
+    def _save(self, state: AgentState) -> bool:
+        """Write the state file; False when the disk refuses (full, or failing): the state
+        stays in memory, and the next idle moment tries again. Never a crash: the retained
+        round or model would bring the same write back after a restart."""
         self._saves += 1
+        try:
+            self._save_state(state)
+        except OSError as exc:
+            self._unsaved = True
+            self._fault("disk", exc, "cannot save the agent's state (tried again when idle)")
+            return False
         self._unsaved = False
-        self._save_state(state)
+        self._fault_over("disk")
+        return True
+
+    def _fault(self, kind: str, exc: BaseException, doing: str) -> None:
+        """Count a fault that keeps the device from part of its work (``AgentStats.faults``);
+        log it at ERROR when it starts or changes, not every time it recurs."""
+        self.stats.faults[kind] += 1
+        what = f"{type(exc).__name__}: {exc}"
+        if self._faults.get(kind) != what:
+            self._faults[kind] = what
+            log.error("%s: %s", doing, what)
+
+    def _fault_over(self, kind: str) -> None:
+        if self._faults.pop(kind, None) is not None:
+            log.info("fault over: %s", kind)
 
     def _status(self, state: str, *, behind: bool = False) -> None:
         self._status_due = False  # this one says it too
@@ -582,10 +643,21 @@ class Agent:
         self.state.model_version = header.model_version
         self._unsaved = True
         if self._note_state is not None:
-            self._note_state(self.state)
+            try:
+                self._note_state(self.state)
+            except OSError as exc:  # a quick note only: the next state save holds it too
+                self._fault("disk", exc, "cannot note the model version")
         log.info("applied global model v%d (round %d)", header.model_version, header.round_id)
         if self.sensor is not None:
-            score = self.sensor.anomaly_score(self.runtime)
+            try:
+                score = self.sensor.anomaly_score(self.runtime)
+            except (RuntimeError, ValueError) as exc:
+                # The model stays applied whatever the latest samples make of the score: a
+                # store that cannot be read (StoreError), a window of another channel count.
+                self._fault("anomaly_score", exc, f"no anomaly score under v{header.model_version}")
+                score = None
+            else:
+                self._fault_over("anomaly_score")
             if score is not None and np.isfinite(score):
                 self.anomaly_score = score
                 log.info("anomaly score %.4f under model v%d", score, header.model_version)
@@ -690,7 +762,7 @@ class Agent:
         self._sent(publish_size(topic, len(payload), 1))
         if held is not None and self.outbox is not None:
             after = self._answered(ann.round_id, "skip")
-            self.outbox.put(
+            self._keep(
                 Pending(ann.round_id, notice.update_id, topic, [payload], held, "skip", after)
             )
         self.link.publish(topic, payload, qos=1)
@@ -722,9 +794,18 @@ class Agent:
             # A round that cannot be answered properly is sat out, never a crash loop: the
             # retained announcement would bring the same failure back after a restart.
             log.error("round %d: %s: %s; sitting it out", ann.round_id, type(exc).__name__, exc)
-            self.stats.failed += 1
-            self._leave_secure(abort=True)
-            self._skip(ann, "other", trained=False, outcome="failed")
+            self._failed(ann)
+        except OSError as exc:
+            # The outbox cannot be written (a full disk) before the answer goes: nothing was
+            # sent, the residual is as it was.
+            self._fault("disk", exc, f"round {ann.round_id}: cannot keep the answer, sitting out")
+            self._failed(ann)
+
+    def _failed(self, ann: RoundAnnouncement) -> None:
+        """Sit out a round that could not be answered properly."""
+        self.stats.failed += 1
+        self._leave_secure(abort=True)
+        self._skip(ann, "other", trained=False, outcome="failed")
 
     def _round(self, ann: RoundAnnouncement) -> None:
         assert self.global_weights is not None
@@ -743,6 +824,14 @@ class Agent:
                 log.info("round %d: no training data yet (%s)", ann.round_id, exc)
                 self._skip(ann, "not_ready", trained=False)
                 return
+            except (RuntimeError, OSError) as exc:
+                # The sample store cannot be read (StoreError is a RuntimeError: a damaged
+                # database, samples of two channel counts after a firmware update): sat out,
+                # never a crash loop on the retained announcement.
+                self._fault("data", exc, f"round {ann.round_id}: cannot read the training data")
+                self._skip(ann, "not_ready", trained=False)
+                return
+            self._fault_over("data")
         if cfg.secure is not None and self.secure is None:
             # A secure round: keys first (cheap, so the key list closes quickly), training
             # once the key list is in and the shares are out (``_on_secagg``).
@@ -846,7 +935,7 @@ class Agent:
         # never the old residual, which still holds what is being sent.
         if self.outbox is not None:
             after = self._answered(ann.round_id, "update")
-            self.outbox.put(Pending(ann.round_id, update_id, topic, parts, kept, state=after))
+            self._keep(Pending(ann.round_id, update_id, topic, parts, kept, state=after))
         for part in parts:
             self.link.publish(topic, part, qos=1)
         self._commit(ann.round_id, kept, kind="update")
@@ -956,12 +1045,27 @@ class Agent:
             self._leave_secure(abort=True)
             self._refuse(f"secagg_{exc.reason}", topic, f"round {turn.round_id}: {exc}")
             return
+        if answer.repeated:  # a redelivery (its PUBACK was lost): answered already
+            self.stats.rejected["secagg_duplicate"] += 1
+            count = self.stats.rejected["secagg_duplicate"]
+            if count == 1 or count % 100 == 0:
+                log.info(
+                    "round %d: a secure-aggregation message again, ignored (%d so far)",
+                    turn.round_id,
+                    count,
+                )
+            return
         out = self.topics.update(self.device_id)
         if answer.action is Action.PUBLISH:
             self.link.publish(out, answer.payload, qos=1)
             self._sent(publish_size(out, len(answer.payload), 1))
         elif answer.action is Action.MASKED:
-            self._send_masked(turn, answer.payload)
+            try:
+                self._send_masked(turn, answer.payload)
+            except OSError as exc:  # the outbox: nothing was sent
+                self._fault("disk", exc, f"round {turn.round_id}: cannot keep the masked update")
+                self._failed(turn.announcement)
+                return
         if answer.done:
             self._leave_secure(abort=False)
         elif answer.trains:  # the shares are out: train, and keep the update for the mask
@@ -1003,9 +1107,7 @@ class Agent:
         self._sent(self.last_update_bytes)
         if self.outbox is not None:
             after = self._answered(turn.round_id, "update")
-            self.outbox.put(
-                Pending(turn.round_id, prep.update_id, topic, parts, prep.kept, state=after)
-            )
+            self._keep(Pending(turn.round_id, prep.update_id, topic, parts, prep.kept, state=after))
         for part in parts:
             self.link.publish(topic, part, qos=1)
         self._commit(turn.round_id, prep.kept, kind="update")
@@ -1052,6 +1154,9 @@ class Agent:
         if pending is None:
             return False
         assert self.outbox is not None
+        if self._untrusted(pending):
+            self._drop(pending)
+            return False
         committed = self.state.last_round >= pending.round_id
         log.warning(
             "sending the %s %s for round %d again after a restart%s",
@@ -1062,17 +1167,45 @@ class Agent:
         )
         for part in pending.parts:
             self.link.publish(pending.topic, part, qos=1)
-        if not committed:
-            self._commit(pending.round_id, pending.kept, kind=pending.kind, durable=True)
-        else:
-            # Neither file is written while an outbox holds the residual and the state: the
-            # files are older. The outbox's residual is the residual since (every change goes
-            # through it); its state came in at start (``load_state``), and goes to the file
-            # before the outbox goes.
-            self._hold(pending.kept, durable=True)
-            self._save(self.state)
-        self.outbox.clear()
+        try:
+            if not committed:
+                self._commit(pending.round_id, pending.kept, kind=pending.kind, durable=True)
+            else:
+                # Neither file is written while an outbox holds the residual and the state:
+                # the files are older. The outbox's residual is the residual since (every
+                # change goes through it); its state came in at start (``load_state``), and
+                # goes to the file before the outbox goes.
+                self._hold(pending.kept, durable=True)
+                self._save(self.state)
+        except OSError as exc:
+            self._fault("disk", exc, "cannot save the residual (the outbox keeps it)")
+            return True
+        if self._unsaved:  # the state file refused it (``_save``): the outbox keeps it
+            return True
+        # Offline the publishes are only in the link's memory: a restart before the broker
+        # has them would lose the answer, the state saying it was sent. So the outbox goes
+        # once the broker has acknowledged them (now, when idle, or at stop); until then a
+        # restart sends it again, with the same update id (the aggregator applies it once).
+        self._resent = True
+        self._forget_resent()
         return True
+
+    def _keep(self, pending: Pending) -> None:
+        """Write the outbox before the answer goes (it replaces the answer sent before)."""
+        assert self.outbox is not None
+        self.outbox.put(pending)
+        self._resent = False
+
+    def _forget_resent(self) -> None:
+        """Remove the outbox once the broker has acknowledged the answer sent again at start
+        (and whatever was published since), without waiting for it."""
+        if not self._resent or self.outbox is None or not self.link.flush(0):
+            return
+        self._resent = False
+        try:
+            self.outbox.clear()
+        except OSError as exc:  # sent once more at the next start: the aggregator ignores it
+            self._fault("disk", exc, "cannot remove the outbox")
 
     def _hold(self, kept: dict[str, np.ndarray] | None, *, durable: bool = True) -> None:
         """Keep ``kept`` as the residual. Not ``durable``: in memory only, the outbox holds it

@@ -10,7 +10,11 @@ round's path (the agent saves the state when it is next idle or stops). After a 
 outbox is sent again with the same update id (the aggregator applies an update id once per
 device): that also covers a publish still unacknowledged when the power went. The state it
 holds is taken at start when the state file is older (``load_state(answered=...)``). The
-outbox is removed after that one resend, or replaced by the next answer.
+outbox is removed once the broker has acknowledged that resend (offline it sits in the
+link's memory, which a restart loses: the outbox keeps it until then), or replaced by the
+next answer. An answer written under aggregator keys none of which is pinned now is
+dropped, not sent again (its round may have been forged; ``Agent._check_trust_root``); its
+residual stays.
 
 Two slot files written in turn in place (``Outbox``), each record a prefix (magic, lengths,
 sequence number, CRC-32), a JSON header, then the parts and the residual's float32 bytes as

@@ -10,14 +10,17 @@ checked) and says what to do::
     FORWARD    -> mask the prepared update, publish it in an update envelope
     SURVIVORS  -> publish UNMASK, and the turn is over
 
-A message that cannot be trusted (``SecAggError``) ends the turn: the client forgets its
-secrets and the device counts as a dropout, which the protocol survives. A device that holds
-its update back (the gate, the byte budget) sends its skip notice instead of a masked input,
-and so drops out after sharing its keys.
+A message that cannot be trusted or comes out of order (``SecAggError``) ends the turn: the
+client forgets its secrets and the device counts as a dropout, which the protocol survives.
+The same message again for a stage already answered is ignored (``Answer.repeated``): QoS 1
+is at least once, and the broker delivers a message again when its PUBACK was lost. A device
+that holds its update back (the gate, the byte budget) sends its skip notice instead of a
+masked input, and so drops out after sharing its keys.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from enum import Enum
 
@@ -56,6 +59,7 @@ class Answer:
     payload: bytes = b""
     done: bool = False  # the turn is over
     trains: bool = False  # now train, and prepare the update
+    repeated: bool = False  # a stage message answered before, delivered again: ignored
 
 
 class SecureTurn:
@@ -67,6 +71,9 @@ class SecureTurn:
         self.client = SecAggClient(plan.params, device)
         self.prepared: Prepared | None = None
         self._forwarded = False
+        # The digest of the message answered at each stage: a copy of it is a redelivery,
+        # any other message of that stage is out of order.
+        self._answered: dict[int, bytes] = {}
 
     def advertise(self) -> bytes:
         return self.client.advertise()
@@ -83,8 +90,17 @@ class SecureTurn:
 
     def answer(self, data: bytes) -> Answer:
         """What to send for one of the aggregator's messages (SecAggError if it cannot be
-        trusted or comes out of order; the turn is then over)."""
+        trusted or comes out of order; the turn is then over). A copy of a message already
+        answered is ``repeated``: nothing to send, and the turn goes on."""
         kind, message = self.kind_of(data)
+        digest = hashlib.sha256(message).digest()
+        if self._answered.get(kind) == digest:
+            return Answer(Action.NOTHING, repeated=True)
+        answer = self._answer(kind, message)
+        self._answered[kind] = digest
+        return answer
+
+    def _answer(self, kind: int, message: bytes) -> Answer:
         if kind == Kind.KEYS:
             return Answer(Action.PUBLISH, self.client.share_keys(message), trains=True)
         if kind == Kind.FORWARD:

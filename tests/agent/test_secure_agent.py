@@ -39,6 +39,7 @@ from fedge.protocol.secagg import (
     quantize,
     secure_round,
     to_ring,
+    wire,
 )
 from fedge.protocol.signing import verify_key
 from helpers import DIGITS_MODEL
@@ -117,9 +118,17 @@ def drain(agent: Agent, server: MemoryLink) -> list[bytes]:
     return out
 
 
-def play(device: Agent, server: MemoryLink) -> tuple[SecAggParams, np.ndarray, dict, np.ndarray]:
+def play(
+    device: Agent, server: MemoryLink, *, copies: int = 1
+) -> tuple[SecAggParams, np.ndarray, dict, np.ndarray]:
     """Play round 1 to its end with d1 and two simulated devices: (the round's parameters,
-    the sum, the other devices' quantised inputs, d1's residual flattened)."""
+    the sum, the other devices' quantised inputs, d1's residual flattened). ``copies``: how
+    many times the broker delivers each of the aggregator's messages (QoS 1 is at least once)."""
+
+    def send(topic: str, message: bytes) -> None:
+        for _ in range(copies):
+            server.publish(topic, message)
+
     shapes = {k: v.shape for k, v in WEIGHTS.items()}
     plan = secure_round(FLEET, 1, DEVICES, SETTINGS, shapes, parse_codec("float32"))
     p = plan.params
@@ -130,13 +139,13 @@ def play(device: Agent, server: MemoryLink) -> tuple[SecAggParams, np.ndarray, d
     for d, c in others.items():
         aggregator.add_advertise(d, c.advertise())
     keys = aggregator.close_advertise()
-    server.publish(T.secagg("d1"), signed("secagg", address("d1", keys["d1"])))
+    send(T.secagg("d1"), signed("secagg", address("d1", keys["d1"])))
     [shares] = drain(device, server)
     aggregator.add_shares("d1", shares)
     for d, c in others.items():
         aggregator.add_shares(d, c.share_keys(keys[d]))
     forward = aggregator.close_shares()
-    server.publish(T.secagg("d1"), signed("secagg", address("d1", forward["d1"])))
+    send(T.secagg("d1"), signed("secagg", address("d1", forward["d1"])))
     [update] = drain(device, server)
     decoded = decode(update)
     assert isinstance(decoded.msg, UpdateHeader) and decoded.msg.codec == "secagg"
@@ -147,7 +156,7 @@ def play(device: Agent, server: MemoryLink) -> tuple[SecAggParams, np.ndarray, d
         c.receive_shares(forward[d])
         aggregator.add_masked(d, c.masked_input(to_ring(qs[d], p.k)))
     survivors = aggregator.close_masked()
-    server.publish(T.secagg_all, signed("secagg", address("", survivors)))
+    send(T.secagg_all, signed("secagg", address("", survivors)))
     [unmask] = drain(device, server)
     aggregator.add_unmask("d1", unmask)
     for d, c in others.items():
@@ -155,11 +164,14 @@ def play(device: Agent, server: MemoryLink) -> tuple[SecAggParams, np.ndarray, d
     return p, aggregator.finish(), qs, plan.flatten(device.residual)
 
 
+@pytest.mark.parametrize("copies", [1, 2])
 def test_the_agent_takes_its_part_and_the_sum_holds_its_update(
-    agent: tuple[Agent, MemoryLink],
+    agent: tuple[Agent, MemoryLink], copies: int
 ) -> None:
+    """Also when the broker delivers every stage message twice (a PUBACK lost with the
+    link): each copy is ignored, answered once, and the device stays in the round."""
     device, server = agent
-    p, total, qs, residual = play(device, server)
+    p, total, qs, residual = play(device, server, copies=copies)
     # What the sum holds of d1 is what d1 sent: its update less the residual it kept.
     mine = from_ring(total, p.k) - sum(qs.values())
     sent = dequantize_sum(to_ring(mine, p.k), p.k, count=1, max_devices=3, clip=p.clip, bits=p.bits)
@@ -169,6 +181,10 @@ def test_the_agent_takes_its_part_and_the_sum_holds_its_update(
     assert np.all(np.abs(residual[within_range]) < step + 1e-6)
     assert device.secure is None and device.state.last_round == 1
     assert device.stats.rounds_trained == 1 and device.outcome == ("sent", None)
+    # The keys and the shares again while the turn is open; the survivors once it is over.
+    assert device.stats.rejected["secagg_duplicate"] == 2 * (copies - 1)
+    assert device.stats.rejected["secagg_wrong_round"] == copies - 1
+    assert device.stats.rejected["secagg_wrong_stage"] == 0
 
 
 @pytest.mark.parametrize("quiet", [False, True])
@@ -202,3 +218,37 @@ def test_unsigned_and_misaddressed_stage_messages_are_refused(
     assert device.stats.rejected["unsigned"] == 1
     assert device.stats.rejected["secagg_unknown_device"] == 1
     assert device.secure is None  # a message it cannot trust ends its part: a dropout
+
+
+@pytest.mark.parametrize("late", ["other_keys", "survivors_first"])
+def test_a_stage_message_out_of_order_still_ends_the_turn(
+    agent: tuple[Agent, MemoryLink], late: str
+) -> None:
+    """Only a copy of the message answered is a redelivery: another key list after the
+    keys were shared, or the survivors before the shares, ends the device's part."""
+    device, server = agent
+    shapes = {k: v.shape for k, v in WEIGHTS.items()}
+    p = secure_round(FLEET, 1, DEVICES, SETTINGS, shapes, parse_codec("float32")).params
+    [advertise] = drain(device, server)
+
+    def key_list() -> bytes:
+        aggregator = SecAggServer(p)
+        aggregator.add_advertise("d1", advertise)
+        for d in DEVICES[1:]:
+            aggregator.add_advertise(d, SecAggClient(p, d).advertise())
+        return aggregator.close_advertise()["d1"]
+
+    server.publish(T.secagg("d1"), signed("secagg", address("d1", key_list())))
+    [_shares] = drain(device, server)
+    assert device.secure is not None and device.secure.prepared is not None  # trained
+    if late == "other_keys":  # the neighbours' keys changed: not the message answered
+        message = address("d1", key_list())
+    else:
+        message = address("", wire.header(wire.Kind.SURVIVORS, 1) + wire.bitmap([True] * 3))
+    server.publish(
+        T.secagg_all if late == "survivors_first" else T.secagg("d1"), signed("secagg", message)
+    )
+    assert drain(device, server) == []
+    assert device.secure is None  # a dropout: the masked update is never sent
+    assert device.stats.rejected["secagg_wrong_stage"] == 1
+    assert device.stats.rejected["secagg_duplicate"] == 0

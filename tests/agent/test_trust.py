@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedge.agent.daemon import Agent
 from fedge.agent.dataset import Dataset
-from fedge.agent.state import load_state, save_state
+from fedge.agent.outbox import Outbox, Pending
+from fedge.agent.residual import ResidualStore
+from fedge.agent.state import AgentState, load_state, save_state
 from fedge.models.runtime import load_runtime
 from fedge.protocol import (
     GateSettings,
@@ -24,7 +27,7 @@ from fedge.protocol import (
     encode,
     sign,
 )
-from fedge.protocol.signing import verify_key
+from fedge.protocol.signing import key_id, verify_key
 from helpers import DIGITS_MODEL
 
 pytestmark = pytest.mark.link
@@ -58,17 +61,21 @@ def round_payload(round_id: int, version: int, key: Ed25519PrivateKey | None, ep
 
 
 class Fleet:
-    def __init__(self, tmp_path: Path, keys=(KEY,)) -> None:
+    def __init__(self, tmp_path: Path, keys=(KEY,), *, outbox: bool = False) -> None:
         self.broker = MemoryBroker()
         self.server = MemoryLink(self.broker, "server")
         self.server.connect()
         self.server.subscribe(T.updates)
         self.state_file = tmp_path / "state.json"
         self.keys = keys
+        # With an outbox, and a residual beside it, as the service has them.
+        self.outbox = Outbox(tmp_path / "outbox") if outbox else None
+        self.residual = ResidualStore(tmp_path / "residual.npz") if outbox else None
         self.agent = self.start_agent()
 
     def start_agent(self) -> Agent:
         rng = np.random.default_rng(0)
+        pending = None if self.outbox is None else Outbox(self.outbox.path).take()
         agent = Agent(
             device_id="d1",
             fleet=FLEET,
@@ -77,9 +84,11 @@ class Fleet:
             data=Dataset(
                 rng.random((40, 64), np.float32), rng.integers(0, 10, 40).astype(np.int32)
             ),
-            state=load_state(self.state_file),
+            state=load_state(self.state_file, answered=pending and pending.state),
             save_state=lambda s: save_state(self.state_file, s),
             trusted_keys=[verify_key(k) for k in self.keys],
+            outbox=None if self.outbox is None else Outbox(self.outbox.path),
+            residual_store=self.residual,
         )
         agent.start()
         return agent
@@ -183,3 +192,30 @@ def test_rotation_keeps_what_was_seen_but_a_new_trust_root_does_not(tmp_path: Pa
     fleet.keys = (ATTACKER,)  # a new trust root: nothing seen under the old keys binds
     fleet.agent = fleet.start_agent()
     assert fleet.agent.state.round_seen == 0 and fleet.agent.state.model_version == -1
+
+
+@pytest.mark.parametrize("case", ["answered", "saved_first", "no_state"])
+def test_an_answer_kept_from_before_a_new_trust_root_is_dropped(tmp_path: Path, case: str) -> None:
+    """Before a key was pinned a forged round 10^9 was answered, and its answer is still in
+    the outbox with the state it leaves. Pinning the key forgets the round, and the outbox
+    must not bring it back when it is sent again (every real round would be refused): it is
+    dropped, its residual kept. ``saved_first``: the state under the new key was saved and
+    the outbox is still there (a crash between, or a disk that refused the drop);
+    ``no_state``: an outbox of an earlier version, without the state."""
+    forged = AgentState(last_round=10**9, round_seen=10**9, model_version=3)
+    kept = {k: np.full_like(v, 0.01) for k, v in WEIGHTS.items()}
+    update = Pending(10**9, "ab" * 8, T.update("d1"), [b"the forged round's update"], kept)
+    Outbox(tmp_path / "outbox").put(update if case == "no_state" else replace(update, state=forged))
+    pinned = [key_id(verify_key(KEY)).hex()]
+    before = AgentState(trusted_keys=pinned) if case == "saved_first" else forged
+    save_state(tmp_path / "state.json", before)
+    fleet = Fleet(tmp_path, outbox=True)
+    assert fleet.agent.state.last_round == 0 and load_state(fleet.state_file).last_round == 0
+    assert fleet.server.get(0) is None  # not sent again
+    assert Outbox(tmp_path / "outbox").take() is None
+    residual = ResidualStore(tmp_path / "residual.npz").load(WEIGHTS)
+    assert residual is not None and all(np.array_equal(residual[k], kept[k]) for k in kept)
+    fleet.publish(T.global_model, global_payload(1, WEIGHTS, KEY))
+    fleet.publish(T.round, round_payload(1, 1, KEY))  # the real round is answered
+    assert [u.round_id for u in fleet.updates()] == [1]
+    assert load_state(fleet.state_file).trusted_keys == pinned
