@@ -68,7 +68,7 @@ from .inbox import Inboxes
 from .sample_limits import bound_samples
 from .secure import SecureSum
 from .shard import ShardedSum, Shards
-from .store import Store, StoreError
+from .store import Store, StoreError, read_back
 from .strategies.factory import make_strategy
 
 log = logging.getLogger("fedge.aggregator")
@@ -206,8 +206,9 @@ class Aggregator:
         self._last_wait_log = clock()  # statuses come in just after start: give them time
         resumed = store.latest_model()
         if resumed is None:
-            # After --reset-state, ``floor`` is the last (round, model version) the fleet saw:
-            # numbering goes on above it, or agents would refuse the rounds as replays.
+            # ``floor`` is the last (round, model version) the fleet can have seen (after
+            # --reset-state): numbering goes on above it, or agents would refuse the rounds
+            # as replays.
             last_round, last_version = floor or (0, -1)
             self.version = last_version + 1
             self.weights = {k: np.asarray(v, np.float32) for k, v in initial_weights.items()}
@@ -233,15 +234,11 @@ class Aggregator:
         )
         if self.he is not None:
             self.weights, self.evaluator = self.he.template, None
-        self.completed = store.completed_rounds()
-        self.next_round_id = store.last_round_id() + 1
         t = config.training
         size = sum(int(np.size(w)) for w in self.weights.values())
         self._expected_codec = intake.expected_codec(t.codec, t.topk_min_entries, size)
         if self.he is not None:  # homomorphic encryption
             self._expected_codec = HE_CODEC
-        # Selection draws go on where they were, not from the seed again after a restart.
-        self.rng = rng or np.random.default_rng([config.seed, self.next_round_id])
         # Differential privacy (aggregator/privacy.py): the noise draws from the OS's entropy,
         # never from the config's seed, which would let anyone who reads it remove the noise.
         self.noise_rng = noise_rng or np.random.default_rng()
@@ -274,9 +271,97 @@ class Aggregator:
                 self.ledger.rounds,
                 "" if p.epsilon_budget is None else f", budget {p.epsilon_budget:g}",
             )
+        if resumed is not None:
+            self._catch_up(floor)
+        self.completed = store.completed_rounds()
+        self.next_round_id = store.last_round_id() + 1
+        # Selection draws go on where they were, not from the seed again after a restart.
+        self.rng = rng or np.random.default_rng([config.seed, self.next_round_id])
         self._resume_open_round()
         self._resume_chunks()
         self._check_done()
+
+    def _catch_up(self, floor: tuple[int, int] | None) -> None:
+        """A state behind what the fleet has seen (a restored backup; ``floor`` and the
+        rounds.jsonl records after the state's last round say how far): agents refuse round
+        ids they have answered and models older than theirs, so every round would fail and
+        the fleet stall for good. Numbering goes on above (as after --reset-state) and the
+        state's model goes out as the next version, which the devices take; the rounds after
+        the backup are lost to the model. Their epsilon is not: it goes into the ledger."""
+        last_round = self.store.last_round_id()
+        missed: list[dict] = []  # records of rounds the state does not know, newest first
+        for record in read_back(self.cfg.log_path):
+            try:
+                round_id, version = int(record["round"]), int(record["model_version"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if round_id <= last_round:
+                break
+            missed.append(record)
+            seen = (round_id, version) if floor is None else floor
+            floor = (max(round_id, seen[0]), max(version, seen[1]))
+        if floor is None or (floor[0] <= last_round and floor[1] <= self.version):
+            return
+        # The round after the last one recorded was likely open when the state was lost
+        # (rounds run back to back): devices that answered it would refuse its id again, and
+        # under DP it counts. Its id is passed over.
+        seen_round, seen_version = max(floor[0], last_round) + 1, floor[1]
+        version = self.version if seen_version <= self.version else seen_version + 1
+        spent = 0.0  # epsilon before the missed rounds (under DP)
+        with self.store.transaction():
+            self.store.abandon_open_rounds()  # older than rounds that closed since
+            if version != self.version:
+                self.store.save_model(version, 0, self.weights)
+                self.store.save_strategy_state(version, self.strategy.state())
+                if self.he is not None:
+                    self.he.save(self.store, version)
+            self.store.set_meta("round_floor", str(seen_round))
+            if self.privacy is not None:
+                spent = self.ledger.epsilon()
+                self._account_missed(missed, seen_round - last_round)
+                self.store.set_meta("privacy_ledger", self.ledger.to_json())
+        log.warning(
+            "the state (round %d, model v%d) is behind what the fleet has seen (round %d,"
+            " model v%d): a restored backup? Rounds go on at %d%s%s",
+            last_round,
+            self.version,
+            seen_round - 1,
+            seen_version,
+            seen_round + 1,
+            "" if version == self.version else f", its model goes out as v{version}",
+            ""
+            if self.privacy is None
+            else f"; epsilon {spent:.3f} -> {self.ledger.epsilon():.3f} with the"
+            f" {seen_round - last_round} round(s) the state missed",
+        )
+        self.version = version
+
+    def _account_missed(self, missed: list[dict], rounds: int) -> None:
+        """Put the rounds a restored state missed into the privacy ledger: those in
+        rounds.jsonl as recorded, the others (announced, then abandoned or open when the
+        state was lost) on the safe side: central DP without amplification, local DP as if
+        every device was selected."""
+        assert self.privacy is not None
+        events: list[tuple[float, float]] = []
+        selections: list[list[str] | None] = []
+        for record in missed:
+            dp = record.get("privacy")
+            if not isinstance(dp, dict):
+                continue  # a round without [privacy]
+            try:
+                q = float(dp.get("sampling_rate", 1.0))
+                z = float(dp.get("noise_multiplier", self.ledger.z))
+            except (TypeError, ValueError):
+                q, z = 1.0, self.ledger.z
+            # (The record rounds the rate to 6 digits: up, on the safe side.)
+            q = min(1.0, q + 5e-7) if 0 < q <= 1 else 1.0
+            events.append((q, z if z > 0 else self.ledger.z))
+            names = [*record.get("participants", []), *record.get("skipped", [])]
+            selections.append([str(d) for d in [*names, *record.get("missing", [])]])
+        for _ in range(max(0, rounds - len(missed))):
+            events.append((1.0, self.ledger.z))
+            selections.append(None)
+        self.ledger.add_rounds(events, selections)
 
     def _resume_chunks(self) -> None:
         """Feed the chunks of messages that were not whole at the crash in again."""

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -81,6 +82,35 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 BACKUPS = 2  # aggregator.sqlite.bak (newest) and aggregator.sqlite.bak.1
+
+
+def read_back(path: Path, block: int = 1 << 16) -> Iterator[dict[str, Any]]:
+    """The records of a JSON-lines file (rounds.jsonl), newest first, read from its end: a
+    start reads its tail, not the whole history. Lines that hold no record (one a crash cut
+    short) are passed over; no file: none."""
+    try:
+        with open(path, "rb") as fh:
+            yield from _records_back(fh, block)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+
+
+def _records_back(fh: BinaryIO, block: int) -> Iterator[dict[str, Any]]:
+    pos = fh.seek(0, os.SEEK_END)
+    head = b""  # the start of a line whose beginning is in the block before
+    while pos > 0:
+        step = min(block, pos)
+        pos -= step
+        fh.seek(pos)
+        lines = (fh.read(step) + head).split(b"\n")
+        head = lines.pop(0) if pos > 0 else b""
+        for line in reversed(lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record
 
 
 class StoreError(RuntimeError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import sqlite3
 from pathlib import Path
@@ -440,3 +442,85 @@ def test_models_kept_by_an_older_aggregator_are_still_read(tmp_path: Path) -> No
     _, _, back = store.latest_model()  # type: ignore[misc]
     assert all(np.array_equal(back[k], old[k]) and back[k].shape == old[k].shape for k in old)
     store.close()
+
+
+def restore_backup(agg: Aggregator, tmp_path: Path) -> None:
+    """Kill ``agg`` and restore its backup as StoreCorrupt says: move the -wal and -shm files
+    aside and copy the .bak over the state file."""
+    import shutil
+
+    agg.store.db.close()
+    db = tmp_path / "agg.sqlite"
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    shutil.copy(tmp_path / "agg.sqlite.bak", db)
+
+
+def test_a_restored_backup_numbers_on_and_the_fleet_takes_its_model(tmp_path: Path) -> None:
+    """The backup is rounds older than what the fleet has: real agents refuse the rounds and
+    models they have seen, so the restored aggregator goes on above rounds.jsonl (passing
+    over the round that was open when the state was lost) and sends its model as a new
+    version, which they take; no round id or model version is used twice."""
+    from fedge.agent.daemon import Agent
+    from fedge.agent.dataset import Dataset
+    from fedge.aggregator.config import AggregatorConfig
+    from fedge.aggregator.strategies.config import StrategyConfig
+    from fedge.models.runtime import load_runtime
+    from fedge.protocol import MemoryLink, TrainingConfig
+    from helpers import DIGITS_MODEL, serve_rounds
+
+    broker = MemoryBroker()
+
+    def aggregator(rounds: int) -> Aggregator:
+        config = AggregatorConfig(
+            fleet=FLEET,
+            model=DIGITS_MODEL,
+            state_dir=tmp_path,
+            min_devices=2,
+            rounds=rounds,
+            backup_every=2,
+            training=TrainingConfig(batch_size=8, lr=0.1, codec="float32", eval_fraction=0),
+            strategy=StrategyConfig(name="fedavg"),
+        )
+        store = Store(tmp_path / "agg.sqlite")
+        STORES.append(store)
+        agg = Aggregator(
+            config,
+            link=MemoryLink(broker, "aggregator"),
+            store=store,
+            initial_weights=load_runtime(DIGITS_MODEL).get_weights(),
+        )
+        agg.start()
+        return agg
+
+    def agent(device: str, seed: int) -> Agent:
+        rng = np.random.default_rng(seed)
+        x, y = rng.random((40, 64), np.float32), rng.integers(0, 10, 40).astype(np.int32)
+        a = Agent(
+            device_id=device,
+            fleet=FLEET,
+            link=MemoryLink(broker, device),
+            runtime=load_runtime(DIGITS_MODEL, prefer=("numpy",)),
+            data=Dataset(x, y),
+            rng=rng,
+        )
+        a.start()
+        return a
+
+    agg = aggregator(rounds=3)
+    agents = [agent("a", 1), agent("b", 2)]
+    serve_rounds(agg, agents, 3)  # backed up after round 2 (v2); round 3 made v3
+    assert agg.version == 3 and all(a.global_version == 3 for a in agents)
+    restore_backup(agg, tmp_path)
+    with contextlib.closing(Store(tmp_path / "agg.sqlite")) as restored:
+        version, _, backed_up = restored.latest_model()  # type: ignore[misc]
+    assert version == 2
+    agg = aggregator(rounds=5)  # the backup has 2 done: three more
+    assert agg.version == 4 and agg.next_round_id == 5  # round 4 may have been announced
+    assert all(np.array_equal(agg.weights[k], w) for k, w in backed_up.items())
+    serve_rounds(agg, agents, 5)
+    records = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3, 5, 6, 7]
+    assert [r["model_version"] for r in records] == [1, 2, 3, 5, 6, 7]
+    assert all(r["status"] == "done" and r["participants"] == ["a", "b"] for r in records)
+    assert all(a.global_version == 7 and a.stats.rejected == {} for a in agents)
