@@ -166,9 +166,10 @@ class Aggregator:
         # Each device's last HISTORY selections, (round id, answered in time), oldest first:
         # kept in the store, so a restarted aggregator still knows who does not answer.
         self.history = store.outcomes()
-        # The spares of the last round, if it closed at its target before its deadline: (round
-        # id, deadline, the selected devices it did not wait for). See _late_spare.
-        self._spares: tuple[int, float, set[str]] | None = None
+        # The rounds that closed without some of their selected devices, until their deadline:
+        # {round id: (deadline, those devices)}; from the store, so that a restart keeps them
+        # (the outcomes say who was missing). See _late_spare.
+        self._spares = store.spares(clock(), HISTORY)
         self.schedule = config.schedule.build()
         self._last_start = store.last_round_start()  # the interval counts across restarts
         self._told_start: float | None = None  # the scheduled start already logged
@@ -889,8 +890,11 @@ class Aggregator:
         outcomes = {d: d in rnd.answered for d in rnd.selected}
         self._record_outcomes(rnd.round_id, outcomes)
         spares = {d for d, ok in outcomes.items() if not ok}
-        early = bool(spares) and now < rnd.deadline
-        self._spares = (rnd.round_id, rnd.deadline, spares) if early else None
+        if spares and now < rnd.deadline:
+            # Rounds back to back that close at their target: the next often closes before
+            # this one's deadline, and its spares may still answer in time.
+            self._spares[rnd.round_id] = (rnd.deadline, spares)
+        self._forget_spares(now)
 
     def _record_outcomes(self, round_id: int, outcomes: dict[str, bool]) -> None:
         self.store.record_outcomes(round_id, outcomes, keep=HISTORY)
@@ -904,12 +908,19 @@ class Aggregator:
         time, and is not ranked down as a device that misses rounds (counted a miss, the
         slowest of each round, e.g. the one with the most data to train on, would sit out
         the next rounds for nothing)."""
-        if self._spares is None:
-            return
-        round_id, deadline, spares = self._spares
-        if header.round_id == round_id and header.device_id in spares and self.clock() <= deadline:
-            spares.discard(header.device_id)
-            self._record_outcomes(round_id, {header.device_id: True})
+        device, round_id = header.device_id, header.round_id
+        self._forget_spares(self.clock())
+        kept = self._spares.get(round_id)
+        if kept is not None and device in kept[1]:
+            kept[1].discard(device)
+            self._record_outcomes(round_id, {device: True})
+
+    def _forget_spares(self, now: float) -> None:
+        """Rounds past their deadline: a spare's answer is a miss now. At most HISTORY kept."""
+        for round_id in sorted(self._spares):
+            deadline, spares = self._spares[round_id]
+            if deadline < now or not spares or len(self._spares) > HISTORY:
+                del self._spares[round_id]
 
     def _announce(self, now: float) -> None:
         selected = self._select()

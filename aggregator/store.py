@@ -405,6 +405,26 @@ class Store:
             history.setdefault(str(device), []).append((int(round_id), bool(ok)))
         return history
 
+    def spares(self, now: float, rounds: int) -> dict[int, tuple[float, set[str]]]:
+        """Of the last ``rounds`` closed rounds, those whose deadline is still ahead, with the
+        selected devices kept as not having answered: {round id: (deadline, devices)}."""
+        rows = self.db.execute(
+            "SELECT round_id, deadline FROM rounds WHERE status IN ('done', 'failed')"
+            " ORDER BY round_id DESC LIMIT ?",
+            (rounds,),
+        ).fetchall()
+        out: dict[int, tuple[float, set[str]]] = {}
+        for round_id, deadline in rows:
+            if deadline < now:
+                continue
+            missed = self.db.execute(
+                "SELECT device_id FROM outcomes WHERE round_id=? AND answered=0", (round_id,)
+            )
+            devices = {str(d) for (d,) in missed}
+            if devices:
+                out[int(round_id)] = (float(deadline), devices)
+        return out
+
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 

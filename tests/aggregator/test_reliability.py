@@ -209,3 +209,40 @@ def test_a_spare_that_answers_by_the_deadline_of_a_round_closed_without_it_is_no
         if agg.current is None:
             clock.now += 1
             pump(agg)
+
+
+def test_spares_are_credited_by_their_round_deadline_after_later_rounds_and_a_restart(
+    tmp_path: Path,
+) -> None:
+    """6 devices, 2 a round, 3 selected, rounds back to back that close at their target: the
+    next round often closes before the deadline of the one before. A spare of round 1 that
+    answers by round 1's deadline, after round 2 closed, is no miss; nor is a spare of round
+    2 that answers by its deadline after the aggregator restarted."""
+    broker, clock = MemoryBroker(), Clock()
+
+    def start() -> Aggregator:
+        return make(tmp_path, broker, clock, min_devices=6, devices_per_round=2, overselect=1.5)
+
+    agg = start()
+    devices = {d: Device(broker, d) for d in "abcdef"}
+    pump(agg)
+    spares = {}
+    for round_id in (1, 2):
+        rnd = agg.current
+        assert rnd is not None and rnd.round_id == round_id and len(rnd.selected) == 3
+        *first, spares[round_id] = sorted(rnd.selected)
+        for d in first:
+            devices[d].send(round_id, delta(0.1), 10, base=agg.version)
+        pump(agg)  # closed at its target; the next announced at once
+        clock.now += 1
+    assert agg.misses_in_a_row(spares[1]) == 1 and agg.misses_in_a_row(spares[2]) == 1
+    devices[spares[1]].send(1, delta(0.1), 10, base=0)  # 2 s after round 1 started
+    pump(agg)
+    agg.store.db.close()  # killed
+    agg = start()
+    devices[spares[2]].send(2, delta(0.1), 10, base=1)
+    pump(agg)
+    assert agg.rejected["wrong_round"] == 1  # (counted by the restarted one: the second)
+    for round_id, spare in spares.items():
+        assert dict(agg.history[spare])[round_id] is True
+        assert dict(agg.store.outcomes()[spare])[round_id] is True
