@@ -907,8 +907,13 @@ class Aggregator:
         comes by that round's deadline was late for nothing it could know: it answered in
         time, and is not ranked down as a device that misses rounds (counted a miss, the
         slowest of each round, e.g. the one with the most data to train on, would sit out
-        the next rounds for nothing)."""
+        the next rounds for nothing). A quiet device's late skip notice may declare a rest:
+        it sits out the rounds after the one it skipped, however late the notice came."""
         device, round_id = header.device_id, header.round_id
+        if isinstance(header, SkipNotice) and header.rest:
+            selected = any(r == round_id for r, _ in self.history.get(device, ()))
+            if selected and round_id + header.rest > self.inboxes.rest_until.get(device, 0):
+                self.inboxes.note_rest(device, round_id, header.rest)
         self._forget_spares(self.clock())
         kept = self._spares.get(round_id)
         if kept is not None and device in kept[1]:

@@ -15,6 +15,7 @@ from test_coordinator import (  # noqa: F401
     STORES,
     Clock,
     Device,
+    T,
     close_stores,
     delta,
     make,
@@ -246,3 +247,49 @@ def test_spares_are_credited_by_their_round_deadline_after_later_rounds_and_a_re
     for round_id, spare in spares.items():
         assert dict(agg.history[spare])[round_id] is True
         assert dict(agg.store.outcomes()[spare])[round_id] is True
+
+
+def test_a_late_skip_notice_declares_its_rest(tmp_path: Path) -> None:
+    """A quiet spare whose gate skip (a rest of 3 rounds) comes after its round closed at
+    its target sits out the next rounds as if it had come in time, and the records of the
+    rounds announced since say it rests. A notice for a round that did not select the
+    device declares nothing."""
+    import json
+
+    from fedge.protocol import SkipNotice, Status, encode, encode_skip
+
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=5, devices_per_round=2, overselect=1.5)
+    devices = {d: Device(broker, d) for d in "abcde"}
+    for d, dev in devices.items():
+        quiet = Status(device_id=d, state="online", timestamp=0.0, quiet=True)
+        dev.link.publish(T.status(d), encode(quiet), retain=True)
+    pump(agg)
+    rnd = agg.current
+    assert rnd is not None and len(rnd.selected) == 3
+    first, second, spare = sorted(rnd.selected)
+    [other, *_] = sorted(set(devices) - set(rnd.selected))
+    for d in (first, second):
+        devices[d].send(1, delta(0.1), 10)
+    pump(agg)
+    clock.now += 1
+    for d in (spare, other):
+        notice = SkipNotice(
+            device_id=d,
+            round_id=1,
+            update_id=f"{d}-skip-1".encode().hex()[:16],
+            reason="small_update",
+            trained=True,
+            num_samples=10,
+            rest=3,
+        )
+        devices[d].link.publish(T.update(d), encode_skip(notice))
+    pump(agg)
+    assert agg.inboxes.rest_until == {spare: 4}  # rounds 2, 3 and 4
+    for round_id in (2, 3, 4):
+        rnd = agg.current
+        assert rnd is not None and rnd.round_id == round_id and spare not in rnd.selected
+        answer_all_but(agg, clock, devices)
+    # (Round 2 was announced before the notice came.)
+    records = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [r.get("resting") for r in records[1:4]] == [None, [spare], [spare]]
