@@ -111,6 +111,12 @@ class OpenRound:
     within_clip: dict[str, bool] = field(default_factory=dict)
     # Secure aggregation: the round's settings as announced (a fresh seed each round).
     secure: SecureSettings | None = None
+    # A resumed round: what its inboxes got before the restart (wire_down_by_device starts
+    # again after it), whether listening/sleeping/resting are known (else counted at the
+    # close), and the record's figures that leave out some of what came before the restart.
+    inbox_before: dict[str, int] = field(default_factory=dict)
+    idle_known: bool = True
+    partial: list[str] = field(default_factory=list)
 
     @property
     def uploaded(self) -> set[str]:
@@ -430,7 +436,27 @@ class Aggregator:
                 rnd.counts[answer.device_id] = answer.num_samples
                 if answer.train_loss is not None:
                     rnd.losses[answer.device_id] = answer.train_loss
-            rnd.wire_up[answer.device_id] += answer.nbytes
+            # (A state from before the wire bytes were kept: the payload, short of them.)
+            wire = answer.nbytes if answer.wire is None else answer.wire
+            rnd.wire_up[answer.device_id] = max(rnd.wire_up[answer.device_id], wire)
+        # Not kept, and so left out (the record says which figures): what messages refused
+        # before the restart took, unless their device's answer was kept (garbage must not
+        # grow the state); the global and whole models sent again on request before it.
+        rnd.partial = [
+            "bytes_received",
+            "bytes_up_by_device",
+            "bytes_down_per_device",
+            "bytes_down_by_device",
+        ]
+        kept = json.loads(self.store.meta("open_round") or "{}")
+        if kept.get("round") == round_id:
+            rnd.listening, rnd.sleeping = int(kept["listening"]), int(kept["sleeping"])
+            rnd.resting = [str(d) for d in kept["resting"]]
+            rnd.wire_down = int(kept["bytes_down"])  # the restart sends the round again
+            rnd.inbox_before = {str(d): int(n) for d, n in kept["inboxes"].items()}
+        else:  # opened by a version that did not keep them: counted at the close
+            rnd.idle_known = False
+            rnd.partial += ["listening", "sleeping", "resting"]
         self.current = rnd
         log.warning(
             "resumed round %d at model v%d with %d of %d answer(s) kept; deadline in %.0f s",
@@ -717,6 +743,9 @@ class Aggregator:
                 delta = intake.clip(delta, rnd.clip)
         if reason == "wrong_round":
             self._late_spare(header)
+        elif reason is not None and rnd is not None and device in rnd.answered:
+            # Its bytes are the round's (a resent copy, say): kept with its answer.
+            self.store.set_answer_wire(rnd.round_id, device, rnd.wire_up[device])
         if reason is not None:
             # Counted and logged, never stored: a device that was not selected, or garbage,
             # must not grow the state.
@@ -744,6 +773,7 @@ class Aggregator:
                 nbytes=nbytes,
                 received=self.clock(),
                 delta=delta if is_update and rnd.secure is None else None,
+                wire=rnd.wire_up[header.device_id],  # this message's bytes and those before
             )
             if chunks is not None:
                 self.store.forget_chunks(chunks, device)
@@ -957,6 +987,17 @@ class Aggregator:
         self.current = rnd
         self.store.open_round(rnd.round_id, self.version, now, rnd.deadline, selected)
         self._publish_announcement(rnd)
+        self._count_idle(rnd)
+        # For the round's record if it is resumed: after a restart no status is known yet.
+        kept = {
+            "round": rnd.round_id,
+            "listening": rnd.listening,
+            "sleeping": rnd.sleeping,
+            "resting": rnd.resting,
+            "bytes_down": rnd.wire_down,
+            "inboxes": rnd.wire_down_by_device,
+        }
+        self.store.set_meta("open_round", json.dumps(kept))
         log.info(
             "round %d announced to %d device(s) on model v%d",
             rnd.round_id,
@@ -981,24 +1022,40 @@ class Aggregator:
         payload = self._signed(encode(self._announcement(rnd)), "round")
         self.link.publish(self.topics.round, payload, qos=1, retain=True)
         # What each selected device receives for this round: the announcement and the
-        # global model it trains on (each a QoS 1 PUBLISH, acknowledged by a PUBACK).
-        rnd.wire_down = (
+        # global model it trains on (each a QoS 1 PUBLISH, acknowledged by a PUBACK); again
+        # when a restart sends them again.
+        rnd.wire_down += (
             publish_size(self.topics.round, len(payload), 1)
             + self._global_wire_size
             + 2 * PUBACK_SIZE
         )
         # Quiet devices get theirs in their inboxes; the others online hear it anyway.
-        selected = set(rnd.selected)
         inboxes = self.inboxes
         for device in rnd.selected:
             if device in inboxes.quiet:
                 rnd.wire_down_by_device[device] = inboxes.deliver(
                     device, payload, self.version, self._inbox_model
                 )
+
+    def _count_idle(self, rnd: OpenRound) -> None:
+        """Who of those online the round did not select: listening or asleep (quiet)."""
+        selected = set(rnd.selected)
         idle = [d for d in self.online if d not in selected]
-        rnd.sleeping = sum(d in inboxes.quiet for d in idle)
+        rnd.sleeping = sum(d in self.inboxes.quiet for d in idle)
         rnd.listening = len(idle) - rnd.sleeping
-        rnd.resting = sorted(inboxes.resting(rnd.round_id, idle))
+        rnd.resting = sorted(self.inboxes.resting(rnd.round_id, idle))
+        rnd.idle_known = True
+
+    def _record_fields(self, rnd: OpenRound) -> dict:
+        """The round record's fields on who was online, and which figures are partial (a
+        resumed round: what came before the restart is not all kept)."""
+        if not rnd.idle_known:
+            self._count_idle(rnd)  # those online at the close: the best left to count
+        fields = _quiet_fields(rnd)
+        partial = [f for f in rnd.partial if f != "bytes_down_by_device" or f in fields]
+        if partial:
+            fields["partial"] = partial
+        return fields
 
     def _inbox_model(self) -> bytes:
         """The whole model for a quiet device's inbox: the devices' copy under compact
@@ -1323,7 +1380,7 @@ class Aggregator:
             "skip_reason_by_device": {d: s.reason for d, s in sorted(rnd.skipped.items())},
             "bytes_up_by_device": dict(sorted(rnd.wire_up.items())),
             "bytes_down_per_device": rnd.wire_down,
-            **_quiet_fields(rnd),
+            **self._record_fields(rnd),
             "missing": sorted(set(rnd.selected) - rnd.answered),
             "num_samples": int(sum(counts)),
             # The weight each device's update (or held-back zero delta) had in the average,
@@ -1407,7 +1464,7 @@ class Aggregator:
             "bytes_received": rnd.bytes_received,
             "bytes_up_by_device": dict(sorted(rnd.wire_up.items())),
             "bytes_down_per_device": rnd.wire_down,
-            **_quiet_fields(rnd),
+            **self._record_fields(rnd),
             "duration_s": round(now - rnd.started, 3),
         }
         if isinstance(rnd.acc, SecureSum):
@@ -1436,12 +1493,13 @@ class Aggregator:
 def _quiet_fields(rnd: OpenRound) -> dict:
     """Who else was online, for the energy estimate (a device that hears a round wakes its
     radio): devices listening to every round, quiet ones asleep, and the rests declared;
-    and what the selected quiet devices' inboxes got."""
+    and what the selected quiet devices' inboxes got (before a restart, and after it)."""
     fields: dict = {"listening": rnd.listening, "sleeping": rnd.sleeping}
     if rnd.resting:
         fields["resting"] = rnd.resting
-    if rnd.wire_down_by_device:
-        fields["bytes_down_by_device"] = dict(sorted(rnd.wire_down_by_device.items()))
+    inboxes = Counter(rnd.inbox_before) + Counter(rnd.wire_down_by_device)
+    if inboxes:
+        fields["bytes_down_by_device"] = dict(sorted(inboxes.items()))
     return fields
 
 

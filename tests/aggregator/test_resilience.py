@@ -524,3 +524,74 @@ def test_a_restored_backup_numbers_on_and_the_fleet_takes_its_model(tmp_path: Pa
     assert [r["model_version"] for r in records] == [1, 2, 3, 5, 6, 7]
     assert all(r["status"] == "done" and r["participants"] == ["a", "b"] for r in records)
     assert all(a.global_version == 7 and a.stats.rejected == {} for a in agents)
+
+
+def test_a_resumed_round_records_the_upload_bytes_kept_and_says_they_are_partial(
+    tmp_path: Path,
+) -> None:
+    """The MQTT bytes of an accepted answer (chunk headers and topic included) and of the
+    device's refused messages of the round are kept with it; a resumed round records them
+    as before the restart, and says that its upload figures leave out what else was refused
+    before it (not kept)."""
+    from fedge.protocol import UpdateHeader, split
+
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=3, rounds=1)
+    a, b, c = (Device(broker, d) for d in "abc")
+    pump(agg)
+    uid = "aabbccddeeff0011"
+    header = UpdateHeader(device_id="a", round_id=1, update_id=uid, base_version=0, num_samples=10)
+    for part in split(encode(header, delta(0.1)), 80, bytes.fromhex(uid)):
+        a.link.publish(T.update("a"), part)
+    b.send(1, delta(0.1), 10)
+    b.send(1, delta(0.1), 10, update_id="b-again")  # refused (already answered): counted
+    pump(agg)
+    assert agg.rejected["already_answered"] == 1
+    before = dict(agg.current.wire_up)  # type: ignore[union-attr]
+    agg = restart(agg, tmp_path, broker, clock)
+    assert dict(agg.current.wire_up) == before  # type: ignore[union-attr]
+    c.send(1, delta(0.1), 10)
+    pump(agg)
+    [record] = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    up = record["bytes_up_by_device"]
+    assert {d: up[d] for d in before} == before and up["c"] > 0
+    assert record["bytes_received"] == sum(record["bytes_up_by_device"].values())
+    assert record["partial"] == ["bytes_received", "bytes_up_by_device", "bytes_down_per_device"]
+
+
+def test_a_resumed_round_records_who_was_online_and_its_inboxes_as_announced(
+    tmp_path: Path,
+) -> None:
+    """Who was online but not selected (listening, asleep) is kept when the round is
+    announced: after a restart no status is known yet. What the devices got before the
+    restart adds to what they get after it (the round again): the announcement and model
+    every one hears, the round in the selected quiet devices' inboxes."""
+    broker, clock = MemoryBroker(), Clock()
+    config = {"min_devices": 5, "devices_per_round": 2, "overselect": 1.0, "rounds": 1}
+    agg = make(tmp_path, broker, clock, **config)
+    devices = {d: Device(broker, d) for d in "abcde"}
+    for d in "de":  # quiet: rounds and models come to their inboxes alone
+        quiet = Status(device_id=d, state="online", timestamp=0.0, quiet=True)
+        devices[d].link.publish(T.status(d), encode(quiet), retain=True)
+    pump(agg)
+    rnd = agg.current
+    assert rnd is not None
+    idle = set(devices) - set(rnd.selected)
+    counts = {"listening": len(idle - {"d", "e"}), "sleeping": len(idle & {"d", "e"})}
+    assert (rnd.listening, rnd.sleeping) == (counts["listening"], counts["sleeping"])
+    inbox, down = dict(rnd.wire_down_by_device), rnd.wire_down
+    assert counts == {"listening": 2, "sleeping": 1} and len(inbox) == 1  # one of each
+    agg = restart(agg, tmp_path, broker, clock, **config)
+    pump(agg)  # the retained statuses: quiet ones selected get the round again
+    resent = dict(agg.current.wire_down_by_device)  # type: ignore[union-attr]
+    again = agg.current.wire_down  # type: ignore[union-attr]
+    assert again > 1.9 * down  # the announcement and the model, once more
+    assert resent.keys() == inbox.keys()
+    for d in agg.current.selected:  # type: ignore[union-attr]
+        devices[d].send(1, delta(0.1), 10)
+    pump(agg)
+    [record] = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert {k: record[k] for k in counts} == counts
+    assert record.get("bytes_down_by_device", {}) == {d: inbox[d] + resent[d] for d in inbox}
+    assert record["bytes_down_per_device"] == again
+    assert "listening" not in record["partial"]
