@@ -126,7 +126,10 @@ def history(cfg: AggregatorConfig) -> tuple[int, int] | None:
     backup = cfg.state_dir / f"{STATE_FILE}.bak"
     if backup.is_file():
         try:
-            with contextlib.closing(sqlite3.connect(f"file:{backup}?mode=ro", uri=True)) as db:
+            # Read as a plain file (immutable): a reader of a WAL database leaves -wal and
+            # -shm files beside it, which a later backup would inherit.
+            uri = f"file:{backup}?mode=ro&immutable=1"
+            with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
                 last_round = db.execute("SELECT MAX(round_id) FROM rounds").fetchone()[0]
                 last_version = db.execute("SELECT MAX(version) FROM models").fetchone()[0]
             found.append((int(last_round or 0), int(last_version or 0)))

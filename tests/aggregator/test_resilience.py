@@ -595,3 +595,21 @@ def test_a_resumed_round_records_who_was_online_and_its_inboxes_as_announced(
     assert record.get("bytes_down_by_device", {}) == {d: inbox[d] + resent[d] for d in inbox}
     assert record["bytes_down_per_device"] == again
     assert "listening" not in record["partial"]
+
+
+def test_the_history_read_at_every_start_leaves_the_backup_alone(tmp_path: Path) -> None:
+    """build_aggregator reads the backup's last round and version at every start: it leaves
+    no -wal or -shm file beside it (a later backup would inherit them)."""
+    from fedge.aggregator.service import history
+
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1)
+    a = Device(broker, "a")
+    pump(agg)
+    a.send(1, delta(1.0), 10)
+    pump(agg)
+    agg.store.backup()
+    (tmp_path / "agg.sqlite.bak").rename(tmp_path / "aggregator.sqlite.bak")
+    cfg = agg.cfg.model_copy(update={"log": tmp_path / "elsewhere.jsonl"})
+    assert history(cfg) == (2, 1)  # round 2 was open
+    assert [p.name for p in tmp_path.glob("aggregator.sqlite*")] == ["aggregator.sqlite.bak"]
