@@ -117,6 +117,9 @@ class Ledger:
     kind: str = "rdp"
     central: Counter[tuple[float, float]] = field(default_factory=Counter)
     selections: Counter[str] = field(default_factory=Counter)
+    # Local DP: rounds whose selection is not known (a restored state's missed rounds): on
+    # the safe side, they count for every device.
+    anyone: int = 0
     _acc: Any = field(default=None, repr=False)
     _ahead: tuple[float, Any] | None = field(default=None, repr=False)
 
@@ -127,7 +130,7 @@ class Ledger:
     def rounds(self) -> int:
         """The rounds the epsilon covers (for local DP: of the most selected device)."""
         if self.mode == "local":
-            return max(self.selections.values(), default=0)
+            return max(self.selections.values(), default=0) + self.anyone
         return sum(self.central.values())
 
     def epsilon(self) -> float:
@@ -145,7 +148,8 @@ class Ledger:
         if self.mode == "local":
             counts = self.selections.copy()
             counts.update(devices)
-            return _local_epsilon(self.z, max(counts.values(), default=0), self.delta, self.kind)
+            rounds = max(counts.values(), default=0) + self.anyone
+            return _local_epsilon(self.z, rounds, self.delta, self.kind)
         q = _check_q(q)
         acc = copy.deepcopy(self._acc)
         with _quiet_orders():
@@ -168,14 +172,35 @@ class Ledger:
         self._ahead = None
         self.central[(q, self.z)] += 1
 
+    def add_rounds(
+        self, events: Iterable[tuple[float, float]], selections: Iterable[Iterable[str] | None]
+    ) -> None:
+        """Rounds counted at once (those a restored state missed): central DP, each a
+        (sampling rate, noise multiplier), composed once per kind as :meth:`load` does; local
+        DP, the devices each selected (None: not known, it counts for every device)."""
+        if self.mode == "local":
+            for devices in selections:
+                if devices is None:
+                    self.anyone += 1
+                else:
+                    self.selections.update(devices)
+            return
+        counts = Counter((_check_q(q), float(z)) for q, z in events)
+        with _quiet_orders():
+            for (q, z), n in sorted(counts.items()):
+                self._acc.compose(_central_event(q, z), n)
+                self.central[(q, z)] += n
+        self._ahead = None
+
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "mode": self.mode,
-                "central": [[q, z, n] for (q, z), n in sorted(self.central.items())],
-                "selections": dict(sorted(self.selections.items())),
-            }
-        )
+        data: dict[str, Any] = {
+            "mode": self.mode,
+            "central": [[q, z, n] for (q, z), n in sorted(self.central.items())],
+            "selections": dict(sorted(self.selections.items())),
+        }
+        if self.anyone:
+            data["anyone"] = self.anyone
+        return json.dumps(data)
 
     @classmethod
     def load(cls, text: str | None, mode: str, z: float, delta: float, kind: str) -> Ledger:
@@ -196,4 +221,5 @@ class Ledger:
                 ledger.central[key] = int(n)
                 ledger._acc.compose(_central_event(*key), int(n))
         ledger.selections.update({str(d): int(n) for d, n in data.get("selections", {}).items()})
+        ledger.anyone = int(data.get("anyone", 0))
         return ledger

@@ -68,7 +68,7 @@ from .inbox import Inboxes
 from .sample_limits import bound_samples
 from .secure import SecureSum
 from .shard import ShardedSum, Shards
-from .store import Store, StoreError
+from .store import Store, StoreError, read_back
 from .strategies.factory import make_strategy
 
 log = logging.getLogger("fedge.aggregator")
@@ -111,6 +111,12 @@ class OpenRound:
     within_clip: dict[str, bool] = field(default_factory=dict)
     # Secure aggregation: the round's settings as announced (a fresh seed each round).
     secure: SecureSettings | None = None
+    # A resumed round: what its inboxes got before the restart (wire_down_by_device starts
+    # again after it), whether listening/sleeping/resting are known (else counted at the
+    # close), and the record's figures that leave out some of what came before the restart.
+    inbox_before: dict[str, int] = field(default_factory=dict)
+    idle_known: bool = True
+    partial: list[str] = field(default_factory=list)
 
     @property
     def uploaded(self) -> set[str]:
@@ -166,9 +172,10 @@ class Aggregator:
         # Each device's last HISTORY selections, (round id, answered in time), oldest first:
         # kept in the store, so a restarted aggregator still knows who does not answer.
         self.history = store.outcomes()
-        # The spares of the last round, if it closed at its target before its deadline: (round
-        # id, deadline, the selected devices it did not wait for). See _late_spare.
-        self._spares: tuple[int, float, set[str]] | None = None
+        # The rounds that closed without some of their selected devices, until their deadline:
+        # {round id: (deadline, those devices)}; from the store, so that a restart keeps them
+        # (the outcomes say who was missing). See _late_spare.
+        self._spares = store.spares(clock(), HISTORY)
         self.schedule = config.schedule.build()
         self._last_start = store.last_round_start()  # the interval counts across restarts
         self._told_start: float | None = None  # the scheduled start already logged
@@ -206,8 +213,9 @@ class Aggregator:
         self._last_wait_log = clock()  # statuses come in just after start: give them time
         resumed = store.latest_model()
         if resumed is None:
-            # After --reset-state, ``floor`` is the last (round, model version) the fleet saw:
-            # numbering goes on above it, or agents would refuse the rounds as replays.
+            # ``floor`` is the last (round, model version) the fleet can have seen (after
+            # --reset-state): numbering goes on above it, or agents would refuse the rounds
+            # as replays.
             last_round, last_version = floor or (0, -1)
             self.version = last_version + 1
             self.weights = {k: np.asarray(v, np.float32) for k, v in initial_weights.items()}
@@ -233,15 +241,11 @@ class Aggregator:
         )
         if self.he is not None:
             self.weights, self.evaluator = self.he.template, None
-        self.completed = store.completed_rounds()
-        self.next_round_id = store.last_round_id() + 1
         t = config.training
         size = sum(int(np.size(w)) for w in self.weights.values())
         self._expected_codec = intake.expected_codec(t.codec, t.topk_min_entries, size)
         if self.he is not None:  # homomorphic encryption
             self._expected_codec = HE_CODEC
-        # Selection draws go on where they were, not from the seed again after a restart.
-        self.rng = rng or np.random.default_rng([config.seed, self.next_round_id])
         # Differential privacy (aggregator/privacy.py): the noise draws from the OS's entropy,
         # never from the config's seed, which would let anyone who reads it remove the noise.
         self.noise_rng = noise_rng or np.random.default_rng()
@@ -274,9 +278,97 @@ class Aggregator:
                 self.ledger.rounds,
                 "" if p.epsilon_budget is None else f", budget {p.epsilon_budget:g}",
             )
+        if resumed is not None:
+            self._catch_up(floor)
+        self.completed = store.completed_rounds()
+        self.next_round_id = store.last_round_id() + 1
+        # Selection draws go on where they were, not from the seed again after a restart.
+        self.rng = rng or np.random.default_rng([config.seed, self.next_round_id])
         self._resume_open_round()
         self._resume_chunks()
         self._check_done()
+
+    def _catch_up(self, floor: tuple[int, int] | None) -> None:
+        """A state behind what the fleet has seen (a restored backup; ``floor`` and the
+        rounds.jsonl records after the state's last round say how far): agents refuse round
+        ids they have answered and models older than theirs, so every round would fail and
+        the fleet stall for good. Numbering goes on above (as after --reset-state) and the
+        state's model goes out as the next version, which the devices take; the rounds after
+        the backup are lost to the model. Their epsilon is not: it goes into the ledger."""
+        last_round = self.store.last_round_id()
+        missed: list[dict] = []  # records of rounds the state does not know, newest first
+        for record in read_back(self.cfg.log_path):
+            try:
+                round_id, version = int(record["round"]), int(record["model_version"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if round_id <= last_round:
+                break
+            missed.append(record)
+            seen = (round_id, version) if floor is None else floor
+            floor = (max(round_id, seen[0]), max(version, seen[1]))
+        if floor is None or (floor[0] <= last_round and floor[1] <= self.version):
+            return
+        # The round after the last one recorded was likely open when the state was lost
+        # (rounds run back to back): devices that answered it would refuse its id again, and
+        # under DP it counts. Its id is passed over.
+        seen_round, seen_version = max(floor[0], last_round) + 1, floor[1]
+        version = self.version if seen_version <= self.version else seen_version + 1
+        spent = 0.0  # epsilon before the missed rounds (under DP)
+        with self.store.transaction():
+            self.store.abandon_open_rounds()  # older than rounds that closed since
+            if version != self.version:
+                self.store.save_model(version, 0, self.weights)
+                self.store.save_strategy_state(version, self.strategy.state())
+                if self.he is not None:
+                    self.he.save(self.store, version)
+            self.store.set_meta("round_floor", str(seen_round))
+            if self.privacy is not None:
+                spent = self.ledger.epsilon()
+                self._account_missed(missed, seen_round - last_round)
+                self.store.set_meta("privacy_ledger", self.ledger.to_json())
+        log.warning(
+            "the state (round %d, model v%d) is behind what the fleet has seen (round %d,"
+            " model v%d): a restored backup? Rounds go on at %d%s%s",
+            last_round,
+            self.version,
+            seen_round - 1,
+            seen_version,
+            seen_round + 1,
+            "" if version == self.version else f", its model goes out as v{version}",
+            ""
+            if self.privacy is None
+            else f"; epsilon {spent:.3f} -> {self.ledger.epsilon():.3f} with the"
+            f" {seen_round - last_round} round(s) the state missed",
+        )
+        self.version = version
+
+    def _account_missed(self, missed: list[dict], rounds: int) -> None:
+        """Put the rounds a restored state missed into the privacy ledger: those in
+        rounds.jsonl as recorded, the others (announced, then abandoned or open when the
+        state was lost) on the safe side: central DP without amplification, local DP as if
+        every device was selected."""
+        assert self.privacy is not None
+        events: list[tuple[float, float]] = []
+        selections: list[list[str] | None] = []
+        for record in missed:
+            dp = record.get("privacy")
+            if not isinstance(dp, dict):
+                continue  # a round without [privacy]
+            try:
+                q = float(dp.get("sampling_rate", 1.0))
+                z = float(dp.get("noise_multiplier", self.ledger.z))
+            except (TypeError, ValueError):
+                q, z = 1.0, self.ledger.z
+            # (The record rounds the rate to 6 digits: up, on the safe side.)
+            q = min(1.0, q + 5e-7) if 0 < q <= 1 else 1.0
+            events.append((q, z if z > 0 else self.ledger.z))
+            names = [*record.get("participants", []), *record.get("skipped", [])]
+            selections.append([str(d) for d in [*names, *record.get("missing", [])]])
+        for _ in range(max(0, rounds - len(missed))):
+            events.append((1.0, self.ledger.z))
+            selections.append(None)
+        self.ledger.add_rounds(events, selections)
 
     def _resume_chunks(self) -> None:
         """Feed the chunks of messages that were not whole at the crash in again."""
@@ -344,7 +436,27 @@ class Aggregator:
                 rnd.counts[answer.device_id] = answer.num_samples
                 if answer.train_loss is not None:
                     rnd.losses[answer.device_id] = answer.train_loss
-            rnd.wire_up[answer.device_id] += answer.nbytes
+            # (A state from before the wire bytes were kept: the payload, short of them.)
+            wire = answer.nbytes if answer.wire is None else answer.wire
+            rnd.wire_up[answer.device_id] = max(rnd.wire_up[answer.device_id], wire)
+        # Not kept, and so left out (the record says which figures): what messages refused
+        # before the restart took, unless their device's answer was kept (garbage must not
+        # grow the state); the global and whole models sent again on request before it.
+        rnd.partial = [
+            "bytes_received",
+            "bytes_up_by_device",
+            "bytes_down_per_device",
+            "bytes_down_by_device",
+        ]
+        kept = json.loads(self.store.meta("open_round") or "{}")
+        if kept.get("round") == round_id:
+            rnd.listening, rnd.sleeping = int(kept["listening"]), int(kept["sleeping"])
+            rnd.resting = [str(d) for d in kept["resting"]]
+            rnd.wire_down = int(kept["bytes_down"])  # the restart sends the round again
+            rnd.inbox_before = {str(d): int(n) for d, n in kept["inboxes"].items()}
+        else:  # opened by a version that did not keep them: counted at the close
+            rnd.idle_known = False
+            rnd.partial += ["listening", "sleeping", "resting"]
         self.current = rnd
         log.warning(
             "resumed round %d at model v%d with %d of %d answer(s) kept; deadline in %.0f s",
@@ -631,6 +743,9 @@ class Aggregator:
                 delta = intake.clip(delta, rnd.clip)
         if reason == "wrong_round":
             self._late_spare(header)
+        elif reason is not None and rnd is not None and device in rnd.answered:
+            # Its bytes are the round's (a resent copy, say): kept with its answer.
+            self.store.set_answer_wire(rnd.round_id, device, rnd.wire_up[device])
         if reason is not None:
             # Counted and logged, never stored: a device that was not selected, or garbage,
             # must not grow the state.
@@ -658,6 +773,7 @@ class Aggregator:
                 nbytes=nbytes,
                 received=self.clock(),
                 delta=delta if is_update and rnd.secure is None else None,
+                wire=rnd.wire_up[header.device_id],  # this message's bytes and those before
             )
             if chunks is not None:
                 self.store.forget_chunks(chunks, device)
@@ -804,8 +920,11 @@ class Aggregator:
         outcomes = {d: d in rnd.answered for d in rnd.selected}
         self._record_outcomes(rnd.round_id, outcomes)
         spares = {d for d, ok in outcomes.items() if not ok}
-        early = bool(spares) and now < rnd.deadline
-        self._spares = (rnd.round_id, rnd.deadline, spares) if early else None
+        if spares and now < rnd.deadline:
+            # Rounds back to back that close at their target: the next often closes before
+            # this one's deadline, and its spares may still answer in time.
+            self._spares[rnd.round_id] = (rnd.deadline, spares)
+        self._forget_spares(now)
 
     def _record_outcomes(self, round_id: int, outcomes: dict[str, bool]) -> None:
         self.store.record_outcomes(round_id, outcomes, keep=HISTORY)
@@ -818,13 +937,25 @@ class Aggregator:
         comes by that round's deadline was late for nothing it could know: it answered in
         time, and is not ranked down as a device that misses rounds (counted a miss, the
         slowest of each round, e.g. the one with the most data to train on, would sit out
-        the next rounds for nothing)."""
-        if self._spares is None:
-            return
-        round_id, deadline, spares = self._spares
-        if header.round_id == round_id and header.device_id in spares and self.clock() <= deadline:
-            spares.discard(header.device_id)
-            self._record_outcomes(round_id, {header.device_id: True})
+        the next rounds for nothing). A quiet device's late skip notice may declare a rest:
+        it sits out the rounds after the one it skipped, however late the notice came."""
+        device, round_id = header.device_id, header.round_id
+        if isinstance(header, SkipNotice) and header.rest:
+            selected = any(r == round_id for r, _ in self.history.get(device, ()))
+            if selected and round_id + header.rest > self.inboxes.rest_until.get(device, 0):
+                self.inboxes.note_rest(device, round_id, header.rest)
+        self._forget_spares(self.clock())
+        kept = self._spares.get(round_id)
+        if kept is not None and device in kept[1]:
+            kept[1].discard(device)
+            self._record_outcomes(round_id, {device: True})
+
+    def _forget_spares(self, now: float) -> None:
+        """Rounds past their deadline: a spare's answer is a miss now. At most HISTORY kept."""
+        for round_id in sorted(self._spares):
+            deadline, spares = self._spares[round_id]
+            if deadline < now or not spares or len(self._spares) > HISTORY:
+                del self._spares[round_id]
 
     def _announce(self, now: float) -> None:
         selected = self._select()
@@ -856,6 +987,17 @@ class Aggregator:
         self.current = rnd
         self.store.open_round(rnd.round_id, self.version, now, rnd.deadline, selected)
         self._publish_announcement(rnd)
+        self._count_idle(rnd)
+        # For the round's record if it is resumed: after a restart no status is known yet.
+        kept = {
+            "round": rnd.round_id,
+            "listening": rnd.listening,
+            "sleeping": rnd.sleeping,
+            "resting": rnd.resting,
+            "bytes_down": rnd.wire_down,
+            "inboxes": rnd.wire_down_by_device,
+        }
+        self.store.set_meta("open_round", json.dumps(kept))
         log.info(
             "round %d announced to %d device(s) on model v%d",
             rnd.round_id,
@@ -880,24 +1022,40 @@ class Aggregator:
         payload = self._signed(encode(self._announcement(rnd)), "round")
         self.link.publish(self.topics.round, payload, qos=1, retain=True)
         # What each selected device receives for this round: the announcement and the
-        # global model it trains on (each a QoS 1 PUBLISH, acknowledged by a PUBACK).
-        rnd.wire_down = (
+        # global model it trains on (each a QoS 1 PUBLISH, acknowledged by a PUBACK); again
+        # when a restart sends them again.
+        rnd.wire_down += (
             publish_size(self.topics.round, len(payload), 1)
             + self._global_wire_size
             + 2 * PUBACK_SIZE
         )
         # Quiet devices get theirs in their inboxes; the others online hear it anyway.
-        selected = set(rnd.selected)
         inboxes = self.inboxes
         for device in rnd.selected:
             if device in inboxes.quiet:
                 rnd.wire_down_by_device[device] = inboxes.deliver(
                     device, payload, self.version, self._inbox_model
                 )
+
+    def _count_idle(self, rnd: OpenRound) -> None:
+        """Who of those online the round did not select: listening or asleep (quiet)."""
+        selected = set(rnd.selected)
         idle = [d for d in self.online if d not in selected]
-        rnd.sleeping = sum(d in inboxes.quiet for d in idle)
+        rnd.sleeping = sum(d in self.inboxes.quiet for d in idle)
         rnd.listening = len(idle) - rnd.sleeping
-        rnd.resting = sorted(inboxes.resting(rnd.round_id, idle))
+        rnd.resting = sorted(self.inboxes.resting(rnd.round_id, idle))
+        rnd.idle_known = True
+
+    def _record_fields(self, rnd: OpenRound) -> dict:
+        """The round record's fields on who was online, and which figures are partial (a
+        resumed round: what came before the restart is not all kept)."""
+        if not rnd.idle_known:
+            self._count_idle(rnd)  # those online at the close: the best left to count
+        fields = _quiet_fields(rnd)
+        partial = [f for f in rnd.partial if f != "bytes_down_by_device" or f in fields]
+        if partial:
+            fields["partial"] = partial
+        return fields
 
     def _inbox_model(self) -> bytes:
         """The whole model for a quiet device's inbox: the devices' copy under compact
@@ -1222,7 +1380,7 @@ class Aggregator:
             "skip_reason_by_device": {d: s.reason for d, s in sorted(rnd.skipped.items())},
             "bytes_up_by_device": dict(sorted(rnd.wire_up.items())),
             "bytes_down_per_device": rnd.wire_down,
-            **_quiet_fields(rnd),
+            **self._record_fields(rnd),
             "missing": sorted(set(rnd.selected) - rnd.answered),
             "num_samples": int(sum(counts)),
             # The weight each device's update (or held-back zero delta) had in the average,
@@ -1306,7 +1464,7 @@ class Aggregator:
             "bytes_received": rnd.bytes_received,
             "bytes_up_by_device": dict(sorted(rnd.wire_up.items())),
             "bytes_down_per_device": rnd.wire_down,
-            **_quiet_fields(rnd),
+            **self._record_fields(rnd),
             "duration_s": round(now - rnd.started, 3),
         }
         if isinstance(rnd.acc, SecureSum):
@@ -1335,12 +1493,13 @@ class Aggregator:
 def _quiet_fields(rnd: OpenRound) -> dict:
     """Who else was online, for the energy estimate (a device that hears a round wakes its
     radio): devices listening to every round, quiet ones asleep, and the rests declared;
-    and what the selected quiet devices' inboxes got."""
+    and what the selected quiet devices' inboxes got (before a restart, and after it)."""
     fields: dict = {"listening": rnd.listening, "sleeping": rnd.sleeping}
     if rnd.resting:
         fields["resting"] = rnd.resting
-    if rnd.wire_down_by_device:
-        fields["bytes_down_by_device"] = dict(sorted(rnd.wire_down_by_device.items()))
+    inboxes = Counter(rnd.inbox_before) + Counter(rnd.wire_down_by_device)
+    if inboxes:
+        fields["bytes_down_by_device"] = dict(sorted(inboxes.items()))
     return fields
 
 

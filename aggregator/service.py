@@ -26,7 +26,7 @@ from fedge.systemd import notify, serve_until_stopped
 
 from .config import AggregatorConfig
 from .coordinator import Aggregator, Evaluator, describe_round
-from .store import Store, StoreCorrupt
+from .store import Store, StoreCorrupt, read_back
 
 log = logging.getLogger("fedge.aggregator")
 
@@ -117,21 +117,19 @@ def reset_state(cfg: AggregatorConfig, now: float | None = None) -> tuple[int, i
 def history(cfg: AggregatorConfig) -> tuple[int, int] | None:
     """The highest (round, model version) that rounds.jsonl or the state's backup records."""
     found: list[tuple[int, int]] = []
-    try:
-        lines = cfg.log_path.read_text().splitlines()
-    except (FileNotFoundError, NotADirectoryError):
-        lines = []
-    for line in reversed(lines):
+    for record in read_back(cfg.log_path):
         try:
-            record = json.loads(line)
             found.append((int(record["round"]), int(record["model_version"])))
             break
         except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by the crash
+            continue  # not a round record
     backup = cfg.state_dir / f"{STATE_FILE}.bak"
     if backup.is_file():
         try:
-            with contextlib.closing(sqlite3.connect(f"file:{backup}?mode=ro", uri=True)) as db:
+            # Read as a plain file (immutable): a reader of a WAL database leaves -wal and
+            # -shm files beside it, which a later backup would inherit.
+            uri = f"file:{backup}?mode=ro&immutable=1"
+            with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
                 last_round = db.execute("SELECT MAX(round_id) FROM rounds").fetchone()[0]
                 last_version = db.execute("SELECT MAX(version) FROM models").fetchone()[0]
             found.append((int(last_round or 0), int(last_version or 0)))
@@ -153,16 +151,19 @@ def build_aggregator(
     he_keys = None if cfg.he is None else load_he_keys(cfg.he.key_file, secret=False)
     caps, revoked = load_registry(cfg)
     db = cfg.state_dir / STATE_FILE
-    if floor is None and not db.exists():
-        seen = history(cfg)
-        if seen is not None:
+    if floor is None:
+        # What the fleet can have seen. A state behind it (a restored backup) numbers on
+        # above it (Aggregator._catch_up): agents refuse older rounds and models.
+        floor = history(cfg)
+        if floor is not None and not db.exists():
             raise StoreCorrupt(
                 f"aggregator state {db} is missing, but {cfg.log_path.name} or the backup"
-                f" shows round {seen[0]} and model v{seen[1]}: restore the backup"
+                f" shows round {floor[0]} and model v{floor[1]}: restore the backup"
                 f" {db.name}.bak, or start afresh with"
                 " `fedge aggregator --config CONFIG --reset-state`"
             )
-        log.info("no aggregator state yet (%s): starting at round 1 with model v0", db)
+        if not db.exists():
+            log.info("no aggregator state yet (%s): starting at round 1 with model v0", db)
     initial = load_runtime(cfg.model).get_weights()
     if link is None:
         # Acknowledged only once handled: what a crash interrupts, the broker sends again.

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -51,9 +52,12 @@ CREATE TABLE IF NOT EXISTS answers (
     num_samples INTEGER NOT NULL,     -- as declared (the average clips it)
     trained     INTEGER NOT NULL,     -- skip notices: the device trained, its update is held back
     train_loss  REAL,
-    nbytes      INTEGER NOT NULL,
+    nbytes      INTEGER NOT NULL,     -- the message's payload
     received    REAL NOT NULL,
     delta       BLOB,                 -- the decoded delta (updates only; _pack)
+    -- MQTT bytes the device had sent for the round when this answer was taken, refused
+    -- messages and chunk headers included (NULL: kept by a version that did not count them).
+    wire        INTEGER,
     PRIMARY KEY (device_id, update_id)
 );
 CREATE INDEX IF NOT EXISTS answers_by_round ON answers(round_id);
@@ -83,6 +87,35 @@ CREATE TABLE IF NOT EXISTS meta (
 BACKUPS = 2  # aggregator.sqlite.bak (newest) and aggregator.sqlite.bak.1
 
 
+def read_back(path: Path, block: int = 1 << 16) -> Iterator[dict[str, Any]]:
+    """The records of a JSON-lines file (rounds.jsonl), newest first, read from its end: a
+    start reads its tail, not the whole history. Lines that hold no record (one a crash cut
+    short) are passed over; no file: none."""
+    try:
+        with open(path, "rb") as fh:
+            yield from _records_back(fh, block)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+
+
+def _records_back(fh: BinaryIO, block: int) -> Iterator[dict[str, Any]]:
+    pos = fh.seek(0, os.SEEK_END)
+    head = b""  # the start of a line whose beginning is in the block before
+    while pos > 0:
+        step = min(block, pos)
+        pos -= step
+        fh.seek(pos)
+        lines = (fh.read(step) + head).split(b"\n")
+        head = lines.pop(0) if pos > 0 else b""
+        for line in reversed(lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record
+
+
 class StoreError(RuntimeError):
     """SQLite failed; the message names the database file."""
 
@@ -103,6 +136,7 @@ class Answer:
     train_loss: float | None
     nbytes: int
     delta: dict[str, np.ndarray] | None
+    wire: int | None = None  # the device's MQTT bytes for the round so far (None: not kept)
 
 
 # Tensors in a blob: this magic, a 4-byte length, a JSON list of [name, dtype, shape], and the
@@ -176,6 +210,7 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            self._upgrade()
             if existed and self._has_history() and self.latest_model() is None:
                 raise self._corrupt("has rounds but no global model")
         except sqlite3.DatabaseError as exc:
@@ -201,6 +236,12 @@ class Store:
             f"aggregator state {self.path} {what}: {restore}, or start afresh with"
             " `fedge aggregator --config CONFIG --reset-state`"
         )
+
+    def _upgrade(self) -> None:
+        """Columns added since the state file was made (new tables come with SCHEMA)."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(answers)")}
+        if "wire" not in columns:
+            self.db.execute("ALTER TABLE answers ADD COLUMN wire INTEGER")
 
     def _has_history(self) -> bool:
         return self.db.execute("SELECT 1 FROM rounds LIMIT 1").fetchone() is not None
@@ -292,8 +333,8 @@ class Store:
         """The round's accepted answers in the order they came, one at a time (a resumed
         round folds each into its sum: the deltas are never all in memory)."""
         rows = self.db.execute(
-            "SELECT device_id, update_id, kind, num_samples, trained, train_loss, nbytes, delta"
-            " FROM answers WHERE round_id=? ORDER BY received",
+            "SELECT device_id, update_id, kind, num_samples, trained, train_loss, nbytes, delta,"
+            " wire FROM answers WHERE round_id=? ORDER BY received",
             (round_id,),
         )
         for r in rows:
@@ -306,6 +347,7 @@ class Store:
                 r[5],
                 r[6],
                 None if r[7] is None else _unpack(r[7]),
+                r[8],
             )
 
     def answer_delta(self, round_id: int, device_id: str) -> dict[str, np.ndarray]:
@@ -375,6 +417,33 @@ class Store:
             history.setdefault(str(device), []).append((int(round_id), bool(ok)))
         return history
 
+    def set_answer_wire(self, round_id: int, device_id: str, wire: int) -> None:
+        """The MQTT bytes ``device_id`` has sent for the round so far, refused ones included."""
+        self.db.execute(
+            "UPDATE answers SET wire=? WHERE round_id=? AND device_id=?",
+            (wire, round_id, device_id),
+        )
+
+    def spares(self, now: float, rounds: int) -> dict[int, tuple[float, set[str]]]:
+        """Of the last ``rounds`` closed rounds, those whose deadline is still ahead, with the
+        selected devices kept as not having answered: {round id: (deadline, devices)}."""
+        rows = self.db.execute(
+            "SELECT round_id, deadline FROM rounds WHERE status IN ('done', 'failed')"
+            " ORDER BY round_id DESC LIMIT ?",
+            (rounds,),
+        ).fetchall()
+        out: dict[int, tuple[float, set[str]]] = {}
+        for round_id, deadline in rows:
+            if deadline < now:
+                continue
+            missed = self.db.execute(
+                "SELECT device_id FROM outcomes WHERE round_id=? AND answered=0", (round_id,)
+            )
+            devices = {str(d) for (d,) in missed}
+            if devices:
+                out[int(round_id)] = (float(deadline), devices)
+        return out
+
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
@@ -421,10 +490,12 @@ class Store:
         nbytes: int,
         received: float,
         delta: dict[str, np.ndarray] | None,
+        wire: int | None = None,
     ) -> None:
         """Keep an accepted update (with its decoded delta) or skip notice of the open round."""
         self.db.execute(
-            "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO answers(device_id, update_id, round_id, kind, num_samples, trained,"
+            " train_loss, nbytes, received, delta, wire) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 device_id,
                 update_id,
@@ -436,5 +507,6 @@ class Store:
                 nbytes,
                 received,
                 None if delta is None else _pack(delta),
+                wire,
             ),
         )

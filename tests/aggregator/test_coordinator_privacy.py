@@ -166,3 +166,49 @@ def test_epsilon_and_the_clip_survive_a_restart(tmp_path: Path) -> None:
     local = {"mode": "local", "noise_multiplier": 1.0}
     with pytest.raises(StoreError, match=r"holds a central-DP privacy ledger.*--reset-state"):
         make(tmp_path, broker, clock, min_devices=1, privacy=local)
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_a_restored_backup_counts_the_epsilon_of_the_rounds_it_missed(
+    tmp_path: Path, mode: str
+) -> None:
+    """The backup's ledger misses the rounds after it: they go in from rounds.jsonl (at the
+    rate and with the devices they had), and the round open when the state was lost on the
+    safe side, so epsilon is not below what was spent."""
+    import shutil
+
+    broker, clock = MemoryBroker(), Clock()
+    privacy = {"mode": mode, "noise_multiplier": 1.0, "clip": 1.0}
+    config = {"min_devices": 4, "devices_per_round": 2, "overselect": 1.0, "backup_every": 2}
+    agg = make(tmp_path, broker, clock, privacy=privacy, **config)
+    devs = {d: Device(broker, d) for d in "abcd"}
+    pump(agg)
+    for _ in range(3):  # backed up after round 2; round 4 announced
+        rnd = agg.current
+        assert rnd is not None
+        for d in rnd.selected:
+            send(devs[d], rnd.round_id, delta(0.01), within=True)
+        pump(agg)
+    assert agg.current is not None and agg.current.round_id == 4
+    spent, selections = agg.ledger.epsilon(), agg.ledger.selections.copy()
+    agg.store.db.close()
+    db = tmp_path / "agg.sqlite"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    shutil.copy(tmp_path / "agg.sqlite.bak", db)
+    restored = make(tmp_path, broker, clock, privacy=privacy, **config)
+    assert restored.ledger.rounds >= 4 and restored.ledger.epsilon() >= spent
+    if mode == "central":  # the backup's 2 and round 3 at the recorded rate, round 4 at 1
+        assert sorted(restored.ledger.central.values()) == [1, 1, 2]
+        assert spent == pytest.approx(gaussian_epsilon_sampled(0.5, 1.0, 4))
+    else:  # every device at least as often as it was selected (round 4's are not known)
+        counted = restored.ledger
+        assert counted.anyone == 1
+        assert all(counted.selections[d] + counted.anyone >= n for d, n in selections.items())
+
+
+def gaussian_epsilon_sampled(q: float, z: float, rounds: int) -> float:
+    acc = dp_accounting.rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
+    acc.compose(event, rounds)
+    return float(acc.get_epsilon(1e-5))

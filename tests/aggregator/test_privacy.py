@@ -132,6 +132,20 @@ def test_local_dp_counts_the_most_selected_device_without_sampling() -> None:
     assert ledger.preview(devices=["a"]) > ledger.epsilon()
 
 
+def test_rounds_added_at_once_count_as_one_by_one_and_unknown_ones_for_all() -> None:
+    one_by_one, at_once = Ledger("central", 1.0, 1e-5), Ledger("central", 1.0, 1e-5)
+    for q in (0.2, 0.2, 1.0):
+        one_by_one.add_round(q=q)
+    at_once.add_rounds([(0.2, 1.0), (1.0, 1.0), (0.2, 1.0)], [])
+    assert at_once.central == one_by_one.central
+    assert at_once.epsilon() == pytest.approx(one_by_one.epsilon(), rel=1e-9)
+    local = Ledger("local", 4.0, 1e-5)
+    local.add_rounds([], [["a", "b"], None, ["a"]])  # the second round's devices: not known
+    assert local.rounds == 3 and local.preview(devices=["b"]) == local.epsilon()
+    again = Ledger.load(local.to_json(), "local", 4.0, 1e-5, "rdp")
+    assert again.rounds == 3 and again.anyone == 1
+
+
 def test_the_ledger_survives_a_restart_and_refuses_the_other_mode() -> None:
     ledger = Ledger("central", 1.5, 1e-5)
     ledger.add_round(q=0.25)

@@ -15,6 +15,7 @@ from test_coordinator import (  # noqa: F401
     STORES,
     Clock,
     Device,
+    T,
     close_stores,
     delta,
     make,
@@ -209,3 +210,86 @@ def test_a_spare_that_answers_by_the_deadline_of_a_round_closed_without_it_is_no
         if agg.current is None:
             clock.now += 1
             pump(agg)
+
+
+def test_spares_are_credited_by_their_round_deadline_after_later_rounds_and_a_restart(
+    tmp_path: Path,
+) -> None:
+    """6 devices, 2 a round, 3 selected, rounds back to back that close at their target: the
+    next round often closes before the deadline of the one before. A spare of round 1 that
+    answers by round 1's deadline, after round 2 closed, is no miss; nor is a spare of round
+    2 that answers by its deadline after the aggregator restarted."""
+    broker, clock = MemoryBroker(), Clock()
+
+    def start() -> Aggregator:
+        return make(tmp_path, broker, clock, min_devices=6, devices_per_round=2, overselect=1.5)
+
+    agg = start()
+    devices = {d: Device(broker, d) for d in "abcdef"}
+    pump(agg)
+    spares = {}
+    for round_id in (1, 2):
+        rnd = agg.current
+        assert rnd is not None and rnd.round_id == round_id and len(rnd.selected) == 3
+        *first, spares[round_id] = sorted(rnd.selected)
+        for d in first:
+            devices[d].send(round_id, delta(0.1), 10, base=agg.version)
+        pump(agg)  # closed at its target; the next announced at once
+        clock.now += 1
+    assert agg.misses_in_a_row(spares[1]) == 1 and agg.misses_in_a_row(spares[2]) == 1
+    devices[spares[1]].send(1, delta(0.1), 10, base=0)  # 2 s after round 1 started
+    pump(agg)
+    agg.store.db.close()  # killed
+    agg = start()
+    devices[spares[2]].send(2, delta(0.1), 10, base=1)
+    pump(agg)
+    assert agg.rejected["wrong_round"] == 1  # (counted by the restarted one: the second)
+    for round_id, spare in spares.items():
+        assert dict(agg.history[spare])[round_id] is True
+        assert dict(agg.store.outcomes()[spare])[round_id] is True
+
+
+def test_a_late_skip_notice_declares_its_rest(tmp_path: Path) -> None:
+    """A quiet spare whose gate skip (a rest of 3 rounds) comes after its round closed at
+    its target sits out the next rounds as if it had come in time, and the records of the
+    rounds announced since say it rests. A notice for a round that did not select the
+    device declares nothing."""
+    import json
+
+    from fedge.protocol import SkipNotice, Status, encode, encode_skip
+
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=5, devices_per_round=2, overselect=1.5)
+    devices = {d: Device(broker, d) for d in "abcde"}
+    for d, dev in devices.items():
+        quiet = Status(device_id=d, state="online", timestamp=0.0, quiet=True)
+        dev.link.publish(T.status(d), encode(quiet), retain=True)
+    pump(agg)
+    rnd = agg.current
+    assert rnd is not None and len(rnd.selected) == 3
+    first, second, spare = sorted(rnd.selected)
+    [other, *_] = sorted(set(devices) - set(rnd.selected))
+    for d in (first, second):
+        devices[d].send(1, delta(0.1), 10)
+    pump(agg)
+    clock.now += 1
+    for d in (spare, other):
+        notice = SkipNotice(
+            device_id=d,
+            round_id=1,
+            update_id=f"{d}-skip-1".encode().hex()[:16],
+            reason="small_update",
+            trained=True,
+            num_samples=10,
+            rest=3,
+        )
+        devices[d].link.publish(T.update(d), encode_skip(notice))
+    pump(agg)
+    assert agg.inboxes.rest_until == {spare: 4}  # rounds 2, 3 and 4
+    for round_id in (2, 3, 4):
+        rnd = agg.current
+        assert rnd is not None and rnd.round_id == round_id and spare not in rnd.selected
+        answer_all_but(agg, clock, devices)
+    # (Round 2 was announced before the notice came.)
+    records = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [r.get("resting") for r in records[1:4]] == [None, [spare], [spare]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import sqlite3
 from pathlib import Path
@@ -440,3 +442,174 @@ def test_models_kept_by_an_older_aggregator_are_still_read(tmp_path: Path) -> No
     _, _, back = store.latest_model()  # type: ignore[misc]
     assert all(np.array_equal(back[k], old[k]) and back[k].shape == old[k].shape for k in old)
     store.close()
+
+
+def restore_backup(agg: Aggregator, tmp_path: Path) -> None:
+    """Kill ``agg`` and restore its backup as StoreCorrupt says: move the -wal and -shm files
+    aside and copy the .bak over the state file."""
+    import shutil
+
+    agg.store.db.close()
+    db = tmp_path / "agg.sqlite"
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    shutil.copy(tmp_path / "agg.sqlite.bak", db)
+
+
+def test_a_restored_backup_numbers_on_and_the_fleet_takes_its_model(tmp_path: Path) -> None:
+    """The backup is rounds older than what the fleet has: real agents refuse the rounds and
+    models they have seen, so the restored aggregator goes on above rounds.jsonl (passing
+    over the round that was open when the state was lost) and sends its model as a new
+    version, which they take; no round id or model version is used twice."""
+    from fedge.agent.daemon import Agent
+    from fedge.agent.dataset import Dataset
+    from fedge.aggregator.config import AggregatorConfig
+    from fedge.aggregator.strategies.config import StrategyConfig
+    from fedge.models.runtime import load_runtime
+    from fedge.protocol import MemoryLink, TrainingConfig
+    from helpers import DIGITS_MODEL, serve_rounds
+
+    broker = MemoryBroker()
+
+    def aggregator(rounds: int) -> Aggregator:
+        config = AggregatorConfig(
+            fleet=FLEET,
+            model=DIGITS_MODEL,
+            state_dir=tmp_path,
+            min_devices=2,
+            rounds=rounds,
+            backup_every=2,
+            training=TrainingConfig(batch_size=8, lr=0.1, codec="float32", eval_fraction=0),
+            strategy=StrategyConfig(name="fedavg"),
+        )
+        store = Store(tmp_path / "agg.sqlite")
+        STORES.append(store)
+        agg = Aggregator(
+            config,
+            link=MemoryLink(broker, "aggregator"),
+            store=store,
+            initial_weights=load_runtime(DIGITS_MODEL).get_weights(),
+        )
+        agg.start()
+        return agg
+
+    def agent(device: str, seed: int) -> Agent:
+        rng = np.random.default_rng(seed)
+        x, y = rng.random((40, 64), np.float32), rng.integers(0, 10, 40).astype(np.int32)
+        a = Agent(
+            device_id=device,
+            fleet=FLEET,
+            link=MemoryLink(broker, device),
+            runtime=load_runtime(DIGITS_MODEL, prefer=("numpy",)),
+            data=Dataset(x, y),
+            rng=rng,
+        )
+        a.start()
+        return a
+
+    agg = aggregator(rounds=3)
+    agents = [agent("a", 1), agent("b", 2)]
+    serve_rounds(agg, agents, 3)  # backed up after round 2 (v2); round 3 made v3
+    assert agg.version == 3 and all(a.global_version == 3 for a in agents)
+    restore_backup(agg, tmp_path)
+    with contextlib.closing(Store(tmp_path / "agg.sqlite")) as restored:
+        version, _, backed_up = restored.latest_model()  # type: ignore[misc]
+    assert version == 2
+    agg = aggregator(rounds=5)  # the backup has 2 done: three more
+    assert agg.version == 4 and agg.next_round_id == 5  # round 4 may have been announced
+    assert all(np.array_equal(agg.weights[k], w) for k, w in backed_up.items())
+    serve_rounds(agg, agents, 5)
+    records = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3, 5, 6, 7]
+    assert [r["model_version"] for r in records] == [1, 2, 3, 5, 6, 7]
+    assert all(r["status"] == "done" and r["participants"] == ["a", "b"] for r in records)
+    assert all(a.global_version == 7 and a.stats.rejected == {} for a in agents)
+
+
+def test_a_resumed_round_records_the_upload_bytes_kept_and_says_they_are_partial(
+    tmp_path: Path,
+) -> None:
+    """The MQTT bytes of an accepted answer (chunk headers and topic included) and of the
+    device's refused messages of the round are kept with it; a resumed round records them
+    as before the restart, and says that its upload figures leave out what else was refused
+    before it (not kept)."""
+    from fedge.protocol import UpdateHeader, split
+
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=3, rounds=1)
+    a, b, c = (Device(broker, d) for d in "abc")
+    pump(agg)
+    uid = "aabbccddeeff0011"
+    header = UpdateHeader(device_id="a", round_id=1, update_id=uid, base_version=0, num_samples=10)
+    for part in split(encode(header, delta(0.1)), 80, bytes.fromhex(uid)):
+        a.link.publish(T.update("a"), part)
+    b.send(1, delta(0.1), 10)
+    b.send(1, delta(0.1), 10, update_id="b-again")  # refused (already answered): counted
+    pump(agg)
+    assert agg.rejected["already_answered"] == 1
+    before = dict(agg.current.wire_up)  # type: ignore[union-attr]
+    agg = restart(agg, tmp_path, broker, clock)
+    assert dict(agg.current.wire_up) == before  # type: ignore[union-attr]
+    c.send(1, delta(0.1), 10)
+    pump(agg)
+    [record] = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    up = record["bytes_up_by_device"]
+    assert {d: up[d] for d in before} == before and up["c"] > 0
+    assert record["bytes_received"] == sum(record["bytes_up_by_device"].values())
+    assert record["partial"] == ["bytes_received", "bytes_up_by_device", "bytes_down_per_device"]
+
+
+def test_a_resumed_round_records_who_was_online_and_its_inboxes_as_announced(
+    tmp_path: Path,
+) -> None:
+    """Who was online but not selected (listening, asleep) is kept when the round is
+    announced: after a restart no status is known yet. What the devices got before the
+    restart adds to what they get after it (the round again): the announcement and model
+    every one hears, the round in the selected quiet devices' inboxes."""
+    broker, clock = MemoryBroker(), Clock()
+    config = {"min_devices": 5, "devices_per_round": 2, "overselect": 1.0, "rounds": 1}
+    agg = make(tmp_path, broker, clock, **config)
+    devices = {d: Device(broker, d) for d in "abcde"}
+    for d in "de":  # quiet: rounds and models come to their inboxes alone
+        quiet = Status(device_id=d, state="online", timestamp=0.0, quiet=True)
+        devices[d].link.publish(T.status(d), encode(quiet), retain=True)
+    pump(agg)
+    rnd = agg.current
+    assert rnd is not None
+    idle = set(devices) - set(rnd.selected)
+    counts = {"listening": len(idle - {"d", "e"}), "sleeping": len(idle & {"d", "e"})}
+    assert (rnd.listening, rnd.sleeping) == (counts["listening"], counts["sleeping"])
+    inbox, down = dict(rnd.wire_down_by_device), rnd.wire_down
+    assert counts == {"listening": 2, "sleeping": 1} and len(inbox) == 1  # one of each
+    agg = restart(agg, tmp_path, broker, clock, **config)
+    pump(agg)  # the retained statuses: quiet ones selected get the round again
+    resent = dict(agg.current.wire_down_by_device)  # type: ignore[union-attr]
+    again = agg.current.wire_down  # type: ignore[union-attr]
+    assert again > 1.9 * down  # the announcement and the model, once more
+    assert resent.keys() == inbox.keys()
+    for d in agg.current.selected:  # type: ignore[union-attr]
+        devices[d].send(1, delta(0.1), 10)
+    pump(agg)
+    [record] = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert {k: record[k] for k in counts} == counts
+    assert record.get("bytes_down_by_device", {}) == {d: inbox[d] + resent[d] for d in inbox}
+    assert record["bytes_down_per_device"] == again
+    assert "listening" not in record["partial"]
+
+
+def test_the_history_read_at_every_start_leaves_the_backup_alone(tmp_path: Path) -> None:
+    """build_aggregator reads the backup's last round and version at every start: it leaves
+    no -wal or -shm file beside it (a later backup would inherit them)."""
+    from fedge.aggregator.service import history
+
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1)
+    a = Device(broker, "a")
+    pump(agg)
+    a.send(1, delta(1.0), 10)
+    pump(agg)
+    agg.store.backup()
+    (tmp_path / "agg.sqlite.bak").rename(tmp_path / "aggregator.sqlite.bak")
+    cfg = agg.cfg.model_copy(update={"log": tmp_path / "elsewhere.jsonl"})
+    assert history(cfg) == (2, 1)  # round 2 was open
+    assert [p.name for p in tmp_path.glob("aggregator.sqlite*")] == ["aggregator.sqlite.bak"]
