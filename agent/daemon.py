@@ -237,6 +237,9 @@ class Agent:
         # This device's part in the secure round that is open (docs/secure-aggregation.md).
         self.secure: SecureTurn | None = None
         self._secagg_subscribed = False
+        # Whether it listens to every round (the broadcast topics): one that is not quiet
+        # always, a quiet one until its inbox has brought a message (start).
+        self.listening = False
 
     def _check_trust_root(self) -> None:
         """Rounds and versions seen under other keys do not bind this device.
@@ -318,19 +321,24 @@ class Agent:
         else:
             self.link.connect(timeout=timeout)
         if self.quiet:
+            inbox = self.topics.inbox(self.device_id)
             try:
-                self.link.subscribe(self.topics.inbox(self.device_id), qos=1)
+                self.link.subscribe(inbox, qos=1)
             except LinkError as exc:
                 # A broker ACL from before quiet devices: listen to every round instead.
                 log.warning("cannot be quiet, listening to every round: %s", exc)
                 self.quiet, self.rest_rounds = False, 0
             else:
-                # The broker keeps a session's subscriptions: one from a run that listened
-                # to every round would go on waking this device.
-                for topic in self._broadcast_topics():
-                    self.link.unsubscribe(topic)
-        if not self.quiet:
-            self._listen()
+                # The broker keeps a session's subscriptions: those of a secure round in a
+                # run that was not quiet would go on waking this device.
+                self.link.unsubscribe(self.topics.secagg(self.device_id))
+                self.link.unsubscribe(self.topics.secagg_all)
+                # A granted subscription does not show that the broker delivers there:
+                # Mosquitto grants one its ACL denies (MQTT 3.1.1) and then sends nothing,
+                # and a refusal that comes on a reconnect is only logged. Every round is
+                # listened to until the inbox brings a message (_inbox_works).
+                log.info("listening to every round until the first message on %s", inbox)
+        self._listen()
         self._status("online")
         self.resend_interrupted()
         if not self.trusted_keys:
@@ -346,11 +354,6 @@ class Agent:
             self.runtime.describe(),
         )
 
-    def _broadcast_topics(self) -> tuple[str, ...]:
-        """What a device that is not quiet may listen to beyond its own inbox."""
-        t = self.topics
-        return (t.global_model, t.global_delta, t.round, t.secagg(self.device_id), t.secagg_all)
-
     def _listen(self) -> None:
         """Subscribe to the fleet's broadcast topics: every round and every global model."""
         self.link.subscribe(self.topics.global_model, qos=1)
@@ -361,6 +364,17 @@ class Agent:
             # round names a version this device lacks).
             log.warning("no compact globals: %s", exc)
         self.link.subscribe(self.topics.round, qos=1)
+        self.listening = True
+
+    def _inbox_works(self) -> None:
+        """A message came on this device's inbox: the broker delivers there, so a quiet
+        device stops listening to every round (its secure round's topics stay)."""
+        if not (self.quiet and self.listening):
+            return
+        self.listening = False
+        for topic in (self.topics.global_model, self.topics.global_delta, self.topics.round):
+            self.link.unsubscribe(topic)
+        log.info("%s works: quiet now", self.topics.inbox(self.device_id))
 
     def stop(self) -> None:
         try:
@@ -490,6 +504,7 @@ class Agent:
             kind = "secagg"
         elif msg.topic == self.topics.inbox(self.device_id):
             kind = "inbox"  # one of the broadcast kinds, sent to this device alone
+            self._inbox_works()
         else:
             # Some brokers (amqtt) also hand over retained messages of other topics.
             self.stats.rejected["unexpected_topic"] += 1

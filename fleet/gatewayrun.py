@@ -78,7 +78,7 @@ class GatewayRun:
     sites: dict[str, list[str]]  # site -> its devices
     uplink: dict[str, Uplink]  # site -> what crossed its bridge to the central broker
     update_bytes: dict[str, int]  # site -> its devices' update bytes (a relay would carry)
-    quiet: list[str]  # the devices still quiet at the end (one refused its inbox would not be)
+    quiet: list[str]  # the devices quiet at the end (one whose inbox brought nothing listens)
 
 
 def wait_bridged(
@@ -206,7 +206,7 @@ def gateway_run(
     for sent in run.updates.values():
         for topic, payload in sent:
             update_bytes[site_of[topics.device_of(topic)]] += publish_size(topic, len(payload), 1)
-    still_quiet = [a.device_id for a in agents if a.quiet]
+    still_quiet = [a.device_id for a in agents if a.quiet and not a.listening]
     return GatewayRun(
         run=run, sites=devices, uplink=uplink, update_bytes=update_bytes, quiet=still_quiet
     )

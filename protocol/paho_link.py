@@ -3,9 +3,16 @@
 MQTT 3.1.1 (amqtt speaks nothing newer), a persistent session by default, QoS 1, an optional
 Last Will. paho's network thread (``loop_start``) only puts received messages into a
 ``queue.Queue`` and records acks: it never blocks, so keepalives keep flowing. paho
-reconnects by itself; every reconnect re-subscribes all filters. A link made with ``hub=``
-has no thread of its own: a :class:`~fedge.protocol.paho_hub.PahoHub` drives it with many
-others on one thread (a simulated fleet), with the same callbacks and so the same behaviour.
+reconnects by itself. A reconnect that finds no session (a clean one, or a broker that lost
+it) subscribes to every filter again; one whose session the broker kept renews only the
+filters the broker has not granted in it, or granted shortly before the connection was lost
+(``SESSION_SAVE_MARGIN``): each SUBSCRIBE makes the broker send every retained message again
+(MQTT 3.1.1), a whole global model on each reconnect of a flaky link. An unsubscribe stays
+pending, and goes out again on each connect, until the broker has acknowledged it.
+
+A link made with ``hub=`` has no thread of its own: a :class:`~fedge.protocol.paho_hub.PahoHub`
+drives it with many others on one thread (a simulated fleet), with the same callbacks and so
+the same behaviour.
 
 A link made with ``network_thread=False`` has no thread either: its owner's calls drive it.
 ``get`` waits on the socket itself (select, then paho's ``loop_read`` / ``loop_write`` /
@@ -28,6 +35,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
@@ -44,10 +52,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedge.protocol")
 
 SUBACK_TIMEOUT = 10.0  # seconds subscribe() waits for the broker's ack
+# A broker that saves its sessions now and then (Mosquitto's autosave_interval, 300 s in
+# production.conf) and crashes comes back with its last save: the session is present, but
+# without what it granted since. A filter granted within this many seconds before the
+# connection was lost is renewed even when the session is present.
+SESSION_SAVE_MARGIN = 600.0
 PUMP_INTERVAL = 1.0  # at most this long between loop_misc calls of a link without a thread
 LOOP_TIMEOUT_MAX = 15.0  # the longest wait of the network thread on its socket
 RETRY_MIN_DELAY, RETRY_MAX_DELAY = 1, 30  # seconds between connect attempts, doubling
 FAIL_LOG_INTERVAL = 60.0  # seconds between WARNINGs while the broker cannot be reached
+# publish() results after which paho keeps a QoS 1 or 2 message and sends it on reconnect.
+LOST = (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST)
 # Ids may contain '.', which older NATS servers refuse in MQTT topics: they deny the
 # subscription, or close the connection at a CONNECT whose Will topic has one.
 DOT_HINT = (
@@ -65,6 +80,14 @@ def loop_timeout(keepalive: int) -> float:
     if keepalive <= 0:
         return LOOP_TIMEOUT_MAX
     return min(LOOP_TIMEOUT_MAX, max(1.0, keepalive / 4))
+
+
+@dataclass
+class _Request:
+    """A SUBSCRIBE (filters with their QoS) or UNSUBSCRIBE (QoS None) on the connection."""
+
+    filters: list[tuple[str, int | None]]
+    waiting: bool = True  # subscribe() or unsubscribe() waits for its ack
 
 
 class _Client(mqtt.Client):
@@ -131,12 +154,18 @@ class PahoLink:
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._cond = threading.Condition()  # guards everything below
         self._filters: dict[str, int] = {}
-        self._subacks: dict[int, list[Any]] = {}  # mid -> reason codes, for subscribe()
-        self._unsubacks: set[int] = set()  # mids the broker acknowledged, for unsubscribe()
-        # Ended while offline: the broker's session may still hold them (sent on connect).
-        self._unsubscribe_pending: set[str] = set()
-        self._background_unsub: set[int] = set()  # those sent on connect: not waited for
-        self._resubscribe_mids: set[int] = set()
+        # Filters the broker granted in the session, and when (monotonic): see _on_connect.
+        self._granted: dict[str, float] = {}
+        self._lost_at = 0.0  # when the last connection was lost (monotonic)
+        # Ended, and not yet acknowledged: the broker's session may still hold them. Each
+        # connect sends them again; the value is the mid that carries it on this connection.
+        self._unsubscribe_pending: dict[str, int | None] = {}
+        # SUBSCRIBEs and UNSUBSCRIBEs out on this connection, by mid, until their ack (a
+        # reconnect drops the rest: their acks never come); the reason codes of those waited
+        # for; acks that came before the sender recorded its mid (it takes them at once).
+        self._requests: dict[int, _Request] = {}
+        self._answers: dict[int, list[Any]] = {}
+        self._early_answers: dict[int, list[Any]] = {}
         self._unacked: set[int] = set()  # publishes not yet sent (QoS 0) or acked (QoS 1, 2)
         self._early_acks: set[int] = set()  # acks that came before publish() saw the mid
         self._connack: str | None = None  # "ok" or the broker's refusal, per connect()
@@ -227,7 +256,8 @@ class PahoLink:
             raise self._error(f"invalid QoS {qos}")
         with self._cond:
             self._filters[topic_filter] = qos
-            self._unsubscribe_pending.discard(topic_filter)
+            self._granted.pop(topic_filter, None)  # renewed on each connect until granted
+            self._unsubscribe_pending.pop(topic_filter, None)
         if not self.connected:
             return  # _on_connect subscribes
         rc, mid = self._client.subscribe(topic_filter, qos)
@@ -235,9 +265,7 @@ class PahoLink:
             return
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise self._error(f"cannot subscribe to {topic_filter}: {mqtt.error_string(rc)}")
-        self._wait_for(lambda: mid in self._subacks or not self.connected, SUBACK_TIMEOUT)
-        with self._cond:
-            codes = self._subacks.pop(mid, None)
+        codes = self._wait_for_ack(mid, _Request([(topic_filter, qos)]))
         if codes is None:
             log.warning("no ack for subscription %s yet; it is renewed on reconnect", topic_filter)
         elif any(code.is_failure for code in codes):
@@ -246,22 +274,65 @@ class PahoLink:
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Also a filter this link never subscribed to: a persistent session may hold it
-        from an earlier run. Offline, it goes to the broker on the next connect."""
+        from an earlier run. Offline, or without the broker's ack (a connection lost under
+        it), it goes to the broker again on the next connect."""
         validate_filter(topic_filter)
         with self._cond:
             self._filters.pop(topic_filter, None)  # a reconnect no longer renews it
-        rc, mid = MQTTErrorCode.MQTT_ERR_NO_CONN, None
-        if self.connected:
-            rc, mid = self._client.unsubscribe(topic_filter)
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            with self._cond:
-                self._unsubscribe_pending.add(topic_filter)
+            self._granted.pop(topic_filter, None)
+            # Before the connected check: a connect in between sends it (_on_connect).
+            self._unsubscribe_pending[topic_filter] = None
+        if not self.connected:
             return
-        self._wait_for(lambda: mid in self._unsubacks or not self.connected, SUBACK_TIMEOUT)
+        rc, mid = self._client.unsubscribe(topic_filter)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return  # lost under it: pending
         with self._cond:
-            if mid not in self._unsubacks:
-                log.warning("no ack for the end of subscription %s yet", topic_filter)
-            self._unsubacks.discard(mid)
+            if topic_filter in self._unsubscribe_pending:
+                # Unless a connect sent it since, on the connection that now holds it.
+                self._unsubscribe_pending[topic_filter] = (
+                    self._unsubscribe_pending[topic_filter] or mid
+                )
+        if self._wait_for_ack(mid, _Request([(topic_filter, None)])) is None:
+            log.warning(
+                "no ack for the end of subscription %s yet; it is sent again on reconnect",
+                topic_filter,
+            )
+
+    def _wait_for_ack(self, mid: int, request: _Request) -> list[Any] | None:
+        """Up to ``SUBACK_TIMEOUT`` for the ack of ``request`` (sent with ``mid``): its
+        reason codes, or None; an ack that comes later is settled all the same."""
+        with self._cond:
+            codes = self._early_answers.pop(mid, None)
+            if codes is not None:  # the ack came before the sender recorded its mid
+                self._settle(mid, request, codes)
+                return codes
+            self._requests[mid] = request
+        self._wait_for(lambda: mid in self._answers or not self.connected, SUBACK_TIMEOUT)
+        with self._cond:
+            codes = self._answers.pop(mid, None)
+            if codes is None:
+                request.waiting = False
+        return codes
+
+    def _settle(self, mid: int, request: _Request, codes: list[Any]) -> list[str]:
+        """Record an acknowledged request (the caller holds ``_cond``); the filters the
+        broker refused."""
+        now = time.monotonic()
+        refused: list[str] = []
+        if request.filters[0][1] is None:  # an UNSUBACK (MQTT 3.1.1: no reason codes)
+            for topic, _ in request.filters:
+                if self._unsubscribe_pending.get(topic) == mid:
+                    del self._unsubscribe_pending[topic]
+            return refused
+        # A code per filter; one missing (a broker's short SUBACK) leaves its filter ungranted.
+        for (topic, qos), code in zip(request.filters, codes, strict=False):
+            if code.is_failure:
+                refused.append(topic)
+            elif self._filters.get(topic) == qos:  # not ended or changed since
+                # A renewal in a session that held it already keeps the first grant's time.
+                self._granted.setdefault(topic, now)
+        return refused
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         if not self._started:
@@ -272,8 +343,7 @@ class PahoLink:
             raise self._error(f"cannot publish to {topic}: {exc}") from exc
         # At QoS 1 and 2 paho keeps the message and sends it again on reconnect: no
         # connection, or one lost under this very write (a driven link finds that out here).
-        lost = (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST)
-        queued = info.rc in lost and qos > 0
+        queued = info.rc in LOST and qos > 0
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not queued:
             raise self._error(f"cannot publish to {topic}: {mqtt.error_string(info.rc)}")
         self.bytes_up += publish_size(topic, len(payload), qos)
@@ -451,34 +521,53 @@ class PahoLink:
                 self._connack = str(reason)
                 self._cond.notify_all()
             return
+        present = bool(flags.session_present)
         with self._cond:
-            filters = list(self._filters.items())
-            gone, self._unsubscribe_pending = sorted(self._unsubscribe_pending), set()
-        mids = set()
+            self._requests.clear()  # sent on the connection that is gone: no ack comes
+            if not present:
+                self._granted.clear()
+            # What the broker's session holds needs no SUBSCRIBE, which would make it send
+            # every retained message again (a whole global model), unless it was granted
+            # too shortly before the loss for a crashed broker's last save to hold it.
+            settled = self._lost_at - SESSION_SAVE_MARGIN
+            kept = {t for t, at in self._granted.items() if at <= settled} if present else set()
+            filters = [(t, qos) for t, qos in self._filters.items() if t not in kept]
+            gone = sorted(self._unsubscribe_pending)
+            for topic in gone:
+                self._unsubscribe_pending[topic] = None
+        # (Acks come after this callback: the requests are recorded before their acks.)
         if filters:
             rc, mid = client.subscribe(filters)
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-                mids.add(mid)
+                with self._cond:
+                    self._requests[mid] = _Request(list(filters), waiting=False)
         if gone:
             rc, mid = client.unsubscribe(gone)
-            with self._cond:
-                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-                    self._background_unsub.add(mid)
-                else:
-                    self._unsubscribe_pending.update(gone)
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                with self._cond:
+                    self._requests[mid] = _Request([(t, None) for t in gone], waiting=False)
+                    for topic in gone:
+                        if topic in self._unsubscribe_pending:
+                            self._unsubscribe_pending[topic] = mid
         if self.birth is not None:
-            client.publish(self.birth.topic, self.birth.payload, qos=1, retain=self.birth.retain)
+            info = client.publish(
+                self.birth.topic, self.birth.payload, qos=1, retain=self.birth.retain
+            )
+            with self._cond:  # waited for as any publish: an ack nobody waits for would stay
+                if info.mid in self._early_acks:
+                    self._early_acks.discard(info.mid)
+                elif info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, *LOST):
+                    self._unacked.add(info.mid)
         with self._cond:
-            self._resubscribe_mids |= mids
             self._connack = "ok"
             self._retry_delay = RETRY_MIN_DELAY
             self._cond.notify_all()
         log.info(
-            "connected to %s:%s as %s (session present: %s, %d filters)",
+            "connected to %s:%s as %s (session present: %s, %d filters renewed)",
             self.host,
             self.port,
             self.client_id,
-            flags.session_present,
+            present,
             len(filters),
         )
 
@@ -500,6 +589,7 @@ class PahoLink:
     ) -> None:
         with self._cond:
             closing = self._closing
+            self._lost_at = time.monotonic()
             self._cond.notify_all()  # wake waiters that give up when disconnected
         if closing:
             log.info("disconnected %s from %s:%s", self.client_id, self.host, self.port)
@@ -530,26 +620,32 @@ class PahoLink:
     def _on_unsubscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any
     ) -> None:
-        with self._cond:
-            if mid in self._background_unsub:
-                self._background_unsub.discard(mid)
-            else:
-                self._unsubacks.add(mid)
-            self._cond.notify_all()
+        self._on_ack(mid, codes)
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any], props: Any
     ) -> None:
+        self._on_ack(mid, codes)
+
+    def _on_ack(self, mid: int, codes: list[Any]) -> None:
+        """A SUBACK or UNSUBACK: settle its request; hand the codes to whoever waits."""
         with self._cond:
-            if mid in self._resubscribe_mids:
-                self._resubscribe_mids.discard(mid)
-                background = True
+            request = self._requests.pop(mid, None)
+            if request is None:  # its sender has not recorded the mid yet: it takes them
+                self._early_answers[mid] = codes
+                refused = []
             else:
-                self._subacks[mid] = codes
-                background = False
+                refused = self._settle(mid, request, codes)
+                if request.waiting:
+                    self._answers[mid] = codes
             self._cond.notify_all()
-        if background and any(code.is_failure for code in codes):
-            log.error("broker refused a renewed subscription of %s: %s", self.client_id, codes)
+        if refused and request is not None and not request.waiting:
+            log.error(
+                "broker refused the subscription of %s to %s: %s",
+                self.client_id,
+                ", ".join(refused),
+                codes,
+            )
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any

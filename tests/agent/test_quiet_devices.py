@@ -1,7 +1,8 @@
 """Quiet devices end to end over the in-memory link: a real aggregator sends each quiet
 device the rounds it is selected for, and the model it lacks, on its inbox alone; devices
-that are not selected hear nothing; a device whose gate holds its update back rests the
-rounds it declared, and the records count it as resting, never as missing."""
+that are not selected hear nothing once their inbox has brought its first message; a device
+whose gate holds its update back rests the rounds it declared, and the records count it as
+resting, never as missing."""
 
 from __future__ import annotations
 
@@ -39,15 +40,24 @@ KEY = Ed25519PrivateKey.generate()
 
 
 class CountingLink(MemoryLink):
-    """A MemoryLink that counts what reaches it, by topic: what would wake a radio."""
+    """A MemoryLink that counts what reaches it, by topic: what would wake a radio; ``late``:
+    what reached it after it stopped listening to the rounds."""
 
     def __init__(self, broker: MemoryBroker, client_id: str) -> None:
         super().__init__(broker, client_id)
         self.heard: Counter[str] = Counter()
+        self.late: Counter[str] | None = None
 
     def deliver(self, message: Message) -> None:
         self.heard[message.topic] += 1
+        if self.late is not None:
+            self.late[message.topic] += 1
         super().deliver(message)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        super().unsubscribe(topic_filter)
+        if topic_filter == Topics(FLEET).round:
+            self.late = Counter()
 
 
 def agent(
@@ -124,12 +134,14 @@ def test_quiet_devices_hear_only_the_rounds_they_are_selected_for(
         topics = Topics(FLEET)
         picked = Counter(d for r in records for d in answered(r))
         for a in quiet:
-            heard = a.link.heard  # type: ignore[attr-defined]
-            # Its inbox alone: no broadcast round or model ever reached it.
-            assert set(heard) <= {topics.inbox(a.device_id)}, heard
-            # One announcement per round it took part in, and the models it lacked: a delta
-            # per version at most (or one whole model instead).
-            assert a.stats.rejected == Counter()
+            heard, late = a.link.heard, a.link.late  # type: ignore[attr-defined]
+            # Every round until its inbox brought something (the proof that the broker lets
+            # it read there), then its inbox alone: no broadcast round or model.
+            assert late is not None and set(late) <= {topics.inbox(a.device_id)}, late
+            # Nothing refused but, while it listened to every round, a broadcast delta to a
+            # version it did not hold. One announcement per round it took part in, and the
+            # models it lacked: a delta per version at most (or one whole model instead).
+            assert set(a.stats.rejected) <= {"delta_gap"}, a.stats.rejected
             assert heard[topics.inbox(a.device_id)] >= picked[a.device_id]
             assert heard[topics.inbox(a.device_id)] <= picked[a.device_id] + agg.version
         for r in records:

@@ -173,8 +173,9 @@ def test_gateways_over_tls_with_each_brokers_acl_give_the_flat_average(
     run = result.run
     assert [r["status"] for r in run.rounds] == ["done"] * ROUNDS, central.log_tail()
     # Every device in every round, the quiet ones too: their rounds and models came down
-    # the bridges to their inboxes, which their site's ACL let them read (an agent refused
-    # its inbox listens to every round instead, and would not be quiet now).
+    # the bridges to their inboxes, which their site's ACL let them read (Mosquitto grants
+    # a subscription its ACL denies and then sends nothing: an agent whose inbox brought
+    # nothing would still listen to every round, and not count as quiet here).
     assert all(len(r["participants"]) == 4 for r in run.rounds)
     assert sorted(result.quiet) == sorted(QUIET)
     for r in run.rounds:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from fedge.protocol import LinkError, Message, make_link
+from fedge.protocol import LinkError, Message, make_link, paho_link
 from fedge.protocol.paho_link import PahoLink
 from fedge.protocol.wire import publish_size
 from helpers import receive
@@ -455,3 +459,201 @@ def test_wake_ends_a_waiting_get(
     start = time.monotonic()
     assert link.get(timeout=30) is None
     assert time.monotonic() - start < 2.0  # a driven link looks at its inbox every second
+
+
+def until(done: Callable[[], bool], timeout: float = 15.0, link: PahoLink | None = None) -> bool:
+    """Wait for ``done()``; ``link``: a driven one, run meanwhile (it connects from ``get``)."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        if link is None:
+            time.sleep(0.05)
+        else:
+            link.get(0.05)
+    return done()
+
+
+def saved(broker: MosquittoServer) -> None:
+    """A broker with persistence writes its database now (SIGUSR1), as its autosave does."""
+
+    def saves() -> int:
+        return broker.log_path.read_text(errors="replace").count("Saving in-memory database")
+
+    before = saves()
+    assert broker._process is not None
+    broker._process.send_signal(signal.SIGUSR1)
+    assert until(lambda: saves() > before, 10), broker.log_tail()
+
+
+def crash(broker: MosquittoServer) -> None:
+    """The broker dies (nothing saved on the way out) and starts again from its last save."""
+    assert broker._process is not None
+    broker._process.kill()
+    broker.stop()
+    broker.start()
+
+
+@THREADS
+@pytest.mark.parametrize("ending", ["dropped", "broker restart", "broker restart, no persistence"])
+def test_a_reconnect_subscribes_again_only_where_the_broker_lost_the_session(
+    tmp_path: Path,
+    links: list[PahoLink],
+    prefix: str,
+    client_id: str,
+    network_thread: bool,
+    ending: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each SUBSCRIBE makes the broker send its retained messages again (the whole global
+    model). A session the broker kept holds the subscriptions, and what was published while
+    the device was away comes from its queue; a session it lost is subscribed again, and the
+    retained messages come that way. Either way the device gets the new round once, and the
+    model it has already not again."""
+    monkeypatch.setattr(paho_link, "SESSION_SAVE_MARGIN", 0.0)  # every grant is on disc
+    model, ann, marker = f"{prefix}/f/global", f"{prefix}/f/round", f"{prefix}/f/marker"
+    persistence = ending != "broker restart, no persistence"
+    with MosquittoServer(persistence=persistence, workdir=tmp_path) as broker:
+        agg = PahoLink(broker.host, broker.port, f"{client_id}-agg")
+        dev = PahoLink(broker.host, broker.port, f"{client_id}-dev", network_thread=network_thread)
+        links += [agg, dev]
+        agg.connect()
+        agg.publish(model, b"v1", retain=True)
+        dev.connect()
+        dev.subscribe(model)
+        dev.subscribe(ann)
+        assert [m.payload for m in receive(dev, 1)] == [b"v1"]
+        if ending == "dropped":  # the broker stays; the device's network goes
+            sock = dev._client.socket()
+            assert sock is not None
+            sock.shutdown(socket.SHUT_RDWR)
+        else:
+            broker.restart()
+        agg.publish(ann, b"round 2", retain=True)  # while the device is away, or just back
+        got = [m.payload for m in receive(dev, 1, timeout=15)]  # the first thing once back
+        dev.subscribe(marker)  # acked after what the connection sent before it
+        agg.publish(marker, b"marker")
+        while (msg := dev.get(5)) is not None and msg.payload != b"marker":
+            got.append(msg.payload)
+        # (Without persistence the broker lost the retained model too.)
+        assert msg is not None and got == [b"round 2"], got
+
+
+def test_a_subscription_a_crashed_broker_had_not_saved_is_renewed(
+    tmp_path: Path, links: list[PahoLink], prefix: str, client_id: str
+) -> None:
+    """Mosquitto saves its sessions now and then (production.conf: every 300 s); after a
+    crash it comes back with the last save and says the session is present, without what it
+    granted since. Filters granted shortly before the connection was lost are renewed."""
+    old, new = f"{prefix}/f/global", f"{prefix}/f/secagg"
+    with MosquittoServer(persistence=True, workdir=tmp_path) as broker:
+        dev = PahoLink(broker.host, broker.port, f"{client_id}-dev")
+        pub = PahoLink(broker.host, broker.port, f"{client_id}-pub", clean_session=True)
+        links += [dev, pub]
+        dev.connect()
+        dev.subscribe(old)
+        saved(broker)
+        dev.subscribe(new)  # not on disc when the broker dies
+        crash(broker)
+        pub.connect()
+        got = None
+        deadline = time.monotonic() + 15
+        while got is None and time.monotonic() < deadline:
+            pub.publish(new, b"shares")
+            got = dev.get(0.5)
+        assert got is not None and got.payload == b"shares", broker.log_tail()
+
+
+def test_an_unsubscribe_lost_with_the_connection_is_sent_again(
+    tmp_path: Path,
+    links: list[PahoLink],
+    prefix: str,
+    client_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The UNSUBSCRIBE went into the socket and the broker died before it read it: its
+    session, back from disc, still holds the subscription; the link sends it again."""
+    monkeypatch.setattr(paho_link, "SUBACK_TIMEOUT", 0.5)
+    topic, marker = f"{prefix}/f/round", f"{prefix}/f/inbox/d1"
+    with MosquittoServer(persistence=True, workdir=tmp_path) as broker:
+        dev = PahoLink(broker.host, broker.port, f"{client_id}-dev")
+        pub = PahoLink(broker.host, broker.port, f"{client_id}-pub", clean_session=True)
+        links += [dev, pub]
+        dev.connect()
+        dev.subscribe(topic)
+        saved(broker)
+        with broker.paused():  # reads nothing: no ack comes
+            dev.unsubscribe(topic)
+            crash(broker)
+        assert until(lambda: dev.connected)
+        dev.subscribe(marker)  # acked after what the connection sent before it
+        pub.connect()
+        pub.publish(topic, b"not for a quiet device")
+        pub.publish(marker, b"marker")
+        assert [m.payload for m in receive(dev, 1)] == [b"marker"]
+        assert dev.get(timeout=0.3) is None
+
+
+@THREADS
+def test_the_birth_publish_is_waited_for_and_its_ack_answers_nothing_later(
+    own_mosquitto: MosquittoServer,
+    links: list[PahoLink],
+    prefix: str,
+    client_id: str,
+    network_thread: bool,
+) -> None:
+    """The birth message goes out on each reconnect; its ack must not count for a later
+    publish that gets the same message id (paho's ids wrap after 65,535)."""
+    birth = Message(f"{prefix}/f/status/d1", b"online", retain=True)
+    dev = PahoLink(
+        own_mosquitto.host,
+        own_mosquitto.port,
+        client_id,
+        birth=birth,
+        network_thread=network_thread,
+    )
+    links.append(dev)
+    dev.connect()
+    for _ in range(2):
+        before = dev._client._last_mid
+        own_mosquitto.restart()
+        # Back, with a birth (a new message id), and the broker has acked it.
+        assert until(lambda b=before: dev._client._last_mid > b and dev.flush(0.5), link=dev)
+    with own_mosquitto.paused():  # the broker has not got what follows
+        dev._client._last_mid = before  # the next publish gets the last birth's id
+        dev.publish(f"{prefix}/f/update/d1", b"the update")
+        assert not dev.flush(0.5)
+
+
+@THREADS
+@pytest.mark.parametrize("kind", ["subscribe", "unsubscribe"])
+def test_a_late_ack_answers_no_later_request(
+    own_mosquitto: MosquittoServer,
+    links: list[PahoLink],
+    prefix: str,
+    client_id: str,
+    network_thread: bool,
+    kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ack that comes after its request stopped waiting is settled, not kept for a later
+    request that gets the same message id."""
+    monkeypatch.setattr(paho_link, "SUBACK_TIMEOUT", 0.5)
+    link = PahoLink(
+        own_mosquitto.host,
+        own_mosquitto.port,
+        client_id,
+        clean_session=True,
+        network_thread=network_thread,
+    )
+    links.append(link)
+    link.connect()
+    request = link.subscribe if kind == "subscribe" else link.unsubscribe
+    with own_mosquitto.paused():
+        first = link._client._last_mid
+        request(f"{prefix}/a")  # no ack in time
+    link.subscribe(f"{prefix}/b")  # acked after the late one
+    with own_mosquitto.paused(), caplog.at_level(logging.WARNING, logger="fedge.protocol"):
+        caplog.clear()
+        link._client._last_mid = first  # the next request gets the late one's id
+        request(f"{prefix}/c")
+        assert "no ack for" in caplog.text  # it waited for an ack of its own
