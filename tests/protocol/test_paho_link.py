@@ -657,3 +657,16 @@ def test_a_late_ack_answers_no_later_request(
         link._client._last_mid = first  # the next request gets the late one's id
         request(f"{prefix}/c")
         assert "no ack for" in caplog.text  # it waited for an ack of its own
+
+
+def test_the_production_broker_saves_its_sessions_within_the_clients_margin() -> None:
+    """A client renews on reconnect only what it subscribed to within SESSION_SAVE_MARGIN
+    before the loss: the broker must save its sessions more often than that."""
+    import re
+    from pathlib import Path
+
+    from fedge.protocol.paho_link import SESSION_SAVE_MARGIN
+
+    conf = Path(__file__).resolve().parents[2] / "broker_config" / "production.conf"
+    found = re.search(r"^autosave_interval (\d+)$", conf.read_text(), re.MULTILINE)
+    assert found is not None and 0 < int(found[1]) < SESSION_SAVE_MARGIN
