@@ -336,7 +336,9 @@ class Agent:
                 # A granted subscription does not show that the broker delivers there:
                 # Mosquitto grants one its ACL denies (MQTT 3.1.1) and then sends nothing,
                 # and a refusal that comes on a reconnect is only logged. Every round is
-                # listened to until the inbox brings a message (_inbox_works).
+                # listened to until the inbox brings a message (_inbox_works); the statuses
+                # say so (``listening``), and the aggregator then sends every round to the
+                # inbox too, selected or not, so that the first comes within a round.
                 log.info("listening to every round until the first message on %s", inbox)
         self._listen()
         self._status("online")
@@ -374,6 +376,9 @@ class Agent:
         self.listening = False
         for topic in (self.topics.global_model, self.topics.global_delta, self.topics.round):
             self.link.unsubscribe(topic)
+        # Its statuses said it listens: until one says otherwise the aggregator sends it the
+        # rounds that do not select it as well (each would wake it), and counts it awake.
+        self._status_due = True
         log.info("%s works: quiet now", self.topics.inbox(self.device_id))
 
     def stop(self) -> None:
@@ -464,6 +469,7 @@ class Agent:
             agent_version=__version__,
             uptime_s=round(time.monotonic() - self._started, 1),
             quiet=self.quiet,
+            listening=self.quiet and self.listening,
         )
         self.link.publish(
             self.topics.status(self.device_id), encode_status(status), qos=1, retain=True

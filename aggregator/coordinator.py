@@ -101,9 +101,14 @@ class OpenRound:
     wire_down: int = 0  # MQTT bytes each selected device had to receive for this round
     # ...except quiet devices (aggregator/inbox.py): what their inbox got, by device.
     wire_down_by_device: dict[str, int] = field(default_factory=dict)
-    listening: int = 0  # online devices not selected that hear the round (not quiet ones)
+    # Online devices not selected that hear the round: not quiet, or quiet but still
+    # listening to every round (their inbox has brought nothing yet).
+    listening: int = 0
     sleeping: int = 0  # online quiet devices not selected: nothing reached them
-    resting: list[str] = field(default_factory=list)  # ...of which these declared a rest
+    resting: list[str] = field(default_factory=list)  # quiet ones that declared a rest
+    asleep: set[str] = field(default_factory=set)  # the sleeping (not kept over a restart)
+    # Quiet devices still listening, not selected, sent the round in their inbox as well.
+    probed: set[str] = field(default_factory=set)
     # Differential privacy: the clip announced, the rate devices were sampled at (selected
     # / online), and each uploader's bit "my norm was within the clip" (adaptive clip).
     clip: float | None = None
@@ -656,7 +661,12 @@ class Aggregator:
         else:
             self.online.add(status.device_id)
             self.known.add(status.device_id)
-            self.inboxes.note_status(status.device_id, status.quiet, status.model_version)
+            # The birth message (no time: made before the link connected) says nothing of
+            # listening; a reconnect alone does not change it.
+            listening = None if status.timestamp == 0 else status.listening
+            self.inboxes.note_status(
+                status.device_id, status.quiet, status.model_version, listening=listening
+            )
             # Agents of the envelope status set model_version only when they lacked a model.
             wants = status.wants_model or (legacy and status.model_version is not None)
             sent = 0  # bytes of the whole model sent to a quiet device's inbox
@@ -667,6 +677,8 @@ class Aggregator:
                     self._republish_global(f"{status.device_id} has v{status.model_version}")
             if status.quiet:
                 self._resend_round(status.device_id, fresh=status.state == "online")
+                if listening:
+                    self._probe_open(status.device_id)
                 # Counted once the round is in its inbox (not before: _resend_round tells by
                 # that whether the round reached it).
                 rnd = self.current
@@ -698,6 +710,22 @@ class Aggregator:
         rnd.wire_down_by_device[device] = rnd.wire_down_by_device.get(
             device, 0
         ) + self.inboxes.deliver(device, payload, self.version, self._inbox_model)
+
+    def _probe_open(self, device: str) -> None:
+        """A quiet device that still listens to every round gets the open round in its
+        inbox at once, if the round does not select it (then ``_resend_round`` sees to it):
+        the first message there ends its listening, a round after its start at most. The
+        round's record counts it as listening: it hears the round."""
+        rnd = self.current
+        if rnd is None or device in rnd.selected or device in rnd.probed:
+            return
+        rnd.probed.add(device)
+        self.inboxes.probe(device, self._signed(encode(self._announcement(rnd)), "round"))
+        if device in rnd.asleep:  # counted asleep at the announcement (it has restarted since)
+            rnd.asleep.discard(device)
+            rnd.sleeping -= 1
+            rnd.listening += 1
+            self._keep_open_round(rnd)
 
     def _on_update(
         self,
@@ -988,7 +1016,16 @@ class Aggregator:
         self.store.open_round(rnd.round_id, self.version, now, rnd.deadline, selected)
         self._publish_announcement(rnd)
         self._count_idle(rnd)
-        # For the round's record if it is resumed: after a restart no status is known yet.
+        self._keep_open_round(rnd)
+        log.info(
+            "round %d announced to %d device(s) on model v%d",
+            rnd.round_id,
+            len(selected),
+            self.version,
+        )
+
+    def _keep_open_round(self, rnd: OpenRound) -> None:
+        """For the round's record if it is resumed: after a restart no status is known yet."""
         kept = {
             "round": rnd.round_id,
             "listening": rnd.listening,
@@ -998,12 +1035,6 @@ class Aggregator:
             "inboxes": rnd.wire_down_by_device,
         }
         self.store.set_meta("open_round", json.dumps(kept))
-        log.info(
-            "round %d announced to %d device(s) on model v%d",
-            rnd.round_id,
-            len(selected),
-            self.version,
-        )
 
     def _announcement(self, rnd: OpenRound) -> RoundAnnouncement:
         return RoundAnnouncement(
@@ -1036,12 +1067,20 @@ class Aggregator:
                 rnd.wire_down_by_device[device] = inboxes.deliver(
                     device, payload, self.version, self._inbox_model
                 )
+        # ...and so do quiet devices that still listen to every round: the announcement in
+        # their inbox too, the proof that it works (aggregator/inbox.py).
+        for device in sorted((inboxes.listening & self.online) - set(rnd.selected)):
+            inboxes.probe(device, payload)
+            rnd.probed.add(device)
 
     def _count_idle(self, rnd: OpenRound) -> None:
-        """Who of those online the round did not select: listening or asleep (quiet)."""
+        """Who of those online the round did not select: listening (not quiet, or quiet
+        but still listening to every round) or asleep (quiet)."""
         selected = set(rnd.selected)
         idle = [d for d in self.online if d not in selected]
-        rnd.sleeping = sum(d in self.inboxes.quiet for d in idle)
+        inboxes = self.inboxes
+        rnd.asleep = {d for d in idle if d in inboxes.quiet and d not in inboxes.listening}
+        rnd.sleeping = len(rnd.asleep)
         rnd.listening = len(idle) - rnd.sleeping
         rnd.resting = sorted(self.inboxes.resting(rnd.round_id, idle))
         rnd.idle_known = True

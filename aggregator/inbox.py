@@ -9,10 +9,16 @@ A quiet device (``Status.quiet``, the agent's ``quiet = true``) listens only on
 2. the round announcement, the same signed bytes as the retained one.
 
 Between the rounds it is selected for, nothing reaches it: the broadcast announcements and
-models of every round do not wake its radio. A quiet device whose upload gate holds its
-update back may also declare a rest (``SkipNotice.rest``): it is not selected for that many
-rounds, and the round records say it rested, not that it dropped out. If every online
-device rests, the one whose rest ends first is selected early (its inbox wakes it).
+models of every round do not wake its radio. After each start, though, it listens to every
+round until its inbox brings a message (a broker may grant a subscription it will not
+deliver on), and its statuses say so (``Status.listening``): such a device gets every
+round's announcement in its inbox as well, selected or not, so that its inbox proves itself
+within a round; until then it counts as listening, not asleep.
+
+A quiet device whose upload gate holds its update back may also declare a rest
+(``SkipNotice.rest``): it is not selected for that many rounds, and the round records say it
+rested, not that it dropped out. If every online device rests, the one whose rest ends first
+is selected early (its inbox wakes it).
 
 The version each device holds comes from its statuses (every one says it) and from what was
 sent to it; a device that cannot use what it got asks for the model (``wants_model``) and
@@ -38,6 +44,8 @@ class Inboxes:
         self.topics = topics
         self.link = link
         self.quiet: set[str] = set()
+        # ...of which these still listen to every round: their inbox has brought nothing yet.
+        self.listening: set[str] = set()
         self.held: dict[str, int] = {}  # device -> the model version it holds (-1: none)
         self.rest_until: dict[str, int] = {}  # device -> the last round it rests in
         self._chain: dict[int, bytes] = {}  # version -> the signed delta from version - 1
@@ -45,12 +53,24 @@ class Inboxes:
         self.sent = 0  # messages sent to inboxes
 
     # -- what devices say --------------------------------------------------------------
-    def note_status(self, device: str, quiet: bool, model_version: int | None) -> None:
+    def note_status(
+        self,
+        device: str,
+        quiet: bool,
+        model_version: int | None,
+        *,
+        listening: bool | None = None,
+    ) -> None:
+        """What a status says (``listening`` None: nothing of it, as the birth message)."""
         if quiet:
             self.quiet.add(device)
         else:
             self.quiet.discard(device)
             self.rest_until.pop(device, None)
+        if quiet and listening:
+            self.listening.add(device)
+        elif not quiet or listening is not None:
+            self.listening.discard(device)
         if model_version is not None:
             self.held[device] = model_version
 
@@ -109,6 +129,13 @@ class Inboxes:
         self.sent += len(payloads)
         self.held[device] = version
         return sum(publish_size(topic, len(p), 1) + PUBACK_SIZE for p in payloads)
+
+    def probe(self, device: str, announcement: bytes) -> None:
+        """A round that does not select ``device``, to its inbox: the device still listens
+        to every round, and the first message there shows it that its inbox works. No model
+        with it: it hears the broadcast ones."""
+        self.link.publish(self.topics.inbox(device), announcement, qos=1)
+        self.sent += 1
 
     def send_whole(self, device: str, version: int, whole: Callable[[], bytes]) -> int:
         """The whole model, to a quiet device that asked for it (``wants_model``); the MQTT

@@ -332,6 +332,11 @@ class Status(_Message):
     # rounds it is selected for there, with the model it lacks; between them its radio can
     # sleep (docs/bandwidth.md, Quiet devices).
     quiet: bool = False
+    # A quiet device whose inbox has brought nothing yet since it started: it listens to
+    # every round until then, so the aggregator also sends it there the rounds that do not
+    # select it, and counts it as listening, not asleep. (The birth message, made before the
+    # link connects, says nothing of it: the aggregator keeps what it knew.)
+    listening: bool = False
 
 
 Header = Annotated[

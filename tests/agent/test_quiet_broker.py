@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from fedge.agent.daemon import Agent
 from fedge.models.runtime import load_runtime
-from fedge.protocol import RoundAnnouncement, Topics, TrainingConfig, encode
+from fedge.protocol import RoundAnnouncement, Status, Topics, TrainingConfig, encode
 from fedge.protocol.paho_link import PahoLink
 from helpers import DIGITS_MODEL
 from mosquitto import MosquittoServer
@@ -45,9 +45,10 @@ def closing() -> Iterator[list[Callable[[], None]]]:
         close()
 
 
-def quiet_agent(server: MosquittoServer) -> Agent:
+def quiet_agent(server: MosquittoServer) -> tuple[Agent, list[Status]]:
+    """The quiet agent, and the statuses it publishes."""
     link = PahoLink(server.host, server.port, DEVICE, username=DEVICE)
-    return Agent(
+    agent = Agent(
         device_id=DEVICE,
         fleet=FLEET,
         link=link,
@@ -56,6 +57,9 @@ def quiet_agent(server: MosquittoServer) -> Agent:
         rng=np.random.default_rng(0),
         quiet=True,
     )
+    said: list[Status] = []
+    agent.on_status = said.append
+    return agent, said
 
 
 def announcement(round_id: int) -> bytes:
@@ -87,7 +91,7 @@ def test_a_quiet_device_whose_broker_denies_its_inbox_hears_every_round(
     closing.append(server.close)
     if online:
         server.start()
-    agent = quiet_agent(server)
+    agent, said = quiet_agent(server)
     closing.append(agent.link.close)
     agent.start(timeout=0.5, keep_trying=True)
     if not online:
@@ -100,8 +104,10 @@ def test_a_quiet_device_whose_broker_denies_its_inbox_hears_every_round(
     agg.publish(TOPICS.inbox(DEVICE), announcement(2))  # the ACL drops it
     agg.publish(TOPICS.round, announcement(3), retain=True)
     assert until(agent, lambda: agent.state.round_seen == 3)
-    # It still says it is quiet (the aggregator keeps sending to its inbox), and listens.
+    # It still says it is quiet (the aggregator keeps sending to its inbox), and listens:
+    # its statuses say so, and the aggregator counts it awake in every round.
     assert agent.quiet and agent.listening
+    assert said and all(s.quiet and s.listening for s in said)
 
 
 def test_a_quiet_device_stops_listening_to_every_round_once_its_inbox_works(
@@ -109,7 +115,7 @@ def test_a_quiet_device_stops_listening_to_every_round_once_its_inbox_works(
 ) -> None:
     server = broker(tmp_path, inbox=True).start()
     closing.append(server.close)
-    agent = quiet_agent(server)
+    agent, said = quiet_agent(server)
     closing.append(agent.link.close)
     agent.start(timeout=10)
     agg = PahoLink(server.host, server.port, AGGREGATOR, username=AGGREGATOR)
@@ -119,7 +125,9 @@ def test_a_quiet_device_stops_listening_to_every_round_once_its_inbox_works(
     assert until(agent, lambda: agent.state.round_seen == 1)  # before its inbox proved itself
     agg.publish(TOPICS.inbox(DEVICE), announcement(2))
     assert until(agent, lambda: agent.state.round_seen == 2)
-    assert not agent.listening
+    assert not agent.listening and said[-1].listening  # (it said so until now)
+    # It says so soon, so that the aggregator stops sending it every round.
+    assert until(agent, lambda: not said[-1].listening) and said[-1].quiet
     agg.publish(TOPICS.round, announcement(3), retain=True)  # does not wake it any more
     agg.publish(TOPICS.inbox(DEVICE), announcement(4))  # sent after round 3: comes after it
     msg = agent.link.get(10)

@@ -142,15 +142,18 @@ def test_quiet_devices_hear_only_the_rounds_they_are_selected_for(
             # version it did not hold. One announcement per round it took part in, and the
             # models it lacked: a delta per version at most (or one whole model instead).
             assert set(a.stats.rejected) <= {"delta_gap"}, a.stats.rejected
+            # (and the first round in its inbox though it did not select it, at most)
             assert heard[topics.inbox(a.device_id)] >= picked[a.device_id]
-            assert heard[topics.inbox(a.device_id)] <= picked[a.device_id] + agg.version
+            assert heard[topics.inbox(a.device_id)] <= picked[a.device_id] + agg.version + 1
         for r in records:
             assert r["missing"] == []
             online = r["selected"] + r["listening"] + r["sleeping"]
             assert online == 5
             quiet_picked = [d for d in answered(r) if d != "e"]
             assert sorted(r["bytes_down_by_device"]) == sorted(quiet_picked)
-            assert r["listening"] == (0 if "e" in answered(r) else 1)
+            # In the first round every quiet device still listened to every round.
+            e_idle = 0 if "e" in answered(r) else 1
+            assert r["listening"] == (e_idle if r["round"] > 1 else 5 - r["selected"])
         # Every device took part at some point; the loud one heard every round.
         assert set(picked) == set("abcde")
         assert loud.link.heard[topics.round] >= 8  # type: ignore[attr-defined]
@@ -160,6 +163,48 @@ def test_quiet_devices_hear_only_the_rounds_they_are_selected_for(
         for a in quiet:
             if a.device_id in answered(last):
                 assert a.global_version == last["model_version"] - 1
+    finally:
+        agg.store.close()
+
+
+def test_a_quiet_device_not_selected_stops_listening_after_one_round(tmp_path: Path) -> None:
+    """Until its inbox brings a message a quiet device listens to every round, and its
+    statuses say so: the aggregator sends it the first round too, though the round does not
+    select it, and counts it as listening, not asleep. From the second round on every one
+    sleeps between the rounds it is selected for."""
+    broker = MemoryBroker()
+    agg = aggregator(
+        tmp_path,
+        broker,
+        rounds=4,
+        devices_per_round=1,
+        overselect=1.0,
+        training=TrainingConfig(
+            batch_size=8, lr=0.1, codec="float32", gate=GateSettings(threshold=0), eval_fraction=0
+        ),
+    )
+    try:
+        devices = [agent(broker, d, i, quiet=True) for i, d in enumerate("abcd")]
+        assert all(d.listening for d in devices)
+        first = serve(agg, devices, 1)[0]
+        assert first["selected"] == 1 and first["missing"] == []
+        # The round came twice to those it did not select (broadcast and inbox): each
+        # took it once, and none listens to every round any more.
+        for d in devices:
+            assert not d.listening, d.device_id
+            assert set(d.stats.rejected) <= {"delta_gap"}, d.stats.rejected
+        assert (first["listening"], first["sleeping"]) == (3, 0)
+        assert agg.inboxes.listening == set()  # their statuses said so
+        records = serve(agg, devices, 4)
+        topics = Topics(FLEET)
+        for d in devices:
+            late = d.link.late  # type: ignore[attr-defined]
+            assert late is not None and set(late) <= {topics.inbox(d.device_id)}, late
+            # Each round taken once: trained when selected, ignored when not.
+            assert d.stats.rounds_trained == sum(d.device_id in answered(r) for r in records)
+            assert set(d.stats.rejected) <= {"delta_gap"}, d.stats.rejected
+        for r in records[1:]:
+            assert (r["listening"], r["sleeping"], r["missing"]) == (0, 3, [])
     finally:
         agg.store.close()
 

@@ -53,6 +53,20 @@ def test_only_a_quiet_device_can_rest() -> None:
     assert box.selectable(2, ["q"], 1) == ["q"]
 
 
+def test_a_quiet_device_listens_until_a_status_says_otherwise() -> None:
+    """A status that says nothing of it (the birth message) keeps what was known; a device
+    that is not quiet listens to every round anyway."""
+    box = inboxes()
+    box.note_status("q", True, 0, listening=True)
+    box.note_status("q", True, None)  # the birth message after a reconnect
+    assert box.listening == {"q"}
+    box.note_status("q", True, 0, listening=False)  # its inbox works
+    assert box.listening == set()
+    box.note_status("q", True, 0, listening=True)  # restarted
+    box.note_status("q", False, 0, listening=True)  # no longer quiet
+    assert box.listening == set() and box.quiet == set()
+
+
 def test_catch_up_is_the_chain_of_deltas_or_the_whole_model() -> None:
     box = inboxes()
     box.note_status("a", True, 2)

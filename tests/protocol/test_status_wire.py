@@ -42,6 +42,20 @@ def test_round_trip_as_readable_json() -> None:
     )
 
 
+def test_listening_is_said_only_when_set() -> None:
+    """A quiet device whose inbox has brought nothing yet says it listens; the others send
+    the bytes they sent before the field, and a status without it reads as not listening."""
+    quiet = Status(device_id="d", state="idle", timestamp=1.0, quiet=True)
+    assert encode_status(quiet) == (
+        b'{"kind":"status","device_id":"d","state":"idle","timestamp":1.0,"quiet":true}'
+    )
+    assert decode_status(encode_status(quiet))[0].listening is False
+    listening = quiet.model_copy(update={"listening": True})
+    payload = encode_status(listening)
+    assert payload.endswith(b'"quiet":true,"listening":true}')
+    assert decode_status(payload) == (listening, False)
+
+
 def test_the_envelope_form_of_older_agents_is_read() -> None:
     old = Status(device_id="d", state="idle", timestamp=1.0, model_version=-1)
     assert decode_status(encode(old)) == (old, True)
