@@ -688,11 +688,15 @@ class Aggregator:
             return
         header, tensors = parsed.header, parsed.tensors
         rnd = self.current
-        if rnd is not None and header.round_id == rnd.round_id:
+        # A copy of an answer kept: the broker's redelivery of a message whose ack a crash
+        # cut off (its bytes are in the answer's already), or a device's resend. Counted
+        # apart, as a chunk of it is (_on_chunk): the device's upload counts each answer once.
+        seen = self.store.seen_update(device, header.update_id)
+        if rnd is not None and header.round_id == rnd.round_id and not seen:
             rnd.wire_up[device] += wire  # this round's bytes, accepted or not
         else:
             self.stray_bytes += wire  # for a closed or unknown round: counted apart
-        self._on_update(topic, device, len(payload), header, tensors, chunks=chunks)
+        self._on_update(topic, device, len(payload), header, tensors, seen=seen, chunks=chunks)
 
     def _reject(self, reason: str, topic: str, detail: str) -> None:
         """Count a rejected message; log the first of each reason, then every 100th."""
@@ -765,8 +769,11 @@ class Aggregator:
         header: UpdateHeader | SkipNotice,
         tensors: dict[str, np.ndarray],
         *,
+        seen: bool,
         chunks: bytes | None = None,
     ) -> None:
+        """``seen``: the device's answer of this update id is kept (``device``: the topic's;
+        another in the header is refused first)."""
         rnd = self.current
         reason = intake.validate(
             header,
@@ -775,7 +782,7 @@ class Aggregator:
             if rnd is None
             else intake.OpenRoundView(rnd.round_id, rnd.selected, rnd.answered),
             model_version=self.version,
-            seen=self.store.seen_update(header.device_id, header.update_id),
+            seen=seen,
             codec=self._expected_codec if rnd is None or rnd.secure is None else "secagg",
         )
         delta: dict[str, np.ndarray] = {}
@@ -801,8 +808,8 @@ class Aggregator:
                 delta = intake.clip(delta, rnd.clip)
         if reason == "wrong_round":
             self._late_spare(header)
-        elif reason is not None and rnd is not None and device in rnd.answered:
-            # Its bytes are the round's (a resent copy, say): kept with its answer.
+        elif reason not in (None, "duplicate") and rnd is not None and device in rnd.answered:
+            # Its bytes are the round's (another answer, say): kept with its answer.
             self.store.set_answer_wire(rnd.round_id, device, rnd.wire_up[device])
         if reason is not None:
             # Counted and logged, never stored: a device that was not selected, or garbage,

@@ -636,6 +636,46 @@ def test_a_resumed_round_records_the_upload_bytes_kept_and_says_they_are_partial
     assert record["partial"] == ["bytes_received", "bytes_up_by_device", "bytes_down_per_device"]
 
 
+def test_an_answer_delivered_again_after_a_restart_counts_apart_whole_or_in_chunks(
+    tmp_path: Path,
+) -> None:
+    """kill -9 after an answer's commit and before its ack: the broker delivers the message
+    again to the restarted aggregator. The device sent it once: its bytes are the round's
+    once (kept with its answer), the copy's count apart (stray bytes), whether it came
+    whole or as the last chunk of a chunked one."""
+    from fedge.protocol import UpdateHeader, split
+    from fedge.protocol.wire import publish_size
+
+    broker, clock = MemoryBroker(), Clock()
+    config = {"min_devices": 3, "rounds": 1, "chunk_timeout": 1.0}
+    agg = make(tmp_path, broker, clock, **config)
+    a, b, c = (Device(broker, d) for d in "abc")
+    pump(agg)
+    uid = "aabbccddeeff0011"
+    header = UpdateHeader(device_id="a", round_id=1, update_id=uid, base_version=0, num_samples=10)
+    parts = split(encode(header, delta(0.1)), 80, bytes.fromhex(uid))
+    for part in parts:
+        a.link.publish(T.update("a"), part)
+    b.send(1, delta(0.1), 10)
+    pump(agg)
+    once = dict(agg.current.wire_up)  # type: ignore[union-attr]
+    agg = restart(agg, tmp_path, broker, clock, **config)
+    b.send(1, delta(0.1), 10)  # the broker's copies of what was not acknowledged
+    a.link.publish(T.update("a"), parts[-1])
+    pump(agg)
+    clock.now += 2  # a's chunk waits for the rest of its message in vain
+    pump(agg)
+    assert agg.rejected["duplicate"] == 1 and agg.rejected["chunk_timeout"] == 1
+    assert dict(agg.current.wire_up) == once  # type: ignore[union-attr]
+    assert agg.stray_bytes == once["b"] + publish_size(T.update("a"), len(parts[-1]), 1)
+    kept = agg.store.db.execute("SELECT device_id, wire FROM answers").fetchall()
+    assert dict(kept) == once
+    c.send(1, delta(0.1), 10)
+    pump(agg)
+    [record] = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert {d: record["bytes_up_by_device"][d] for d in once} == once
+
+
 def test_a_resumed_round_records_who_was_online_and_its_inboxes_as_announced(
     tmp_path: Path,
 ) -> None:
