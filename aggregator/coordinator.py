@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import secrets
 import sqlite3
 import threading
@@ -213,10 +214,13 @@ class Aggregator:
         self._last_wait_log = clock()  # statuses come in just after start: give them time
         resumed = store.latest_model()
         if resumed is None:
-            # ``floor`` is the last (round, model version) the fleet can have seen (after
-            # --reset-state): numbering goes on above it, or agents would refuse the rounds
-            # as replays.
+            # ``floor`` is the last (round, model version) recorded (after --reset-state):
+            # numbering goes on above it, or agents would refuse the rounds as replays; one
+            # round and version further, as for a restored backup (_catch_up).
             last_round, last_version = floor or (0, -1)
+            if floor is not None:
+                last_round, last_version = last_round + 1, last_version + 1
+                self._pass_over(last_round, last_version + 1)
             self.version = last_version + 1
             self.weights = {k: np.asarray(v, np.float32) for k, v in initial_weights.items()}
             with store.transaction():
@@ -325,20 +329,7 @@ class Aggregator:
         # In rounds.jsonl before the state moves on: a crash in between passes over one
         # round more at the next start (and counts it), never one less.
         self._abandon_open_rounds("open in the restored state", recorded=newest)
-        passed: dict = {
-            "round": lost,
-            "fleet": self.topics.fleet,
-            "status": "abandoned",
-            "why": "may have been open when the state was lost: passed over",
-            "model_version": version,  # the fleet may have it (below: the restored model)
-        }
-        if self.privacy is not None:  # who was selected is not known: the safe side
-            passed["privacy"] = {
-                "mode": self.privacy.mode,
-                "noise_multiplier": self.privacy.noise_multiplier,
-                "sampling_rate": 1.0,
-            }
-        _append_jsonl(self.cfg.log_path, passed)
+        self._pass_over(lost, version)
         with self.store.transaction():
             self.store.save_model(version, 0, self.weights)
             self.store.save_strategy_state(version, self.strategy.state())
@@ -369,6 +360,27 @@ class Aggregator:
             f" {lost - last_round} round(s) the state missed",
         )
         self.version = version
+
+    def _pass_over(self, round_id: int, version: int) -> None:
+        """The record of a round id passed over at start (it may have been open when the
+        state was lost), with ``version``, the model the state goes out as: a later start on
+        an older state numbers past both. Who was selected is not known: under DP, a later
+        catch-up counts it for every device at rate 1."""
+        record: dict = {
+            "round": round_id,
+            "fleet": self.topics.fleet,
+            "status": "abandoned",
+            "why": "may have been open when the state was lost: passed over",
+            "model_version": version,
+        }
+        p = self.cfg.privacy
+        if p is not None:
+            record["privacy"] = {
+                "mode": p.mode,
+                "noise_multiplier": p.noise_multiplier,
+                "sampling_rate": 1.0,
+            }
+        _append_jsonl(self.cfg.log_path, record)
 
     def _account_missed(self, missed: list[dict], unknown: int) -> None:
         """Put the rounds a restored state missed into the privacy ledger: those in
@@ -1570,8 +1582,13 @@ def _quiet_fields(rnd: OpenRound) -> dict:
 
 def _append_jsonl(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    with open(path, "a+b") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        if end:  # after a line a crash cut short, the record starts a line of its own
+            fh.seek(end - 1)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+        fh.write(json.dumps(record).encode() + b"\n")
 
 
 def _shape_difference(ours: dict[str, tuple], theirs: dict[str, tuple]) -> str:
