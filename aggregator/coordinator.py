@@ -324,7 +324,7 @@ class Aggregator:
             seen_round, seen_version = max(floor[0], last_round), max(floor[1], self.version)
         if mark is None and (seen_round, seen_version) == (last_round, self.version):
             return  # the live state, as new as its history
-        lost, version = seen_round + 1, seen_version + 2  # passed over: the round, v + 1
+        lost, version = seen_round + 1, seen_version + 2  # passed over: lost, version - 1
         spent = 0.0  # epsilon before the missed rounds (under DP)
         # In rounds.jsonl before the state moves on: a crash in between passes over one
         # round more at the next start (and counts it), never one less.
@@ -459,7 +459,7 @@ class Aggregator:
         """Take up the round that was open when the process stopped, with what it accepted.
 
         Older open rounds, and one on another model version (cannot happen: a round's model
-        and its record commit together), are marked abandoned.
+        and its record commit together), are marked abandoned, each with its record.
         """
         rounds = self.store.open_rounds()
         if not rounds:
