@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import secrets
 import sqlite3
 import threading
@@ -68,7 +69,7 @@ from .inbox import Inboxes
 from .sample_limits import bound_samples
 from .secure import SecureSum
 from .shard import ShardedSum, Shards
-from .store import Store, StoreError, read_back
+from .store import BACKUP_MARK, Store, StoreError, read_back
 from .strategies.factory import make_strategy
 
 log = logging.getLogger("fedge.aggregator")
@@ -218,10 +219,13 @@ class Aggregator:
         self._last_wait_log = clock()  # statuses come in just after start: give them time
         resumed = store.latest_model()
         if resumed is None:
-            # ``floor`` is the last (round, model version) the fleet can have seen (after
-            # --reset-state): numbering goes on above it, or agents would refuse the rounds
-            # as replays.
+            # ``floor`` is the last (round, model version) recorded (after --reset-state):
+            # numbering goes on above it, or agents would refuse the rounds as replays; one
+            # round and version further, as for a restored backup (_catch_up).
             last_round, last_version = floor or (0, -1)
+            if floor is not None:
+                last_round, last_version = last_round + 1, last_version + 1
+                self._pass_over(last_round, last_version + 1)
             self.version = last_version + 1
             self.weights = {k: np.asarray(v, np.float32) for k, v in initial_weights.items()}
             with store.transaction():
@@ -294,65 +298,100 @@ class Aggregator:
         self._check_done()
 
     def _catch_up(self, floor: tuple[int, int] | None) -> None:
-        """A state behind what the fleet has seen (a restored backup; ``floor`` and the
-        rounds.jsonl records after the state's last round say how far): agents refuse round
-        ids they have answered and models older than theirs, so every round would fail and
-        the fleet stall for good. Numbering goes on above (as after --reset-state) and the
-        state's model goes out as the next version, which the devices take; the rounds after
-        the backup are lost to the model. Their epsilon is not: it goes into the ledger."""
+        """A restored backup (it carries ``BACKUP_MARK``), or a state behind what ``floor``
+        and the rounds.jsonl records after its last round show: the fleet may have seen
+        rounds and models it does not know. Agents refuse round ids they have answered and
+        models older than theirs, so every round would fail and the fleet stall for good.
+        Numbering goes on above what is recorded (as after --reset-state), one round and
+        one model version further: the round after the newest recorded may have been open
+        when the state was lost (rounds run back to back; a backup is taken between two),
+        or have closed and sent its model before its record was written. The state's model
+        goes out under the version after those, which the devices take; the rounds after
+        the backup are lost to the model. Their epsilon is not: it goes into the ledger,
+        the round passed over on the safe side."""
+        mark = self.store.meta(BACKUP_MARK)
         last_round = self.store.last_round_id()
-        missed: list[dict] = []  # records of rounds the state does not know, newest first
+        missed: dict[int, dict] = {}  # records of rounds the state does not know, by id
+        newest = 0  # the newest round rounds.jsonl records
         for record in read_back(self.cfg.log_path):
             try:
                 round_id, version = int(record["round"]), int(record["model_version"])
             except (KeyError, TypeError, ValueError):
                 continue
+            newest = max(newest, round_id)
             if round_id <= last_round:
                 break
-            missed.append(record)
+            missed.setdefault(round_id, record)  # (one written twice: its newest copy)
             seen = (round_id, version) if floor is None else floor
             floor = (max(round_id, seen[0]), max(version, seen[1]))
-        if floor is None or (floor[0] <= last_round and floor[1] <= self.version):
-            return
-        # The round after the last one recorded was likely open when the state was lost
-        # (rounds run back to back): devices that answered it would refuse its id again, and
-        # under DP it counts. Its id is passed over.
-        seen_round, seen_version = max(floor[0], last_round) + 1, floor[1]
-        version = self.version if seen_version <= self.version else seen_version + 1
+        seen_round, seen_version = last_round, self.version
+        if floor is not None:
+            seen_round, seen_version = max(floor[0], last_round), max(floor[1], self.version)
+        if mark is None and (seen_round, seen_version) == (last_round, self.version):
+            return  # the live state, as new as its history
+        lost, version = seen_round + 1, seen_version + 2  # passed over: lost, version - 1
         spent = 0.0  # epsilon before the missed rounds (under DP)
+        # In rounds.jsonl before the state moves on: a crash in between passes over one
+        # round more at the next start (and counts it), never one less.
+        self._abandon_open_rounds("open in the restored state", recorded=newest)
+        self._pass_over(lost, version)
         with self.store.transaction():
-            self.store.abandon_open_rounds()  # older than rounds that closed since
-            if version != self.version:
-                self.store.save_model(version, 0, self.weights)
-                self.store.save_strategy_state(version, self.strategy.state())
-                if self.he is not None:
-                    self.he.save(self.store, version)
-            self.store.set_meta("round_floor", str(seen_round))
+            self.store.save_model(version, 0, self.weights)
+            self.store.save_strategy_state(version, self.strategy.state())
+            if self.he is not None:
+                self.he.save(self.store, version)
+            self.store.set_meta("round_floor", str(lost))
             if self.privacy is not None:
                 spent = self.ledger.epsilon()
-                self._account_missed(missed, seen_round - last_round)
+                unknown = sum(r not in missed for r in range(last_round + 1, lost + 1))
+                self._account_missed(list(missed.values()), unknown)
                 self.store.set_meta("privacy_ledger", self.ledger.to_json())
+            self.store.forget_meta(BACKUP_MARK)  # caught up: a restart is not a restore
         log.warning(
-            "the state (round %d, model v%d) is behind what the fleet has seen (round %d,"
-            " model v%d): a restored backup? Rounds go on at %d%s%s",
+            "%s (round %d, model v%d); the fleet may have seen round %d and model v%d, and"
+            " round %d may have been open when the state was lost: passed over. Rounds go on"
+            " at %d, the model goes out as v%d%s",
+            "a restored backup" if mark is not None else "the state is behind rounds.jsonl",
             last_round,
             self.version,
-            seen_round - 1,
+            seen_round,
             seen_version,
-            seen_round + 1,
-            "" if version == self.version else f", its model goes out as v{version}",
+            lost,
+            lost + 1,
+            version,
             ""
             if self.privacy is None
             else f"; epsilon {spent:.3f} -> {self.ledger.epsilon():.3f} with the"
-            f" {seen_round - last_round} round(s) the state missed",
+            f" {lost - last_round} round(s) the state missed",
         )
         self.version = version
 
-    def _account_missed(self, missed: list[dict], rounds: int) -> None:
+    def _pass_over(self, round_id: int, version: int) -> None:
+        """The record of a round id passed over at start (it may have been open when the
+        state was lost), with ``version``, the model the state goes out as: a later start on
+        an older state numbers past both. Who was selected is not known: under DP, a later
+        catch-up counts it for every device at rate 1."""
+        record: dict = {
+            "round": round_id,
+            "fleet": self.topics.fleet,
+            "status": "abandoned",
+            "why": "may have been open when the state was lost: passed over",
+            "model_version": version,
+        }
+        p = self.cfg.privacy
+        if p is not None:
+            record["privacy"] = {
+                "mode": p.mode,
+                "noise_multiplier": p.noise_multiplier,
+                "sampling_rate": 1.0,
+            }
+        _append_jsonl(self.cfg.log_path, record)
+
+    def _account_missed(self, missed: list[dict], unknown: int) -> None:
         """Put the rounds a restored state missed into the privacy ledger: those in
-        rounds.jsonl as recorded, the others (announced, then abandoned or open when the
-        state was lost) on the safe side: central DP without amplification, local DP as if
-        every device was selected."""
+        rounds.jsonl (done, failed, abandoned) as recorded, the others (``unknown``: ids
+        with no record, e.g. the round passed over) on the safe side: central DP without
+        amplification, local DP as if every device was selected."""
         assert self.privacy is not None
         events: list[tuple[float, float]] = []
         selections: list[list[str] | None] = []
@@ -368,12 +407,50 @@ class Aggregator:
             # (The record rounds the rate to 6 digits: up, on the safe side.)
             q = min(1.0, q + 5e-7) if 0 < q <= 1 else 1.0
             events.append((q, z if z > 0 else self.ledger.z))
+            if "missing" not in record:  # a round passed over: who was selected is not known
+                selections.append(None)
+                continue
             names = [*record.get("participants", []), *record.get("skipped", [])]
             selections.append([str(d) for d in [*names, *record.get("missing", [])]])
-        for _ in range(max(0, rounds - len(missed))):
+        for _ in range(unknown):
             events.append((1.0, self.ledger.z))
             selections.append(None)
         self.ledger.add_rounds(events, selections)
+
+    def _abandon_open_rounds(self, why: str, *, keep: int | None = None, recorded: int = 0) -> None:
+        """Mark the open rounds (but ``keep``) abandoned, each with a record in rounds.jsonl
+        first (unless rounds.jsonl records rounds up to ``recorded``): who was selected and
+        who had answered, and under DP the rate they were sampled at. A restored backup that
+        missed the round then numbers past it and counts its epsilon as it was. (A crash
+        before the state marks it writes the record again: counted once.)"""
+        rounds = self.store.open_rounds()
+        rate = self.store.meta("privacy_open_rate")  # the newest round's
+        for round_id, version, _started, _deadline, selected in rounds:
+            if round_id == keep or round_id <= recorded:
+                continue
+            kinds = self.store.answer_kinds(round_id)
+            summary: dict = {
+                "round": round_id,
+                "fleet": self.topics.fleet,
+                "status": "abandoned",
+                "why": why,
+                "model_version": version,
+                "selected": len(selected),
+                "participants": sorted(d for d, k in kinds.items() if k == "update"),
+                "skipped": sorted(d for d, k in kinds.items() if k == "skip"),
+                "missing": sorted(set(selected) - set(kinds)),
+            }
+            if self.privacy is not None:
+                newest = round_id == rounds[-1][0]
+                q = float(rate) if newest and rate is not None else 1.0  # else: the safe side
+                summary["privacy"] = {
+                    "mode": self.privacy.mode,
+                    "noise_multiplier": self.privacy.noise_multiplier,
+                    "sampling_rate": round(q, 6),
+                }
+            _append_jsonl(self.cfg.log_path, summary)
+            log.warning("round %d abandoned: %s", round_id, why)
+        self.store.abandon_open_rounds(except_round=keep)
 
     def _resume_chunks(self) -> None:
         """Feed the chunks of messages that were not whole at the crash in again."""
@@ -387,32 +464,25 @@ class Aggregator:
         """Take up the round that was open when the process stopped, with what it accepted.
 
         Older open rounds, and one on another model version (cannot happen: a round's model
-        and its record commit together), are marked abandoned.
+        and its record commit together), are marked abandoned, each with its record.
         """
         rounds = self.store.open_rounds()
         if not rounds:
             return
         round_id, version, started, deadline, selected = rounds[-1]
         if version != self.version:
-            self.store.abandon_open_rounds()
-            log.warning(
-                "round %d was for model v%d, have v%d: abandoned", round_id, version, self.version
-            )
+            self._abandon_open_rounds(f"it was for model v{version}, have v{self.version}")
             return
         if self.cfg.secure is not None:
             # The protocol's state (keys, the masked sum) lives in memory only, and the
             # devices' secrets in theirs: the round starts afresh.
-            self.store.abandon_open_rounds()
-            log.warning("secure round %d was open when the aggregator stopped: abandoned", round_id)
+            self._abandon_open_rounds("a secure round open when the aggregator stopped")
             return
         if self.shards is not None:
             # Which worker holds which of its updates is not kept: the round starts afresh.
-            self.store.abandon_open_rounds()
-            log.warning(
-                "round %d was open when the sharded coordinator stopped: abandoned", round_id
-            )
+            self._abandon_open_rounds("open when the sharded coordinator stopped")
             return
-        self.store.abandon_open_rounds(except_round=round_id)  # older ones, if any
+        self._abandon_open_rounds("a newer round is open", keep=round_id)  # older ones, if any
         now = self.clock()
         rnd = OpenRound(
             round_id,
@@ -635,11 +705,15 @@ class Aggregator:
             return
         header, tensors = parsed.header, parsed.tensors
         rnd = self.current
-        if rnd is not None and header.round_id == rnd.round_id:
+        # A copy of an answer kept: the broker's redelivery of a message whose ack a crash
+        # cut off (its bytes are in the answer's already), or a device's resend. Counted
+        # apart, as a chunk of it is (_on_chunk): the device's upload counts each answer once.
+        seen = self.store.seen_update(device, header.update_id)
+        if rnd is not None and header.round_id == rnd.round_id and not seen:
             rnd.wire_up[device] += wire  # this round's bytes, accepted or not
         else:
             self.stray_bytes += wire  # for a closed or unknown round: counted apart
-        self._on_update(topic, device, len(payload), header, tensors, chunks=chunks)
+        self._on_update(topic, device, len(payload), header, tensors, seen=seen, chunks=chunks)
 
     def _reject(self, reason: str, topic: str, detail: str) -> None:
         """Count a rejected message; log the first of each reason, then every 100th."""
@@ -735,8 +809,11 @@ class Aggregator:
         header: UpdateHeader | SkipNotice,
         tensors: dict[str, np.ndarray],
         *,
+        seen: bool,
         chunks: bytes | None = None,
     ) -> None:
+        """``seen``: the device's answer of this update id is kept (``device``: the topic's;
+        another in the header is refused first)."""
         rnd = self.current
         reason = intake.validate(
             header,
@@ -745,7 +822,7 @@ class Aggregator:
             if rnd is None
             else intake.OpenRoundView(rnd.round_id, rnd.selected, rnd.answered),
             model_version=self.version,
-            seen=self.store.seen_update(header.device_id, header.update_id),
+            seen=seen,
             codec=self._expected_codec if rnd is None or rnd.secure is None else "secagg",
         )
         delta: dict[str, np.ndarray] = {}
@@ -771,8 +848,8 @@ class Aggregator:
                 delta = intake.clip(delta, rnd.clip)
         if reason == "wrong_round":
             self._late_spare(header)
-        elif reason is not None and rnd is not None and device in rnd.answered:
-            # Its bytes are the round's (a resent copy, say): kept with its answer.
+        elif reason not in (None, "duplicate") and rnd is not None and device in rnd.answered:
+            # Its bytes are the round's (another answer, say): kept with its answer.
             self.store.set_answer_wire(rnd.round_id, device, rnd.wire_up[device])
         if reason is not None:
             # Counted and logged, never stored: a device that was not selected, or garbage,
@@ -1544,8 +1621,13 @@ def _quiet_fields(rnd: OpenRound) -> dict:
 
 def _append_jsonl(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    with open(path, "a+b") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        if end:  # after a line a crash cut short, the record starts a line of its own
+            fh.seek(end - 1)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+        fh.write(json.dumps(record).encode() + b"\n")
 
 
 def _shape_difference(ours: dict[str, tuple], theirs: dict[str, tuple]) -> str:

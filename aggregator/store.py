@@ -85,6 +85,9 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 BACKUPS = 2  # aggregator.sqlite.bak (newest) and aggregator.sqlite.bak.1
+# The meta key a backup copy carries (when it was taken), the live state never: a state that
+# has it is a restored backup (Aggregator._catch_up), which the fleet may be ahead of.
+BACKUP_MARK = "backup_taken"
 
 
 def read_back(path: Path, block: int = 1 << 16) -> Iterator[dict[str, Any]]:
@@ -248,13 +251,20 @@ class Store:
 
     def backup(self) -> Path:
         """A consistent copy (SQLite's online backup) as ``.bak``; the previous one moves to
-        ``.bak.1``. Written beside it and renamed, so a crash leaves the old backup whole."""
+        ``.bak.1``. Written beside it and renamed, so a crash leaves the old backup whole.
+        The copy carries ``BACKUP_MARK``: restored, it says so."""
         target = self.backup_path
         tmp = target.with_name(target.name + ".tmp")
-        tmp.unlink(missing_ok=True)
+        for suffix in ("", "-wal", "-shm", "-journal"):  # (what a crash left of one)
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
         dest = sqlite3.connect(tmp)
         try:
             self.db.backup(dest)
+            dest.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                (BACKUP_MARK, repr(time.time())),
+            )
+            dest.commit()
         finally:
             dest.close()
         with open(tmp, "rb") as fh:
@@ -349,6 +359,13 @@ class Store:
                 None if r[7] is None else _unpack(r[7]),
                 r[8],
             )
+
+    def answer_kinds(self, round_id: int) -> dict[str, str]:
+        """The round's accepted answers without their deltas: {device: update | skip}."""
+        rows = self.db.execute(
+            "SELECT device_id, kind FROM answers WHERE round_id=?", (round_id,)
+        ).fetchall()
+        return {str(d): str(k) for d, k in rows}
 
     def answer_delta(self, round_id: int, device_id: str) -> dict[str, np.ndarray]:
         """The delta of ``device_id``'s update in the round (it must have one)."""
@@ -446,6 +463,9 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def forget_meta(self, key: str) -> None:
+        self.db.execute("DELETE FROM meta WHERE key=?", (key,))
 
     def meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

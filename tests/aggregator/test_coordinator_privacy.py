@@ -212,3 +212,84 @@ def gaussian_epsilon_sampled(q: float, z: float, rounds: int) -> float:
     event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
     acc.compose(event, rounds)
     return float(acc.get_epsilon(1e-5))
+
+
+def test_a_backup_restored_mid_round_counts_that_round_and_passes_over_its_id(
+    tmp_path: Path,
+) -> None:
+    """Backups are taken between rounds: lost during the round after one, the state leaves
+    rounds.jsonl ending where the backup does. That round was announced (counted) and
+    answered: the restored aggregator passes over its id (a device that answered it would
+    refuse it) and counts it on the safe side (local DP: as if every device was selected)."""
+    from test_resilience import restore_backup
+
+    broker, clock = MemoryBroker(), Clock()
+    privacy = {"mode": "local", "noise_multiplier": 1.0, "clip": 1.0}
+    config = {"min_devices": 2, "backup_every": 2, "privacy": privacy}
+    agg = make(tmp_path, broker, clock, **config)
+    devs = {d: Device(broker, d) for d in "ab"}
+    pump(agg)
+    for _ in range(2):  # backed up after round 2; round 3 announced
+        rnd = agg.current
+        assert rnd is not None
+        for d in rnd.selected:
+            send(devs[d], rnd.round_id, delta(0.01), within=True)
+        pump(agg)
+    assert agg.current is not None and agg.current.round_id == 3
+    send(devs["a"], 3, delta(0.01), within=True)
+    pump(agg)
+    assert agg.current.answered == {"a"}
+    spent = agg.ledger.epsilon()
+    restore_backup(agg, tmp_path)
+    restored = make(tmp_path, broker, clock, **config)
+    assert restored.ledger.rounds == 3 and restored.ledger.epsilon() >= spent
+    pump(restored)
+    assert restored.current is not None and restored.current.round_id == 4
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_rounds_abandoned_at_restarts_are_recorded_and_a_restored_backup_passes_them(
+    tmp_path: Path, mode: str
+) -> None:
+    """A restart under [secure] (or [shards]) abandons the open round and announces another.
+    Each abandoned round gets its record in rounds.jsonl (who was selected, the rate), so a
+    backup restored later numbers past every one of them (not one id only) and counts each
+    as it was; the round open at the loss on the safe side."""
+    from test_resilience import restore_backup
+
+    broker, clock = MemoryBroker(), Clock()
+    privacy = {"mode": mode, "noise_multiplier": 1.0, "clip": 1.0}
+    config = {
+        "min_devices": 4,
+        "devices_per_round": 3,
+        "overselect": 1.0,
+        "privacy": privacy,
+        "secure": {"clip": 1.0, "bits": 8},
+    }
+    agg = make(tmp_path, broker, clock, **config)
+    agg.store.backup()  # stands in for the backup after the last round done
+    for i in range(4):
+        Device(broker, f"d{i}")
+    pump(agg)
+    assert agg.current is not None
+    first = agg.current.selected
+    for round_id in (2, 3):  # two restarts, each abandons the open round
+        agg.store.db.close()
+        agg = make(tmp_path, broker, clock, **config)
+        pump(agg)
+        assert agg.current is not None and agg.current.round_id == round_id
+    spent, selections = agg.ledger.epsilon(), agg.ledger.selections.copy()
+    records = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["status"]) for r in records] == [(1, "abandoned"), (2, "abandoned")]
+    assert records[0]["missing"] == first and records[0]["privacy"]["sampling_rate"] == 0.75
+    restore_backup(agg, tmp_path)
+    restored = make(tmp_path, broker, clock, **config)
+    assert restored.ledger.rounds >= 3 and restored.ledger.epsilon() >= spent
+    if mode == "central":  # rounds 1 and 2 at their rate, round 3 at 1
+        assert sorted(restored.ledger.central.values()) == [1, 2]
+    else:  # every device at least as often as it was selected
+        counted = restored.ledger
+        assert counted.anyone == 1
+        assert all(counted.selections[d] + counted.anyone >= n for d, n in selections.items())
+    pump(restored)
+    assert restored.current is not None and restored.current.round_id == 4

@@ -214,7 +214,7 @@ def test_a_state_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
 
 
 def test_reset_state_numbers_on_from_the_round_log(tmp_path: Path) -> None:
-    from fedge.aggregator.service import build_aggregator, reset_state
+    from fedge.aggregator.service import build_aggregator, history, reset_state
     from fedge.protocol import MemoryLink
 
     broker, clock = MemoryBroker(), Clock()
@@ -237,7 +237,15 @@ def test_reset_state_numbers_on_from_the_round_log(tmp_path: Path) -> None:
     assert (tmp_path / "aggregator.sqlite.reset-19700101T000000").is_file()
     fresh = build_aggregator(cfg, link=MemoryLink(broker, "agg-fresh"), floor=floor)
     STORES.append(fresh.store)
-    assert fresh.version == 3 and fresh.next_round_id == 3
+    # Round 3 (its record cut short) may have sent v3: both are passed over, and recorded
+    # on a line of their own, so that a later start numbers past them too.
+    assert fresh.version == 4 and fresh.next_round_id == 4
+    assert history(cfg) == (3, 4)
+    fresh.store.close()
+    STORES.remove(fresh.store)
+    again = build_aggregator(cfg, link=MemoryLink(broker, "agg-again"), floor=reset_state(cfg))
+    STORES.append(again.store)
+    assert again.version == 6 and again.next_round_id == 5
 
 
 @pytest.mark.parametrize("damage", ["empty", "garbage", "state_dir_is_a_file"])
@@ -456,50 +464,54 @@ def restore_backup(agg: Aggregator, tmp_path: Path) -> None:
     shutil.copy(tmp_path / "agg.sqlite.bak", db)
 
 
-def test_a_restored_backup_numbers_on_and_the_fleet_takes_its_model(tmp_path: Path) -> None:
-    """The backup is rounds older than what the fleet has: real agents refuse the rounds and
-    models they have seen, so the restored aggregator goes on above rounds.jsonl (passing
-    over the round that was open when the state was lost) and sends its model as a new
-    version, which they take; no round id or model version is used twice."""
-    from fedge.agent.daemon import Agent
-    from fedge.agent.dataset import Dataset
-    from fedge.aggregator.config import AggregatorConfig
-    from fedge.aggregator.strategies.config import StrategyConfig
-    from fedge.models.runtime import load_runtime
-    from fedge.protocol import MemoryLink, TrainingConfig
-    from helpers import DIGITS_MODEL, serve_rounds
+class RealFleet:
+    """A real aggregator and real agents (numpy runtime) on one in-memory broker."""
 
-    broker = MemoryBroker()
+    def __init__(self, tmp_path: Path, backup_every: int) -> None:
+        self.tmp_path, self.backup_every = tmp_path, backup_every
+        self.broker = MemoryBroker()
 
-    def aggregator(rounds: int) -> Aggregator:
+    def aggregator(self, rounds: int) -> Aggregator:
+        from fedge.aggregator.config import AggregatorConfig
+        from fedge.aggregator.strategies.config import StrategyConfig
+        from fedge.models.runtime import load_runtime
+        from fedge.protocol import MemoryLink, TrainingConfig
+        from helpers import DIGITS_MODEL
+
         config = AggregatorConfig(
             fleet=FLEET,
             model=DIGITS_MODEL,
-            state_dir=tmp_path,
+            state_dir=self.tmp_path,
             min_devices=2,
             rounds=rounds,
-            backup_every=2,
+            backup_every=self.backup_every,
             training=TrainingConfig(batch_size=8, lr=0.1, codec="float32", eval_fraction=0),
             strategy=StrategyConfig(name="fedavg"),
         )
-        store = Store(tmp_path / "agg.sqlite")
+        store = Store(self.tmp_path / "agg.sqlite")
         STORES.append(store)
         agg = Aggregator(
             config,
-            link=MemoryLink(broker, "aggregator"),
+            link=MemoryLink(self.broker, "aggregator"),
             store=store,
             initial_weights=load_runtime(DIGITS_MODEL).get_weights(),
         )
         agg.start()
         return agg
 
-    def agent(device: str, seed: int) -> Agent:
+    def agent(self, device: str, seed: int):  # type: ignore[no-untyped-def]
+        from fedge.agent.daemon import Agent
+        from fedge.agent.dataset import Dataset
+        from fedge.models.runtime import load_runtime
+        from fedge.protocol import MemoryLink
+        from helpers import DIGITS_MODEL
+
         rng = np.random.default_rng(seed)
         x, y = rng.random((40, 64), np.float32), rng.integers(0, 10, 40).astype(np.int32)
         a = Agent(
             device_id=device,
             fleet=FLEET,
-            link=MemoryLink(broker, device),
+            link=MemoryLink(self.broker, device),
             runtime=load_runtime(DIGITS_MODEL, prefer=("numpy",)),
             data=Dataset(x, y),
             rng=rng,
@@ -507,23 +519,96 @@ def test_a_restored_backup_numbers_on_and_the_fleet_takes_its_model(tmp_path: Pa
         a.start()
         return a
 
-    agg = aggregator(rounds=3)
-    agents = [agent("a", 1), agent("b", 2)]
+
+def test_a_restored_backup_numbers_on_and_the_fleet_takes_its_model(tmp_path: Path) -> None:
+    """The backup is rounds older than what the fleet has: real agents refuse the rounds and
+    models they have seen, so the restored aggregator goes on above rounds.jsonl (passing
+    over the round that was open when the state was lost, and the model version it may
+    have made) and sends its model as a new version, which they take; no round id or model
+    version is used twice."""
+    from helpers import serve_rounds
+
+    fleet = RealFleet(tmp_path, backup_every=2)
+    agg = fleet.aggregator(rounds=3)
+    agents = [fleet.agent("a", 1), fleet.agent("b", 2)]
     serve_rounds(agg, agents, 3)  # backed up after round 2 (v2); round 3 made v3
     assert agg.version == 3 and all(a.global_version == 3 for a in agents)
     restore_backup(agg, tmp_path)
     with contextlib.closing(Store(tmp_path / "agg.sqlite")) as restored:
         version, _, backed_up = restored.latest_model()  # type: ignore[misc]
     assert version == 2
-    agg = aggregator(rounds=5)  # the backup has 2 done: three more
-    assert agg.version == 4 and agg.next_round_id == 5  # round 4 may have been announced
+    agg = fleet.aggregator(rounds=5)  # the backup has 2 done: three more
+    # Round 4 may have been announced, and closed with v4 before its record was written.
+    assert agg.version == 5 and agg.next_round_id == 5
     assert all(np.array_equal(agg.weights[k], w) for k, w in backed_up.items())
     serve_rounds(agg, agents, 5)
     records = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in records] == [1, 2, 3, 5, 6, 7]
-    assert [r["model_version"] for r in records] == [1, 2, 3, 5, 6, 7]
-    assert all(r["status"] == "done" and r["participants"] == ["a", "b"] for r in records)
-    assert all(a.global_version == 7 and a.stats.rejected == {} for a in agents)
+    assert [r["round"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["model_version"] for r in records] == [1, 2, 3, 5, 6, 7, 8]
+    assert [r["status"] for r in records] == ["done"] * 3 + ["abandoned"] + ["done"] * 3
+    assert all(r["participants"] == ["a", "b"] for r in records if r["status"] == "done")
+    assert all(a.global_version == 8 and a.stats.rejected == {} for a in agents)
+
+
+@pytest.mark.parametrize("lost", ["answered", "published"])
+def test_a_backup_restored_mid_round_passes_over_that_round_and_its_model(
+    tmp_path: Path, lost: str
+) -> None:
+    """Backups are taken between rounds, so rounds.jsonl often ends where the restored
+    backup does, while the fleet has seen the next round (``answered``: the devices
+    answered it, then the state was lost) or even its model (``published``: the round
+    closed and sent v3, and the crash came before its record). The restored aggregator
+    passes over that round id and that version: the agents refuse nothing and take its
+    model, and no round id or model version is used twice."""
+    from helpers import serve_rounds
+
+    fleet = RealFleet(tmp_path, backup_every=2)
+    agg = fleet.aggregator(rounds=3)
+    agents = [fleet.agent("a", 1), fleet.agent("b", 2)]
+    serve_rounds(agg, agents, 2)  # backed up after round 2 (v2); round 3 announced ...
+    if lost == "answered":  # ... and answered
+        assert agg.current is not None and agg.current.round_id == 3
+        assert agg.current.answered == {"a", "b"}
+    else:
+        serve_rounds(agg, agents, 3)  # round 3 made v3, which the agents took ...
+        log = tmp_path / "rounds.jsonl"  # ... and the crash came before its record
+        log.write_text("".join(log.read_text().splitlines(keepends=True)[:-1]))
+        assert all(a.global_version == 3 for a in agents)
+    restore_backup(agg, tmp_path)
+    agg = fleet.aggregator(rounds=4)  # the backup has 2 done: two more
+    assert agg.next_round_id == 4 and agg.version == 4  # round 3 and v3 passed over
+    serve_rounds(agg, agents, 4)
+    records = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["status"] for r in records] == ["done", "done", "abandoned", "done", "done"]
+    assert [r["model_version"] for r in records] == [1, 2, 4, 5, 6]
+    assert all(a.global_version == 6 and a.stats.rejected == {} for a in agents)
+    for a in agents:  # the model the aggregator holds
+        assert all(np.array_equal(a.global_weights[k], w) for k, w in agg.weights.items())
+
+
+def test_only_a_backup_copy_is_marked_and_a_restart_after_the_catch_up_passes_over_nothing(
+    tmp_path: Path,
+) -> None:
+    """The backup carries the mark that tells a restored state, the live state never; once
+    the restored state has caught up, the mark is gone and a restart is a plain restart."""
+    from fedge.aggregator.store import BACKUP_MARK
+
+    broker, clock = MemoryBroker(), Clock()
+    agg = make(tmp_path, broker, clock, min_devices=1, backup_every=1)
+    a = Device(broker, "a")
+    pump(agg)
+    a.send(1, delta(1.0), 10)
+    pump(agg)  # round 1 done and backed up; round 2 open
+    assert agg.store.meta(BACKUP_MARK) is None
+    with contextlib.closing(sqlite3.connect(tmp_path / "agg.sqlite.bak")) as db:
+        assert db.execute("SELECT value FROM meta WHERE key=?", (BACKUP_MARK,)).fetchone()
+    restore_backup(agg, tmp_path)
+    agg = make(tmp_path, broker, clock, min_devices=1, backup_every=1)
+    assert (agg.next_round_id, agg.version) == (3, 3)  # round 2 and v2 passed over
+    assert agg.store.meta(BACKUP_MARK) is None
+    agg = restart(agg, tmp_path, broker, clock, min_devices=1, backup_every=1)
+    assert (agg.next_round_id, agg.version) == (3, 3)
 
 
 def test_a_resumed_round_records_the_upload_bytes_kept_and_says_they_are_partial(
@@ -557,6 +642,46 @@ def test_a_resumed_round_records_the_upload_bytes_kept_and_says_they_are_partial
     assert {d: up[d] for d in before} == before and up["c"] > 0
     assert record["bytes_received"] == sum(record["bytes_up_by_device"].values())
     assert record["partial"] == ["bytes_received", "bytes_up_by_device", "bytes_down_per_device"]
+
+
+def test_an_answer_delivered_again_after_a_restart_counts_apart_whole_or_in_chunks(
+    tmp_path: Path,
+) -> None:
+    """kill -9 after an answer's commit and before its ack: the broker delivers the message
+    again to the restarted aggregator. The device sent it once: its bytes are the round's
+    once (kept with its answer), the copy's count apart (stray bytes), whether it came
+    whole or as the last chunk of a chunked one."""
+    from fedge.protocol import UpdateHeader, split
+    from fedge.protocol.wire import publish_size
+
+    broker, clock = MemoryBroker(), Clock()
+    config = {"min_devices": 3, "rounds": 1, "chunk_timeout": 1.0}
+    agg = make(tmp_path, broker, clock, **config)
+    a, b, c = (Device(broker, d) for d in "abc")
+    pump(agg)
+    uid = "aabbccddeeff0011"
+    header = UpdateHeader(device_id="a", round_id=1, update_id=uid, base_version=0, num_samples=10)
+    parts = split(encode(header, delta(0.1)), 80, bytes.fromhex(uid))
+    for part in parts:
+        a.link.publish(T.update("a"), part)
+    b.send(1, delta(0.1), 10)
+    pump(agg)
+    once = dict(agg.current.wire_up)  # type: ignore[union-attr]
+    agg = restart(agg, tmp_path, broker, clock, **config)
+    b.send(1, delta(0.1), 10)  # the broker's copies of what was not acknowledged
+    a.link.publish(T.update("a"), parts[-1])
+    pump(agg)
+    clock.now += 2  # a's chunk waits for the rest of its message in vain
+    pump(agg)
+    assert agg.rejected["duplicate"] == 1 and agg.rejected["chunk_timeout"] == 1
+    assert dict(agg.current.wire_up) == once  # type: ignore[union-attr]
+    assert agg.stray_bytes == once["b"] + publish_size(T.update("a"), len(parts[-1]), 1)
+    kept = agg.store.db.execute("SELECT device_id, wire FROM answers").fetchall()
+    assert dict(kept) == once
+    c.send(1, delta(0.1), 10)
+    pump(agg)
+    [record] = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert {d: record["bytes_up_by_device"][d] for d in once} == once
 
 
 def test_a_resumed_round_records_who_was_online_and_its_inboxes_as_announced(
