@@ -7,8 +7,9 @@ reconnects by itself. A reconnect that finds no session (a clean one, or a broke
 it) subscribes to every filter again; one whose session the broker kept renews only the
 filters the broker has not granted in it, or granted shortly before the connection was lost
 (``SESSION_SAVE_MARGIN``): each SUBSCRIBE makes the broker send every retained message again
-(MQTT 3.1.1), a whole global model on each reconnect of a flaky link. An unsubscribe stays
-pending, and goes out again on each connect, until the broker has acknowledged it.
+(MQTT 3.1.1), a whole global model on each reconnect of a flaky link. A filter ended (and
+not subscribed again) is ended again on each connect, acknowledged before or not: a broker
+that crashed comes back from its last save, which may hold it still.
 
 A link made with ``hub=`` has no thread of its own: a :class:`~fedge.protocol.paho_hub.PahoHub`
 drives it with many others on one thread (a simulated fleet), with the same callbacks and so
@@ -57,6 +58,10 @@ SUBACK_TIMEOUT = 10.0  # seconds subscribe() waits for the broker's ack
 # without what it granted since. A filter granted within this many seconds before the
 # connection was lost is renewed even when the session is present.
 SESSION_SAVE_MARGIN = 600.0
+# A loss is noticed up to about 2.5 keepalives after the broker went (a PINGREQ a keepalive
+# after the last packet, its answer awaited another): the margin holds this much of that
+# beyond the broker's save interval; a longer keepalive widens it.
+DETECTION_SLACK = 300.0
 PUMP_INTERVAL = 1.0  # at most this long between loop_misc calls of a link without a thread
 LOOP_TIMEOUT_MAX = 15.0  # the longest wait of the network thread on its socket
 RETRY_MIN_DELAY, RETRY_MAX_DELAY = 1, 30  # seconds between connect attempts, doubling
@@ -156,7 +161,13 @@ class PahoLink:
         self._filters: dict[str, int] = {}
         # Filters the broker granted in the session, and when (monotonic): see _on_connect.
         self._granted: dict[str, float] = {}
-        self._lost_at = 0.0  # when the last connection was lost (monotonic)
+        # When the last connection that the broker accepted was lost (monotonic): a refused
+        # attempt since does not move it.
+        self._lost_at = 0.0
+        self._up = False  # a connection the broker accepted is open
+        # Ended and not subscribed again since: each connect ends them again (cheap; a broker
+        # that crashed comes back from its last save, which may still hold them).
+        self._ended: set[str] = set()
         # Ended, and not yet acknowledged: the broker's session may still hold them. Each
         # connect sends them again; the value is the mid that carries it on this connection.
         self._unsubscribe_pending: dict[str, int | None] = {}
@@ -256,6 +267,7 @@ class PahoLink:
             raise self._error(f"invalid QoS {qos}")
         with self._cond:
             self._filters[topic_filter] = qos
+            self._ended.discard(topic_filter)
             self._granted.pop(topic_filter, None)  # renewed on each connect until granted
             self._unsubscribe_pending.pop(topic_filter, None)
         if not self.connected:
@@ -282,6 +294,7 @@ class PahoLink:
             self._granted.pop(topic_filter, None)
             # Before the connected check: a connect in between sends it (_on_connect).
             self._unsubscribe_pending[topic_filter] = None
+            self._ended.add(topic_filter)
         if not self.connected:
             return
         rc, mid = self._client.unsubscribe(topic_filter)
@@ -526,13 +539,15 @@ class PahoLink:
             self._requests.clear()  # sent on the connection that is gone: no ack comes
             if not present:
                 self._granted.clear()
+            self._up = True
             # What the broker's session holds needs no SUBSCRIBE, which would make it send
             # every retained message again (a whole global model), unless it was granted
             # too shortly before the loss for a crashed broker's last save to hold it.
-            settled = self._lost_at - SESSION_SAVE_MARGIN
+            late = max(0.0, 2.5 * self.keepalive - DETECTION_SLACK)
+            settled = self._lost_at - SESSION_SAVE_MARGIN - late
             kept = {t for t, at in self._granted.items() if at <= settled} if present else set()
             filters = [(t, qos) for t, qos in self._filters.items() if t not in kept]
-            gone = sorted(self._unsubscribe_pending)
+            gone = sorted(self._ended | set(self._unsubscribe_pending))
             for topic in gone:
                 self._unsubscribe_pending[topic] = None
         # (Acks come after this callback: the requests are recorded before their acks.)
@@ -589,7 +604,9 @@ class PahoLink:
     ) -> None:
         with self._cond:
             closing = self._closing
-            self._lost_at = time.monotonic()
+            if self._up:  # paho calls this for refused attempts too: they lose nothing
+                self._up = False
+                self._lost_at = time.monotonic()
             self._cond.notify_all()  # wake waiters that give up when disconnected
         if closing:
             log.info("disconnected %s from %s:%s", self.client_id, self.host, self.port)

@@ -670,3 +670,68 @@ def test_the_production_broker_saves_its_sessions_within_the_clients_margin() ->
     conf = Path(__file__).resolve().parents[2] / "broker_config" / "production.conf"
     found = re.search(r"^autosave_interval (\d+)$", conf.read_text(), re.MULTILINE)
     assert found is not None and 0 < int(found[1]) < SESSION_SAVE_MARGIN
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.slow
+def test_refused_reconnects_do_not_hide_a_filter_the_restored_session_lacks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A filter granted shortly before a broker crash is renewed when the broker comes back
+    from an older save, even after attempts it refused meanwhile (they lost nothing: the
+    loss is when the accepted connection went)."""
+    import fedge.protocol.paho_link as paho_link
+    from fake_mqtt import FakeBroker
+
+    monkeypatch.setattr(paho_link, "SESSION_SAVE_MARGIN", 1.0)
+    broker = FakeBroker()
+    link = PahoLink("127.0.0.1", broker.port, "dev-margin", keepalive=1)
+    try:
+        link.connect(timeout=5)
+        link.subscribe("f/inbox/dev")
+        time.sleep(0.5)
+        broker.mode = "refuse"
+        broker.drop()  # a crash; attempts at +1 s and +3 s are refused
+        assert wait_until(lambda: broker.seen("CONNECT").count(("refuse",)) >= 2)
+        broker.mode = "present"  # back from a save that lacks the subscription
+        assert wait_until(lambda: ("present",) in broker.seen("CONNECT"))
+        assert wait_until(lambda: len(broker.seen("SUBSCRIBE")) >= 2, 3.0)
+        assert broker.seen("SUBSCRIBE")[-1] == ("f/inbox/dev",)
+    finally:
+        link.close()
+        broker.close()
+
+
+def test_an_ended_subscription_is_ended_again_on_each_reconnect() -> None:
+    """A broker that crashed comes back from its last save, which may hold a subscription
+    ended (and acknowledged) since: each connect ends it again."""
+    from fake_mqtt import FakeBroker
+
+    broker = FakeBroker()
+    link = PahoLink("127.0.0.1", broker.port, "dev-ended")
+    try:
+        link.connect(timeout=5)
+        link.subscribe("f/inbox/dev")
+        link.subscribe("f/round")
+        link.unsubscribe("f/round")  # acknowledged at once
+        assert broker.seen("UNSUBSCRIBE") == [("f/round",)]
+        broker.mode = "present"
+        broker.drop()
+        assert wait_until(lambda: len(broker.seen("UNSUBSCRIBE")) >= 2)
+        assert broker.seen("UNSUBSCRIBE")[-1] == ("f/round",)
+        link.subscribe("f/round")  # subscribed again: no longer ended on a reconnect
+        broker.drop()
+        assert wait_until(lambda: broker.seen("CONNECT").count(("present",)) >= 2)
+        time.sleep(0.5)
+        assert len(broker.seen("UNSUBSCRIBE")) == 2
+    finally:
+        link.close()
+        broker.close()
