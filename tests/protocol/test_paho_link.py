@@ -395,13 +395,13 @@ def test_an_unsubscribe_ends_what_a_persistent_session_kept_online_or_not(
 
 
 def thread_switches(native_id: int) -> int:
-    """Context switches of one thread of this process so far (each a wake-up or preemption)."""
-    total = 0
+    """Voluntary context switches of one thread of this process so far: its waits, each
+    ended by a wake-up (preemptions, which follow the machine's load, left out)."""
     with open(f"/proc/self/task/{native_id}/status") as f:
         for line in f:
-            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                total += int(line.split()[1])
-    return total
+            if line.startswith("voluntary_ctxt_switches"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc")
 
 
 @pytest.mark.slow
@@ -424,10 +424,10 @@ def test_an_idle_link_network_thread_sleeps_a_quarter_keepalive_and_keeps_alive(
     link.subscribe(f"{prefix}/ping")
     thread = link._client._thread
     assert thread is not None and thread.native_id is not None
-    before = thread_switches(thread.native_id)
+    before, start = thread_switches(thread.native_id), time.monotonic()
     time.sleep(9.1)  # 3 waits of 3 s; paho's loop would wake 9 times
-    woke = thread_switches(thread.native_id) - before
-    assert woke <= 6, f"{woke} wake-ups of the network thread in 9 s"
+    woke, took = thread_switches(thread.native_id) - before, time.monotonic() - start
+    assert woke <= took / 1.5, f"{woke} wake-ups of the network thread in {took:.1f} s"
     time.sleep(16)  # 25 s in all: past 2 keepalives with nothing sent but PINGREQs
     assert link.connected and watcher.get(timeout=0.5) is None  # never dropped: no Will
     sent = time.monotonic()
