@@ -168,9 +168,6 @@ class PahoLink:
         # Ended and not subscribed again since: each connect ends them again (cheap; a broker
         # that crashed comes back from its last save, which may still hold them).
         self._ended: set[str] = set()
-        # Ended, and not yet acknowledged: the broker's session may still hold them. Each
-        # connect sends them again; the value is the mid that carries it on this connection.
-        self._unsubscribe_pending: dict[str, int | None] = {}
         # SUBSCRIBEs and UNSUBSCRIBEs out on this connection, by mid, until their ack (a
         # reconnect drops the rest: their acks never come); the reason codes of those waited
         # for; acks that came before the sender recorded its mid (it takes them at once).
@@ -269,7 +266,6 @@ class PahoLink:
             self._filters[topic_filter] = qos
             self._ended.discard(topic_filter)
             self._granted.pop(topic_filter, None)  # renewed on each connect until granted
-            self._unsubscribe_pending.pop(topic_filter, None)
         if not self.connected:
             return  # _on_connect subscribes
         rc, mid = self._client.subscribe(topic_filter, qos)
@@ -286,26 +282,19 @@ class PahoLink:
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Also a filter this link never subscribed to: a persistent session may hold it
-        from an earlier run. Offline, or without the broker's ack (a connection lost under
-        it), it goes to the broker again on the next connect."""
+        from an earlier run. Offline, acknowledged or not, it is ended again on every
+        connect until subscribed again."""
         validate_filter(topic_filter)
         with self._cond:
             self._filters.pop(topic_filter, None)  # a reconnect no longer renews it
             self._granted.pop(topic_filter, None)
             # Before the connected check: a connect in between sends it (_on_connect).
-            self._unsubscribe_pending[topic_filter] = None
             self._ended.add(topic_filter)
         if not self.connected:
             return
         rc, mid = self._client.unsubscribe(topic_filter)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            return  # lost under it: pending
-        with self._cond:
-            if topic_filter in self._unsubscribe_pending:
-                # Unless a connect sent it since, on the connection that now holds it.
-                self._unsubscribe_pending[topic_filter] = (
-                    self._unsubscribe_pending[topic_filter] or mid
-                )
+            return  # lost under it: the next connect sends it
         if self._wait_for_ack(mid, _Request([(topic_filter, None)])) is None:
             log.warning(
                 "no ack for the end of subscription %s yet; it is sent again on reconnect",
@@ -334,10 +323,7 @@ class PahoLink:
         now = time.monotonic()
         refused: list[str] = []
         if request.filters[0][1] is None:  # an UNSUBACK (MQTT 3.1.1: no reason codes)
-            for topic, _ in request.filters:
-                if self._unsubscribe_pending.get(topic) == mid:
-                    del self._unsubscribe_pending[topic]
-            return refused
+            return refused  # (ended again on each connect all the same: _ended)
         # A code per filter; one missing (a broker's short SUBACK) leaves its filter ungranted.
         for (topic, qos), code in zip(request.filters, codes, strict=False):
             if code.is_failure:
@@ -547,9 +533,7 @@ class PahoLink:
             settled = self._lost_at - SESSION_SAVE_MARGIN - late
             kept = {t for t, at in self._granted.items() if at <= settled} if present else set()
             filters = [(t, qos) for t, qos in self._filters.items() if t not in kept]
-            gone = sorted(self._ended | set(self._unsubscribe_pending))
-            for topic in gone:
-                self._unsubscribe_pending[topic] = None
+            gone = sorted(self._ended)
         # (Acks come after this callback: the requests are recorded before their acks.)
         if filters:
             rc, mid = client.subscribe(filters)
@@ -561,9 +545,6 @@ class PahoLink:
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 with self._cond:
                     self._requests[mid] = _Request([(t, None) for t in gone], waiting=False)
-                    for topic in gone:
-                        if topic in self._unsubscribe_pending:
-                            self._unsubscribe_pending[topic] = mid
         if self.birth is not None:
             info = client.publish(
                 self.birth.topic, self.birth.payload, qos=1, retain=self.birth.retain
